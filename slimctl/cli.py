@@ -215,8 +215,8 @@ def bench(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: 1 for causal LMs, 8 otherwise."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Prompt / input length in tokens (default 128)."),
     decode_tokens: int = typer.Option(32, "--decode-tokens", help="Causal LM: greedy tokens generated per request."),
-    min_iters: int = typer.Option(5, "--min-iters", help="Measure at least this many iterations…"),
-    min_seconds: float = typer.Option(2.0, "--min-seconds", help="…and for at least this long."),
+    min_iters: int = typer.Option(10, "--min-iters", help="Measure at least this many iterations…"),
+    min_seconds: float = typer.Option(3.0, "--min-seconds", help="…and for at least this long."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
     as_json: bool = JSON_OPT,
 ):

@@ -25,7 +25,7 @@ def check(gates: dict[str, float | None], delta: dict[str, Any]) -> list[dict[st
                          "note": f"not applicable: this run has no {field}"})
             continue
         ok = value <= threshold if sense == "max" else value >= threshold
-        rows.append({"name": name, "threshold": threshold, "value": value, "passed": ok, "meaning": meaning})
+        rows.append({"name": name, "threshold": threshold, "value": value, "passed": ok, "sense": sense, "meaning": meaning})
     return rows
 
 
@@ -33,6 +33,6 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
         if r["passed"] is False:
-            op = "<=" if r["name"].startswith("max") else ">="
+            op = "<=" if r.get("sense", "min" if r["name"].startswith("min") else "max") == "max" else ">="
             out.append(f"{r['name']}: {r['value']:.4g} is not {op} {r['threshold']:g}")
     return out

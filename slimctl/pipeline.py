@@ -108,6 +108,8 @@ def _warnings(d: dict[str, Any], notes: list[str]) -> list[str]:
     w = list(notes)
     if d.get("speedup") is not None and d["speedup"] < 1:
         w.append(f"the slimmed model is slower than its baseline ({d['speedup']:.2f}x at p50)")
+    if d.get("decode_speedup") is not None and d["decode_speedup"] < 1:
+        w.append(f"the slimmed model decodes slower than its baseline ({d['decode_speedup']:.2f}x tokens/s)")
     return w
 
 
@@ -165,7 +167,7 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
     delta = _delta(base.kind, ev, bb, sb)
     gate_rows = gate_mod.check(recipe.gates.model_dump(), delta)
     gate_rows.append({"name": "artifact_matches_memory", "threshold": RELOAD_TOLERANCE, "value": check["max_abs_diff"],
-                      "passed": check["max_abs_diff"] <= RELOAD_TOLERANCE, "meaning": "max |reloaded - in-memory| output"})
+                      "passed": check["max_abs_diff"] <= RELOAD_TOLERANCE, "sense": "max", "meaning": "max |reloaded - in-memory| output"})
     failed = gate_mod.failures(gate_rows)
     report = {
         "schema": report_mod.SCHEMA,

@@ -31,8 +31,8 @@ class BenchSpec(_Strict):
     seq_len: int | None = Field(default=None, ge=1, le=32_768)
     decode_tokens: int = Field(default=32, ge=1, le=4096)  # causal LM: tokens generated per request
     warmup: int = Field(default=2, ge=0, le=1000)
-    min_iters: int = Field(default=5, ge=1, le=100_000)
-    min_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
+    min_iters: int = Field(default=10, ge=1, le=100_000)
+    min_seconds: float = Field(default=3.0, ge=0.0, le=3600.0)
     threads: int | None = Field(default=None, ge=1, le=1024)
     skip: bool = False
 
@@ -86,7 +86,15 @@ class Recipe(_Strict):
     def _parse_steps(cls, v: Any) -> Any:
         if not isinstance(v, list):
             raise ValueError("steps must be a list")
-        return [s if isinstance(s, Step) else parse_step(s) for s in v]
+        out = []
+        for i, s in enumerate(v):
+            try:
+                out.append(s if isinstance(s, Step) else parse_step(s))
+            except ValidationError as e:  # a technique's own options: keep the step's index in the path
+                raise RecipeError(_format_error(e, f"steps[{i}]")) from None
+            except ValueError as e:
+                raise RecipeError(f"steps[{i}]: {e}") from None
+        return out
 
     @model_validator(mode="after")
     def _cross_step_rules(self) -> "Recipe":
@@ -111,9 +119,10 @@ class Recipe(_Strict):
         return d
 
 
-def _format_error(e: ValidationError) -> str:
+def _format_error(e: ValidationError, prefix: str = "") -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+    parts = ([prefix] if prefix else []) + [str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]]
+    loc = ".".join(parts).replace(".[", "[")
     if err["type"] == "extra_forbidden":
         where = loc.rpartition(".")[0] or "the top level"
         return f"unknown key '{err['loc'][-1]}' in {where}"

@@ -16,7 +16,7 @@ import torch
 from ..errors import DeviceError, SlimctlError
 from ..models import CAUSAL_LM, state_bytes
 from ..recipe import BenchSpec
-from .measure import Latency, PeakMemory, Phase, Timer, env_threads, rss_mb, run_until
+from .measure import Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until
 
 DEFAULTS = {CAUSAL_LM: {"batch_size": 1, "seq_len": 128}, "other": {"batch_size": 8, "seq_len": 128}}
 FALLBACK_TEXT = ("Slimming a model is only worth it when the numbers say so: accuracy, latency, memory "
@@ -70,6 +70,7 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
         raise SlimctlError(f"bench seq_len {s['seq_len']} + decode {extra_decode} exceeds the model's {max_pos} positions")
     ids = _inputs(tokenizer, s["batch_size"], s["seq_len"], max_pos).to(device)
     mask = torch.ones_like(ids)
+    release_freed_memory()
     rss0 = rss_mb()
     say = progress or (lambda m: None)
     try:

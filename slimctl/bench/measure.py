@@ -138,6 +138,19 @@ class PeakMemory:
             self.peak_mb = (_status_kb("VmHWM") or 0) / 1024
 
 
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc), so that a peak RSS measures live memory and not
+    what loading left behind (e.g. a skeleton whose weights were replaced from disk)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_mb() -> float:
     kb = _status_kb("VmRSS")
     if kb is not None:

@@ -97,14 +97,17 @@ def _token_stream(tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
 
 
 def _windows(n: int, seq_len: int, stride: int):
-    """(begin, end, first scored target) per window; each target token 1..n-1 is scored once."""
-    prev_end = 0
-    for begin in range(0, max(n - 1, 1), stride):
+    """(begin, end, first scored target) per window; each target token 1..n-1 is scored exactly once.
+
+    A window starts at most one token before the previous window's end, so the first new target
+    always has context; with stride == seq_len the windows overlap by that one token only.
+    """
+    prev_end, begin = 0, 0
+    while prev_end < n:
         end = min(begin + seq_len, n)
         yield begin, end, max(prev_end, begin + 1)
         prev_end = end
-        if end == n:
-            break
+        begin = min(begin + stride, end - 1)
 
 
 def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:

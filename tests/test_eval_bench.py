@@ -1,0 +1,142 @@
+"""Evaluation and measurement on tiny models: windows, metrics against a reference, bench fields, memory."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from slimctl.bench import bench_model
+from slimctl.bench.measure import Latency, PeakMemory
+from slimctl.errors import DataError
+from slimctl.evaluate import _windows, data as D, evaluate
+from slimctl.models import load
+from slimctl.recipe import BenchSpec, EvalSpec
+
+
+@given(n=st.integers(2, 400), seq=st.integers(2, 64), stride_frac=st.floats(0.05, 1.0))
+def test_windows_score_every_target_once(n, seq, stride_frac):
+    stride = max(1, int(seq * stride_frac))
+    scored = []
+    for begin, end, first in _windows(n, seq, stride):
+        assert end - begin <= seq and begin < first <= end
+        scored.extend(range(first, end))
+    assert scored == list(range(1, n))
+
+
+def test_latency_percentiles_and_raw_values():
+    lat = Latency.from_values([float(x) for x in range(1, 101)])
+    d = lat.to_dict()
+    assert d["p50"] == pytest.approx(50.5) and d["p99"] == pytest.approx(99.01)
+    assert d["count"] == 100 and len(d["values"]) == 100 and d["unit"] == "ms"
+    with pytest.raises(ValueError):
+        Latency.from_values([])
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu") as m:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x += 1
+    assert m.peak_mb >= 64
+
+
+def test_bbc_split_is_fixed_and_disjoint():
+    ev, cal = D.bbc("eval"), D.bbc("calib")
+    assert len(ev) + len(cal) == 2225
+    assert not {e.key for e in ev} & {e.key for e in cal}
+    assert [e.key for e in D.bbc("eval")[:5]] == [e.key for e in ev[:5]]
+    assert {e.label for e in ev} == set(D.TOPICS)
+
+
+def test_causal_lm_against_itself_agrees_fully(tiny_llama):
+    m = load(str(tiny_llama))
+    ev = evaluate(m.model, m.tokenizer, m.kind, EvalSpec(max_samples=2, seq_len=32, max_tokens=100), reference=m.model)
+    assert ev.agreement["top1_agreement"] == 1.0
+    assert ev.agreement["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert ev.model["perplexity"] == pytest.approx(ev.reference["perplexity"])
+    assert ev.settings["tokens_scored"] == 99
+
+
+def test_eval_is_deterministic(tiny_llama):
+    m = load(str(tiny_llama))
+    spec = EvalSpec(max_samples=2, seq_len=32, max_tokens=80)
+    a = evaluate(m.model, m.tokenizer, m.kind, spec).model
+    b = evaluate(m.model, m.tokenizer, m.kind, spec).model
+    assert a == b
+
+
+def test_encoder_eval_on_bbc(tiny_bert):
+    m = load(str(tiny_bert))
+    ev = evaluate(m.model, m.tokenizer, m.kind, EvalSpec(max_samples=10, seq_len=32), reference=m.model)
+    assert ev.settings["test_texts"] == 10 and 0 <= ev.model["topic_accuracy"] <= 1
+    assert ev.agreement["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_classifier_accuracy_with_string_and_int_labels(tiny_classifier, tmp_path):
+    f = tmp_path / "d.jsonl"
+    rows = [{"text": "great stuff", "label": "pos"}, {"text": "awful", "label": 0}, {"text": "meh", "label": "neutral"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    m = load(str(tiny_classifier))
+    ev = evaluate(m.model, m.tokenizer, m.kind, EvalSpec(data=str(f)), reference=m.model)
+    assert ev.settings["examples"] == 3 and ev.agreement["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("content, suffix, msg", [
+    (b"", ".jsonl", "is empty"),
+    (b"\x00\x01\x02binary", ".jsonl", "looks binary"),
+    (b'{"txt": "x"}\n', ".jsonl", "needs a non-empty string field 'text'"),
+    (b"not json\n", ".jsonl", "line 1 is not valid JSON"),
+    (b"hello", ".csv", "must end in .txt or .jsonl"),
+    (b"\xff\xfe\xfa", ".txt", "is not UTF-8"),
+])
+def test_bad_data_files(tmp_path, content, suffix, msg):
+    f = tmp_path / f"d{suffix}"
+    f.write_bytes(content)
+    with pytest.raises(DataError, match=msg):
+        D.read_file(f)
+
+
+def test_classifier_needs_labels(tiny_classifier, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "no label"}\n')
+    m = load(str(tiny_classifier))
+    with pytest.raises(DataError, match="needs a 'label'"):
+        evaluate(m.model, m.tokenizer, m.kind, EvalSpec(data=str(f)))
+    f.write_text('{"text": "x", "label": "maybe"}\n')
+    with pytest.raises(DataError, match="not one of the model's labels"):
+        evaluate(m.model, m.tokenizer, m.kind, EvalSpec(data=str(f)))
+
+
+FAST = dict(min_iters=3, min_seconds=0, warmup=1)
+
+
+def test_bench_causal_reports_prefill_decode_and_raw_samples(tiny_llama):
+    m = load(str(tiny_llama))
+    r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(batch_size=2, seq_len=16, decode_tokens=4, **FAST), m.path)
+    assert r["latency_of"] == "request" and r["phases"]["request"]["latency_ms"]["count"] >= 3
+    assert len(r["phases"]["decode_step"]["latency_ms"]["values"]) >= 3 * 4
+    assert r["decode_tokens_per_s"] > 0 and r["prefill_ms"]["p50"] > 0
+    assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
+    assert r["peak_memory_mb"] > 0 and r["size_mb"] > 0 and r["threads"] >= 1
+
+
+def test_bench_encoder(tiny_bert):
+    m = load(str(tiny_bert))
+    r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(batch_size=4, seq_len=32, **FAST), m.path)
+    assert r["latency_of"] == "forward" and r["throughput"]["tokens_per_s"] == pytest.approx(r["throughput"]["samples_per_s"] * 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_cuda_without_gpu_is_a_device_error(tiny_bert):
+    from slimctl.errors import DeviceError
+
+    m = load(str(tiny_bert))
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        bench_model(m.model, m.tokenizer, m.kind, BenchSpec(device="cuda"), m.path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_cuda(tiny_llama):
+    m = load(str(tiny_llama))
+    r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(device="cuda", decode_tokens=4, **FAST), m.path)
+    assert r["device"] == "cuda" and r["peak_memory_mb"] > 0
