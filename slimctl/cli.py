@@ -89,10 +89,21 @@ def _run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool
     _emit(report, as_json, _print_run)
 
 
-def _specs(max_samples, skip_eval, skip_bench, device, seed):
-    from .recipe import BenchSpec, EvalSpec
+def _spec(cls_name: str, **options):
+    """An EvalSpec/BenchSpec from command-line options; a bad value is a usage error naming the option."""
+    from pydantic import ValidationError
 
-    return EvalSpec(max_samples=max_samples, skip=skip_eval), BenchSpec(device=device, skip=skip_bench)
+    from . import recipe
+    from .errors import UsageError
+
+    try:
+        return getattr(recipe, cls_name).model_validate(options)
+    except ValidationError as e:
+        raise UsageError("--" + recipe._format_error(e).replace("_", "-")) from None
+
+
+def _specs(max_samples, skip_eval, skip_bench, device, seed):
+    return _spec("EvalSpec", max_samples=max_samples, skip=skip_eval), _spec("BenchSpec", device=device, skip=skip_bench)
 
 
 @app.command()
@@ -188,10 +199,8 @@ def eval_cmd(
     from .errors import UsageError
     from .evaluate import evaluate
     from .models import load
-    from .recipe import EvalSpec
-
     ui = _UI()
-    spec = EvalSpec(data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len)
+    spec = _spec("EvalSpec", data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len)
     m = load(model, progress=ui.say)
     ref = load(against, progress=ui.say) if against else None
     if ref is not None and ref.kind != m.kind:
@@ -226,11 +235,10 @@ def bench(
     """
     from .bench import bench_model
     from .models import load
-    from .recipe import BenchSpec
     from .report import environment
 
-    spec = BenchSpec(device=device, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
-                     min_iters=min_iters, min_seconds=min_seconds, threads=threads)
+    spec = _spec("BenchSpec", device=device, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
+                 min_iters=min_iters, min_seconds=min_seconds, threads=threads)
     ui = _UI()
     m = load(model, progress=ui.say)
     res = bench_model(m.model, m.tokenizer, m.kind, spec, m.path, ui.say)

@@ -233,9 +233,9 @@ def load(spec: str, progress=None, trust_remote_code: bool = False) -> LoadedMod
                 model = _auto_class(kind).from_pretrained(folder, dtype="auto", use_safetensors=True)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load weights from {folder}: {first[:300]}") from None
+    except Exception as e:  # transformers/safetensors raise many types for a bad folder; all mean bad input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelLoadError(f"could not load weights from {folder} ({type(e).__name__}: {first[:300]})") from None
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, kind=kind, source=source, path=str(folder), meta=meta)
 
