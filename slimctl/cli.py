@@ -127,6 +127,21 @@ def run(
     _run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe))
 
 
+def _set_options(pairs: Optional[List[str]]) -> dict:
+    """--set KEY=VALUE pairs; values are read as YAML scalars (0.8, true, null, text)."""
+    import yaml
+
+    from .errors import UsageError
+
+    out = {}
+    for p in pairs or []:
+        key, sep, val = p.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set needs KEY=VALUE, got {p!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(val)
+    return out
+
+
 def _one_step(method: str, options: dict, model: str, out_dir: Path, overwrite: bool, max_samples, skip_eval,
               skip_bench, device, seed, inline, as_json, kinds: tuple[str, ...]):
     from . import recipe as recipe_mod, techniques
@@ -144,8 +159,12 @@ def _one_step(method: str, options: dict, model: str, out_dir: Path, overwrite: 
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Built-in name, local HF folder, or hub id."),
-    method: str = typer.Option(..., "--method", help="int8-dynamic, int8-weight-only, bf16, fp16 (see `slimctl methods`)."),
+    method: str = typer.Option(..., "--method", help="rtn, gptq, smoothquant, int8-dynamic, bf16, fp16 (see `slimctl methods`)."),
     out_dir: Path = OUT_OPT,
+    bits: Optional[int] = typer.Option(None, "--bits", help="rtn/gptq: 4 or 8."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="rtn/gptq: columns per scale (32, 64, 128…); 0 = per channel."),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="rtn/gptq: use a zero point per group."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other method option as KEY=VALUE (repeatable), e.g. --set alpha=0.8."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Module name pattern to leave alone (repeatable)."),
     overwrite: bool = OVERWRITE_OPT, max_samples: Optional[int] = MAX_SAMPLES_OPT, skip_eval: bool = SKIP_EVAL_OPT,
     skip_bench: bool = SKIP_BENCH_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, inline: bool = INLINE_OPT,
@@ -153,11 +172,17 @@ def quantize(
 ):
     """Quantize or cast a model, measure it against the original and save the artifact.
 
-    Example: [bold]slimctl quantize minilm-l6 --method int8-dynamic --out runs/minilm-int8[/bold]
+    Example: [bold]slimctl quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out runs/smol-gptq[/bold]
     """
-    from . import techniques
-
-    opts = {"ignore": ignore} if ignore and techniques.get(method).kind != "cast" else {}
+    opts = _set_options(set_)
+    if ignore:
+        opts["ignore"] = ignore
+    if bits is not None:
+        opts["bits"] = bits
+    if group_size is not None:
+        opts["group_size"] = group_size or None
+    if asymmetric:
+        opts["symmetric"] = False
     _one_step(method, opts, model, out_dir, overwrite, max_samples, skip_eval, skip_bench, device, seed, inline,
               as_json, ("quantize", "cast"))
 
@@ -329,10 +354,25 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort classes; Typer >= 0.26 carries a private copy of Click."""
+    import importlib
+
+    usage, abort = [], []
+    for name in ("typer._click", "click"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        exc = getattr(mod, "exceptions", mod)
+        usage += [c for c in (getattr(mod, "ClickException", None),) if c]
+        abort += [c for c in (getattr(exc, "Abort", None),) if c]
+    return tuple(usage), tuple(abort)
+
+
 def main() -> None:
     """Entry point: renders every error as one `Error:` line and the documented exit code."""
-    import click
-
+    click_usage, click_abort = _click_exceptions()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     debug = os.environ.get("SLIMCTL_DEBUG") == "1"
     try:
@@ -343,10 +383,10 @@ def main() -> None:
             traceback.print_exc()
         err.print(f"Error: {e}", markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except click_abort:
         err.print("Error: interrupted", markup=False)
         sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as e:
+    except click_usage as e:
         err.print(f"Error: {e.format_message()}", markup=False, soft_wrap=True)
         if getattr(e, "ctx", None) is not None:
             err.print(f"Try '{e.ctx.command_path} --help'.", markup=False)

@@ -45,18 +45,21 @@ def prepare_output(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write to --out {out}: {e.strerror}") from None
 
 
-def apply_steps(model, recipe: Recipe, kind: str, ui: UI) -> tuple[list[dict[str, Any]], list[str]]:
+def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[list[dict[str, Any]], list[str]]:
+    """Apply each step in order; record its own stats plus seconds and peak RSS while it ran."""
     from . import techniques
+    from .bench.measure import PeakMemory
 
-    ctx = techniques.StepContext(kind=kind, seed=recipe.seed, progress=ui.say)
+    ctx = techniques.StepContext(kind=kind, seed=recipe.seed, progress=ui.say, tokenizer=tokenizer, track=ui.track)
     results = []
     for step in recipe.steps:
         tech = techniques.get(step.method)
         ui.say(f"applying {step.method}")
         t0 = time.perf_counter()
-        stats = tech.apply(model, step.config, ctx)
+        with PeakMemory("cpu") as mem:
+            stats = tech.apply(model, step.config, ctx)
         results.append({"method": step.method, "options": step.options(), "seconds": round(time.perf_counter() - t0, 3),
-                        "loads_with": tech.loads_with, **stats})
+                        "peak_rss_mb": round(mem.peak_mb, 1), "loads_with": tech.loads_with, **stats})
     return results, ctx.notes
 
 
@@ -94,6 +97,11 @@ def _delta(kind: str, ev: dict | None, bb: dict | None, sb: dict | None) -> dict
                 d[f"{k}_change"] = cur[k] - ref[k]
     if bb and sb:
         d["speedup"] = bb["latency_ms"]["p50"] / sb["latency_ms"]["p50"]
+        rounds = list(zip(bb.get("rounds_p50_ms", []), sb.get("rounds_p50_ms", [])))
+        if len(rounds) > 1:  # each round's ratio; a range that straddles 1 means no measurable difference
+            ratios = [b / s for b, s in rounds]
+            d["speedup_range"] = [min(ratios), max(ratios)]
+            d["speedup_within_noise"] = min(ratios) <= 1 <= max(ratios)
         d["throughput_ratio"] = sb["throughput"]["samples_per_s"] / bb["throughput"]["samples_per_s"]
         d["peak_memory_ratio"] = sb["peak_memory_mb"] / bb["peak_memory_mb"] if bb["peak_memory_mb"] else None
         if "decode_tokens_per_s" in bb:
@@ -106,7 +114,10 @@ def _delta(kind: str, ev: dict | None, bb: dict | None, sb: dict | None) -> dict
 
 def _warnings(d: dict[str, Any], notes: list[str]) -> list[str]:
     w = list(notes)
-    if d.get("speedup") is not None and d["speedup"] < 1:
+    if d.get("speedup_within_noise"):
+        lo, hi = d["speedup_range"]
+        w.append(f"the speed difference is within run-to-run noise (per-round speedup {lo:.2f}x to {hi:.2f}x)")
+    elif d.get("speedup") is not None and d["speedup"] < 1:
         w.append(f"the slimmed model is slower than its baseline ({d['speedup']:.2f}x at p50)")
     if d.get("decode_speedup") is not None and d["decode_speedup"] < 1:
         w.append(f"the slimmed model decodes slower than its baseline ({d['decode_speedup']:.2f}x tokens/s)")
@@ -121,7 +132,7 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
     """
     import torch
 
-    from .bench import bench_isolated, bench_model
+    from .bench import bench_isolated, bench_model, pool
     from .evaluate import evaluate
     from .models import load, save_artifact
     from .qmodules import quantized_modules_meta
@@ -138,7 +149,7 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
     ui.say(f"loading {model_spec}")
     base = load(model_spec, progress=ui.say)
     slim = copy.deepcopy(base.model)
-    steps, notes = apply_steps(slim, recipe, base.kind, ui)
+    steps, notes = apply_steps(slim, base.tokenizer, recipe, base.kind, ui)
     ev = None
     if not recipe.eval.skip:
         ui.say("evaluating baseline and slimmed side by side")
@@ -155,10 +166,14 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
     bb = sb = None
     if not recipe.bench.skip:
         if isolate:
-            ui.say("benchmarking baseline (fresh process)")
-            bb = bench_isolated(str(base.path), recipe.bench)
-            ui.say("benchmarking slimmed artifact (fresh process)")
-            sb = bench_isolated(str(art_dir), recipe.bench)
+            # Alternate baseline and slimmed rounds so that slow drifts of the machine hit both alike.
+            rb, rs = [], []
+            for i in range(recipe.bench.repeats):
+                ui.say(f"benchmarking baseline, round {i + 1}/{recipe.bench.repeats} (fresh process)")
+                rb.append(bench_isolated(str(base.path), recipe.bench))
+                ui.say(f"benchmarking slimmed artifact, round {i + 1}/{recipe.bench.repeats} (fresh process)")
+                rs.append(bench_isolated(str(art_dir), recipe.bench))
+            bb, sb = pool(rb), pool(rs)
         else:
             ui.say("benchmarking baseline (inline)")
             bb = bench_model(base.model, base.tokenizer, base.kind, recipe.bench, base.path, ui.say)

@@ -23,19 +23,19 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with int8 weights.
+    """nn.Linear with int8 weights (per output channel) and int8 activations (W8A8).
 
-    act="none": weight-only; the weight is dequantized to the activation dtype for the matmul.
-    act="dynamic": activations are quantized per token (symmetric int8) at run time and multiplied
-    with torch._int_mm (int8 x int8 -> int32). Per-token scales keep each sample's result
-    independent of the rest of the batch, unlike per-tensor dynamic quantization.
+    Activations are quantized per token (symmetric int8) at run time and multiplied with
+    torch._int_mm (int8 x int8 -> int32). Per-token scales keep each sample's result independent
+    of the rest of the batch, unlike per-tensor dynamic quantization. Off the CPU (torch._int_mm
+    has shape limits on CUDA) the weight is dequantized and the matmul runs in the activation dtype.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, act: str = "none",
+    def __init__(self, in_features: int, out_features: int, bias: bool, act: str = "dynamic",
                  device=None, dtype=torch.float32):
         super().__init__()
-        if act not in ("none", "dynamic"):
-            raise ValueError(f"act must be 'none' or 'dynamic', not {act!r}")
+        if act != "dynamic":
+            raise ValueError(f"act must be 'dynamic', not {act!r}")
         self.in_features, self.out_features, self.act = in_features, out_features, act
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
@@ -43,7 +43,7 @@ class Int8Linear(nn.Module):
         self._qweight_t: torch.Tensor | None = None  # cache of the transposed weight for _int_mm
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, act: str) -> "Int8Linear":
+    def from_linear(cls, lin: nn.Linear, act: str = "dynamic") -> "Int8Linear":
         q, scale = quantize_rows_int8(lin.weight)
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, device=lin.weight.device, dtype=lin.weight.dtype)
         m.qweight.copy_(q)
@@ -56,7 +56,7 @@ class Int8Linear(nn.Module):
         return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act == "dynamic" and x.device.type == "cpu":
+        if x.device.type == "cpu":
             return self._forward_dynamic(x)
         y = F.linear(x, self.dequantized(x.dtype))
         return y + self.bias.to(x.dtype) if self.bias is not None else y
@@ -84,8 +84,91 @@ class Int8Linear(nn.Module):
         return {"format": "int8", "act": self.act, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None}
 
+    @classmethod
+    def from_meta(cls, spec: dict[str, Any], dtype) -> "Int8Linear":
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec.get("act", "dynamic"), dtype=dtype)
 
-FORMATS = {"int8": Int8Linear}
+
+class WeightOnlyLinear(nn.Module):
+    """nn.Linear with int4 or int8 weights in groups along the input dimension (see slimctl.quant).
+
+    Stored: `qweight` (int4: uint8 [out, in/2], two codes per byte; int8: int8 or uint8 [out, in]),
+    `weight_scale` float32 [out, in/group] and, when asymmetric, `weight_zero_point` uint8.
+    The forward dequantizes to the activation dtype and runs a dense matmul: this saves memory and
+    disk, not compute.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 symmetric: bool, device=None, dtype=torch.float32):
+        super().__init__()
+        if bits not in (4, 8) or in_features % group_size:
+            raise ValueError(f"bits must be 4 or 8 and group_size must divide {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        ng = in_features // group_size
+        if bits == 4:
+            qw = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        else:
+            qw = torch.empty(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8, device=device)
+        self.register_buffer("qweight", qw)
+        self.register_buffer("weight_scale", torch.empty(out_features, ng, dtype=torch.float32, device=device))
+        if not symmetric:
+            self.register_buffer("weight_zero_point", torch.empty(out_features, ng, dtype=torch.uint8, device=device))
+        else:
+            self.weight_zero_point = None
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_codes(cls, lin: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   bits: int, group_size: int) -> "WeightOnlyLinear":
+        """Build from integer codes [out, in] (as returned by quant.rtn or GPTQ) and group params."""
+        from .quant import QScheme, pack_int4
+
+        sym = zero is None
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size, sym,
+                device=lin.weight.device, dtype=lin.weight.dtype)
+        if bits == 4:
+            m.qweight.copy_(pack_int4(codes, QScheme(4, group_size, sym)))
+        else:
+            m.qweight.copy_(codes.to(m.qweight.dtype))
+        m.weight_scale.copy_(scale)
+        if zero is not None:
+            m.weight_zero_point.copy_(zero.to(torch.uint8))
+        if lin.bias is not None:
+            m.bias.data = lin.bias.detach().clone()
+        return m
+
+    def codes(self) -> torch.Tensor:
+        from .quant import unpack_int4
+
+        if self.bits == 4:
+            return unpack_int4(self.qweight, self.symmetric)
+        return self.qweight.to(torch.int16)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        from .quant import dequantize_groups
+
+        return dequantize_groups(self.codes(), self.weight_scale, self.weight_zero_point, self.group_size).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.dequantized(x.dtype))
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+                f"symmetric={self.symmetric}, bias={self.bias is not None}")
+
+    def meta(self) -> dict[str, Any]:
+        return {"format": "weight-only", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_meta(cls, spec: dict[str, Any], dtype) -> "WeightOnlyLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"], spec["group_size"],
+                   spec["symmetric"], dtype=dtype)
+
+
+FORMATS = {"int8": Int8Linear, "weight-only": WeightOnlyLinear}
 
 
 def quantized_modules_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -109,6 +192,5 @@ def build_from_meta(model: nn.Module, qmeta: dict[str, dict[str, Any]]) -> None:
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"slimctl.json names module {name}, which the model does not have") from None
-        new = cls(spec["in_features"], spec["out_features"], spec["bias"], spec.get("act", "none"),
-                  dtype=getattr(old, "weight", torch.empty(0)).dtype)
+        new = cls.from_meta(spec, getattr(old, "weight", torch.empty(0)).dtype)
         set_submodule(model, name, new)

@@ -31,9 +31,10 @@ class BenchSpec(_Strict):
     seq_len: int | None = Field(default=None, ge=1, le=32_768)
     decode_tokens: int = Field(default=32, ge=1, le=4096)  # causal LM: tokens generated per request
     warmup: int = Field(default=2, ge=0, le=1000)
-    min_iters: int = Field(default=10, ge=1, le=100_000)
-    min_seconds: float = Field(default=3.0, ge=0.0, le=3600.0)
+    min_iters: int = Field(default=5, ge=1, le=100_000)
+    min_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
     threads: int | None = Field(default=None, ge=1, le=1024)
+    repeats: int = Field(default=3, ge=1, le=100)  # `run`: baseline and slimmed alternate, each in a fresh process
     skip: bool = False
 
 

@@ -95,7 +95,7 @@ def test_gate_failure_exits_1_and_still_writes_the_report(tiny_llama, tmp_path, 
 
 
 def test_run_json_passing_isolated(tiny_bert, tmp_path, fast_recipe):
-    r = fast_recipe([{"method": "int8-weight-only"}], gates={"min_fidelity": 0.9, "max_ppl_increase_pct": 5})
+    r = fast_recipe([{"method": "rtn"}], gates={"min_fidelity": 0.9, "max_ppl_increase_pct": 5})
     p = run_cli("run", r, "--model", tiny_bert, "--out", tmp_path / "o", "--json")
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)

@@ -44,7 +44,7 @@ BASE = {"version": 1, "steps": [{"method": "int8-dynamic"}]}
     ({"version": 1, "steps": [{"sparsity": 0.5}]}, "each step needs 'method'"),
     ({"version": 1, "steps": [{"method": "int8-dynamic"}, {"method": "magnitude", "sparsity": 0.5}]},
      "'magnitude' comes after quantization"),
-    ({"version": 1, "steps": [{"method": "int8-dynamic"}, {"method": "int8-weight-only"}]}, "at most one quantization step"),
+    ({"version": 1, "steps": [{"method": "int8-dynamic"}, {"method": "rtn"}]}, "at most one quantization step"),
     ({**BASE, "bench": {"batch_size": 0}}, "bench.batch_size: Input should be greater than or equal to 1"),
     ({**BASE, "bench": {"device": "tpu"}}, "bench.device: Input should be 'cpu' or 'cuda'"),
     ([1, 2], "a recipe must be a YAML mapping"),

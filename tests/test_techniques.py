@@ -24,7 +24,7 @@ def _ids(n=2, l=12):
 
 
 def test_registry_is_explicit_and_complete():
-    assert set(T.load_all()) == {"bf16", "fp16", "int8-dynamic", "int8-weight-only", "magnitude"}
+    assert set(T.load_all()) == {"bf16", "fp16", "int8-dynamic", "rtn", "gptq", "smoothquant", "magnitude"}
 
 
 def test_protected_modules_cover_lm_head_and_tied_embedding(llama):
@@ -63,13 +63,15 @@ def test_magnitude_zeroes_the_smallest(llama):
     assert before[zeroed].max() <= before[~zeroed].min()
 
 
-@pytest.mark.parametrize("method,act", [("int8-weight-only", "none"), ("int8-dynamic", "dynamic")])
-def test_int8_stores_real_int8_and_stays_close(llama, method, act):
+@pytest.mark.parametrize("method,cls", [("rtn", "WeightOnlyLinear"), ("int8-dynamic", "Int8Linear")])
+def test_int8_stores_real_int8_and_stays_close(llama, method, cls):
+    from slimctl import qmodules
+
     m = llama.model
     ref = copy.deepcopy(m)
     _apply(m, method)
-    qs = [mod for mod in m.modules() if isinstance(mod, Int8Linear)]
-    assert qs and all(q.qweight.dtype == torch.int8 and q.act == act for q in qs)
+    qs = [mod for mod in m.modules() if isinstance(mod, getattr(qmodules, cls))]
+    assert qs and all(q.qweight.dtype == torch.int8 for q in qs)
     assert isinstance(m.lm_head, torch.nn.Linear)
     ids = _ids()
     with torch.inference_mode():

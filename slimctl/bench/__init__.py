@@ -83,26 +83,43 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
                 primary = phases["forward"]
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(f"CUDA out of memory at batch size {s['batch_size']} x {s['seq_len']}; try a smaller --batch-size") from None
-    pd = {k: v.to_dict() for k, v in phases.items()}
-    lat = pd[primary.name]["latency_ms"]
     param = next(model.parameters(), None)
-    out = {
-        "device": device, "threads": env_threads(), **s,
-        "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
-        "latency_ms": {k: lat[k] for k in ("p50", "p90", "p99", "mean", "stdev", "count")},
-        "latency_of": primary.name,
-        "throughput": {"samples_per_s": pd[primary.name]["samples_per_s"], "tokens_per_s": pd[primary.name]["tokens_per_s"]},
-        "peak_memory_mb": max(p.peak_memory_mb for p in phases.values()),
-        "rss_before_mb": round(rss0, 1),
-        "size_mb": (_size_on_disk(path) or state_bytes(model)) / 2**20,
-        "weights_in_memory_mb": state_bytes(model) / 2**20,
-        "phases": pd,
-    }
+    meta = {"device": device, "threads": env_threads(), **s,
+            "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
+            "rss_before_mb": round(rss0, 1), "size_mb": (_size_on_disk(path) or state_bytes(model)) / 2**20,
+            "weights_in_memory_mb": state_bytes(model) / 2**20}
     if kind == CAUSAL_LM:
-        out["decode_tokens"] = spec.decode_tokens
+        meta["decode_tokens"] = spec.decode_tokens
+    return summarize(meta, phases, primary.name)
+
+
+def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> dict[str, Any]:
+    """The bench result: run facts, the primary latency and throughput, and every phase."""
+    pd = {k: v.to_dict() for k, v in phases.items()}
+    lat = pd[primary]["latency_ms"]
+    out = {**meta, "latency_ms": {k: lat[k] for k in ("p50", "p90", "p99", "mean", "stdev", "count")},
+           "latency_of": primary,
+           "throughput": {"samples_per_s": pd[primary]["samples_per_s"], "tokens_per_s": pd[primary]["tokens_per_s"]},
+           "peak_memory_mb": max(p.peak_memory_mb for p in phases.values()), "phases": pd}
+    if "prefill" in pd:
         out["prefill_ms"] = {k: pd["prefill"]["latency_ms"][k] for k in ("p50", "p90", "p99")}
         out["decode_tokens_per_s"] = pd["decode_step"]["tokens_per_s"]
         out["prefill_tokens_per_s"] = pd["prefill"]["tokens_per_s"]
+    return out
+
+
+def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge repeated bench results of one model: samples pooled, each round's p50 kept."""
+    if len(results) == 1:
+        return {**results[0], "rounds_p50_ms": [results[0]["latency_ms"]["p50"]]}
+    first = results[0]
+    phases = {name: Phase.pooled(name, [r["phases"][name] for r in results]) for name in first["phases"]}
+    meta = {k: v for k, v in first.items() if k not in ("latency_ms", "latency_of", "throughput", "peak_memory_mb",
+                                                       "phases", "prefill_ms", "decode_tokens_per_s", "prefill_tokens_per_s")}
+    out = summarize(meta, phases, first["latency_of"])
+    out["rounds_p50_ms"] = [r["latency_ms"]["p50"] for r in results]
+    if "decode_tokens_per_s" in first:
+        out["rounds_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in results]
     return out
 
 

@@ -175,7 +175,16 @@ class Phase:
         mean_s = self.latency.mean / 1000
         return {"latency_ms": self.latency.to_dict(), "peak_memory_mb": round(self.peak_memory_mb, 1),
                 "samples_per_s": self.items_per_call / mean_s, "tokens_per_s": self.tokens_per_call / mean_s,
-                **self.extra}
+                "items_per_call": self.items_per_call, "tokens_per_call": self.tokens_per_call, **self.extra}
+
+    @classmethod
+    def pooled(cls, name: str, parts: list[dict]) -> "Phase":
+        """One phase from several runs' phase dicts: raw samples pooled, peak memory the highest."""
+        values = [v for p in parts for v in p["latency_ms"]["values"]]
+        extra = {k: v for k, v in parts[0].items() if k not in
+                 ("latency_ms", "peak_memory_mb", "samples_per_s", "tokens_per_s", "items_per_call", "tokens_per_call")}
+        return cls(name, Latency.from_values(values), max(p["peak_memory_mb"] for p in parts),
+                   parts[0]["items_per_call"], parts[0]["tokens_per_call"], extra)
 
 
 def env_threads() -> int:

@@ -6,12 +6,14 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal, Optional
 
-from ..errors import RecipeError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import RecipeError, UnsupportedError
 
 # Explicit list: a technique that fails to import is an error, not a silently missing method.
-_MODULES = ("cast", "int8_dynamic", "int8_weight_only", "magnitude")
+_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "smoothquant", "magnitude")
 
 
 class TechniqueConfig(BaseModel):
@@ -26,10 +28,67 @@ class LayerSelection(TechniqueConfig):
     ignore: list[str] = []  # fnmatch patterns of module names, added to the default protections
 
 
+class WeightOnlyOptions(LayerSelection):
+    """Integer weight-only quantization options shared by RTN and GPTQ."""
+
+    bits: Literal[4, 8] = 4
+    group_size: Optional[int] = Field(default=128, ge=8, le=8192)  # None: one group per output channel
+    symmetric: bool = True
+    strict: bool = False  # refuse layers whose width the group size does not divide, instead of adapting
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, v):
+        if v is not None and v & (v - 1):
+            raise ValueError(f"group_size must be a power of two (32, 64, 128…), not {v}")
+        return v
+
+
+class CalibrationOptions(TechniqueConfig):
+    """Calibration data for techniques that look at activations (GPTQ, SmoothQuant, Wanda…)."""
+
+    calib_samples: int = Field(default=64, ge=1, le=100_000)  # texts, one batch each
+    calib_seq_len: Optional[int] = Field(default=None, ge=8, le=32_768)  # default 256 (causal LM) / 128
+    calib_data: Optional[str] = None  # .txt / .jsonl; default: the BBC calibration split (disjoint from eval)
+
+    def batches(self, ctx: "StepContext"):
+        from ..calibrate import calibration_batches
+
+        return calibration_batches(ctx.tokenizer, ctx.kind, self.calib_samples, self.calib_seq_len, self.calib_data, ctx.seed)
+
+
+def plan_groups(layers: list[tuple[str, Any]], cfg: WeightOnlyOptions, ctx: "StepContext") -> dict[str, int]:
+    """The group each layer gets. A width the group does not divide gets the largest power of two
+    that does (one note for all such layers), or, with strict, an error naming the layers."""
+    from ..quant import resolve_group
+
+    groups = {name: resolve_group(lin.in_features, cfg.group_size) for name, lin in layers}
+    odd = {n: g for n, g in groups.items() if cfg.group_size is not None and g != min(cfg.group_size, layers_width(layers, n))}
+    if odd:
+        names = sorted(odd)
+        if cfg.strict:
+            raise UnsupportedError(f"group_size {cfg.group_size} does not divide the input width of {len(names)} layers "
+                                   f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}); drop strict or pick another group size")
+        used = sorted(set(odd.values()))
+        ctx.notes.append(f"group_size {cfg.group_size} does not divide the input width of {len(names)} layers; "
+                         f"used group {'/'.join(map(str, used))} there (see the step's groups)")
+    if cfg.bits == 4:
+        bad = [n for n, lin in layers if lin.in_features % 2]
+        if bad:
+            raise UnsupportedError(f"int4 packing needs an even input width; {bad[0]} has {dict(layers)[bad[0]].in_features}")
+    return groups
+
+
+def layers_width(layers: list[tuple[str, Any]], name: str) -> int:
+    return dict(layers)[name].in_features
+
+
 @dataclass
 class StepContext:
     kind: str  # task kind of the model (models.CAUSAL_LM, …)
     seed: int = 0
+    tokenizer: Any = None  # for calibration
+    track: Callable = lambda it, desc, total: it
     progress: Callable[[str], None] = lambda msg: None
     notes: list[str] = field(default_factory=list)
 
@@ -45,6 +104,7 @@ class Technique:
 
 
 REGISTRY: dict[str, Technique] = {}
+_loaded = False
 
 
 def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, loads_with: str = "transformers"):
@@ -57,9 +117,12 @@ def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, 
 
 
 def load_all() -> dict[str, Technique]:
-    if not REGISTRY:
+    """Import every technique module once (importing one of them directly registers only that one)."""
+    global _loaded
+    if not _loaded:
         for m in _MODULES:
             importlib.import_module(f".{m}", __name__)
+        _loaded = True
     return REGISTRY
 
 

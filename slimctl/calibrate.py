@@ -1,0 +1,143 @@
+"""Calibration: seeded sample texts, and running a model one repeated block at a time.
+
+Block-sequential processing (as in GPTQ and SparseGPT): capture the inputs of the first block,
+then for each block collect statistics, change the block, and feed the *changed* block's outputs
+to the next one. Peak memory stays near one block plus the calibration activations.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import DataError, UnsupportedError
+from .models import CAUSAL_LM
+
+DEFAULT_SEQ_LEN = {CAUSAL_LM: 256}
+OTHER_SEQ_LEN = 128
+
+
+def calibration_batches(tokenizer, kind: str, samples: int, seq_len: int | None, data: str | None,
+                        seed: int) -> list[dict[str, torch.Tensor]]:
+    """`samples` tokenised texts (batch of one each, no padding), chosen with `seed`."""
+    from .evaluate import data as datasets
+
+    texts = [e.text for e in (datasets.read_file(data) if data else datasets.bbc("calib"))]
+    if not texts:
+        raise DataError("no calibration text")
+    rng = random.Random(seed)
+    rng.shuffle(texts)
+    length = seq_len or DEFAULT_SEQ_LEN.get(kind, OTHER_SEQ_LEN)
+    out = []
+    for t in texts[:samples]:
+        enc = tokenizer(t, truncation=True, max_length=length, return_tensors="pt")
+        if enc["input_ids"].shape[1] >= 2:
+            out.append(dict(enc))
+    if not out:
+        raise DataError("calibration texts are all shorter than 2 tokens")
+    return out
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the ModuleList holding the most parameters."""
+    best, best_n = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise UnsupportedError("found no repeated blocks (an nn.ModuleList of layers) to calibrate block by block")
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of `block` for every calibration batch, captured by stopping the forward there."""
+    got: list[tuple[tuple, dict]] = []
+
+    def hook(mod, args, kwargs):
+        got.append((args, dict(kwargs)))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                try:
+                    model(**b, use_cache=False) if "use_cache" in _forward_params(model) else model(**b)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return got
+
+
+def _forward_params(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, str, nn.Module, list], Any],
+               track=lambda it, desc, total: it) -> list[Any]:
+    """Call on_block(index, name, block, inputs) for each block in order, then pass the (changed)
+    block's outputs on as the next block's inputs. Returns what on_block returned per block."""
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    results = []
+    for i in track(range(len(blocks)), "blocks", len(blocks)):
+        block = blocks[i]
+        results.append(on_block(i, f"{prefix}.{i}", block, inputs))
+        with torch.inference_mode():
+            inputs = [with_hidden(a, k, run_block(block, a, k)) for a, k in inputs]
+    return results
+
+
+class InputStats:
+    """Forward hooks on Linear layers that accumulate what calibration needs from their inputs:
+    the Hessian proxy H = 2/n Σ x xᵀ (GPTQ, SparseGPT), the squared L2 norm per input feature
+    (Wanda) and the max |x| per input feature (SmoothQuant)."""
+
+    def __init__(self, layers: dict[str, nn.Linear], hessian: bool = False):
+        self.n: dict[str, int] = {k: 0 for k in layers}
+        self.hessian = {k: torch.zeros(l.in_features, l.in_features) for k, l in layers.items()} if hessian else {}
+        self.sq_norm = {k: torch.zeros(l.in_features) for k, l in layers.items()}
+        self.absmax = {k: torch.zeros(l.in_features) for k, l in layers.items()}
+        self._hooks = [l.register_forward_hook(self._hook(k)) for k, l in layers.items()]
+
+    def _hook(self, name: str):
+        def fn(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            m = x.shape[0]
+            self.sq_norm[name] += (x * x).sum(0)
+            self.absmax[name] = torch.maximum(self.absmax[name], x.abs().amax(0))
+            if self.hessian:
+                n = self.n[name]
+                h = self.hessian[name]
+                h.mul_(n / (n + m))
+                xs = x * (2.0 / (n + m)) ** 0.5
+                h.addmm_(xs.T, xs)
+            self.n[name] += m
+        return fn
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,109 @@
+"""Integer quantization math shared by the techniques: group parameters, rounding, int4 packing.
+
+Conventions (also those of compressed-tensors' pack-quantized format):
+- a weight W [out, in] is split along `in` into groups of `group_size` columns; each row and group
+  has a scale (and, when asymmetric, an integer zero point);
+- symmetric: q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1), w ≈ q * s, s = max|w| / (2^(b-1) - 1);
+- asymmetric: q = clamp(round(w / s) + z, 0, 2^b - 1), w ≈ (q - z) * s, s = (max - min) / (2^b - 1);
+- int4 codes are stored two per byte (column 2k in the low nibble, 2k+1 in the high nibble) as the
+  unsigned code q + 8 (symmetric) or q (asymmetric).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class QScheme:
+    bits: int = 4  # 4 or 8
+    group_size: int | None = 128  # None: one group per row (per output channel)
+    symmetric: bool = True
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def resolve_group(in_features: int, group_size: int | None) -> int:
+    """The group actually used for a layer of this width: the requested one when it divides the
+    width, else the largest power of two below it that does (576 with 128 -> 64)."""
+    if group_size is None or group_size >= in_features:
+        return in_features
+    if in_features % group_size == 0:
+        return group_size
+    g = 1 << (group_size.bit_length() - 1)
+    while g > 1 and in_features % g:
+        g //= 2
+    return g
+
+
+def group_params(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) of each row of `w` [rows, cols], taken over all its columns."""
+    w = w.float()
+    if scheme.symmetric:
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / scheme.qmax
+        return scale, None
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    scale = ((hi - lo) / scheme.qmax).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, scheme.qmax)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QScheme) -> torch.Tensor:
+    """Integer codes of `w` [rows, cols] given per-row scale/zero (broadcast over columns)."""
+    q = torch.round(w.float() / scale[:, None])
+    if zero is not None:
+        q = q + zero[:, None]
+    return q.clamp_(scheme.qmin, scheme.qmax)
+
+
+def dequantize_with(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    q = q.float()
+    if zero is not None:
+        q = q - zero[:, None]
+    return q * scale[:, None]
+
+
+def rtn(w: torch.Tensor, scheme: QScheme, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest of W [out, in] with groups of `group` columns.
+
+    Returns integer codes [out, in] (float tensor of whole numbers), scales [out, in/group] and
+    zero points [out, in/group] or None."""
+    out_f, in_f = w.shape
+    wg = w.float().reshape(out_f * (in_f // group), group)
+    scale, zero = group_params(wg, scheme)
+    q = quantize_with(wg, scale, zero, scheme).reshape(out_f, in_f)
+    scale = scale.reshape(out_f, in_f // group)
+    return q, scale, (zero.reshape(out_f, in_f // group) if zero is not None else None)
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
+    out_f, in_f = q.shape
+    s = scale.repeat_interleave(group, dim=1)
+    if zero is not None:
+        return (q.float() - zero.float().repeat_interleave(group, dim=1)) * s
+    return q.float() * s
+
+
+def pack_int4(codes: torch.Tensor, scheme: QScheme) -> torch.Tensor:
+    """[out, in] integer codes -> [out, in/2] uint8, two unsigned 4-bit codes per byte."""
+    if codes.shape[1] % 2:
+        raise UnsupportedError(f"int4 packing needs an even input width, got {codes.shape[1]}")
+    u = (codes + (8 if scheme.symmetric else 0)).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    lo = (packed & 0x0F).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    u = torch.stack((lo, hi), dim=2).reshape(packed.shape[0], packed.shape[1] * 2)
+    return u - 8 if symmetric else u

@@ -1,0 +1,114 @@
+"""GPTQ (Frantar et al. 2022): weight-only int4/int8 that corrects each column's rounding error
+with the inverse Hessian of the layer's calibration inputs, one block of the model at a time."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..calibrate import InputStats, run_block, sequential
+from ..qmodules import WeightOnlyLinear, set_submodule
+from ..quant import QScheme, dequantize_groups, dequantize_with, group_params, quantize_with
+from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+
+
+class GPTQConfig(WeightOnlyOptions, CalibrationOptions):
+    dampening: float = Field(default=0.01, gt=0, le=1)  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
+    block_size: int = Field(default=128, ge=8, le=4096)  # columns per lazy-update block
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int, dampening: float,
+                  act_order: bool, block_size: int):
+    """Integer codes [out, in], scales and zeros [out, in/group] for W given H = 2/n Σ x xᵀ."""
+    w = w.detach().float().clone()
+    h = h.clone()
+    out_f, in_f = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    ngroups = in_f // group
+    scale = torch.zeros(out_f, ngroups)
+    zero = None if scheme.symmetric else torch.zeros(out_f, ngroups)
+    static = act_order or group >= in_f
+    if static:  # group parameters from the original weights (needed once columns are permuted)
+        for g in range(ngroups):
+            s, z = group_params(w[:, g * group:(g + 1) * group], scheme)
+            scale[:, g] = s
+            if zero is not None:
+                zero[:, g] = z
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    h += dampening * torch.mean(torch.diag(h)) * torch.eye(in_f)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    block = max(block_size, group) if group < in_f else block_size
+    q = torch.zeros_like(w)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1, q1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), torch.zeros(out_f, i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = (int(perm[col]) if perm is not None else col) // group
+            if not static and col % group == 0:  # group params from the already-updated weights
+                s, z = group_params(w1[:, i:i + group], scheme)
+                scale[:, g] = s
+                if zero is not None:
+                    zero[:, g] = z
+            s, z = scale[:, g], (zero[:, g] if zero is not None else None)
+            col_w = w1[:, i:i + 1]
+            cq = quantize_with(col_w, s, z, scheme)
+            q1[:, i] = cq[:, 0]
+            e = (col_w[:, 0] - dequantize_with(cq, s, z)[:, 0]) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] @ hinv1[i:i + 1, i:]
+            err1[:, i] = e
+        q[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q, scale, zero
+
+
+def _relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """‖(W − Ŵ) X‖² / ‖W X‖² over the calibration inputs, via H ∝ X Xᵀ."""
+    d = w - w_hat
+    return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T).clamp(min=1e-12))
+
+
+@register("gptq", "quantize", GPTQConfig,
+          "GPTQ weight-only int4/int8 with calibration, block by block; packed, reloads with slimctl",
+          loads_with="slimctl")
+def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
+    targets = dict(select_linears(model, cfg.ignore))
+    groups = plan_groups(list(targets.items()), cfg, ctx)
+    batches = cfg.batches(ctx)
+    errors: dict[str, float] = {}
+
+    def on_block(i, prefix, block, inputs):
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if not mine:
+            return None
+        stats = InputStats(mine, hessian=True)
+        with torch.inference_mode():
+            for a, k in inputs:
+                run_block(block, a, k)
+        stats.remove()
+        for name, lin in mine.items():
+            g = groups[name]
+            scheme = QScheme(cfg.bits, g, cfg.symmetric)
+            w = lin.weight.detach().float()
+            codes, scale, zero = gptq_quantize(w, stats.hessian[name], scheme, g, cfg.dampening, cfg.act_order, cfg.block_size)
+            errors[name] = _relative_output_error(w, dequantize_groups(codes, scale, zero, g), stats.hessian[name])
+            set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, cfg.bits, g))
+        return None
+
+    sequential(model, batches, on_block, ctx.track)
+    missed = [n for n in targets if n not in errors]
+    if missed:  # layers outside the repeated blocks get round-to-nearest
+        from .rtn import RTNConfig, apply as rtn_apply
+
+        rtn = rtn_apply(model, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                         ignore=[*cfg.ignore, *[n for n in targets if n not in missed]]), ctx)
+        ctx.notes.append(f"{len(missed)} layers outside the repeated blocks were quantized with RTN: {', '.join(missed[:3])}")
+    return {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
+            "act_order": cfg.act_order, "calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)},
+            "relative_output_error": errors}

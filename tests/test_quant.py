@@ -1,0 +1,123 @@
+"""Quantization math and the calibrated methods (GPTQ, SmoothQuant) on small tensors and tiny models."""
+import copy
+
+import pytest
+import torch
+
+from slimctl import quant as Q
+from slimctl import techniques as T
+from slimctl.errors import UnsupportedError
+from slimctl.models import load
+from slimctl.qmodules import WeightOnlyLinear
+from slimctl.techniques.gptq import gptq_quantize
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int4_pack_roundtrip(sym):
+    scheme = Q.QScheme(4, 8, sym)
+    codes = torch.randint(scheme.qmin, scheme.qmax + 1, (5, 16)).float()
+    packed = Q.pack_int4(codes, scheme)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 8)
+    assert torch.equal(Q.unpack_int4(packed, sym).float(), codes)
+
+
+@pytest.mark.parametrize("width,group,expected", [(576, 128, 64), (576, 64, 64), (1536, 128, 128), (576, None, 576),
+                                                   (96, 64, 32), (100, 64, 4), (64, 128, 64)])
+def test_resolve_group(width, group, expected):
+    assert Q.resolve_group(width, group) == expected
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 64, False), (8, None, True), (8, 16, False)])
+def test_rtn_error_bounded_by_half_a_step(bits, group, sym):
+    w = torch.randn(16, 64)
+    scheme = Q.QScheme(bits, group, sym)
+    g = Q.resolve_group(64, group)
+    codes, scale, zero = Q.rtn(w, scheme, g)
+    assert codes.min() >= scheme.qmin and codes.max() <= scheme.qmax
+    err = (Q.dequantize_groups(codes, scale, zero, g) - w).abs()
+    step = scale.repeat_interleave(g, dim=1)
+    assert (err <= step / 2 + 1e-6).all()
+
+
+def _correlated_inputs(n=512, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 8, generator=g)
+    return base @ torch.randn(8, k, generator=g) + 0.1 * torch.randn(n, k, generator=g)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group", [16, 64])
+def test_gptq_beats_rtn_on_output_error(act_order, group):
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    x = _correlated_inputs()
+    h = 2 * x.T @ x / x.shape[0]
+    scheme = Q.QScheme(4, group, True)
+    codes, scale, zero = gptq_quantize(w, h, scheme, group, 0.01, act_order, 128)
+    assert codes.min() >= -8 and codes.max() <= 7
+    w_gptq = Q.dequantize_groups(codes, scale, zero, group)
+    w_rtn = Q.dequantize_groups(*Q.rtn(w, scheme, group), group)
+    err = lambda wh: ((x @ (w - wh).T) ** 2).sum()
+    assert err(w_gptq) < 0.8 * err(w_rtn)
+
+
+def test_weight_only_linear_packs_to_under_035_of_fp32():
+    lin = torch.nn.Linear(256, 128, bias=False)
+    codes, scale, zero = Q.rtn(lin.weight, Q.QScheme(4, 128, True), 128)
+    q = WeightOnlyLinear.from_codes(lin, codes, scale, zero, 4, 128)
+    stored = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+    assert stored <= 0.35 * lin.weight.numel() * 4
+
+
+def _ctx(path):
+    m = load(str(path))
+    return m, T.StepContext(kind=m.kind, tokenizer=m.tokenizer)
+
+
+def test_group_fallback_is_recorded_and_strict_refuses():
+    layers = [("a", torch.nn.Linear(96, 8)), ("b", torch.nn.Linear(128, 8)), ("c", torch.nn.Linear(32, 8))]
+    ctx = T.StepContext(kind="causal-lm")
+    groups = T.plan_groups(layers, T.get("rtn").config(bits=4, group_size=64), ctx)
+    assert groups == {"a": 32, "b": 64, "c": 32}  # c: the group is wider than the layer, so one group per row
+    assert len(ctx.notes) == 1 and "does not divide the input width of 1 layers" in ctx.notes[0]
+    with pytest.raises(UnsupportedError, match=r"group_size 64 does not divide the input width of 1 layers \(a\)"):
+        T.plan_groups(layers, T.get("rtn").config(bits=4, group_size=64, strict=True), T.StepContext(kind="causal-lm"))
+
+
+def test_rtn_records_groups_per_layer(tiny_llama):
+    m, ctx = _ctx(tiny_llama)
+    stats = T.get("rtn").apply(m.model, T.get("rtn").config(bits=4, group_size=32), ctx)
+    assert set(stats["groups"].values()) == {32} and not ctx.notes
+
+
+def test_gptq_on_tiny_llama_runs_block_by_block(tiny_llama):
+    m, ctx = _ctx(tiny_llama)
+    ref = copy.deepcopy(m.model)
+    stats = T.get("gptq").apply(m.model, T.get("gptq").config(bits=4, group_size=32, calib_samples=4, calib_seq_len=32), ctx)
+    assert stats["relative_output_error"] and all(0 <= e < 1 for e in stats["relative_output_error"].values())
+    assert sum(isinstance(x, WeightOnlyLinear) for x in m.model.modules()) == len(stats["layers"])
+    ids = torch.randint(1000, 5000, (1, 16))
+    with torch.inference_mode():
+        a, b = ref(input_ids=ids).logits, m.model(input_ids=ids).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
+
+
+def test_smoothquant_folding_is_exact_before_quantization(tiny_llama, monkeypatch):
+    """With the int8 swap disabled, smoothing alone must not change the model's outputs."""
+    from slimctl.techniques import smoothquant
+
+    m, ctx = _ctx(tiny_llama)
+    ref = copy.deepcopy(m.model)
+    monkeypatch.setattr(smoothquant, "select_linears", lambda model, ignore: [])
+    stats = smoothquant.apply(m.model, smoothquant.SmoothQuantConfig(calib_samples=2, calib_seq_len=32, alpha=0.8), ctx)
+    assert stats["smoothed"] and any(v["max_scale"] != 1.0 for v in stats["smoothed"].values())
+    ids = torch.randint(1000, 5000, (1, 16))
+    with torch.inference_mode():
+        assert torch.allclose(ref(input_ids=ids).logits, m.model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_smoothquant_unknown_architecture_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.config = None
+    with pytest.raises(UnsupportedError):
+        T.get("smoothquant").apply(model, T.get("smoothquant").config(), T.StepContext(kind="encoder"))
