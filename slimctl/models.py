@@ -268,7 +268,11 @@ def _load_quantized(folder: Path, kind: str, meta: dict[str, Any]):
 
     from .qmodules import build_from_meta
 
+    from .ctformat import to_slimctl_state
+
     config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):  # describes the files, not a quantizer to run here
+        del config.quantization_config
     # Built on CPU rather than the meta device so that non-persistent buffers (position ids, rotary
     # frequencies) are computed by the model's own code; the weights are then replaced from disk.
     model = _auto_class(kind).from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
@@ -277,6 +281,7 @@ def _load_quantized(folder: Path, kind: str, meta: dict[str, Any]):
     files = sorted(folder.glob("*.safetensors"))
     for f in files:
         state.update(load_file(f))
+    state = to_slimctl_state(state, meta["quantized_modules"])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(_tied_keys(model))
     missing = [k for k in missing if k not in tied]
@@ -331,6 +336,9 @@ def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]
             warnings.simplefilter("ignore")
             model.save_pretrained(tmp, safe_serialization=True)
             loaded.tokenizer.save_pretrained(tmp)
+        from .ctformat import rewrite_folder
+
+        rewrite_folder(model, tmp)  # weight-only int4/int8 layers in the compressed-tensors layout
         (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         files = [
             {"name": p.name, "bytes": p.stat().st_size, "sha256": file_digest(p)}

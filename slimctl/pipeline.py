@@ -3,6 +3,7 @@ bench baseline and slimmed (each in a fresh process) → gates → report."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -161,6 +162,8 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
     art_dir = out / ARTIFACT_DIR
     ui.say(f"saving artifact to {art_dir}")
     files = save_artifact(base, slim, art_dir, meta)
+    if "quantization_config" in json.loads((art_dir / "config.json").read_text()):
+        loads_with = "transformers + compressed-tensors, or slimctl"
     ui.say("reloading the artifact to check it matches the model in memory")
     check = reload_check(slim, art_dir, base.tokenizer, base.kind)
     bb = sb = None

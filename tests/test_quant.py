@@ -121,3 +121,63 @@ def test_smoothquant_unknown_architecture_is_refused():
     model.config = None
     with pytest.raises(UnsupportedError):
         T.get("smoothquant").apply(model, T.get("smoothquant").config(), T.StepContext(kind="encoder"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_int32_packing_matches_compressed_tensors(bits, dim):
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from slimctl.ctformat import pack_int32, unpack_int32
+
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    codes = torch.randint(lo, hi + 1, (24, 40))
+    ours = pack_int32(codes, bits, dim)
+    theirs = ct.pack_to_int32(codes.to(torch.int8), bits, packed_dim=dim)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(unpack_int32(ours, bits, tuple(codes.shape), dim).to(torch.int64), codes)
+
+
+_CT_RELOAD = """
+import sys, json, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2000, 3000]])
+with torch.inference_mode():
+    print(json.dumps(m(input_ids=ids).logits.float().flatten().tolist()))
+"""
+
+
+@pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": None}], ids=["int4", "int8-channel"])
+def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensors(opts, tiny_llama, tmp_path, fast_recipe):
+    """The artifact is compressed-tensors pack-quantized: transformers + compressed-tensors load it
+    without slimctl and give exactly the logits slimctl's own loader gives."""
+    pytest.importorskip("compressed_tensors")
+    import json
+    import subprocess
+    import sys
+
+    from slimctl import pipeline, recipe as R
+
+    out = tmp_path / "o"
+    rep = pipeline.run(R.load(fast_recipe([{"method": "rtn", **opts}])), str(tiny_llama), out, isolate=False)
+    assert rep["artifact"]["reload_check"]["bitwise_equal"]
+    cfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    p = subprocess.run([sys.executable, "-c", _CT_RELOAD, str(out / "model")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    theirs = torch.tensor(json.loads(p.stdout.strip().splitlines()[-1]))
+    ours = load(str(out / "model")).model
+    with torch.inference_mode():
+        mine = ours(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2000, 3000]])).logits.float().flatten()
+    assert torch.allclose(theirs, mine, atol=1e-5), (theirs - mine).abs().max()
+
+
+def test_asymmetric_artifact_keeps_slimctl_layout_and_reloads_bitwise(tiny_llama, tmp_path, fast_recipe):
+    import json
+
+    from slimctl import pipeline, recipe as R
+
+    rep = pipeline.run(R.load(fast_recipe([{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}])),
+                       str(tiny_llama), tmp_path / "o", isolate=False)
+    assert rep["artifact"]["reload_check"]["bitwise_equal"]
+    assert "quantization_config" not in json.loads((tmp_path / "o" / "model" / "config.json").read_text())

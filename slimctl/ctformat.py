@@ -1,0 +1,140 @@
+"""The compressed-tensors "pack-quantized" layout for weight-only int4/int8 artifacts.
+
+This is the layout vLLM serves and that `transformers` loads when compressed-tensors is installed:
+per quantized Linear `weight_packed` (int32, codes + 2^(b-1) packed densely along the input
+dimension, element i at bit i*b), `weight_scale` [out, groups], `weight_shape`, and for asymmetric
+schemes `weight_zero_point` packed along the output dimension; `config.json` carries a
+`quantization_config` whose config groups name each layer. slimctl writes and reads it with its
+own code, so saving needs no extra package.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .qmodules import WeightOnlyLinear
+
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Signed integer codes [rows, cols] -> int32 words along `dim`, as compressed-tensors packs them."""
+    v = codes.to(torch.int64) + (1 << (bits - 1))
+    if dim == 0:
+        v = v.T
+    rows, cols = v.shape
+    per = 32 // bits  # 4 and 8 bits fill words exactly
+    padded = math.ceil(cols / per) * per
+    if padded > cols:
+        v = torch.nn.functional.pad(v, (0, padded - cols))
+    v = v.reshape(rows, padded // per, per)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = (v << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.T.contiguous() if dim == 0 else words
+
+
+def unpack_int32(words: torch.Tensor, bits: int, shape: tuple[int, int], dim: int = 1) -> torch.Tensor:
+    """Inverse of pack_int32: int32 words -> signed integer codes of `shape`."""
+    w = words.T if dim == 0 else words
+    rows = w.shape[0]
+    per = 32 // bits
+    v = (w.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> (torch.arange(per, dtype=torch.int64) * bits)
+    v = (v & ((1 << bits) - 1)).reshape(rows, -1) - (1 << (bits - 1))
+    cols = shape[0] if dim == 0 else shape[1]
+    v = v[:, :cols]
+    return (v.T if dim == 0 else v).to(torch.int16).contiguous()
+
+
+def _scheme(m: WeightOnlyLinear) -> dict[str, Any]:
+    per_channel = m.group_size >= m.in_features
+    return {"num_bits": m.bits, "type": "int", "symmetric": m.symmetric,
+            "strategy": "channel" if per_channel else "group", "group_size": None if per_channel else m.group_size,
+            "dynamic": False, "actorder": None, "block_structure": None, "observer": None, "observer_kwargs": {}}
+
+
+def exportable(model) -> bool:
+    """Whether every quantized layer fits the layout as transformers loads it today.
+
+    Asymmetric schemes are left out: compressed-tensors 0.19 packs their zero points along the
+    output dimension, while transformers 5.24 registers them unpacked and refuses the file, so such
+    an artifact would load nowhere but in slimctl. They keep slimctl's own layout instead."""
+    mods = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+    return bool(mods) and all(m.symmetric for m in mods)
+
+
+def quantization_config(model) -> dict[str, Any] | None:
+    """config.json's quantization_config: one config group per distinct scheme, naming its layers."""
+    groups: dict[str, dict[str, Any]] = {}
+    quantized = set()
+    for name, m in model.named_modules():
+        if isinstance(m, WeightOnlyLinear):
+            key = json.dumps(_scheme(m), sort_keys=True)
+            groups.setdefault(key, {"targets": [], "weights": _scheme(m), "input_activations": None,
+                                    "output_activations": None, "format": None})["targets"].append(name)
+            quantized.add(name)
+    if not groups:
+        return None
+    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+            "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
+
+
+def rewrite_folder(model, folder: Path) -> None:
+    """Turn the slimctl buffers that save_pretrained wrote into the pack-quantized layout, in place."""
+    if not exportable(model):
+        return
+    qcfg = quantization_config(model)
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError("compressed-tensors export expects a single safetensors file")
+    state = load_file(files[0])
+    meta = {"format": "pt"}
+    for name, m in model.named_modules():
+        if not isinstance(m, WeightOnlyLinear):
+            continue
+        for k in ("qweight", "weight_scale", "weight_zero_point"):
+            state.pop(f"{name}.{k}", None)
+        codes = m.codes()
+        if not m.symmetric:  # slimctl keeps unsigned codes and zeros; compressed-tensors signed ones
+            codes = codes - (1 << (m.bits - 1))
+            zp = m.weight_zero_point.to(torch.int16) - (1 << (m.bits - 1))
+            state[f"{name}.weight_zero_point"] = pack_int32(zp, m.bits, dim=0)
+        state[f"{name}.weight_packed"] = pack_int32(codes, m.bits)
+        state[f"{name}.weight_scale"] = m.weight_scale.detach().clone()
+        state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
+    save_file(state, str(files[0]), metadata=meta)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = qcfg
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def to_slimctl_state(state: dict[str, torch.Tensor], qmeta: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors of an artifact -> the buffers of slimctl's WeightOnlyLinear."""
+    from .quant import QScheme, pack_int4
+
+    out = dict(state)
+    for name, spec in qmeta.items():
+        if spec.get("format") != "weight-only" or f"{name}.weight_packed" not in state:
+            continue
+        bits, sym = spec["bits"], spec["symmetric"]
+        shape = (spec["out_features"], spec["in_features"])
+        codes = unpack_int32(out.pop(f"{name}.weight_packed"), bits, shape)
+        out.pop(f"{name}.weight_shape", None)
+        if not sym:
+            codes = codes + (1 << (bits - 1))
+            ng = spec["in_features"] // spec["group_size"]
+            zp = unpack_int32(out.pop(f"{name}.weight_zero_point"), bits, (spec["out_features"], ng), dim=0)
+            out[f"{name}.weight_zero_point"] = (zp + (1 << (bits - 1))).to(torch.uint8)
+        if bits == 4:
+            out[f"{name}.qweight"] = pack_int4(codes, QScheme(4, spec["group_size"], sym))
+        else:
+            out[f"{name}.qweight"] = codes.to(torch.int8 if sym else torch.uint8)
+    return out
