@@ -112,7 +112,7 @@ def run(
     model: str = typer.Option(..., "--model", "-m", help="Built-in name, local HF folder, or hub id."),
     out_dir: Path = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
     max_samples: Optional[int] = MAX_SAMPLES_OPT, seed: Optional[int] = typer.Option(None, "--seed", help="Override the recipe's seed."),
-    inline: bool = INLINE_OPT, as_json: bool = JSON_OPT,
+    skip_eval: bool = SKIP_EVAL_OPT, skip_bench: bool = SKIP_BENCH_OPT, inline: bool = INLINE_OPT, as_json: bool = JSON_OPT,
 ):
     """Run a recipe: baseline eval+bench, the steps, eval+bench of the result, gates, report, artifact.
 
@@ -121,9 +121,10 @@ def run(
     from . import recipe as recipe_mod
 
     r = recipe_mod.load(recipe)
-    if max_samples is not None or seed is not None:
-        r = r.model_copy(update={"eval": r.eval.model_copy(update={"max_samples": max_samples or r.eval.max_samples}),
-                                 "seed": r.seed if seed is None else seed})
+    r = r.model_copy(update={
+        "eval": r.eval.model_copy(update={"max_samples": max_samples or r.eval.max_samples, "skip": r.eval.skip or skip_eval}),
+        "bench": r.bench.model_copy(update={"skip": r.bench.skip or skip_bench}),
+        "seed": r.seed if seed is None else seed})
     _run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe))
 
 
@@ -377,6 +378,8 @@ def main() -> None:
     debug = os.environ.get("SLIMCTL_DEBUG") == "1"
     try:
         rc = app(standalone_mode=False)
+        if rc == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into a silent Exit(130)
+            err.print("Error: interrupted; no partial artifact was left", markup=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except SlimctlError as e:
         if debug:

@@ -31,6 +31,8 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty --out unless --overwrite; check it is writable before any long work."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder")
+    if out.is_dir():
+        clean_partial(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"--out {out} exists and is not empty; pass --overwrite or choose a new folder")
@@ -220,6 +222,7 @@ def _side(ev: dict | None, which: str) -> dict | None:
 
 
 def clean_partial(out: Path) -> None:
-    """Remove temporary siblings slimctl left after an interruption (never anything else)."""
-    for p in out.glob(".model.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove temporaries a killed run of slimctl left (it names them; nothing else is touched)."""
+    for pattern in (f".{ARTIFACT_DIR}.tmp-*", f".{ARTIFACT_DIR}.old-*", ".report.json.tmp", ".report.md.tmp"):
+        for p in out.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
