@@ -36,6 +36,8 @@ INLINE_OPT = typer.Option(False, "--inline", help="Bench in this process instead
 SKIP_EVAL_OPT = typer.Option(False, "--skip-eval", help="Do not evaluate accuracy.")
 SKIP_BENCH_OPT = typer.Option(False, "--skip-bench", help="Do not benchmark speed and memory.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda.")
+PICKLE_OPT = typer.Option(False, "--allow-pickle", help="Load pickle-only weights (torch.load weights_only=True); refused by default.")
+REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Run custom modelling code a model folder asks for; off by default.")
 
 
 class _UI:
@@ -76,13 +78,18 @@ def _print_run(report: dict) -> None:
     out.print(f"artifact: {report['artifact']['path']} (loads with {report['artifact']['loads_with']})", markup=False)
 
 
-def _run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool, as_json: bool, source: str | None):
+def _load_opts(allow_pickle: bool, trust_remote_code: bool) -> dict:
+    return {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+
+
+def _run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool, as_json: bool, source: str | None,
+                load_options: dict):
     from . import pipeline
     from .errors import GateFailed
 
     try:
         report = pipeline.run(recipe, model, out_dir, overwrite=overwrite, isolate=not inline,
-                              ui=_UI().pipeline_ui(), recipe_source=source)
+                              ui=_UI().pipeline_ui(), recipe_source=source, load_options=load_options)
     except GateFailed as e:
         _emit(e.report, as_json, _print_run)
         raise
@@ -113,6 +120,7 @@ def run(
     out_dir: Path = OUT_OPT, overwrite: bool = OVERWRITE_OPT,
     max_samples: Optional[int] = MAX_SAMPLES_OPT, seed: Optional[int] = typer.Option(None, "--seed", help="Override the recipe's seed."),
     skip_eval: bool = SKIP_EVAL_OPT, skip_bench: bool = SKIP_BENCH_OPT, inline: bool = INLINE_OPT, as_json: bool = JSON_OPT,
+    allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Run a recipe: baseline eval+bench, the steps, eval+bench of the result, gates, report, artifact.
 
@@ -125,7 +133,7 @@ def run(
         "eval": r.eval.model_copy(update={"max_samples": max_samples or r.eval.max_samples, "skip": r.eval.skip or skip_eval}),
         "bench": r.bench.model_copy(update={"skip": r.bench.skip or skip_bench}),
         "seed": r.seed if seed is None else seed})
-    _run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe))
+    _run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe), _load_opts(allow_pickle, trust_remote_code))
 
 
 def _set_options(pairs: Optional[List[str]]) -> dict:
@@ -144,7 +152,7 @@ def _set_options(pairs: Optional[List[str]]) -> dict:
 
 
 def _one_step(method: str, options: dict, model: str, out_dir: Path, overwrite: bool, max_samples, skip_eval,
-              skip_bench, device, seed, inline, as_json, kinds: tuple[str, ...]):
+              skip_bench, device, seed, inline, as_json, kinds: tuple[str, ...], load_options: dict):
     from . import recipe as recipe_mod, techniques
     from .errors import UsageError
 
@@ -154,7 +162,7 @@ def _one_step(method: str, options: dict, model: str, out_dir: Path, overwrite: 
         raise UsageError(f"'{method}' is not a method of this command; choose one of: {', '.join(names)}")
     ev, be = _specs(max_samples, skip_eval, skip_bench, device, seed)
     r = recipe_mod.single_step(method, options, ev, be, seed)
-    _run_recipe(r, model, out_dir, overwrite, inline, as_json, None)
+    _run_recipe(r, model, out_dir, overwrite, inline, as_json, None, load_options)
 
 
 @app.command()
@@ -169,7 +177,7 @@ def quantize(
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Module name pattern to leave alone (repeatable)."),
     overwrite: bool = OVERWRITE_OPT, max_samples: Optional[int] = MAX_SAMPLES_OPT, skip_eval: bool = SKIP_EVAL_OPT,
     skip_bench: bool = SKIP_BENCH_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, inline: bool = INLINE_OPT,
-    as_json: bool = JSON_OPT,
+    as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Quantize or cast a model, measure it against the original and save the artifact.
 
@@ -185,7 +193,7 @@ def quantize(
     if asymmetric:
         opts["symmetric"] = False
     _one_step(method, opts, model, out_dir, overwrite, max_samples, skip_eval, skip_bench, device, seed, inline,
-              as_json, ("quantize", "cast"))
+              as_json, ("quantize", "cast"), _load_opts(allow_pickle, trust_remote_code))
 
 
 @app.command()
@@ -198,7 +206,7 @@ def prune(
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Module name pattern to leave alone (repeatable)."),
     overwrite: bool = OVERWRITE_OPT, max_samples: Optional[int] = MAX_SAMPLES_OPT, skip_eval: bool = SKIP_EVAL_OPT,
     skip_bench: bool = SKIP_BENCH_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, inline: bool = INLINE_OPT,
-    as_json: bool = JSON_OPT,
+    as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Prune a model's Linear weights, measure it against the original and save the artifact.
 
@@ -206,7 +214,7 @@ def prune(
     """
     opts = {"sparsity": sparsity, "scope": scope, "ignore": ignore}
     _one_step(method, opts, model, out_dir, overwrite, max_samples, skip_eval, skip_bench, device, seed, inline,
-              as_json, ("prune",))
+              as_json, ("prune",), _load_opts(allow_pickle, trust_remote_code))
 
 
 @app.command("eval")
@@ -216,7 +224,7 @@ def eval_cmd(
     against: Optional[str] = typer.Option(None, "--against", help="Baseline model: adds top-1 agreement, KL, cosine."),
     max_samples: Optional[int] = MAX_SAMPLES_OPT,
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length (perplexity) or truncation length."),
-    seed: int = SEED_OPT, as_json: bool = JSON_OPT,
+    seed: int = SEED_OPT, as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Measure accuracy: perplexity (causal LM), embedding fidelity and topic accuracy (encoder), accuracy (classifier).
 
@@ -227,8 +235,9 @@ def eval_cmd(
     from .models import load
     ui = _UI()
     spec = _spec("EvalSpec", data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len)
-    m = load(model, progress=ui.say)
-    ref = load(against, progress=ui.say) if against else None
+    opts = _load_opts(allow_pickle, trust_remote_code)
+    m = load(model, progress=ui.say, **opts)
+    ref = load(against, progress=ui.say, **opts) if against else None
     if ref is not None and ref.kind != m.kind:
         raise UsageError(f"--against {against} is a {ref.kind} model but {model} is a {m.kind} model")
     ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed, track=ui.track)
@@ -253,7 +262,7 @@ def bench(
     min_iters: int = typer.Option(10, "--min-iters", help="Measure at least this many iterations…"),
     min_seconds: float = typer.Option(3.0, "--min-seconds", help="…and for at least this long."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
-    as_json: bool = JSON_OPT,
+    as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Measure latency percentiles, throughput, peak memory and size (prefill and decode for causal LMs).
 
@@ -266,7 +275,7 @@ def bench(
     spec = _spec("BenchSpec", device=device, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
                  min_iters=min_iters, min_seconds=min_seconds, threads=threads)
     ui = _UI()
-    m = load(model, progress=ui.say)
+    m = load(model, progress=ui.say, **_load_opts(allow_pickle, trust_remote_code))
     res = bench_model(m.model, m.tokenizer, m.kind, spec, m.path, ui.say)
     result = {"model": model, "kind": m.kind, "bench": res, "environment": environment(0, device)}
 
@@ -371,10 +380,19 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(usage), tuple(abort)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """MemoryError, torch's CPU allocator failing under a memory cap, or CUDA OOM."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)
+
+
 def main() -> None:
     """Entry point: renders every error as one `Error:` line and the documented exit code."""
+    import signal
+
     click_usage, click_abort = _click_exceptions()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, fail the write (EFBIG) instead of dying
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     debug = os.environ.get("SLIMCTL_DEBUG") == "1"
     try:
         rc = app(standalone_mode=False)
@@ -397,7 +415,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("Error: interrupted; no partial artifact was left", markup=False)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as e:  # a bug: say so plainly
+    except Exception as e:  # out of memory is the user's limit; anything else is a bug: say so plainly
+        if _out_of_memory(e):
+            err.print("Error: out of memory; try a smaller --batch-size or --seq-len, or fewer calibration samples "
+                      "(--set calib_samples=16)", markup=False, soft_wrap=True)
+            sys.exit(2)
         if debug:
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""

@@ -189,15 +189,20 @@ def detect_kind(config: dict[str, Any]) -> str:
     raise ModelLoadError(f"architecture {arch} is not supported (causal LM, encoder, or sequence classifier)")
 
 
-def _check_weights(folder: Path) -> None:
+def _check_weights(folder: Path, allow_pickle: bool, progress=None) -> bool:
+    """True when the folder has safetensors weights; pickle-only weights need allow_pickle."""
     names = {p.name for p in folder.iterdir()}
     if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
-        return
+        return True
     if names & set(PICKLE_NAMES) or any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
-        raise ModelLoadError(
-            f"{folder} holds only pickle weights, which can run code when loaded; "
-            "convert them to safetensors (model.save_pretrained(..., safe_serialization=True))"
-        )
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{folder} holds only pickle weights, which can run code when loaded; convert them to "
+                "safetensors (model.save_pretrained(..., safe_serialization=True)) or pass --allow-pickle"
+            )
+        if progress:
+            progress("warning: loading pickle weights (--allow-pickle) with torch.load(weights_only=True)")
+        return False
     raise ModelLoadError(f"{folder} has a config but no *.safetensors weights")
 
 
@@ -207,8 +212,11 @@ def _auto_class(kind: str):
     return {CAUSAL_LM: AutoModelForCausalLM, SEQ_CLS: AutoModelForSequenceClassification, ENCODER: AutoModel}[kind]
 
 
-def load(spec: str, progress=None, trust_remote_code: bool = False) -> LoadedModel:
-    """Load MODEL for inference, on CPU, in the dtype it was saved in."""
+def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle: bool = False) -> LoadedModel:
+    """Load MODEL for inference, on CPU, in the dtype it was saved in.
+
+    Safetensors only unless allow_pickle (then transformers' torch.load with weights_only=True);
+    no custom modelling code unless trust_remote_code."""
     folder, source = resolve(spec, progress)
     config = _read_config(folder)
     kind = detect_kind(config)
@@ -220,9 +228,9 @@ def load(spec: str, progress=None, trust_remote_code: bool = False) -> LoadedMod
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{meta_path} is not valid JSON: {e}") from None
     if config.get("auto_map") and not trust_remote_code:
-        raise ModelLoadError(f"{folder} needs custom code (auto_map in config.json); slimctl runs no remote code")
-    _check_weights(folder)
-    tok = _load_tokenizer(folder)
+        raise ModelLoadError(f"{folder} needs custom code (auto_map in config.json); slimctl runs none unless --trust-remote-code")
+    safe = _check_weights(folder, allow_pickle, progress)
+    tok = _load_tokenizer(folder, trust_remote_code)
     _quiet_transformers()
     try:
         with warnings.catch_warnings():
@@ -230,7 +238,8 @@ def load(spec: str, progress=None, trust_remote_code: bool = False) -> LoadedMod
             if meta.get("quantized_modules"):
                 model = _load_quantized(folder, kind, meta)
             else:
-                model = _auto_class(kind).from_pretrained(folder, dtype="auto", use_safetensors=True)
+                model = _auto_class(kind).from_pretrained(folder, dtype="auto", use_safetensors=safe,
+                                                          trust_remote_code=trust_remote_code)
     except ModelLoadError:
         raise
     except Exception as e:  # transformers/safetensors raise many types for a bad folder; all mean bad input
@@ -248,11 +257,11 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"could not load a tokenizer from {folder}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     if tok.pad_token is None:
@@ -319,6 +328,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and some writers 0600 files; an artifact is shared like any output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.iterdir():
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
+
+
 def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     """Write an HF folder plus slimctl.json to `target`, whole or not at all; returns file hashes.
 
@@ -340,6 +359,7 @@ def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]
 
         rewrite_folder(model, tmp)  # weight-only int4/int8 layers in the compressed-tensors layout
         (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _normal_permissions(tmp)
         files = [
             {"name": p.name, "bytes": p.stat().st_size, "sha256": file_digest(p)}
             for p in sorted(tmp.iterdir()) if p.is_file()
@@ -356,9 +376,10 @@ def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return files
-    except OSError as e:
+    except (OSError, RuntimeError, ValueError) as e:  # disk full, file too large, unwritable
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"could not write the artifact to {target}: {e.strerror or e}") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise OutputError(f"could not write the artifact to {target} ({why}); nothing was left there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -128,11 +128,25 @@ def _warnings(d: dict[str, Any], notes: list[str]) -> list[str]:
 
 
 def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = False, isolate: bool = True,
-        ui: UI | None = None, recipe_source: str | None = None) -> dict[str, Any]:
+        ui: UI | None = None, recipe_source: str | None = None, load_options: dict | None = None) -> dict[str, Any]:
     """Do the whole run and write report.json/report.md and the artifact into `out`.
 
     Returns the report; raises GateFailed (exit code 1) after writing everything when a gate fails.
     """
+    ui = ui or UI()
+    out = Path(out)
+    created = not out.exists()
+    prepare_output(out, overwrite)
+    try:
+        return _run(recipe, model_spec, out, isolate, ui, recipe_source, load_options or {})
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves no empty folder of its own making behind
+        raise
+
+
+def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, recipe_source: str | None,
+         load_options: dict) -> dict[str, Any]:
     import torch
 
     from .bench import bench_isolated, bench_model, pool
@@ -140,9 +154,6 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
     from .models import load, save_artifact
     from .qmodules import quantized_modules_meta
 
-    ui = ui or UI()
-    out = Path(out)
-    prepare_output(out, overwrite)
     if recipe.eval.data:  # bad data should fail before minutes of work, not after
         from .evaluate.data import read_file
 
@@ -150,7 +161,7 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     ui.say(f"loading {model_spec}")
-    base = load(model_spec, progress=ui.say)
+    base = load(model_spec, progress=ui.say, **load_options)
     slim = copy.deepcopy(base.model)
     steps, notes = apply_steps(slim, base.tokenizer, recipe, base.kind, ui)
     ev = None
@@ -175,7 +186,7 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
             rb, rs = [], []
             for i in range(recipe.bench.repeats):
                 ui.say(f"benchmarking baseline, round {i + 1}/{recipe.bench.repeats} (fresh process)")
-                rb.append(bench_isolated(str(base.path), recipe.bench))
+                rb.append(bench_isolated(str(base.path), recipe.bench, load_options=load_options))
                 ui.say(f"benchmarking slimmed artifact, round {i + 1}/{recipe.bench.repeats} (fresh process)")
                 rs.append(bench_isolated(str(art_dir), recipe.bench))
             bb, sb = pool(rb), pool(rs)

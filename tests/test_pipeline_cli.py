@@ -1,5 +1,6 @@
 """The whole run and the CLI edge on tiny models: every shipped recipe, reloads, gates, errors, exit codes."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,6 +42,11 @@ def test_every_shipped_recipe_runs_on_a_tiny_model(recipe, tiny_llama, tmp_path)
     assert {"config.json", "model.safetensors", "slimctl.json"} <= names
     assert json.loads((tmp_path / "out" / "report.json").read_text())["passed"] is True
     assert (tmp_path / "out" / "report.md").read_text().startswith("# slimctl: PASSED")
+    umask = os.umask(0)
+    os.umask(umask)
+    art = tmp_path / "out" / "model"
+    assert art.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in art.iterdir())
 
 
 _RELOAD = """

@@ -192,12 +192,13 @@ class _Null:
         return False
 
 
-def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None) -> dict[str, Any]:
+def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None, load_options: dict | None = None) -> dict[str, Any]:
     """Run bench_model on the model in `folder` in a fresh Python process, so that memory
     high-water marks, allocator caches and thread pools of one measurement cannot leak into another."""
     with tempfile.TemporaryDirectory(prefix="slimctl-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "slimctl.bench.worker", folder, spec.model_dump_json(), str(out)]
+        cmd = [sys.executable, "-m", "slimctl.bench.worker", folder, spec.model_dump_json(), str(out),
+               json.dumps(load_options or {})]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if out.exists():

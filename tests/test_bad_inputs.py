@@ -1,0 +1,162 @@
+"""The bad-input matrix: every command, every class of bad input, one documented outcome.
+
+Each case must exit 2 with one `Error:` line that names the problem, print no traceback, leave every
+input byte-identical (hashed before and after) and create no output.
+"""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from conftest import run_cli, tree_digest
+
+
+@pytest.fixture(scope="session")
+def world(tiny_llama, tmp_path_factory):
+    """Bad models, recipes and data files, built once."""
+    w = tmp_path_factory.mktemp("world")
+    good = w / "good"
+    shutil.copytree(tiny_llama, good)
+
+    def model(name, edit):
+        d = w / name
+        shutil.copytree(tiny_llama, d)
+        edit(d)
+        return d
+
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    (w / "empty").mkdir()
+    model("config-only", lambda d: (d / "model.safetensors").unlink())
+    model("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:4096]))
+    model("garbage-weights", lambda d: (d / "model.safetensors").write_bytes(b"\x00garbage" * 100))
+    model("bad-json", lambda d: (d / "config.json").write_text("{oops"))
+    model("no-model-type", lambda d: (d / "config.json").write_text(json.dumps({"hidden_size": 8})))
+    model("pickle-only", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
+    model("remote-code", lambda d: (d / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "x.Y"}})))
+    model("enc-dec", lambda d: (d / "config.json").write_text(json.dumps({**cfg, "is_encoder_decoder": True})))
+    model("vision", lambda d: (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["FooForImageClassification"]})))
+    (w / "a-file").write_text("not a model")
+
+    def recipe(name, doc):
+        p = w / f"{name}.yaml"
+        p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+
+    base = {"version": 1, "steps": [{"method": "bf16"}], "eval": {"max_samples": 2, "seq_len": 32, "max_tokens": 64},
+            "bench": {"min_iters": 1, "min_seconds": 0, "warmup": 0, "decode_tokens": 2, "seq_len": 8, "repeats": 1}}
+    recipe("ok", base)
+    recipe("malformed", "version: 1\nsteps: [\n")
+    recipe("empty", "")
+    recipe("list", "- 1\n- 2\n")
+    recipe("unknown-key", {**base, "stepz": []})
+    recipe("unknown-step-key", {**base, "steps": [{"method": "magnitude", "sparsity": 0.5, "sparsty": 1}]})
+    recipe("wrong-type", {**base, "steps": [{"method": "magnitude", "sparsity": "half"}]})
+    recipe("sparsity-1.5", {**base, "steps": [{"method": "magnitude", "sparsity": 1.5}]})
+    recipe("bits-3", {**base, "steps": [{"method": "rtn", "bits": 3}]})
+    recipe("group-100", {**base, "steps": [{"method": "rtn", "bits": 4, "group_size": 100}]})
+    recipe("contradictory", {**base, "steps": [{"method": "rtn"}, {"method": "magnitude", "sparsity": 0.5}]})
+    recipe("two-casts", {**base, "steps": [{"method": "bf16"}, {"method": "fp16"}]})
+    recipe("version-2", {**base, "version": 2})
+    recipe("no-steps", {"version": 1})
+    recipe("unknown-method", {**base, "steps": [{"method": "awq-9000"}]})
+    recipe("bad-data", {**base, "eval": {"data": str(w / "empty.jsonl")}})
+    recipe("absurd-batch", {**base, "bench": {"batch_size": 1_000_000}})
+    (w / "recipe-dir").mkdir()
+
+    (w / "empty.jsonl").write_text("")
+    (w / "binary.jsonl").write_bytes(b"\x00\x01\x02" * 100)
+    (w / "wrong-schema.jsonl").write_text('{"sentence": "no text field"}\n')
+    (w / "not-json.jsonl").write_text("hello\n")
+    (w / "data.csv").write_text("text\nhello\n")
+    (w / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (w / "existing-out").mkdir()
+    (w / "existing-out" / "keep.txt").write_text("mine")
+    (w / "garbage-report").mkdir()
+    (w / "garbage-report" / "report.json").write_text("[1, 2]")
+    return w
+
+
+Q = ["quantize", "{good}", "--method", "rtn", "--skip-bench", "--skip-eval", "--out", "{out}"]
+RUN = ["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{out}", "--inline"]
+CASES = [
+    # models, through every command that loads one
+    (["eval", "{w}/empty"], "has no config.json"),
+    (["bench", "{w}/config-only"], "has a config but no *.safetensors weights"),
+    (["quantize", "{w}/truncated", "--method", "rtn", "--out", "{out}", "--skip-bench"], "could not load weights"),
+    (["prune", "{w}/garbage-weights", "--sparsity", "0.5", "--out", "{out}"], "could not load weights"),
+    (["eval", "{w}/bad-json"], "is not valid JSON"),
+    (["bench", "{w}/no-model-type"], "has no model_type"),
+    (["run", "{w}/ok.yaml", "--model", "{w}/pickle-only", "--out", "{out}"], "holds only pickle weights"),
+    (["eval", "{w}/remote-code"], "needs custom code"),
+    (["eval", "{w}/enc-dec"], "encoder-decoder models"),
+    (["bench", "{w}/vision"], "FooForImageClassification is not supported"),
+    (["eval", "{w}/a-file"], "is a file"),
+    (["eval", "{w}/missing-folder"], "does not exist"),
+    (["eval", "smollm2-135"], "is not a built-in name or local folder"),
+    (["bench", "no-such-org/no-such-model"], "HF_HUB_OFFLINE is set"),
+    # recipes
+    (["run", "{w}/malformed.yaml", "--model", "{good}", "--out", "{out}"], "is not valid YAML at line"),
+    (["run", "{w}/empty.yaml", "--model", "{good}", "--out", "{out}"], "a recipe must be a YAML mapping"),
+    (["run", "{w}/list.yaml", "--model", "{good}", "--out", "{out}"], "a recipe must be a YAML mapping"),
+    (["run", "{w}/unknown-key.yaml", "--model", "{good}", "--out", "{out}"], "unknown key 'stepz'"),
+    (["run", "{w}/unknown-step-key.yaml", "--model", "{good}", "--out", "{out}"], "unknown key 'sparsty' in steps[0]"),
+    (["run", "{w}/wrong-type.yaml", "--model", "{good}", "--out", "{out}"], "steps[0].sparsity: Input should be a valid number"),
+    (["run", "{w}/sparsity-1.5.yaml", "--model", "{good}", "--out", "{out}"], "steps[0].sparsity: Input should be less than 1"),
+    (["run", "{w}/bits-3.yaml", "--model", "{good}", "--out", "{out}"], "steps[0].bits: Input should be 4 or 8"),
+    (["run", "{w}/group-100.yaml", "--model", "{good}", "--out", "{out}"], "group_size must be a power of two"),
+    (["run", "{w}/contradictory.yaml", "--model", "{good}", "--out", "{out}"], "'magnitude' comes after quantization"),
+    (["run", "{w}/two-casts.yaml", "--model", "{good}", "--out", "{out}"], "at most one cast step"),
+    (["run", "{w}/version-2.yaml", "--model", "{good}", "--out", "{out}"], "version: Input should be 1"),
+    (["run", "{w}/no-steps.yaml", "--model", "{good}", "--out", "{out}"], "steps: Field required"),
+    (["run", "{w}/unknown-method.yaml", "--model", "{good}", "--out", "{out}"], "unknown method 'awq-9000'"),
+    (["run", "{w}/recipe-dir", "--model", "{good}", "--out", "{out}"], "is a folder"),
+    (["run", "{w}/absurd-batch.yaml", "--model", "{good}", "--out", "{out}"], "bench.batch_size: Input should be less than or equal to 4096"),
+    # data
+    (["run", "{w}/bad-data.yaml", "--model", "{good}", "--out", "{out}"], "is empty"),
+    (["eval", "{good}", "--data", "{w}/binary.jsonl"], "looks binary"),
+    (["eval", "{good}", "--data", "{w}/wrong-schema.jsonl"], "needs a non-empty string field 'text'"),
+    (["eval", "{good}", "--data", "{w}/not-json.jsonl"], "line 1 is not valid JSON"),
+    (["eval", "{good}", "--data", "{w}/data.csv"], "must end in .txt or .jsonl"),
+    (["eval", "{good}", "--data", "{w}/latin1.txt"], "is not UTF-8"),
+    (["eval", "{good}", "--max-samples", "0"], "--max-samples: Input should be greater than 0"),
+    # outputs
+    (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{w}/existing-out"], "exists and is not empty"),
+    (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{w}/existing-out", "--overwrite"], "holds files slimctl did not write"),
+    (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "/proc/slimctl-out"], "cannot write to --out"),
+    (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{w}/a-file"], "is a file; pass a folder"),
+    # devices, sizes and options
+    (["bench", "{good}", "--device", "cuda"], "no CUDA GPU"),
+    (["bench", "{good}", "--device", "tpu"], "--device: Input should be 'cpu' or 'cuda'"),
+    (["bench", "{good}", "--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
+    (["bench", "{good}", "--batch-size", "100000"], "--batch-size: Input should be less than or equal to 4096"),
+    (["bench", "{good}", "--seq-len", "1000", "--min-iters", "1", "--min-seconds", "0"], "exceeds the model's 512 positions"),
+    (["prune", "{good}", "--sparsity", "0", "--out", "{out}"], "sparsity: Input should be greater than 0"),
+    (["prune", "{good}", "--sparsity", "0.5", "--scope", "row", "--out", "{out}"], "scope: Input should be 'layer' or 'global'"),
+    (Q + ["--bits", "3"], "bits: Input should be 4 or 8"),
+    (Q + ["--bits", "4", "--group-size", "100"], "group_size must be a power of two"),
+    (Q + ["--set", "nonsense"], "--set needs KEY=VALUE"),
+    (Q + ["--set", "colour=blue"], "unknown key 'colour'"),
+    (["quantize", "{good}", "--method", "magnitude", "--out", "{out}"], "is not a method of this command"),
+    (["eval", "{good}", "--against", "{w}/empty"], "has no config.json"),
+    (["verify", "{w}/empty"], "report.json does not exist"),
+    (["verify", "{w}/garbage-report"], "is not a slimctl report"),
+    (["eval", "{good}", "--no-such-flag"], "No such option"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[f"{i:02d}-{c[0][0]}-{c[1][:28]}" for i, c in enumerate(CASES)])
+def test_bad_input(args, message, world, tmp_path):
+    out = tmp_path / "out"
+    before = tree_digest(world)
+    argv = [a.format(w=world, good=world / "good", out=out) for a in args]
+    p = run_cli(*argv, env={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
+    errors = [l for l in p.stderr.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], p.stderr[-1500:]
+    assert "Traceback" not in p.stderr
+    assert tree_digest(world) == before, "an input was modified"
+    assert not out.exists() or not any(out.iterdir()), "partial output was left"
+
+
+def test_the_matrix_is_big_enough():
+    assert len(CASES) >= 40
