@@ -376,7 +376,7 @@ def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return files
-    except (OSError, RuntimeError, ValueError) as e:  # disk full, file too large, unwritable
+    except Exception as e:  # disk full, file too large, unwritable: writers raise their own types (SafetensorError)
         shutil.rmtree(tmp, ignore_errors=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise OutputError(f"could not write the artifact to {target} ({why}); nothing was left there") from None
