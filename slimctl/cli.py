@@ -109,7 +109,7 @@ def _spec(cls_name: str, **options):
         raise UsageError("--" + recipe._format_error(e).replace("_", "-")) from None
 
 
-def _specs(max_samples, skip_eval, skip_bench, device, seed):
+def _specs(max_samples, skip_eval, skip_bench, device):
     return _spec("EvalSpec", max_samples=max_samples, skip=skip_eval), _spec("BenchSpec", device=device, skip=skip_bench)
 
 
@@ -160,7 +160,7 @@ def _one_step(method: str, options: dict, model: str, out_dir: Path, overwrite: 
     if tech.kind not in kinds:
         names = sorted(n for n, t in techniques.load_all().items() if t.kind in kinds)
         raise UsageError(f"'{method}' is not a method of this command; choose one of: {', '.join(names)}")
-    ev, be = _specs(max_samples, skip_eval, skip_bench, device, seed)
+    ev, be = _specs(max_samples, skip_eval, skip_bench, device)
     r = recipe_mod.single_step(method, options, ev, be, seed)
     _run_recipe(r, model, out_dir, overwrite, inline, as_json, None, load_options)
 

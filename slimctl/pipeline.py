@@ -86,7 +86,7 @@ def reload_check(slim, folder: Path, tokenizer, kind: str) -> dict[str, Any]:
             "compared": "logits" if kind != "encoder" else "last_hidden_state", "causal": kind == CAUSAL_LM}
 
 
-def _delta(kind: str, ev: dict | None, bb: dict | None, sb: dict | None) -> dict[str, Any]:
+def _delta(ev: dict | None, bb: dict | None, sb: dict | None) -> dict[str, Any]:
     d: dict[str, Any] = {}
     if ev:
         agree = ev.get("vs_reference") or {}
@@ -195,7 +195,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
             bb = bench_model(base.model, base.tokenizer, base.kind, recipe.bench, base.path, ui.say)
             ui.say("benchmarking slimmed (inline)")
             sb = bench_model(slim, base.tokenizer, base.kind, recipe.bench, str(art_dir), ui.say)
-    delta = _delta(base.kind, ev, bb, sb)
+    delta = _delta(ev, bb, sb)
     gate_rows = gate_mod.check(recipe.gates.model_dump(), delta)
     gate_rows.append({"name": "artifact_matches_memory", "threshold": RELOAD_TOLERANCE, "value": check["max_abs_diff"],
                       "passed": check["max_abs_diff"] <= RELOAD_TOLERANCE, "sense": "max", "meaning": "max |reloaded - in-memory| output"})

@@ -62,8 +62,9 @@ def plan_groups(layers: list[tuple[str, Any]], cfg: WeightOnlyOptions, ctx: "Ste
     that does (one note for all such layers), or, with strict, an error naming the layers."""
     from ..quant import resolve_group
 
-    groups = {name: resolve_group(lin.in_features, cfg.group_size) for name, lin in layers}
-    odd = {n: g for n, g in groups.items() if cfg.group_size is not None and g != min(cfg.group_size, layers_width(layers, n))}
+    width = {name: lin.in_features for name, lin in layers}
+    groups = {name: resolve_group(w, cfg.group_size) for name, w in width.items()}
+    odd = {n: g for n, g in groups.items() if cfg.group_size is not None and g != min(cfg.group_size, width[n])}
     if odd:
         names = sorted(odd)
         if cfg.strict:
@@ -73,14 +74,10 @@ def plan_groups(layers: list[tuple[str, Any]], cfg: WeightOnlyOptions, ctx: "Ste
         ctx.notes.append(f"group_size {cfg.group_size} does not divide the input width of {len(names)} layers; "
                          f"used group {'/'.join(map(str, used))} there (see the step's groups)")
     if cfg.bits == 4:
-        bad = [n for n, lin in layers if lin.in_features % 2]
+        bad = [n for n, w in width.items() if w % 2]
         if bad:
-            raise UnsupportedError(f"int4 packing needs an even input width; {bad[0]} has {dict(layers)[bad[0]].in_features}")
+            raise UnsupportedError(f"int4 packing needs an even input width; {bad[0]} has {width[bad[0]]}")
     return groups
-
-
-def layers_width(layers: list[tuple[str, Any]], name: str) -> int:
-    return dict(layers)[name].in_features
 
 
 @dataclass
