@@ -40,6 +40,6 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
         if r["passed"] is False:
-            op = "<=" if r.get("sense", "min" if r["name"].startswith("min") else "max") == "max" else ">="
+            op = "<=" if r["sense"] == "max" else ">="
             out.append(f"{r['name']}: {r['value']:.4g} is not {op} {r['threshold']:g}")
     return out

@@ -3,7 +3,6 @@ bench baseline and slimmed (each in a fresh process) → gates → report."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -168,15 +167,16 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     if not recipe.eval.skip:
         ui.say("evaluating baseline and slimmed side by side")
         ev = evaluate(slim, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed, track=ui.track).to_dict()
-    loads_with = "slimctl" if any(s["loads_with"] == "slimctl" for s in steps) else "transformers"
+    from .ctformat import exportable
+
+    loads_with = ("transformers + compressed-tensors, or slimctl" if exportable(slim)
+                  else "slimctl" if any(s["loads_with"] == "slimctl" for s in steps) else "transformers")
     meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind,
             "recipe": recipe.to_dict(), "steps": [{k: v for k, v in s.items() if k in ("method", "options")} for s in steps],
             "loads_with": loads_with, "quantized_modules": quantized_modules_meta(slim)}
     art_dir = out / ARTIFACT_DIR
     ui.say(f"saving artifact to {art_dir}")
     files = save_artifact(base, slim, art_dir, meta)
-    if "quantization_config" in json.loads((art_dir / "config.json").read_text()):
-        loads_with = "transformers + compressed-tensors, or slimctl"
     ui.say("reloading the artifact to check it matches the model in memory")
     check = reload_check(slim, art_dir, base.tokenizer, base.kind)
     bb = sb = None

@@ -84,10 +84,11 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(f"CUDA out of memory at batch size {s['batch_size']} x {s['seq_len']}; try a smaller --batch-size") from None
     param = next(model.parameters(), None)
+    weights = state_bytes(model)
     meta = {"device": device, "threads": env_threads(), **s,
             "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
-            "rss_before_mb": round(rss0, 1), "size_mb": (_size_on_disk(path) or state_bytes(model)) / 2**20,
-            "weights_in_memory_mb": state_bytes(model) / 2**20}
+            "rss_before_mb": round(rss0, 1), "size_mb": (_size_on_disk(path) or weights) / 2**20,
+            "weights_in_memory_mb": weights / 2**20}
     if kind == CAUSAL_LM:
         meta["decode_tokens"] = spec.decode_tokens
     return summarize(meta, phases, primary.name)

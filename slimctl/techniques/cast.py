@@ -24,7 +24,7 @@ def _cast(name: str):
         for mod, b, buf in keep:
             setattr(mod, b, buf)
         model.config.dtype = _DTYPES[name]
-        if ctx.kind and name == "fp16":
+        if name == "fp16":
             ctx.notes.append("fp16 on CPU is emulated by most kernels and is usually slower than fp32; bf16 is the CPU choice")
         return {"dtype": str(_DTYPES[name]).replace("torch.", ""), "from": sorted(str(d).replace("torch.", "") for d in before)}
     return apply

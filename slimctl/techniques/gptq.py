@@ -106,8 +106,9 @@ def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
     if missed:  # layers outside the repeated blocks get round-to-nearest
         from .rtn import RTNConfig, apply as rtn_apply
 
-        rtn = rtn_apply(model, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                         ignore=[*cfg.ignore, *[n for n in targets if n not in missed]]), ctx)
+        # the layers GPTQ quantized are WeightOnlyLinear now, so select_linears leaves them alone
+        rtn_apply(model, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                   ignore=cfg.ignore), ctx)
         ctx.notes.append(f"{len(missed)} layers outside the repeated blocks were quantized with RTN: {', '.join(missed[:3])}")
     return {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
             "act_order": cfg.act_order, "calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)},
