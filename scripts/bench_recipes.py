@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = ("speedup", "speedup_range", "speedup_within_noise", "decode_speedup", "prefill_speedup", "perplexity_ratio",
         "fidelity", "top1_agreement", "kl_divergence", "mean_cosine", "topic_accuracy_change", "size_ratio",
         "peak_memory_ratio")
+STEP_KEYS = ("method", "seconds", "peak_rss_mb", "added_rss_mb", "sparsity", "model_sparsity", "pattern", "params_before",
+             "params_after", "params_removed_fraction", "config_after")
 
 
 def ood_file(tmp: Path, n: int = 400, seed: int = 0) -> Path | None:
@@ -71,6 +73,7 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                        "delta": {k: rep["delta"][k] for k in KEYS if rep["delta"].get(k) is not None},
                        "baseline": _side(rep, "baseline"), "slimmed": _side(rep, "slimmed"),
                        "step": {"method": step["method"], "seconds": step["seconds"], "peak_rss_mb": step.get("peak_rss_mb")},
+                       "steps": [{k: st[k] for k in STEP_KEYS if st.get(k) is not None} for st in rep["slimmed"]["steps"]],
                        "warnings": rep.get("warnings", []),
                        "failed_gates": [g["name"] for g in rep["gates"] if g["passed"] is False]}
                 if tweets and rep["model"]["kind"] == "causal-lm":

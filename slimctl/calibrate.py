@@ -84,6 +84,14 @@ def _forward_params(model) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
+def forward_all(model: nn.Module, batches: list[dict]) -> None:
+    """One forward pass over the calibration batches (for hooks on layers outside the blocks)."""
+    use_cache = "use_cache" in _forward_params(model)
+    with torch.inference_mode():
+        for b in batches:
+            model(**b, use_cache=False) if use_cache else model(**b)
+
+
 def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -199,20 +199,28 @@ def quantize(
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="Built-in name, local HF folder, or hub id."),
-    method: str = typer.Option("magnitude", "--method", help="Pruning method (see `slimctl methods`)."),
-    sparsity: float = typer.Option(..., "--sparsity", help="Fraction of weights to zero, in (0, 1)."),
-    scope: str = typer.Option("layer", "--scope", help="layer: the same sparsity in every layer; global: one threshold."),
+    method: str = typer.Option("magnitude", "--method", help="magnitude, wanda, sparsegpt, structured (see `slimctl methods`)."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Unstructured: fraction of weights to zero, in (0, 1)."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured instead, e.g. 2:4 (N non-zeros kept per M)."),
+    scope: Optional[str] = typer.Option(None, "--scope", help="magnitude: layer (default, same sparsity per layer) or global (one threshold)."),
     out_dir: Path = OUT_OPT,
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other method option as KEY=VALUE (repeatable), e.g. --set ffn=0.25."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Module name pattern to leave alone (repeatable)."),
     overwrite: bool = OVERWRITE_OPT, max_samples: Optional[int] = MAX_SAMPLES_OPT, skip_eval: bool = SKIP_EVAL_OPT,
     skip_bench: bool = SKIP_BENCH_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, inline: bool = INLINE_OPT,
     as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
-    """Prune a model's Linear weights, measure it against the original and save the artifact.
+    """Prune a model, measure it against the original and save the artifact.
 
-    Example: [bold]slimctl prune smollm2-135m --method magnitude --sparsity 0.5 --out runs/smol-mag50[/bold]
+    Examples:
+    [bold]slimctl prune smollm2-135m --method wanda --sparsity 0.5 --out runs/smol-wanda50[/bold]
+    [bold]slimctl prune smollm2-135m --method sparsegpt --pattern 2:4 --out runs/smol-sgpt24[/bold]
+    [bold]slimctl prune smollm2-135m --method structured --set ffn=0.25 --out runs/smol-ffn25[/bold]
     """
-    opts = {"sparsity": sparsity, "scope": scope, "ignore": ignore}
+    opts = _set_options(set_)
+    for key, val in (("sparsity", sparsity), ("pattern", pattern), ("scope", scope), ("ignore", ignore)):
+        if val is not None:
+            opts[key] = val
     _one_step(method, opts, model, out_dir, overwrite, max_samples, skip_eval, skip_bench, device, seed, inline,
               as_json, ("prune",), _load_opts(allow_pickle, trust_remote_code))
 

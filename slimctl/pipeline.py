@@ -50,18 +50,21 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[list[dict[str, Any]], list[str]]:
     """Apply each step in order; record its own stats plus seconds and peak RSS while it ran."""
     from . import techniques
-    from .bench.measure import PeakMemory
+    from .bench.measure import PeakMemory, release_freed_memory, rss_mb
 
     ctx = techniques.StepContext(kind=kind, seed=recipe.seed, progress=ui.say, tokenizer=tokenizer, track=ui.track)
     results = []
     for step in recipe.steps:
         tech = techniques.get(step.method)
         ui.say(f"applying {step.method}")
+        release_freed_memory()
+        before = rss_mb()  # the process already holds the baseline (for side-by-side eval) and this model
         t0 = time.perf_counter()
         with PeakMemory("cpu") as mem:
             stats = tech.apply(model, step.config, ctx)
         results.append({"method": step.method, "options": step.options(), "seconds": round(time.perf_counter() - t0, 3),
-                        "peak_rss_mb": round(mem.peak_mb, 1), "loads_with": tech.loads_with, **stats})
+                        "peak_rss_mb": round(mem.peak_mb, 1), "added_rss_mb": round(max(mem.peak_mb - before, 0.0), 1),
+                        "loads_with": tech.loads_with, **stats})
     return results, ctx.notes
 
 

@@ -1,0 +1,174 @@
+"""Structured pruning: remove whole FFN channels and attention heads (key/value heads together with
+their query group) by a calibration importance score, slicing the weights and updating the config so
+plain `from_pretrained` loads the smaller model. Uniform per layer: HF configs describe one size."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..calibrate import InputStats, find_blocks, run_block, sequential
+from ..errors import UnsupportedError
+from . import CalibrationOptions, StepContext, register
+
+
+class StructuredConfig(CalibrationOptions):
+    ffn: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of FFN intermediate channels to remove
+    heads: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of key/value heads (with their query heads) to remove
+    multiple_of: int = Field(default=1, ge=1, le=1024)  # keep the intermediate width a multiple of this
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.ffn == 0 and self.heads == 0:
+            raise ValueError("set ffn and/or heads to the fraction to remove, e.g. ffn: 0.25")
+        return self
+
+
+def _ffn(block: nn.Module) -> tuple[list[nn.Linear], nn.Linear, list[str], str] | None:
+    """(producers whose output rows are the channels, consumer whose input columns are), names."""
+    mlp = getattr(block, "mlp", None)
+    if mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        return [mlp.gate_proj, mlp.up_proj], mlp.down_proj, ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"
+    inter, out = getattr(block, "intermediate", None), getattr(block, "output", None)
+    if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear):
+        return [inter.dense], out.dense, ["intermediate.dense"], "output.dense"
+    return None
+
+
+def _attn(block: nn.Module):
+    att = getattr(block, "self_attn", None)
+    if att is not None and all(isinstance(getattr(att, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return att
+    return None
+
+
+def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[idx])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[idx])
+    return new
+
+
+def _keep_cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(idx), lin.out_features, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[:, idx])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new
+
+
+def _set(block: nn.Module, path: str, mod: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, leaf, mod)
+
+
+def _channel_score(consumer: nn.Linear, sq_norm: torch.Tensor) -> torch.Tensor:
+    """Expected size of each input channel's contribution: ‖X_j‖₂ · ‖W[:, j]‖₂ (Wanda, per column)."""
+    return sq_norm.sqrt() * consumer.weight.detach().float().norm(dim=0)
+
+
+@register("structured", "prune", StructuredConfig,
+          "remove FFN channels and attention heads (GQA-aware) by calibrated importance; smaller config, reloads with plain transformers")
+def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
+    conf = model.config
+    params_before = sum(p.numel() for p in model.parameters())
+    prefix, blocks = find_blocks(model)
+    ffns = [_ffn(b) for b in blocks]
+    atts = [_attn(b) for b in blocks]
+    plan: dict = {}
+    if cfg.ffn:
+        if not all(ffns) or not hasattr(conf, "intermediate_size"):
+            raise UnsupportedError("FFN pruning supports Llama-style (gate/up/down_proj) and BERT-style "
+                                   "(intermediate/output.dense) blocks with config.intermediate_size; this model has neither")
+        width = ffns[0][1].in_features
+        keep = width - int(round(cfg.ffn * width))
+        keep = max(cfg.multiple_of, keep - keep % cfg.multiple_of)
+        if keep >= width:
+            ctx.notes.append(f"ffn {cfg.ffn} of {width} channels rounds to nothing to remove")
+        plan["ffn"] = (width, min(keep, width))
+    if cfg.heads:
+        why = ("head pruning supports Llama-style attention (q/k/v/o_proj, num_key_value_heads); this model's "
+               "attention is not (BERT's config, for one, ties head size to hidden_size)")
+        if not all(atts) and not cfg.ffn:
+            raise UnsupportedError(why + "; prune ffn instead")
+    if cfg.heads and not all(atts):
+        ctx.notes.append(why + ": heads left as they are, FFN channels pruned")
+    elif cfg.heads:
+        n_heads = conf.num_attention_heads
+        n_kv = getattr(conf, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // n_heads
+        keep_kv = n_kv - int(round(cfg.heads * n_kv))
+        if keep_kv < 1:
+            raise UnsupportedError(f"heads {cfg.heads} would remove all {n_kv} key/value heads")
+        if keep_kv == n_kv:
+            ctx.notes.append(f"heads {cfg.heads} of {n_kv} key/value heads rounds to nothing to remove")
+        elif abs((n_kv - keep_kv) / n_kv - cfg.heads) > 1e-9:
+            ctx.notes.append(f"heads {cfg.heads}: removed {n_kv - keep_kv} of {n_kv} key/value heads per layer "
+                             f"({(n_kv - keep_kv) / n_kv:.0%}) with their query heads; heads go in whole groups")
+        plan["heads"] = (n_heads, n_kv, head_dim, keep_kv)
+    batches = cfg.batches(ctx)
+    removed: dict[str, dict] = {}
+
+    def on_block(i, name, block, inputs):
+        consumers = {}
+        if "ffn" in plan:
+            consumers["ffn"] = ffns[i][1]
+        if "heads" in plan:
+            consumers["heads"] = atts[i].o_proj
+        stats = InputStats(consumers)
+        with torch.inference_mode():
+            for a, k in inputs:
+                run_block(block, a, k)
+        stats.remove()
+        rec = {}
+        if "ffn" in plan and plan["ffn"][1] < plan["ffn"][0]:
+            producers, consumer, pnames, cname = ffns[i]
+            score = _channel_score(consumer, stats.sq_norm["ffn"])
+            idx = torch.topk(score, plan["ffn"][1]).indices.sort().values
+            for p, pn in zip(producers, pnames):
+                _set(block, pn, _keep_rows(p, idx))
+            _set(block, cname, _keep_cols(consumer, idx))
+            rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1]
+        if "heads" in plan and plan["heads"][3] < plan["heads"][1]:
+            n_heads, n_kv, hd, keep_kv = plan["heads"]
+            att = atts[i]
+            per_col = _channel_score(att.o_proj, stats.sq_norm["heads"])  # o_proj input = concat of query heads
+            group = n_heads // n_kv
+            kv_score = per_col.view(n_kv, group * hd).sum(1)
+            kv_keep = torch.topk(kv_score, keep_kv).indices.sort().values
+            q_heads = (kv_keep[:, None] * group + torch.arange(group)[None, :]).flatten()
+            q_idx = (q_heads[:, None] * hd + torch.arange(hd)[None, :]).flatten()
+            kv_idx = (kv_keep[:, None] * hd + torch.arange(hd)[None, :]).flatten()
+            att.q_proj = _keep_rows(att.q_proj, q_idx)
+            att.k_proj = _keep_rows(att.k_proj, kv_idx)
+            att.v_proj = _keep_rows(att.v_proj, kv_idx)
+            att.o_proj = _keep_cols(att.o_proj, q_idx)
+            rec["kv_heads_removed"] = sorted(set(range(n_kv)) - set(kv_keep.tolist()))
+        removed[name] = rec
+
+    sequential(model, batches, on_block, ctx.track)
+    before = {}
+    if "ffn" in plan:
+        before["intermediate_size"] = conf.intermediate_size
+        conf.intermediate_size = plan["ffn"][1]
+    if "heads" in plan:
+        n_heads, n_kv, hd, keep_kv = plan["heads"]
+        before.update(num_attention_heads=n_heads, num_key_value_heads=n_kv)
+        conf.head_dim = hd  # explicit now: hidden_size / heads no longer gives it
+        conf.num_attention_heads = keep_kv * (n_heads // n_kv)
+        conf.num_key_value_heads = keep_kv
+    try:  # an architecture that reads head counts from elsewhere fails here, not in a user's hands
+        with torch.inference_mode():
+            model(**batches[0])
+    except Exception as e:  # noqa: BLE001
+        raise UnsupportedError(f"the structurally pruned model does not run ({type(e).__name__}: {e}); "
+                               "this architecture is not supported for structured pruning") from None
+    params_after = sum(p.numel() for p in model.parameters())
+    after = {k: getattr(conf, k) for k in before}
+    return {"layers": removed, "config_before": before, "config_after": after, "params_before": params_before,
+            "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
+            "calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)}}
+

@@ -1,0 +1,54 @@
+"""Wanda (Sun et al. 2023): prune by |W| × ‖X‖₂ of each input feature over calibration data,
+compared within each output row (or within each N:M group), one block of the model at a time."""
+from __future__ import annotations
+
+import torch
+
+from ..calibrate import InputStats, forward_all, run_block, sequential
+from ..sparsity import PruneOptions, account, check_pattern, nm_mask, row_mask
+from . import CalibrationOptions, StepContext, register, select_linears
+
+
+class WandaConfig(PruneOptions, CalibrationOptions):
+    pass
+
+
+def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, cfg: PruneOptions) -> torch.Tensor:
+    score = w.detach().abs().float() * sq_norm.sqrt()[None, :]
+    return nm_mask(score, *cfg.nm) if cfg.nm else row_mask(score, cfg.sparsity)
+
+
+@register("wanda", "prune", WandaConfig,
+          "Wanda: |weight| x input-activation norm, per output row or N:M, calibrated block by block; reloads with plain transformers")
+def apply(model, cfg: WandaConfig, ctx: StepContext) -> dict:
+    targets = dict(select_linears(model, cfg.ignore))
+    check_pattern(list(targets.items()), cfg)
+    batches = cfg.batches(ctx)
+    per_layer: dict[str, float] = {}
+
+    def prune(mine: dict, stats: InputStats) -> None:
+        with torch.no_grad():
+            for name, lin in mine.items():
+                mask = wanda_mask(lin.weight, stats.sq_norm[name], cfg)
+                lin.weight.masked_fill_(mask, 0)
+                per_layer[name] = float(mask.float().mean())
+
+    def on_block(i, prefix, block, inputs):
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if mine:
+            stats = InputStats(mine)
+            with torch.inference_mode():
+                for a, k in inputs:
+                    run_block(block, a, k)
+            stats.remove()
+            prune(mine, stats)
+
+    sequential(model, batches, on_block, ctx.track)
+    rest = {n: m for n, m in targets.items() if n not in per_layer}
+    if rest:  # layers outside the repeated blocks: statistics from one full pass of the pruned model
+        stats = InputStats(rest)
+
+        forward_all(model, batches)
+        stats.remove()
+        prune(rest, stats)
+    return account(model, per_layer, cfg, {"calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)}})

@@ -1,0 +1,204 @@
+"""Pruning techniques: masks, patterns, the published scores and updates, and structured slicing that
+plain transformers reloads."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slimctl import sparsity as S, techniques as T
+from slimctl.errors import UnsupportedError
+from slimctl.models import load
+from slimctl.techniques.sparsegpt import SparseGPTConfig, sparsegpt_prune
+from slimctl.techniques.wanda import WandaConfig, wanda_mask
+
+CAL = {"calib_samples": 6, "calib_seq_len": 32}
+
+
+def _apply(m, method, **opts):
+    t = T.get(method)
+    return t.apply(m.model, t.config(**opts), T.StepContext(kind=m.kind, tokenizer=m.tokenizer))
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    return load(str(tiny_llama))
+
+
+def _correlated_inputs(n=512, d=64, seed=0, mixing=0.3):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-1.5, 1.0, d)[torch.randperm(d, generator=g)]  # features of very different size
+    mix = torch.eye(d) + mixing * torch.randn(d, d, generator=g)
+    return (torch.randn(n, d, generator=g) * scales) @ mix
+
+
+def _hessian(x):
+    return 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({}, "either sparsity"), ({"sparsity": 0.5, "pattern": "2:4"}, "not both"),
+    ({"pattern": "4:2"}, "0 < N < M"), ({"pattern": "2-4"}, "N:M"), ({"pattern": "0:4"}, "0 < N < M")])
+def test_prune_options_reject_ambiguous_or_bad_patterns(opts, msg):
+    with pytest.raises(Exception, match=msg):
+        WandaConfig(**opts)
+
+
+def test_global_scope_with_a_pattern_is_refused():
+    with pytest.raises(Exception, match="global"):
+        T.get("magnitude").config(pattern="2:4", scope="global")
+
+
+def test_nm_mask_keeps_the_n_largest_in_every_group():
+    score = torch.tensor([[4., 1, 3, 2, 0, 5, 6, 1]])
+    mask = S.nm_mask(score, 2, 4)
+    assert mask.tolist() == [[False, True, False, True, True, False, False, True]]
+    w = torch.randn(16, 32)
+    assert S.is_nm(w.masked_fill(S.nm_mask(w.abs(), 2, 4), 0), 2, 4)
+    assert not S.is_nm(w, 2, 4)
+
+
+def test_wanda_score_is_weight_times_input_norm_per_row():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    sq_norm = torch.tensor([100.0, 1.0, 1.0, 0.01])  # ‖x‖ = 10, 1, 1, 0.1
+    mask = wanda_mask(w, sq_norm, WandaConfig(sparsity=0.5))
+    # scores row 0: 10, 2, 3, 0.4 → prune cols 3, 1; row 1: 40, 3, 2, 0.1 → prune cols 3, 2
+    assert mask.tolist() == [[False, True, False, True], [False, False, True, True]]
+
+
+def test_wanda_beats_magnitude_on_output_error_when_features_differ_in_scale():
+    x = _correlated_inputs(mixing=0.0)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    err = lambda mask: float(((x @ (w - w.masked_fill(mask, 0)).T) ** 2).sum())
+    mag = S.row_mask(w.abs(), 0.5)
+    wanda = wanda_mask(w, (x * x).sum(0), WandaConfig(sparsity=0.5))
+    assert err(wanda) < 0.8 * err(mag)
+
+
+@pytest.mark.parametrize("opts", [{"sparsity": 0.5}, {"pattern": "2:4"}, {"pattern": "4:8"}])
+def test_sparsegpt_hits_the_target_and_its_update_beats_masking_alone(opts):
+    x = _correlated_inputs()
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    cfg = SparseGPTConfig(block_size=32, **opts)
+    new, loss = sparsegpt_prune(w, _hessian(x), cfg)
+    zero = new == 0
+    assert abs(float(zero.float().mean()) - cfg.target()) < 1e-6
+    if cfg.nm:
+        assert S.is_nm(new, *cfg.nm)
+    err = lambda wh: float(((x @ (w - wh).T) ** 2).sum())
+    assert err(new) < 0.7 * err(w.masked_fill(zero, 0))  # the OBS update repairs what the mask removed
+    wanda = wanda_mask(w, (x * x).sum(0), WandaConfig(**opts))
+    assert err(new) < err(w.masked_fill(wanda, 0))
+    assert loss > 0
+
+
+@pytest.mark.parametrize("method,opts", [("magnitude", {"pattern": "2:4"}), ("wanda", {"sparsity": 0.5, **CAL}),
+                                          ("wanda", {"pattern": "2:4", **CAL}), ("sparsegpt", {"sparsity": 0.5, **CAL}),
+                                          ("sparsegpt", {"pattern": "4:8", **CAL})])
+def test_pruning_methods_hit_the_target_and_protect_embeddings(llama, method, opts):
+    emb = llama.model.get_input_embeddings().weight.clone()
+    stats = _apply(llama, method, **opts)
+    assert stats["left_dense"] == ["lm_head"] and "lm_head" not in stats["layers"]
+    assert torch.equal(llama.model.get_input_embeddings().weight, emb)
+    assert abs(stats["sparsity"] - 0.5) < 1e-6
+    assert 0 < stats["model_sparsity"] < stats["sparsity"]
+    for name, lin in T.select_linears(llama.model, []):
+        assert name in stats["layers"]
+        if "pattern" in opts:
+            assert S.is_nm(lin.weight, *map(int, opts["pattern"].split(":")))
+        elif method == "wanda":  # Wanda compares within each output row
+            assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all()
+
+
+def test_pattern_needs_divisible_widths(llama):
+    with pytest.raises(UnsupportedError, match="divisible by 48"):
+        _apply(llama, "magnitude", pattern="2:48")  # tiny llama's widths are 64 and 128
+
+
+def test_sparsegpt_ignore_list_is_respected(llama):
+    stats = _apply(llama, "sparsegpt", sparsity=0.5, ignore=["*.mlp.*"], **CAL)
+    assert not any(".mlp." in n for n in stats["layers"])
+    assert any(".mlp." in n for n in stats["left_dense"])
+
+
+_RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoModel
+cls = AutoModelForCausalLM if sys.argv[2] == "lm" else AutoModel
+m = cls.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+with torch.inference_mode():
+    o = m(input_ids=ids)
+    t = o.logits if sys.argv[2] == "lm" else o.last_hidden_state
+print(json.dumps({"out": t.flatten().tolist(), "params": sum(p.numel() for p in m.parameters()),
+                  "config": m.config.to_dict()}))
+"""
+
+
+def _plain_reload(path, kind):
+    p = subprocess.run([sys.executable, "-c", _RELOAD, str(path), kind], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout)
+
+
+@pytest.mark.parametrize("opts,heads,kv,inter", [({"ffn": 0.25}, 4, 2, 96), ({"heads": 0.5}, 2, 1, 128),
+                                                  ({"ffn": 0.5, "heads": 0.5, "multiple_of": 16}, 2, 1, 64)])
+def test_structured_llama_shrinks_and_reloads_in_plain_transformers(llama, tmp_path, opts, heads, kv, inter):
+    before = sum(p.numel() for p in llama.model.parameters())
+    stats = _apply(llama, "structured", **opts, **CAL)
+    after = sum(p.numel() for p in llama.model.parameters())
+    assert stats["params_before"] == before and stats["params_after"] == after < before
+    c = llama.model.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (heads, kv, inter)
+    att = llama.model.model.layers[0].self_attn
+    assert att.q_proj.out_features == heads * c.head_dim and att.k_proj.out_features == kv * c.head_dim
+    llama.model.save_pretrained(tmp_path / "m")
+    got = _plain_reload(tmp_path / "m", "lm")
+    assert got["params"] == after
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.inference_mode():
+        mine = llama.model(input_ids=ids).logits.flatten()
+    assert torch.allclose(torch.tensor(got["out"]), mine, atol=1e-5)
+
+
+def test_structured_keeps_the_most_important_ffn_channels(llama):
+    """Channels whose down_proj column is zero contribute nothing: they must be the ones removed."""
+    mlp = llama.model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.down_proj.weight[:, :32] = 0
+    keep_cols = mlp.down_proj.weight[:, 32:].clone()
+    _apply(llama, "structured", ffn=0.25, **CAL)
+    assert torch.equal(llama.model.model.layers[0].mlp.down_proj.weight, keep_cols)
+
+
+def test_structured_bert_prunes_ffn_and_keeps_heads_with_a_note(tiny_bert, tmp_path):
+    m = load(str(tiny_bert))
+    with pytest.raises(UnsupportedError, match="prune ffn instead"):
+        _apply(m, "structured", heads=0.5, **CAL)
+    t = T.get("structured")
+    ctx = T.StepContext(kind=m.kind, tokenizer=m.tokenizer)
+    stats = t.apply(m.model, t.config(ffn=0.5, heads=0.5, **CAL), ctx)
+    assert any("heads left as they are" in n for n in ctx.notes)
+    assert stats["config_after"] == {"intermediate_size": 32}
+    m.model.save_pretrained(tmp_path / "b")
+    got = _plain_reload(tmp_path / "b", "enc")
+    assert got["params"] == stats["params_after"]
+    with torch.inference_mode():
+        mine = m.model(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])).last_hidden_state.flatten()
+    assert torch.allclose(torch.tensor(got["out"]), mine, atol=1e-5)
+
+
+def test_structured_needs_something_to_remove():
+    with pytest.raises(Exception, match="ffn and/or heads"):
+        T.get("structured").config()
+
+
+def test_prune_then_quantize_keeps_the_pattern_and_reloads(tiny_llama, tmp_path, fast_recipe):
+    from slimctl import pipeline, recipe as R
+
+    steps = [{"method": "wanda", "pattern": "2:4", **CAL}, {"method": "rtn", "bits": 4, "group_size": 32}]
+    rep = pipeline.run(R.load(fast_recipe(steps)), str(tiny_llama), tmp_path / "o", isolate=False)
+    assert rep["artifact"]["reload_check"]["bitwise_equal"] is True
+    m = load(str(tmp_path / "o" / "model")).model
+    q = m.model.layers[0].mlp.down_proj
+    assert S.is_nm(q.dequantized(torch.float32), 2, 4)  # symmetric int4 keeps zeros exact
