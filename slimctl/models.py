@@ -229,6 +229,8 @@ def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle
             raise ModelLoadError(f"{meta_path} is not valid JSON: {e}") from None
     if config.get("auto_map") and not trust_remote_code:
         raise ModelLoadError(f"{folder} needs custom code (auto_map in config.json); slimctl runs none unless --trust-remote-code")
+    if meta.get("format") == "onnx":
+        return _load_onnx(folder, kind, source, meta, trust_remote_code)
     safe = _check_weights(folder, allow_pickle, progress)
     tok = _load_tokenizer(folder, trust_remote_code)
     _quiet_transformers()
@@ -247,6 +249,26 @@ def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle
         raise ModelLoadError(f"could not load weights from {folder} ({type(e).__name__}: {first[:300]})") from None
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, kind=kind, source=source, path=str(folder), meta=meta)
+
+
+def _load_onnx(folder: Path, kind: str, source: str, meta: dict[str, Any], trust_remote_code: bool) -> "LoadedModel":
+    from transformers import AutoConfig
+
+    from .onnxrt import ONNX_FILE, OrtModel
+
+    if not (folder / ONNX_FILE).is_file():
+        raise ModelLoadError(f"{folder} is an ONNX artifact (slimctl.json) but has no {ONNX_FILE}")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("this artifact is ONNX; install onnxruntime (pip install 'slimctl[onnx]')") from None
+    model = OrtModel.from_file(folder / ONNX_FILE, AutoConfig.from_pretrained(folder), kind)
+    try:
+        model.session()
+    except Exception as e:  # noqa: BLE001  onnxruntime raises its own types for a bad graph
+        raise ModelLoadError(f"onnxruntime could not load {folder / ONNX_FILE}: {str(e).splitlines()[0][:300]}") from None
+    return LoadedModel(model=model.eval(), tokenizer=_load_tokenizer(folder, trust_remote_code), kind=kind, source=source,
+                       path=str(folder), meta=meta)
 
 
 def _quiet_transformers() -> None:
@@ -309,6 +331,8 @@ def _tied_keys(model) -> list[str]:
 
 def state_bytes(model) -> int:
     """Bytes of the model's weights as they are stored, counting shared (tied) tensors once."""
+    if hasattr(model, "weight_bytes"):  # a graph run by another runtime (OrtModel)
+        return model.weight_bytes()
     seen: set[int] = set()
     total = 0
     for t in list(model.state_dict().values()):

@@ -47,8 +47,9 @@ def prepare_output(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write to --out {out}: {e.strerror}") from None
 
 
-def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[list[dict[str, Any]], list[str]]:
-    """Apply each step in order; record its own stats plus seconds and peak RSS while it ran."""
+def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[Any, list[dict[str, Any]], list[str]]:
+    """Apply each step in order; record its own stats plus seconds and peak RSS while it ran.
+    Returns the slimmed model (a step may replace it, e.g. by an ONNX Runtime one), stats, notes."""
     from . import techniques
     from .bench.measure import PeakMemory, release_freed_memory, rss_mb
 
@@ -65,7 +66,9 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[li
         results.append({"method": step.method, "options": step.options(), "seconds": round(time.perf_counter() - t0, 3),
                         "peak_rss_mb": round(mem.peak_mb, 1), "added_rss_mb": round(max(mem.peak_mb - before, 0.0), 1),
                         "loads_with": tech.loads_with, **stats})
-    return results, ctx.notes
+        if ctx.replacement is not None:
+            model, ctx.replacement = ctx.replacement, None
+    return model, results, ctx.notes
 
 
 def reload_check(slim, folder: Path, tokenizer, kind: str) -> dict[str, Any]:
@@ -117,8 +120,11 @@ def _delta(ev: dict | None, bb: dict | None, sb: dict | None) -> dict[str, Any]:
     return d
 
 
-def _warnings(d: dict[str, Any], notes: list[str]) -> list[str]:
+def _warnings(d: dict[str, Any], notes: list[str], slim_bench: dict | None = None) -> list[str]:
     w = list(notes)
+    if slim_bench and slim_bench.get("onnx_cpu_fallback"):
+        w.append("onnxruntime's CUDA execution provider has no kernel for some nodes of this graph (int8 ops usually): "
+                 "they run on the CPU, with copies each way")
     if d.get("speedup_within_noise"):
         lo, hi = d["speedup_range"]
         w.append(f"the speed difference is within run-to-run noise (per-round speedup {lo:.2f}x to {hi:.2f}x)")
@@ -165,16 +171,18 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     ui.say(f"loading {model_spec}")
     base = load(model_spec, progress=ui.say, **load_options)
     slim = copy.deepcopy(base.model)
-    steps, notes = apply_steps(slim, base.tokenizer, recipe, base.kind, ui)
+    slim, steps, notes = apply_steps(slim, base.tokenizer, recipe, base.kind, ui)
     ev = None
     if not recipe.eval.skip:
         ui.say("evaluating baseline and slimmed side by side")
         ev = evaluate(slim, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed, track=ui.track).to_dict()
     from .ctformat import exportable
 
-    loads_with = ("transformers + compressed-tensors, or slimctl" if exportable(slim)
+    fmt = getattr(slim, "artifact_format", "transformers")
+    loads_with = ("onnxruntime (model.onnx), or slimctl" if fmt == "onnx"
+                  else "transformers + compressed-tensors, or slimctl" if exportable(slim)
                   else "slimctl" if any(s["loads_with"] == "slimctl" for s in steps) else "transformers")
-    meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind,
+    meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind, "format": fmt,
             "recipe": recipe.to_dict(), "steps": [{k: v for k, v in s.items() if k in ("method", "options")} for s in steps],
             "loads_with": loads_with, "quantized_modules": quantized_modules_meta(slim)}
     art_dir = out / ARTIFACT_DIR
@@ -213,7 +221,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
         "delta": delta,
         "gates": gate_rows,
         "passed": not failed,
-        "warnings": _warnings(delta, notes),
+        "warnings": _warnings(delta, notes, sb),
         "artifact": {"path": str(art_dir), "loads_with": loads_with, "files": files, "reload_check": check},
         "seconds": round(time.perf_counter() - t_start, 1),
     }

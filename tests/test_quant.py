@@ -181,3 +181,31 @@ def test_asymmetric_artifact_keeps_slimctl_layout_and_reloads_bitwise(tiny_llama
                        str(tiny_llama), tmp_path / "o", isolate=False)
     assert rep["artifact"]["reload_check"]["bitwise_equal"]
     assert "quantization_config" not in json.loads((tmp_path / "o" / "model" / "config.json").read_text())
+
+
+def test_fp8_is_refused_without_native_support_and_emulates_on_request(tiny_llama):
+    from slimctl.errors import UnsupportedError
+    from slimctl.qmodules import Fp8Linear, fp8_supported
+
+    if fp8_supported()[0]:
+        pytest.skip("this machine has native FP8")
+    m, ctx = _ctx(tiny_llama)
+    t = T.get("fp8")
+    with pytest.raises(UnsupportedError, match="compute capability 8.9"):
+        t.apply(m.model, t.config(), ctx)
+    stats = t.apply(m.model, t.config(allow_emulation=True), ctx)
+    assert stats["native"] is False and any("emulated" in n for n in ctx.notes)
+    assert max(stats["relative_weight_error"].values()) < 0.05  # e4m3 keeps 3 mantissa bits
+    assert any(isinstance(x, Fp8Linear) and x.weight.dtype == torch.float8_e4m3fn for x in m.model.modules())
+
+
+def test_fp8_linear_matches_float_within_e4m3_precision():
+    from slimctl.qmodules import Fp8Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 7, 64, generator=g)
+    q = Fp8Linear.from_linear(lin)
+    y, ref = q(x), lin(x)
+    assert y.shape == ref.shape
+    assert float((y - ref).norm() / ref.norm()) < 0.08

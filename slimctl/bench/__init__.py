@@ -52,7 +52,7 @@ def _inputs(tokenizer, batch: int, seq_len: int, max_positions: int | None) -> t
 def _size_on_disk(path: str | None) -> int | None:
     if not path:
         return None
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) or None
+    return sum(p.stat().st_size for pat in ("*.safetensors", "*.onnx") for p in Path(path).glob(pat)) or None
 
 
 def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None = None, progress=None) -> dict[str, Any]:
@@ -89,6 +89,9 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
             "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
             "rss_before_mb": round(rss0, 1), "size_mb": (_size_on_disk(path) or weights) / 2**20,
             "weights_in_memory_mb": weights / 2**20}
+    if getattr(model, "artifact_format", None) == "onnx":
+        meta["backend"] = "onnxruntime"
+        meta["onnx_cpu_fallback"] = model.fallback  # CUDA EP: some nodes (often int8 ones) run on the CPU
     if kind == CAUSAL_LM:
         meta["decode_tokens"] = spec.decode_tokens
     return summarize(meta, phases, primary.name)

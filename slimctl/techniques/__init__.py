@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import RecipeError, UnsupportedError
 
 # Explicit list: a technique that fails to import is an error, not a silently missing method.
-_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured")
+_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured",
+            "onnx", "fp8")
 
 
 class TechniqueConfig(BaseModel):
@@ -88,6 +89,7 @@ class StepContext:
     track: Callable = lambda it, desc, total: it
     progress: Callable[[str], None] = lambda msg: None
     notes: list[str] = field(default_factory=list)
+    replacement: Any = None  # set by a technique whose result is a different model object (e.g. ONNX Runtime)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class Technique:
     config: type[TechniqueConfig]
     apply: Callable[[Any, TechniqueConfig, StepContext], dict]
     summary: str
-    loads_with: str  # what reloads its artifact: "transformers" or "slimctl"
+    loads_with: str  # what reloads its artifact: "transformers", "slimctl" or "onnxruntime"
 
 
 REGISTRY: dict[str, Technique] = {}
