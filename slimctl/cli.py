@@ -83,17 +83,47 @@ def _load_opts(allow_pickle: bool, trust_remote_code: bool) -> dict:
 
 
 def _run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool, as_json: bool, source: str | None,
-                load_options: dict):
-    from . import pipeline
+                load_options: dict, ci=None):
+    from . import gates, pipeline
     from .errors import GateFailed
 
     try:
         report = pipeline.run(recipe, model, out_dir, overwrite=overwrite, isolate=not inline,
                               ui=_UI().pipeline_ui(), recipe_source=source, load_options=load_options)
     except GateFailed as e:
-        _emit(e.report, as_json, _print_run)
-        raise
+        report = e.report
+    if ci is not None:
+        from . import ci as ci_mod
+
+        report = ci_mod.apply(report, ci, out_dir)
     _emit(report, as_json, _print_run)
+    failed = gates.failures(report["gates"])
+    if failed:
+        raise GateFailed(failed)
+
+
+# Regression gates and CI outputs, shared by `run` and `gate`.
+BASELINE_OPT = typer.Option(None, "--baseline", help="An earlier report.json: gate this run's slimmed model against its slimmed model.")
+PRESET_OPT = typer.Option(None, "--preset", help="mlperf-99 or mlperf-99.9: accuracy at least 99 % / 99.9 % of the baseline report's.")
+MIN_QUALITY_OPT = typer.Option(None, "--min-quality", help="Accuracy as a fraction of the baseline report's (perplexity: old/new), e.g. 0.98.")
+MAX_LAT_OPT = typer.Option(None, "--max-latency-increase", help="Allowed p50 latency increase over the baseline report, % (noise-aware).")
+MAX_MEM_OPT = typer.Option(None, "--max-memory-increase", help="Allowed peak-memory increase over the baseline report, %.")
+MAX_SIZE_OPT = typer.Option(None, "--max-size-increase", help="Allowed size increase over the baseline report, %.")
+JUNIT_OPT = typer.Option(None, "--junit", help="Write the gates as JUnit XML here (one test case per gate).")
+HTML_OPT = typer.Option(None, "--html", help="Write a self-contained HTML report here.")
+
+
+def _ci(baseline, preset, min_quality, max_lat, max_mem, max_size, junit, html):
+    from .ci import CIOptions, read_report
+    from .errors import UsageError
+    from .gates import PRESETS
+
+    if preset is not None and preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    if baseline is not None:
+        read_report(baseline)  # a bad baseline fails now, not after minutes of work
+    return CIOptions(baseline=baseline, preset=preset, min_quality=min_quality, max_latency_increase_pct=max_lat,
+                     max_memory_increase_pct=max_mem, max_size_increase_pct=max_size, junit=junit, html=html)
 
 
 def _spec(cls_name: str, **options):
@@ -121,10 +151,15 @@ def run(
     max_samples: Optional[int] = MAX_SAMPLES_OPT, seed: Optional[int] = typer.Option(None, "--seed", help="Override the recipe's seed."),
     skip_eval: bool = SKIP_EVAL_OPT, skip_bench: bool = SKIP_BENCH_OPT, inline: bool = INLINE_OPT, as_json: bool = JSON_OPT,
     allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
+    baseline: Optional[Path] = BASELINE_OPT, preset: Optional[str] = PRESET_OPT, min_quality: Optional[float] = MIN_QUALITY_OPT,
+    max_latency_increase: Optional[float] = MAX_LAT_OPT, max_memory_increase: Optional[float] = MAX_MEM_OPT,
+    max_size_increase: Optional[float] = MAX_SIZE_OPT, junit: Optional[Path] = JUNIT_OPT, html: Optional[Path] = HTML_OPT,
 ):
     """Run a recipe: baseline eval+bench, the steps, eval+bench of the result, gates, report, artifact.
 
-    Example: [bold]slimctl run recipes/int8-dynamic.yaml --model minilm-l6 --out runs/minilm-int8[/bold]
+    Examples:
+    [bold]slimctl run recipes/int8-dynamic.yaml --model minilm-l6 --out runs/minilm-int8 --html runs/minilm-int8/report.html[/bold]
+    In CI, against last release's report: [bold]slimctl run recipes/int8-dynamic.yaml -m minilm-l6 -o out --baseline release/report.json --preset mlperf-99 --max-latency-increase 10 --junit gates.xml[/bold]
     """
     from . import recipe as recipe_mod
 
@@ -133,7 +168,12 @@ def run(
         "eval": r.eval.model_copy(update={"max_samples": max_samples or r.eval.max_samples, "skip": r.eval.skip or skip_eval}),
         "bench": r.bench.model_copy(update={"skip": r.bench.skip or skip_bench}),
         "seed": r.seed if seed is None else seed})
-    _run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe), _load_opts(allow_pickle, trust_remote_code))
+    ci = _ci(baseline, preset, min_quality, max_latency_increase, max_memory_increase, max_size_increase, junit, html)
+    if (baseline is None) != (not ci.any_limit()):
+        from .errors import UsageError
+
+        raise UsageError("--baseline and the limits (--preset, --min-quality, --max-*-increase) go together")
+    _run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe), _load_opts(allow_pickle, trust_remote_code), ci)
 
 
 def _set_options(pairs: Optional[List[str]]) -> dict:
@@ -223,6 +263,96 @@ def prune(
             opts[key] = val
     _one_step(method, opts, model, out_dir, overwrite, max_samples, skip_eval, skip_bench, device, seed, inline,
               as_json, ("prune",), _load_opts(allow_pickle, trust_remote_code))
+
+
+@app.command()
+def gate(
+    report: Path = typer.Argument(..., help="A report.json (or the run folder holding it)."),
+    baseline: Optional[Path] = BASELINE_OPT, preset: Optional[str] = PRESET_OPT, min_quality: Optional[float] = MIN_QUALITY_OPT,
+    max_latency_increase: Optional[float] = MAX_LAT_OPT, max_memory_increase: Optional[float] = MAX_MEM_OPT,
+    max_size_increase: Optional[float] = MAX_SIZE_OPT, junit: Optional[Path] = JUNIT_OPT, html: Optional[Path] = HTML_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Check an existing report's gates, and optionally gate it against an earlier report. Exit 1 when a gate fails.
+
+    Examples:
+    [bold]slimctl gate runs/new/report.json --baseline runs/release/report.json --preset mlperf-99 --max-latency-increase 10[/bold]
+    [bold]slimctl gate runs/new --junit gates.xml[/bold]
+    """
+    from . import ci as ci_mod, gates
+    from .errors import GateFailed, UsageError
+
+    opts = _ci(baseline, preset, min_quality, max_latency_increase, max_memory_increase, max_size_increase, junit, html)
+    if baseline is None and opts.any_limit():
+        raise UsageError("the limits (--preset, --min-quality, --max-*-increase) compare with --baseline; give one")
+    rep = ci_mod.read_report(report)
+    rep = ci_mod.apply(rep, opts, None)
+    rows = rep.get("gates", [])
+
+    def human(rows):
+        for g in rows:
+            res = {True: "pass", False: "FAIL", None: "n/a "}[g["passed"]]
+            val = _fmt_num(g.get("value"))
+            out.print(f"{res}  {g['name']:<26} value {val:<10} threshold {g['threshold']:g}  {g.get('note', '')}", markup=False)
+
+    _emit({"report": str(report), "passed": not gates.failures(rows), "gates": rows}, as_json, lambda d: human(d["gates"]))
+    failed = gates.failures(rows)
+    if failed:
+        raise GateFailed(failed)
+
+
+def _fmt_num(v) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+@app.command("report")
+def report_cmd(
+    report: Path = typer.Argument(..., help="A report.json (or the run folder holding it)."),
+    html: Path = typer.Option(..., "--html", help="Write the self-contained HTML report here."),
+):
+    """Render a report as one self-contained HTML file (inline SVG plots, no network).
+
+    Example: [bold]slimctl report runs/minilm-int8/report.json --html runs/minilm-int8/report.html[/bold]
+    """
+    from . import ci as ci_mod
+    from .html import render
+
+    ci_mod._write(html, render([ci_mod.read_report(report)]))
+    out.print(f"wrote {html}", markup=False)
+
+
+@app.command()
+def compare(
+    reports: List[Path] = typer.Argument(..., help="Two or more report.json files (or run folders)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also draw the comparison as a self-contained HTML file."),
+    as_json: bool = JSON_OPT,
+):
+    """One table across runs; the Pareto-optimal ones (no other run is both faster and more accurate) are marked.
+
+    Example: [bold]slimctl compare runs/*/report.json --html compare.html[/bold]
+    """
+    from . import ci as ci_mod
+    from .html import label, pareto, point, render
+
+    reps = [ci_mod.read_report(p) for p in reports]
+    pts = [point(reps[0], "baseline")] + [point(r) for r in reps]
+    front = pareto(pts)
+    names = ["baseline"] + [label(r) for r in reps]
+    rows = [{"name": n, "source": str(src) if src else None, "metric": p["metric"], "value": p["value"], "latency_p50_ms": p["latency"],
+             "size_mb": p["size"], "peak_memory_mb": p["memory"], "passed": (r or {}).get("passed"), "pareto": f}
+            for n, p, f, r, src in zip(names, pts, front, [None] + reps, [None] + list(reports))]
+    if html is not None:
+        ci_mod._write(html, render(reps))
+
+    def human(rows):
+        out.print(f"{'run':<28} {'metric':<16} {'value':>10} {'p50 ms':>10} {'size MB':>9} {'peak MB':>9}  pareto", markup=False)
+        for r in rows:
+            out.print(f"{r['name'][:28]:<28} {str(r['metric'])[:16]:<16} {_fmt_num(r['value']):>10} {_fmt_num(r['latency_p50_ms']):>10} "
+                      f"{_fmt_num(r['size_mb']):>9} {_fmt_num(r['peak_memory_mb']):>9}  {'*' if r['pareto'] else ''}", markup=False)
+        if html is not None:
+            out.print(f"wrote {html}", markup=False)
+
+    _emit({"runs": rows}, as_json, human)
 
 
 @app.command("eval")
@@ -408,6 +538,11 @@ def main() -> None:
             err.print("Error: interrupted; no partial artifact was left", markup=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except SlimctlError as e:
+        from .errors import GateFailed
+
+        if isinstance(e, GateFailed):
+            for f in e.failed:
+                err.print(f"FAIL {f}", markup=False, soft_wrap=True)
         if debug:
             traceback.print_exc()
         err.print(f"Error: {e}", markup=False, soft_wrap=True)

@@ -209,8 +209,9 @@ class OrtModel(nn.Module):
                 self.fallback = cpu_fallback(str(p), "cuda")
         return self
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, logits_to_keep=None,
+    def forward(self, input_ids, attention_mask=None, cache=None, past_key_values=None, use_cache=None, logits_to_keep=None,
                 token_type_ids=None, **unused):
+        past_key_values = cache if cache is not None else past_key_values
         if isinstance(past_key_values, _SeqCache):
             input_ids = torch.cat([past_key_values.ids, input_ids.to(past_key_values.ids.device)], dim=1)
         if attention_mask is None or attention_mask.shape != input_ids.shape:
@@ -222,7 +223,8 @@ class OrtModel(nn.Module):
         if self.kind == CAUSAL_LM:
             if past_key_values is not None or logits_to_keep:
                 out = out[:, -1:]
-            return CausalLMOutputWithPast(logits=out, past_key_values=_SeqCache(input_ids) if use_cache else None)
+            field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+            return CausalLMOutputWithPast(logits=out, **{field: _SeqCache(input_ids) if use_cache else None})
         if self.kind == ENCODER:
             return BaseModelOutput(last_hidden_state=out)
         return SequenceClassifierOutput(logits=out)

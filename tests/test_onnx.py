@@ -74,7 +74,9 @@ def test_decode_without_kv_cache_reruns_the_sequence(tiny_llama):
     with torch.inference_mode():
         first = ort_model(input_ids=ids, use_cache=True)
         nxt = first.logits[:, -1:].argmax(-1)
-        step = ort_model(input_ids=nxt, past_key_values=first.past_key_values, use_cache=True)
+        from slimctl.bench import cache_of
+
+        step = ort_model(input_ids=nxt, past_key_values=cache_of(first), use_cache=True)
         full = m.model(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1:]
     assert step.logits.shape == (1, 1, m.model.config.vocab_size)
     assert torch.allclose(step.logits, full, atol=1e-4)

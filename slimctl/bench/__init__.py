@@ -147,7 +147,9 @@ def _bench_forward(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[
 def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[str, Phase]:
     b, l = ids.shape
     n = spec.decode_tokens
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
     pre, step, req = [], [], []
     peaks = {"prefill": 0.0, "decode_step": 0.0}
 
@@ -159,15 +161,15 @@ def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[s
             if measure_memory:
                 peaks["prefill"] = mem.peak_mb
             pre.append(t.ms)
-            past, m = out.past_key_values, mask
+            past, m = cache_of(out), mask
             nxt = out.logits[:, -1:].argmax(-1)
             with PeakMemory(device) if measure_memory else _Null() as mem:
                 for _ in range(n):
                     m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
                     with Timer(device) as t:
-                        out = model(input_ids=nxt, attention_mask=m, past_key_values=past, use_cache=True)
+                        out = model(input_ids=nxt, attention_mask=m, use_cache=True, **{cache_arg: past})
                     step.append(t.ms)
-                    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    past, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)
             if measure_memory:
                 peaks["decode_step"] = mem.peak_mb
         req.append(total.ms)
@@ -184,6 +186,12 @@ def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[s
         "prefill": Phase("prefill", Latency.from_values(pre), peaks["prefill"], b, b * l),
         "decode_step": Phase("decode_step", Latency.from_values(step), peaks["decode_step"], b, b),
     }
+
+
+def cache_of(out):
+    """The KV cache a forward returned (`cache` from transformers 5.2x, `past_key_values` before)."""
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
 
 
 class _Null:
