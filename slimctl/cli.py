@@ -392,41 +392,100 @@ def eval_cmd(
 
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help="Built-in name, local HF folder (an artifact too), or hub id."),
+    model: Optional[str] = typer.Argument(None, help="Built-in name, local HF folder (an artifact too), or hub id."),
+    config: Optional[str] = typer.Option(None, "--config", help="Instead of a model: a config.json or llama-1b / llama-8b / smollm2-1.7b, random weights."),
     device: str = DEVICE_OPT,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: 1 for causal LMs, 8 otherwise."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Sweep: 1,4,16 or auto (double until memory or throughput runs out)."),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Sweep dtypes too: fp32,bf16,fp16 (cast before measuring)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Prompt / input length in tokens (default 128)."),
     decode_tokens: int = typer.Option(32, "--decode-tokens", help="Causal LM: greedy tokens generated per request."),
     min_iters: int = typer.Option(10, "--min-iters", help="Measure at least this many iterations…"),
     min_seconds: float = typer.Option(3.0, "--min-seconds", help="…and for at least this long."),
+    repeats: int = typer.Option(3, "--repeats", help="Fresh-process rounds of a single-point bench; the p50 spread is reported."),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="MB a point may use (CPU: plays device memory; over it = out of memory)."),
+    slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms", help="Recommend the highest throughput whose p95 latency meets this."),
+    hourly_cost: Optional[float] = typer.Option(None, "--hourly-cost", help="USD per hour of this device, for cost per 1M tokens (default: a marked example)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
-    as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
+    inline: bool = INLINE_OPT, as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
-    """Measure latency percentiles, throughput, peak memory and size (prefill and decode for causal LMs).
+    """Measure latency percentiles, throughput, peak memory, % of roofline and cost (prefill and decode for causal LMs).
 
-    Example: [bold]slimctl bench smollm2-135m --batch-size 1 --seq-len 128 --decode-tokens 32[/bold]
+    Each measurement runs in a fresh process. Examples:
+    [bold]slimctl bench smollm2-135m --hourly-cost 0.10[/bold]
+    [bold]slimctl bench minilm-l6 --batch-sizes auto --json[/bold]
+    [bold]slimctl bench --config llama-1b --dtypes fp32,bf16 --batch-sizes 1,4 --seq-len 64 --decode-tokens 8[/bold]
     """
-    from .bench import bench_model
-    from .models import load
+    from .bench.sweep import parse_sizes, study
+    from .errors import UsageError
     from .report import environment
 
+    if (model is None) == (config is None):
+        raise UsageError("give a MODEL or --config, not both or neither")
+    sizes = parse_sizes(batch_sizes) if batch_sizes else None
+    dts = [d.strip() for d in dtypes.split(",")] if dtypes else None
+    if dts and any(d not in ("fp32", "bf16", "fp16") for d in dts):
+        raise UsageError(f"--dtypes takes fp32, bf16, fp16; got {dtypes}")
+    if repeats < 1 or repeats > 100:
+        raise UsageError("--repeats must lie in 1..100")
     spec = _spec("BenchSpec", device=device, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
                  min_iters=min_iters, min_seconds=min_seconds, threads=threads)
-    ui = _UI()
-    m = load(model, progress=ui.say, **_load_opts(allow_pickle, trust_remote_code))
-    res = bench_model(m.model, m.tokenizer, m.kind, spec, m.path, ui.say)
-    result = {"model": model, "kind": m.kind, "bench": res, "environment": environment(0, device)}
+    if device == "cuda":
+        import torch
 
-    def human(r):
-        b = r["bench"]
+        if not torch.cuda.is_available():
+            from .errors import DeviceError
+
+            raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
+    ui = _UI()
+    result = study(config or model, spec, config_only=config is not None, sizes=sizes, dtypes=dts, max_memory_mb=max_memory,
+                   slo_p95_ms=slo_p95_ms, hourly_usd=hourly_cost, repeats=repeats, inline=inline,
+                   load_options=_load_opts(allow_pickle, trust_remote_code), say=ui.say)
+    result["environment"] = environment(0, device)
+    _emit(result, as_json, _print_bench)
+
+
+def _print_bench(r: dict) -> None:
+    p = lambda text: out.print(text, markup=False)
+    if r.get("config_only"):
+        c = r["config_only"]
+        p(f"{c['architecture']}: {(c['parameters'] or 0) / 1e9:.2f} B parameters, random weights (speed and memory only)")
+    if r.get("sweep"):
+        p(f"{'batch':>6} {'dtype':>10} {'p50 ms':>9} {'p95 ms':>9} {'samples/s':>10} {'tokens/s':>10} {'peak MB':>8}  status")
+        for s in r["sweep"]:
+            if s["status"] == "ok":
+                p(f"{s['batch_size']:>6} {s['dtype']:>10} {s['p50_ms']:>9.1f} {s['p95_ms']:>9.1f} {s['samples_per_s']:>10.2f} "
+                  f"{s['tokens_per_s']:>10.1f} {s['peak_memory_mb']:>8.0f}  ok")
+            else:
+                p(f"{s['batch_size']:>6} {s['dtype']:>10} {'':>9} {'':>9} {'':>10} {'':>10} {'':>8}  {s['status']}: {s.get('error', '')}")
+        rec = r.get("recommendation")
+        if rec:
+            p(f"recommended: batch {rec['batch_size']} ({rec['dtype']}): {rec['reason']}")
+    b = r.get("bench")
+    if b:
         lat = b["latency_ms"]
-        out.print(f"{r['model']} ({r['kind']}) on {b['device']}, {b['threads']} threads, batch {b['batch_size']} x {b['seq_len']}, {b['dtype']}", markup=False)
-        out.print(f"  {b['latency_of']} latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  (n={lat['count']})", markup=False)
+        p(f"{r['model']} ({r['kind']}) on {b['device']}, {b['threads']} threads, batch {b['batch_size']} x {b['seq_len']}, {b['dtype']}")
+        spread = b.get("spread_p50_ms")
+        p(f"  {b['latency_of']} latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  (n={lat['count']})"
+          + (f"; p50 of {len(b['rounds_p50_ms'])} fresh-process rounds {spread[0]:.2f}-{spread[1]:.2f}" if spread else ""))
         if "prefill_ms" in b:
-            out.print(f"  prefill p50 {b['prefill_ms']['p50']:.2f} ms ({b['prefill_tokens_per_s']:.0f} tok/s)   decode {b['decode_tokens_per_s']:.1f} tok/s", markup=False)
-        out.print(f"  throughput {b['throughput']['samples_per_s']:.2f} samples/s, {b['throughput']['tokens_per_s']:.1f} tokens/s", markup=False)
-        out.print(f"  peak memory {b['peak_memory_mb']:.0f} MB   size on disk {b['size_mb']:.1f} MB", markup=False)
-    _emit(result, as_json, human)
+            p(f"  prefill p50 {b['prefill_ms']['p50']:.2f} ms ({b['prefill_tokens_per_s']:.0f} tok/s)   decode {b['decode_tokens_per_s']:.1f} tok/s")
+        p(f"  throughput {b['throughput']['samples_per_s']:.2f} samples/s, {b['throughput']['tokens_per_s']:.1f} tokens/s")
+        p(f"  peak memory {b['peak_memory_mb']:.0f} MB   size {b['size_mb']:.1f} MB")
+        rf = b.get("roofline") or {}
+        if "decode_pct_of_bandwidth_floor" in rf:
+            p(f"  roofline: decode at {rf['decode_pct_of_bandwidth_floor']:.0f}% of the bandwidth floor ({rf['decode_floor_ms']:.2f} ms/step at "
+              f"{rf['bandwidth_gb_s']:.1f} GB/s); prefill at {rf['prefill_pct_of_compute_floor']:.0f}% of the compute floor "
+              f"({rf['matmul_tflops']:.2f} TFLOP/s {rf['peaks_dtype']})")
+        elif "forward_pct_of_compute_floor" in rf:
+            p(f"  roofline: forward at {rf['forward_pct_of_compute_floor']:.0f}% of the compute floor ({rf['matmul_tflops']:.2f} TFLOP/s {rf['peaks_dtype']})")
+    c = r.get("cost")
+    if c:
+        unit = "1M tokens" if "usd_per_1m_tokens" in c else "1M samples"
+        val = c.get("usd_per_1m_tokens", c.get("usd_per_1m_samples"))
+        p(f"  cost: {val:.4g} USD per {unit} ({c['basis']}; {c['assumption']})")
+    for w in r.get("warnings") or []:
+        p(f"warning: {w}")
 
 
 @app.command()

@@ -35,6 +35,7 @@ class BenchSpec(_Strict):
     min_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
     threads: int | None = Field(default=None, ge=1, le=1024)
     repeats: int = Field(default=3, ge=1, le=100)  # `run`: baseline and slimmed alternate, each in a fresh process
+    roofline: bool = False  # also measure the device's bandwidth/GEMM peaks and report % of the roofline floors
     skip: bool = False
 
 

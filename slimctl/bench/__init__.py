@@ -32,10 +32,13 @@ def settings_for(kind: str, spec: BenchSpec) -> dict[str, Any]:
     return d
 
 
-def _inputs(tokenizer, batch: int, seq_len: int, max_positions: int | None) -> torch.Tensor:
-    """Real text tokens (held-out BBC articles when installed) cut into a batch of full rows."""
+def _inputs(tokenizer, batch: int, seq_len: int, max_positions: int | None, vocab: int | None = None) -> torch.Tensor:
+    """Real text tokens (held-out BBC articles when installed) cut into a batch of full rows; seeded
+    random ids when there is no tokenizer (a config-only model)."""
     if max_positions and seq_len > max_positions:
         raise SlimctlError(f"bench seq_len {seq_len} exceeds the model's {max_positions} positions")
+    if tokenizer is None:
+        return torch.randint(0, vocab or 1000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     try:
         from ..evaluate import data
 
@@ -68,7 +71,7 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
     extra_decode = spec.decode_tokens if kind == CAUSAL_LM else 0
     if max_pos and s["seq_len"] + extra_decode > max_pos:
         raise SlimctlError(f"bench seq_len {s['seq_len']} + decode {extra_decode} exceeds the model's {max_pos} positions")
-    ids = _inputs(tokenizer, s["batch_size"], s["seq_len"], max_pos).to(device)
+    ids = _inputs(tokenizer, s["batch_size"], s["seq_len"], max_pos, getattr(model.config, "vocab_size", None)).to(device)
     mask = torch.ones_like(ids)
     release_freed_memory()
     rss0 = rss_mb()
@@ -94,7 +97,13 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
         meta["onnx_cpu_fallback"] = model.fallback  # CUDA EP: some nodes (often int8 ones) run on the CPU
     if kind == CAUSAL_LM:
         meta["decode_tokens"] = spec.decode_tokens
-    return summarize(meta, phases, primary.name)
+    res = summarize(meta, phases, primary.name)
+    if spec.roofline:
+        from .roofline import fractions, peaks
+
+        dt = meta["dtype"] or "float32"
+        res["roofline"] = fractions(model, kind, res, peaks(device, dt))
+    return res
 
 
 def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> dict[str, Any]:
@@ -204,13 +213,14 @@ class _Null:
         return False
 
 
-def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None, load_options: dict | None = None) -> dict[str, Any]:
+def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None, load_options: dict | None = None,
+                   dtype: str | None = None, config_only: bool = False, max_memory_mb: float | None = None) -> dict[str, Any]:
     """Run bench_model on the model in `folder` in a fresh Python process, so that memory
     high-water marks, allocator caches and thread pools of one measurement cannot leak into another."""
     with tempfile.TemporaryDirectory(prefix="slimctl-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "slimctl.bench.worker", folder, spec.model_dump_json(), str(out),
-               json.dumps(load_options or {})]
+        opts = {**(load_options or {}), "dtype": dtype, "config_only": config_only, "max_memory_mb": max_memory_mb}
+        cmd = [sys.executable, "-m", "slimctl.bench.worker", folder, spec.model_dump_json(), str(out), json.dumps(opts)]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if out.exists():

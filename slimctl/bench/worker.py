@@ -1,14 +1,61 @@
-"""Entry point of an isolated bench: `python -m slimctl.bench.worker FOLDER SPEC_JSON OUT_JSON [LOAD_OPTIONS_JSON]`."""
+"""Entry point of an isolated bench: `python -m slimctl.bench.worker FOLDER SPEC_JSON OUT_JSON [OPTIONS_JSON]`.
+
+OPTIONS_JSON: load options (allow_pickle, trust_remote_code) plus `dtype` (cast before measuring),
+`config_only` (FOLDER holds only config.json: random-initialised weights) and `max_memory_mb` (an
+address-space cap standing in for device memory on CPU)."""
 from __future__ import annotations
 
 import json
 import sys
 import warnings
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_random(folder: str, dtype: str | None):
+    """A model of the architecture in folder/config.json with random weights (speed and memory only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import CAUSAL_LM, LoadedModel
+
+    cfg = AutoConfig.from_pretrained(folder)
+    dt = getattr(torch, DTYPES[dtype or "fp32"])
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dt if dt.is_floating_point else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return LoadedModel(model=model.eval(), tokenizer=None, kind=CAUSAL_LM, source="config", path=folder, meta={})
+
+
+def cast(model, dtype: str) -> None:
+    import torch
+
+    keep = [(mod, b, buf) for mod in model.modules() for b in getattr(mod, "_non_persistent_buffers_set", ())
+            if (buf := getattr(mod, b, None)) is not None]
+    model.to(getattr(torch, DTYPES[dtype]))
+    for mod, b, buf in keep:
+        setattr(mod, b, buf)
+
+
+def cap_memory(max_mb: float) -> None:
+    """Let this process grow by at most the room left under max_mb of RSS (RLIMIT_AS)."""
+    import resource
+
+    from .measure import _status_kb
+
+    vm, rss = (_status_kb("VmSize") or 0) * 1024, (_status_kb("VmRSS") or 0) * 1024
+    room = max(int(max_mb * 2**20) - rss, 0)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + room, vm + room))
+
 
 def main(argv: list[str]) -> int:
     folder, spec_json, out = argv[:3]
-    load_options = json.loads(argv[3]) if len(argv) > 3 else {}
+    options = json.loads(argv[3]) if len(argv) > 3 else {}
+    dtype, config_only, max_mb = options.pop("dtype", None), options.pop("config_only", False), options.pop("max_memory_mb", None)
     from ..errors import SlimctlError
     from ..models import load
     from ..recipe import BenchSpec
@@ -16,14 +63,24 @@ def main(argv: list[str]) -> int:
 
     warnings.simplefilter("ignore")
     try:
-        loaded = load(folder, **load_options)
+        loaded = build_random(folder, dtype) if config_only else load(folder, **options)
+        if dtype and not config_only:
+            cast(loaded.model, dtype)
+        if max_mb:
+            cap_memory(max_mb)
         res = bench_model(loaded.model, loaded.tokenizer, loaded.kind, BenchSpec.model_validate_json(spec_json), loaded.path)
+        if dtype:
+            res["dtype"] = DTYPES[dtype]
     except SlimctlError as e:
         json.dump({"error": str(e), "exit_code": e.exit_code}, open(out, "w"))
         return e.exit_code
-    except MemoryError:
-        json.dump({"error": "out of memory while benchmarking; try a smaller batch size or sequence length",
-                   "exit_code": 2}, open(out, "w"))
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+            raise
+        s = BenchSpec.model_validate_json(spec_json)
+        point = f"batch {s.batch_size or 'default'} x seq {s.seq_len or 'default'}"
+        json.dump({"error": f"out of memory; try a smaller --batch-size or --seq-len (this point: {point})", "exit_code": 2},
+                  open(out, "w"))
         return 2
     json.dump(res, open(out, "w"))
     return 0
