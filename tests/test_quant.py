@@ -209,3 +209,47 @@ def test_fp8_linear_matches_float_within_e4m3_precision():
     y, ref = q(x), lin(x)
     assert y.shape == ref.shape
     assert float((y - ref).norm() / ref.norm()) < 0.08
+
+
+_PLAIN_BNB = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+cls = AutoModelForCausalLM if sys.argv[2] == "lm" else AutoModelForSequenceClassification
+m = cls.from_pretrained(sys.argv[1], device_map="cpu").eval()
+with torch.inference_mode():
+    print(json.dumps(m(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])).logits.flatten().tolist()))
+"""
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_bnb_artifact_reloads_in_plain_transformers(mode, tiny_llama, tmp_path, fast_recipe):
+    pytest.importorskip("bitsandbytes")
+    import json
+    import subprocess
+    import sys
+
+    from slimctl import pipeline, recipe as R
+
+    rep = pipeline.run(R.load(fast_recipe([{"method": "bnb", "mode": mode}])), str(tiny_llama), tmp_path / "o", isolate=False)
+    assert rep["artifact"]["reload_check"]["max_abs_diff"] <= 1e-5
+    assert rep["delta"]["top1_agreement"] > 0.9
+    step = rep["slimmed"]["steps"][0]
+    assert step["layers"] and "lm_head" in step["left_float"]
+    cfg = json.loads((tmp_path / "o" / "model" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "bitsandbytes"
+    out = subprocess.run([sys.executable, "-c", _PLAIN_BNB, str(tmp_path / "o" / "model"), "lm"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-800:]
+    theirs = torch.tensor(json.loads(out.stdout))
+    mine = load(str(tmp_path / "o" / "model")).model
+    with torch.inference_mode():
+        ours = mine(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])).logits.flatten()
+    assert torch.allclose(theirs, ours, atol=1e-5)
+
+
+def test_bnb_leaves_a_two_class_head_in_float_with_a_note(tiny_classifier):
+    pytest.importorskip("bitsandbytes")
+    m, ctx = _ctx(tiny_classifier)
+    t = T.get("bnb")
+    stats = t.apply(m.model, t.config(), ctx)
+    assert "classifier" in stats["left_float"] and any("not divisible by 32" in n and "classifier" in n for n in ctx.notes)
+    assert ctx.replacement is not None

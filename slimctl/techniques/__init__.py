@@ -14,7 +14,7 @@ from ..errors import RecipeError, UnsupportedError
 
 # Explicit list: a technique that fails to import is an error, not a silently missing method.
 _MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured",
-            "onnx", "fp8")
+            "onnx", "fp8", "bnb")
 
 
 class TechniqueConfig(BaseModel):
