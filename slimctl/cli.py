@@ -355,6 +355,60 @@ def compare(
     _emit({"runs": rows}, as_json, human)
 
 
+@app.command()
+def search(
+    model: str = typer.Argument(..., help="Built-in name, local HF folder, or hub id."),
+    max_drop: str = typer.Option(..., "--max-drop", help="Accuracy budget: 1% or 0.01 (perplexity increase, accuracy drop, or 1 - fidelity)."),
+    out_dir: Path = OUT_OPT,
+    metric: Optional[str] = typer.Option(None, "--metric", help="ppl, accuracy or fidelity (default: ppl for causal LMs, fidelity for encoders)."),
+    objective: str = typer.Option("latency", "--objective", help="latency, throughput, size, memory or cost."),
+    candidates: Optional[List[Path]] = typer.Option(None, "--candidates", help="Candidate recipe files (repeatable); default: the built-in space."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop starting new candidates after this long."),
+    mixed: int = typer.Option(1, "--mixed", help="1: add mixed-precision candidates from per-block sensitivity; 0: do not."),
+    max_samples: Optional[int] = MAX_SAMPLES_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, as_json: bool = JSON_OPT,
+    allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
+):
+    """Find the recipe that is best on an objective and stays within an accuracy budget, by measurement.
+
+    A pre-filter on a few batches drops hopeless candidates; per-block sensitivity adds mixed-precision
+    candidates (the most sensitive blocks kept in float); the rest run in full, isolated, cached in
+    --out so a re-run resumes. Exit 1 when no candidate meets the budget (the closest is named).
+
+    Example: [bold]slimctl search minilm-l6 --max-drop 1% --objective latency --out runs/search-minilm[/bold]
+    """
+    from .errors import GateFailed
+    from .search import parse_drop, read_candidates, run_search
+
+    budget = parse_drop(max_drop)
+    cands = read_candidates(candidates) if candidates else None
+    ev, be = _specs(max_samples, False, False, device)
+    ui = _UI()
+    res = run_search(model, out_dir, budget, metric, objective, cands, budget_minutes, device, seed, mixed,
+                     _load_opts(allow_pickle, trust_remote_code), ui.say, eval_spec=ev, bench_spec=be)
+
+    def human(r):
+        p = lambda t: out.print(t, markup=False)
+        p(f"search on {r['model']}: {r['metric']} drop <= {r['max_drop']:.2%}, objective {r['objective']} "
+          f"({'lower' if r['lower_is_better'] else 'higher'} is better), {r['seconds'] / 60:.1f} min")
+        p(f"{'candidate':<34} {'status':<8} {'pre-drop':>9} {'drop':>9} {r['objective']:>12}  budget  pareto")
+        for c in r["candidates"]:
+            p(f"{c['name'][:34]:<34} {c['status']:<8} {_pct(c.get('prefilter_drop')):>9} {_pct(c.get('drop')):>9} "
+              f"{_fmt_num(c.get('objective')):>12}  {'yes' if c.get('meets_budget') else ('no' if 'meets_budget' in c else '–'):<6}  "
+              f"{'*' if c.get('pareto') else ''}{'  ' + c['error'] if c.get('error') else ''}")
+        if r["winner"]:
+            p(f"winner: {r['winner']} → {out_dir}/winner.yaml, {out_dir}/model, {out_dir}/report.json")
+    _emit(res, as_json, human)
+    if not res["winner"]:
+        c = res.get("closest")
+        why = (f"the closest is {c['name']}, {c['drop']:.2%} drop, over the budget by {c['missed_by']:.2%}" if c
+               else "no candidate finished")
+        raise GateFailed([f"no candidate meets {res['metric']} drop <= {res['max_drop']:.2%}; {why}"])
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{v:.2%}"
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Built-in name, local HF folder (an artifact too), or hub id."),

@@ -1,0 +1,292 @@
+"""`slimctl search`: the best recipe on an objective (latency, throughput, size, memory, cost) within
+an accuracy budget, found by measurement: a cheap pre-filter, per-layer sensitivity that yields
+mixed-precision candidates, full isolated runs of the survivors (cached, so a re-run resumes), the
+Pareto front, and an honest failure when nothing meets the budget."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import recipe as R
+from .errors import DataError, GateFailed, UsageError
+from .models import CAUSAL_LM, ENCODER
+
+OBJECTIVES = {  # name -> (how to read it from a report, lower is better)
+    "latency": (lambda r: (r["slimmed"]["bench"] or {}).get("latency_ms", {}).get("p50"), True),
+    "throughput": (lambda r: ((r["slimmed"]["bench"] or {}).get("throughput") or {}).get("samples_per_s"), False),
+    "size": (lambda r: (r["slimmed"]["bench"] or {}).get("size_mb"), True),
+    "memory": (lambda r: (r["slimmed"]["bench"] or {}).get("peak_memory_mb"), True),
+    "cost": (lambda r: 1.0 / t if (t := ((r["slimmed"]["bench"] or {}).get("throughput") or {}).get("samples_per_s")) else None, True),
+}
+METRICS = ("ppl", "accuracy", "fidelity")
+
+
+def parse_drop(text: str) -> float:
+    """'1%' → 0.01, '0.01' → 0.01."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UsageError(f"--max-drop takes a fraction (0.01) or a percentage (1%), not {text!r}") from None
+    if not 0 <= v < 1:
+        raise UsageError("--max-drop must lie in [0, 100%)")
+    return v
+
+
+def default_metric(kind: str) -> str:
+    return {CAUSAL_LM: "ppl", ENCODER: "fidelity"}.get(kind, "accuracy")
+
+
+def drop(report: dict[str, Any], metric: str) -> float | None:
+    """How much the slimmed model lost on `metric`, as a fraction (0.01 = 1 %)."""
+    d = report.get("delta") or {}
+    if metric == "ppl":
+        return None if d.get("perplexity_ratio") is None else d["perplexity_ratio"] - 1
+    if metric == "fidelity":
+        return None if d.get("fidelity") is None else 1 - d["fidelity"]
+    for k in ("accuracy_change", "topic_accuracy_change"):
+        if d.get(k) is not None:
+            return -d[k]
+    return None
+
+
+def default_space(kind: str) -> list[dict[str, Any]]:
+    """Candidate recipes (name, steps) every model kind can take; GPTQ only for causal LMs."""
+    space = [("bf16", [{"method": "bf16"}]),
+             ("int8-dynamic", [{"method": "int8-dynamic"}]),
+             ("w8a8-smoothquant", [{"method": "smoothquant", "alpha": 0.5}]),
+             ("int8-weight-only", [{"method": "rtn", "bits": 8, "group_size": None}]),
+             ("int4-rtn-g64", [{"method": "rtn", "bits": 4, "group_size": 64}]),
+             ("onnx-int8-dynamic", [{"method": "onnx", "quantization": "dynamic"}]),
+             ("structured-ffn-25", [{"method": "structured", "ffn": 0.25}])]
+    if kind == CAUSAL_LM:
+        space.insert(5, ("int4-gptq-g64", [{"method": "gptq", "bits": 4, "group_size": 64, "act_order": True}]))
+    return [{"name": n, "steps": s} for n, s in space]
+
+
+@dataclass
+class Candidate:
+    name: str
+    steps: list[dict[str, Any]]
+    origin: str = "space"  # space | file | mixed
+    prefilter: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
+    status: str = "pending"  # pending | dropped | done | failed
+    error: str | None = None
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_hash(folder: Path) -> str:
+    """Config plus each weight file's size and mtime: cheap, and changes whenever the weights do."""
+    parts = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.is_file() and (p.suffix in (".json", ".safetensors", ".onnx")):
+            st = p.stat()
+            parts.append((p.name, st.st_size, int(st.st_mtime)))
+    return _hash(parts)
+
+
+def _environment_key(device: str) -> str:
+    from .report import environment
+
+    env = environment(0, device)
+    return _hash({k: env.get(k) for k in ("versions", "cpu", "threads", "device", "gpu")})
+
+
+def _recipe(c: Candidate, eval_spec: R.EvalSpec, bench_spec: R.BenchSpec, seed: int) -> R.Recipe:
+    return R.from_dict({"version": 1, "name": c.name, "seed": seed, "steps": copy.deepcopy(c.steps),
+                        "eval": eval_spec.model_dump(), "bench": bench_spec.model_dump()}, f"candidate {c.name}")
+
+
+def sensitivity(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpec, seed: int, say, groups: int | None = None) -> list[dict[str, Any]]:
+    """The metric cost of applying `steps` to one block of the model alone, for every block."""
+    from . import techniques
+    from .calibrate import find_blocks
+    from .evaluate import evaluate
+
+    prefix, blocks = find_blocks(base.model)
+    names = [f"{prefix}.{i}" for i in range(len(blocks))][:groups]
+    out = []
+    for i, blk in enumerate(names):
+        slim = copy.deepcopy(base.model)
+        ctx = techniques.StepContext(kind=base.kind, seed=seed, tokenizer=base.tokenizer)
+        only = [n for n, _ in techniques.select_linears(slim, []) if not n.startswith(blk + ".")]
+        for st in steps:
+            t = techniques.get(st["method"])
+            opts = {k: v for k, v in st.items() if k != "method"}
+            if "ignore" in t.config.model_fields:
+                opts["ignore"] = list(opts.get("ignore", [])) + only
+            t.apply(slim, t.config(**opts), ctx)
+            if ctx.replacement is not None:
+                slim, ctx.replacement = ctx.replacement, None
+        ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
+        d = drop({"delta": _quick_delta(ev)}, metric)
+        out.append({"block": blk, "drop": d})
+        say(f"sensitivity {i + 1}/{len(names)}: {blk} costs {d:.4f}" if d is not None else f"sensitivity {blk}: n/a")
+    return out
+
+
+def _quick_delta(ev: dict[str, Any]) -> dict[str, Any]:
+    from .pipeline import _delta
+
+    return _delta(ev, None, None)
+
+
+def run_search(model: str, out: Path, max_drop: float, metric: str | None, objective: str, candidates: list[dict] | None,
+               budget_minutes: float | None, device: str, seed: int, mixed: int, load_options: dict,
+               say: Callable[[str], None] = lambda m: None, overwrite: bool = False,
+               eval_spec: R.EvalSpec | None = None, bench_spec: R.BenchSpec | None = None) -> dict[str, Any]:
+    from . import pipeline
+    from .evaluate import evaluate
+    from .models import load
+
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load(model, progress=say, **load_options)
+    metric = metric or default_metric(base.kind)
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}")
+    cands = [Candidate(c["name"], c["steps"], c.get("origin", "space")) for c in (candidates or default_space(base.kind))]
+    eval_spec = eval_spec or R.EvalSpec()
+    bench_spec = bench_spec or R.BenchSpec(device=device)
+    quick = eval_spec.model_copy(update={"max_samples": 4 if base.kind != "encoder" else 24,
+                                         "max_tokens": 2048 if base.kind == CAUSAL_LM else None})
+    cache = out / ".cache"
+    key_base = {"model": model_hash(Path(base.path)), "env": _environment_key(device), "eval": eval_spec.model_dump(),
+                "bench": bench_spec.model_dump(), "seed": seed, "metric": metric}
+    deadline = t0 + budget_minutes * 60 if budget_minutes else None
+    log: list[str] = []
+
+    def over_budget() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
+    # 1. pre-filter: a few batches; a candidate whose quick drop exceeds 3x the budget (and the
+    #    budget + 2 points, since a few batches are noisy) is hopeless
+    hopeless = max(3 * max_drop, max_drop + 0.02)
+    for i, c in enumerate(cands):
+        if over_budget():
+            c.status, c.error = "skipped", "search budget (--budget-minutes) spent"
+            continue
+        say(f"pre-filter {i + 1}/{len(cands)}: {c.name}")
+        try:
+            slim = copy.deepcopy(base.model)
+            from . import techniques
+
+            ctx = techniques.StepContext(kind=base.kind, seed=seed, tokenizer=base.tokenizer)
+            for st in c.steps:
+                t = techniques.get(st["method"])
+                t.apply(slim, t.config(**{k: v for k, v in st.items() if k != "method"}), ctx)
+                if ctx.replacement is not None:
+                    slim, ctx.replacement = ctx.replacement, None
+            ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
+            d = drop({"delta": _quick_delta(ev)}, metric)
+            c.prefilter = {"drop": d, "samples": quick.max_samples}
+            if d is not None and d > hopeless:
+                c.status = "dropped"
+                c.error = f"pre-filter drop {d:.4f} is hopeless against the budget {max_drop:.4f} (cut-off {hopeless:.4f})"
+            del slim
+        except Exception as e:  # noqa: BLE001  a candidate that cannot apply to this model is a result, not a crash
+            c.status, c.error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    # 2. per-layer sensitivity of the most aggressive surviving weight-only candidate → mixed precision
+    sens = None
+    lossy = [c for c in cands if c.status == "pending" and c.steps and c.steps[-1]["method"] in ("rtn", "gptq")
+             and c.steps[-1].get("bits") == 4 and c.prefilter.get("drop") is not None and c.prefilter["drop"] > max_drop]
+    if mixed and lossy and not over_budget():
+        src = min(lossy, key=lambda c: c.prefilter["drop"])
+        say(f"per-layer sensitivity of {src.name}")
+        sens = sensitivity(base, [s for s in src.steps if s["method"] == "rtn"] or
+                           [{"method": "rtn", "bits": 4, "group_size": src.steps[-1].get("group_size", 64)}],
+                           metric, quick, seed, say)
+        order = [s["block"] for s in sorted(sens, key=lambda s: -(s["drop"] or 0))]
+        for k in sorted({max(1, len(order) // 8), max(1, len(order) // 4)}):
+            steps = copy.deepcopy(src.steps)
+            steps[-1]["ignore"] = list(steps[-1].get("ignore", [])) + [f"{b}.*" for b in order[:k]]
+            cands.append(Candidate(f"{src.name}+float-top{k}", steps, "mixed"))
+    # 3. full, isolated runs of the survivors (cached per model, recipe and environment)
+    todo = [c for c in cands if c.status == "pending"]
+    for i, c in enumerate(todo):
+        if over_budget():
+            c.status, c.error = "skipped", "search budget (--budget-minutes) spent"
+            continue
+        key = _hash({**key_base, "steps": c.steps})
+        cached = cache / key / "report.json"
+        elapsed = time.perf_counter() - t0
+        eta = f", about {elapsed / max(i, 1) * (len(todo) - i) / 60:.0f} min left" if i else ""
+        if cached.exists():
+            c.report, c.status = json.loads(cached.read_text()), "done"
+            say(f"candidate {i + 1}/{len(todo)}: {c.name} (cached)")
+            continue
+        say(f"candidate {i + 1}/{len(todo)}: {c.name}{eta}")
+        dest = out / "candidates" / c.name
+        try:
+            try:
+                rep = pipeline.run(_recipe(c, eval_spec, bench_spec, seed), model, dest, overwrite=True, load_options=load_options)
+            except GateFailed as e:  # candidates carry no gates; kept for safety
+                rep = e.report
+            c.report, c.status = rep, "done"
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(rep, default=str))
+        except Exception as e:  # noqa: BLE001
+            c.status, c.error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    # 4. verdict
+    read, lower = OBJECTIVES[objective]
+    rows = []
+    for c in cands:
+        row = {"name": c.name, "origin": c.origin, "steps": c.steps, "status": c.status, "error": c.error,
+               "prefilter_drop": c.prefilter.get("drop")}
+        if c.report:
+            row.update(drop=drop(c.report, metric), objective=read(c.report), report=str(out / "candidates" / c.name / "report.json"))
+            row["meets_budget"] = row["drop"] is not None and row["drop"] <= max_drop and row["objective"] is not None
+        rows.append(row)
+    done = [r for r in rows if r.get("objective") is not None and r.get("drop") is not None]
+    sign = 1 if lower else -1
+    for r in done:
+        r["pareto"] = not any(o is not r and o["drop"] <= r["drop"] and sign * o["objective"] <= sign * r["objective"]
+                              and (o["drop"] < r["drop"] or sign * o["objective"] < sign * r["objective"]) for o in done)
+    ok = [r for r in done if r["meets_budget"]]
+    winner = min(ok, key=lambda r: sign * r["objective"]) if ok else None
+    result = {"model": model, "metric": metric, "max_drop": max_drop, "objective": objective, "lower_is_better": lower,
+              "candidates": rows, "sensitivity": sens, "seconds": round(time.perf_counter() - t0, 1), "winner": None}
+    if winner:
+        result["winner"] = winner["name"]
+        src = out / "candidates" / winner["name"]
+        for part in ("model", "report.json", "report.md"):
+            dst = out / part
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            if (src / part).is_dir():
+                shutil.copytree(src / part, dst)
+            elif (src / part).exists():
+                shutil.copy2(src / part, dst)
+        result["winner_recipe"] = {"version": 1, "name": winner["name"], "steps": winner["steps"]}
+        import yaml
+
+        (out / "winner.yaml").write_text(yaml.safe_dump(result["winner_recipe"], sort_keys=False))
+    else:
+        closest = min(done, key=lambda r: r["drop"]) if done else None
+        result["closest"] = None if closest is None else {"name": closest["name"], "drop": closest["drop"],
+                                                          "missed_by": closest["drop"] - max_drop}
+    (out / "search.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def read_candidates(paths: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        r = R.load(p)
+        out.append({"name": r.name or Path(p).stem, "steps": [s.to_dict() for s in r.steps], "origin": "file"})
+    if not out:
+        raise DataError("no candidate recipes")
+    return out

@@ -1,0 +1,62 @@
+"""`slimctl search` on a tiny model: pre-filter, sensitivity-driven mixed candidates, full runs,
+the winner within budget, the honest failure, and resuming from the cache."""
+import json
+
+import pytest
+
+from slimctl import recipe as R
+from slimctl.search import drop, parse_drop, run_search
+
+EV = R.EvalSpec(max_samples=4, seq_len=64, max_tokens=256)
+BE = R.BenchSpec(min_iters=2, min_seconds=0, warmup=1, decode_tokens=2, seq_len=16, batch_size=2, repeats=1)
+CANDS = [{"name": "bf16", "steps": [{"method": "bf16"}]},
+         {"name": "int4", "steps": [{"method": "rtn", "bits": 4, "group_size": 32}]},
+         {"name": "prune90", "steps": [{"method": "magnitude", "sparsity": 0.9}]}]
+
+
+def _search(model, out, max_drop, **kw):
+    return run_search(str(model), out, max_drop, kw.pop("metric", "fidelity"), kw.pop("objective", "size"), kw.pop("cands", CANDS),
+                      None, "cpu", 0, kw.pop("mixed", 0), {}, eval_spec=EV, bench_spec=BE, **kw)
+
+
+def test_parse_drop():
+    assert parse_drop("1%") == pytest.approx(0.01) and parse_drop("0.02") == 0.02
+    with pytest.raises(Exception, match="--max-drop"):
+        parse_drop("lots")
+
+
+def test_search_picks_the_smallest_within_budget_and_resumes(tiny_llama, tmp_path):
+    said = []
+    res = _search(tiny_llama, tmp_path / "s", 0.005, say=said.append)
+    rows = {r["name"]: r for r in res["candidates"]}
+    assert rows["prune90"]["status"] == "dropped" and "pre-filter" in rows["prune90"]["error"]
+    assert rows["bf16"]["status"] == rows["int4"]["status"] == "done"
+    # tiny random weights: bf16 keeps every top-1 prediction; int4 changes about 1 % of them (over budget)
+    assert res["winner"] == "bf16" and rows["bf16"]["meets_budget"] and not rows["int4"]["meets_budget"]
+    assert rows["int4"]["drop"] > 0.005 and rows["bf16"]["drop"] <= 0.005
+    assert (tmp_path / "s" / "model" / "slimctl.json").exists() and (tmp_path / "s" / "winner.yaml").exists()
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["winner"] == "bf16"
+    said2 = []
+    again = _search(tiny_llama, tmp_path / "s", 0.005, say=said2.append)
+    assert again["winner"] == "bf16" and sum("(cached)" in m for m in said2) == 2
+
+
+def test_no_candidate_within_budget_names_the_closest(tiny_llama, tmp_path):
+    res = _search(tiny_llama, tmp_path / "s", 0.0, cands=CANDS[1:2], metric="fidelity")
+    assert res["winner"] is None
+    assert res["closest"]["name"] == "int4" and res["closest"]["missed_by"] > 0
+    assert not (tmp_path / "s" / "model").exists()
+
+
+def test_sensitivity_adds_mixed_precision_candidates(tiny_llama, tmp_path):
+    res = _search(tiny_llama, tmp_path / "s", 0.0005, cands=CANDS[1:2], mixed=1)
+    sens = res["sensitivity"]
+    assert sens and {s["block"] for s in sens} == {"model.layers.0", "model.layers.1"}
+    mixed = [r for r in res["candidates"] if r["origin"] == "mixed"]
+    assert mixed and all(any(p.startswith("model.layers.") for p in r["steps"][-1]["ignore"]) for r in mixed)
+
+
+def test_drop_reads_each_metric():
+    assert drop({"delta": {"perplexity_ratio": 1.02}}, "ppl") == pytest.approx(0.02)
+    assert drop({"delta": {"fidelity": 0.97}}, "fidelity") == pytest.approx(0.03)
+    assert drop({"delta": {"topic_accuracy_change": -0.05}}, "accuracy") == pytest.approx(0.05)
