@@ -63,7 +63,7 @@ def _scatter(pts: list[tuple[str, dict, str]], metric: str, higher: bool, w: int
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.15 or abs(y1) * 0.05 or 1.0
     y0, y1 = y0 - pad, y1 + pad
-    L, R, T, B = 84, 20, 20, 45
+    L, R, T, B = 84, 40, 20, 45
     digits = max(4, min(9, 3 + int(math.ceil(-math.log10((y1 - y0) / max(abs(y1), abs(y0), 1e-12))))))
     sx = lambda x: L + (x - x0) / (x1 - x0) * (w - L - R)
     sy = lambda y: T + (y1 - y) / (y1 - y0) * (h - T - B)
@@ -71,7 +71,7 @@ def _scatter(pts: list[tuple[str, dict, str]], metric: str, higher: bool, w: int
            f'<rect x="{L}" y="{T}" width="{w - L - R}" height="{h - T - B}" fill="#f9fafb" stroke="#d1d5db"/>']
     for i in range(5):
         xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        out.append(f'<text x="{sx(xv):.1f}" y="{h - B + 16}" font-size="11" text-anchor="middle">{xv:.3g}</text>')
+        out.append(f'<text x="{sx(xv):.1f}" y="{h - B + 16}" font-size="11" text-anchor="middle">{xv:.4g}</text>')
         out.append(f'<text x="{L - 6}" y="{sy(yv) + 4:.1f}" font-size="11" text-anchor="end">{yv:.{digits}g}</text>')
     out.append(f'<text x="{(L + w - R) / 2}" y="{h - 8}" font-size="12" text-anchor="middle">p50 latency (ms) →</text>')
     out.append(f'<text x="12" y="{(T + h - B) / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 12 {(T + h - B) / 2})">'
