@@ -78,6 +78,38 @@ def nf4(model):
     return model
 
 
+def sparse24(device: str, quick: bool) -> list[dict]:
+    """2:4 semi-structured vs dense Linear layers at several shapes (CUDA, bf16): the measured gain."""
+    from slimctl.sparsity import nm_mask, to_semi_structured
+
+    shapes = [(2048, 2048), (2048, 8192), (8192, 2048), (4096, 4096), (4096, 14336), (14336, 4096)]
+    rows = []
+    for tokens in (16, 256, 2048):
+        for k, n in shapes[:3] if quick else shapes:
+            lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                lin.weight.masked_fill_(nm_mask(lin.weight.abs().float(), 2, 4), 0)
+            x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+
+            def time_it(m):
+                for _ in range(5):
+                    m(x)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(50):
+                    m(x)
+                torch.cuda.synchronize()
+                return (time.perf_counter() - t) / 50 * 1000
+
+            dense = time_it(lin)
+            model = torch.nn.Sequential(lin)
+            to_semi_structured(model)
+            sparse = time_it(model)
+            rows.append({"tokens": tokens, "in": k, "out": n, "dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse,
+                         "note": "no gain" if dense / sparse < 1.0 else ""})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -125,6 +157,24 @@ def main() -> int:
             if dev == "cuda":
                 torch.cuda.empty_cache()
         print(f"[gpu_bench] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    if dev == "cuda":
+        try:
+            doc["sparse24_linears"] = sparse24(dev, args.quick)
+            from slimctl.sparsity import nm_mask, to_semi_structured
+
+            model = build(args.arch, torch.bfloat16, dev)
+            with torch.no_grad():
+                for mod in model.modules():
+                    if type(mod) is torch.nn.Linear and mod is not model.get_output_embeddings():
+                        mod.weight.masked_fill_(nm_mask(mod.weight.abs().float(), 2, 4), 0)
+            dense = bench_model(model, None, "causal-lm", spec)
+            sparse = bench_model(model, None, "causal-lm", spec.model_copy(update={"semi_structured": True, "roofline": False}))
+            doc["sparse24_model"] = {k: {"decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_p50_ms": r["prefill_ms"]["p50"],
+                                         "layers": r.get("semi_structured_layers")} for k, r in (("dense", dense), ("2:4", sparse))}
+            del model
+        except Exception as e:  # noqa: BLE001
+            doc["errors"]["sparse24"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            traceback.print_exc()
     base = doc["results"].get("bf16", {}).get("decode_tokens_per_s")
     for r in doc["results"].values():
         if base and r.get("decode_tokens_per_s"):

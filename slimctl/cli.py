@@ -461,6 +461,7 @@ def bench(
     slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms", help="Recommend the highest throughput whose p95 latency meets this."),
     hourly_cost: Optional[float] = typer.Option(None, "--hourly-cost", help="USD per hour of this device, for cost per 1M tokens (default: a marked example)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
+    semi_structured: bool = typer.Option(False, "--semi-structured", help="CUDA, fp16/bf16: run 2:4-pruned Linear layers on sparse tensor cores."),
     inline: bool = INLINE_OPT, as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Measure latency percentiles, throughput, peak memory, % of roofline and cost (prefill and decode for causal LMs).
@@ -483,7 +484,7 @@ def bench(
     if repeats < 1 or repeats > 100:
         raise UsageError("--repeats must lie in 1..100")
     spec = _spec("BenchSpec", device=device, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
-                 min_iters=min_iters, min_seconds=min_seconds, threads=threads)
+                 min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured)
     if device == "cuda":
         import torch
 

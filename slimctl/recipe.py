@@ -36,6 +36,7 @@ class BenchSpec(_Strict):
     threads: int | None = Field(default=None, ge=1, le=1024)
     repeats: int = Field(default=3, ge=1, le=100)  # `run`: baseline and slimmed alternate, each in a fresh process
     roofline: bool = False  # also measure the device's bandwidth/GEMM peaks and report % of the roofline floors
+    semi_structured: bool = False  # CUDA: run 2:4-sparse Linear layers on sparse tensor cores
     skip: bool = False
 
 

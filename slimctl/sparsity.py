@@ -104,3 +104,23 @@ def account(model, pruned: dict[str, float], cfg: PruneOptions, extra: dict | No
     return {"layers": pruned, "pattern": cfg.pattern, "target_sparsity": cfg.target(),
             "sparsity": zeros / total if total else 0.0, "pruned_params": zeros,
             "model_sparsity": model_zeros / params if params else 0.0, "left_dense": dense, **(extra or {})}
+
+
+def to_semi_structured(model) -> int:
+    """Swap the weights of 2:4-sparse Linear layers for torch's semi-structured sparse tensors, so
+    they run on sparse tensor cores (CUDA, fp16/bf16). Returns how many layers were converted."""
+    from torch import nn
+
+    params = list(model.parameters())
+    if not params or params[0].device.type != "cuda":
+        raise UnsupportedError("2:4 semi-structured execution needs the model on a CUDA GPU (bench --device cuda)")
+    if params[0].dtype not in (torch.float16, torch.bfloat16):
+        raise UnsupportedError("2:4 semi-structured kernels take fp16 or bf16 weights; cast the model first (bf16 step)")
+    from torch.sparse import to_sparse_semi_structured
+
+    n = 0
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.in_features % 64 == 0 and mod.out_features % 64 == 0 and is_nm(mod.weight, 2, 4):
+            mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+            n += 1
+    return n

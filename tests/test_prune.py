@@ -202,3 +202,24 @@ def test_prune_then_quantize_keeps_the_pattern_and_reloads(tiny_llama, tmp_path,
     m = load(str(tmp_path / "o" / "model")).model
     q = m.model.layers[0].mlp.down_proj
     assert S.is_nm(q.dequantized(torch.float32), 2, 4)  # symmetric int4 keeps zeros exact
+
+
+def test_semi_structured_execution_is_refused_off_cuda(llama):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _apply(llama, "magnitude", pattern="2:4")
+    with pytest.raises(UnsupportedError, match="CUDA GPU"):
+        S.to_semi_structured(llama.model)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_semi_structured_matches_dense_on_cuda():
+    lin = torch.nn.Linear(128, 128, bias=False).cuda().half()
+    with torch.no_grad():
+        lin.weight.masked_fill_(S.nm_mask(lin.weight.abs().float(), 2, 4), 0)
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    ref = lin(x)
+    model = torch.nn.Sequential(lin)
+    assert S.to_semi_structured(model) == 1
+    assert torch.allclose(model(x), ref, atol=1e-2, rtol=1e-2)

@@ -67,6 +67,11 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
         if not torch.cuda.is_available():
             raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
         model.to("cuda")
+    converted = None
+    if spec.semi_structured:
+        from ..sparsity import to_semi_structured
+
+        converted = to_semi_structured(model)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     extra_decode = spec.decode_tokens if kind == CAUSAL_LM else 0
     if max_pos and s["seq_len"] + extra_decode > max_pos:
@@ -92,6 +97,8 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
             "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
             "rss_before_mb": round(rss0, 1), "size_mb": (_size_on_disk(path) or weights) / 2**20,
             "weights_in_memory_mb": weights / 2**20}
+    if converted is not None:
+        meta["semi_structured_layers"] = converted
     if getattr(model, "artifact_format", None) == "onnx":
         meta["backend"] = "onnxruntime"
         meta["onnx_cpu_fallback"] = model.fallback  # CUDA EP: some nodes (often int8 ones) run on the CPU
