@@ -29,8 +29,15 @@ def _fast_copy(path: Path, tmp: Path) -> Path:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_runs_on_a_tiny_model(recipe, tiny_llama, tmp_path):
     from slimctl import pipeline, recipe as R
+    from slimctl.errors import UnsupportedError
+    from slimctl.qmodules import fp8_supported
 
     r = R.load(_fast_copy(recipe, tmp_path))
+    if any(s.method == "fp8" for s in r.steps) and not fp8_supported()[0]:
+        with pytest.raises(UnsupportedError, match="compute capability 8.9"):
+            pipeline.run(r, str(tiny_llama), tmp_path / "out", isolate=False)
+        assert not (tmp_path / "out").exists()  # refused: nothing written
+        return
     rep = pipeline.run(r, str(tiny_llama), tmp_path / "out", isolate=False)
     assert REPORT_KEYS <= set(rep) and rep["schema"] == "slimctl.report/v1"
     for side in ("baseline", "slimmed"):
@@ -39,7 +46,8 @@ def test_every_shipped_recipe_runs_on_a_tiny_model(recipe, tiny_llama, tmp_path)
         assert "perplexity" in rep[side]["eval"]["metrics"]
     assert rep["artifact"]["reload_check"]["max_abs_diff"] <= 1e-5
     names = {f["name"] for f in rep["artifact"]["files"]}
-    assert {"config.json", "model.safetensors", "slimctl.json"} <= names
+    weights = "model.onnx" if any(s.method == "onnx" for s in r.steps) else "model.safetensors"
+    assert {"config.json", weights, "slimctl.json"} <= names
     assert json.loads((tmp_path / "out" / "report.json").read_text())["passed"] is True
     assert (tmp_path / "out" / "report.md").read_text().startswith("# slimctl: PASSED")
     umask = os.umask(0)
