@@ -279,6 +279,12 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
         result["closest"] = None if closest is None else {"name": closest["name"], "drop": closest["drop"],
                                                           "missed_by": closest["drop"] - max_drop}
     (out / "search.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    reports = [c.report for c in cands if c.report]
+    if reports:  # every finished candidate in one page, Pareto-optimal ones marked
+        from .html import render
+
+        (out / "search.html").write_text(render(reports, title=f"slimctl search · {model}"))
+        result["html"] = str(out / "search.html")
     return result
 
 

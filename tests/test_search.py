@@ -36,6 +36,7 @@ def test_search_picks_the_smallest_within_budget_and_resumes(tiny_llama, tmp_pat
     assert rows["int4"]["drop"] > 0.005 and rows["bf16"]["drop"] <= 0.005
     assert (tmp_path / "s" / "model" / "slimctl.json").exists() and (tmp_path / "s" / "winner.yaml").exists()
     assert json.loads((tmp_path / "s" / "search.json").read_text())["winner"] == "bf16"
+    assert "Pareto-optimal" in (tmp_path / "s" / "search.html").read_text()
     said2 = []
     again = _search(tiny_llama, tmp_path / "s", 0.005, say=said2.append)
     assert again["winner"] == "bf16" and sum("(cached)" in m for m in said2) == 2
