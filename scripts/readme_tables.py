@@ -43,5 +43,43 @@ def main(path: str) -> None:
                   f"{f(dl.get('speedup'), 2)}× ({f(rng[0], 2) if rng else '–'}–{f(rng[1], 2) if rng else '–'}) | {f(dl.get('size_ratio'), 3)}× |")
 
 
+def prune(path: str) -> None:
+    """The pruning table: accuracy, what got smaller, and what the step cost."""
+    d = json.load(open(path))
+    env = d["environment"]
+    print(f"Measured by `scripts/bench_prune.py` (raw: `{path}`) on {env['cpu']}, {env['threads']} threads, "
+          f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}.\n")
+    for model, enc in (("smollm2-135m", False), ("minilm-l6", True)):
+        rows = [r for r in d["results"] if r["model"] == model and "error" not in r]
+        if not rows:
+            continue
+        print(f"**{model}**\n")
+        if enc:
+            print(f"| recipe | mean cosine vs fp32 | topic accuracy change | sparsity (pruned layers / model) | params | speedup (range) | size | step time | step peak RSS (added) |")
+        else:
+            print(f"| recipe | ppl ratio BBC | ppl ratio tweets | top-1 agree | sparsity (pruned layers / model) | params | prefill | decode | size | step time | step peak RSS (added) |")
+        print("|---" * (9 if enc else 11) + "|")
+        for r in rows:
+            dl, st = r["delta"], r.get("steps") or [r["step"]]
+            first = st[0]
+            sp = (f"{first['sparsity']:.3f} / {first['model_sparsity']:.3f}" if first.get("sparsity") is not None else "–")
+            params = (f"−{first['params_removed_fraction'] * 100:.1f} %" if first.get("params_removed_fraction") else "same")
+            secs = sum(x["seconds"] for x in st)
+            rss = f"{max(x['peak_rss_mb'] for x in st):.0f} MB ({max(x.get('added_rss_mb') or 0 for x in st):.0f})"
+            rng = dl.get("speedup_range")
+            if enc:
+                print(f"| {r['recipe']} | {f(dl.get('mean_cosine'), 4)} | {dl.get('topic_accuracy_change', 0):+.2f} | {sp} | {params} | "
+                      f"{f(dl.get('speedup'), 2)}× ({f(rng[0], 2) if rng else '–'}–{f(rng[1], 2) if rng else '–'}) | "
+                      f"{f(dl.get('size_ratio'), 3)}× | {secs:.0f} s | {rss} |")
+            else:
+                print(f"| {r['recipe']} | ×{f(dl.get('perplexity_ratio'), 3)} | ×{f(dl.get('ood_perplexity_ratio'), 3)} | "
+                      f"{f(dl.get('top1_agreement'))} | {sp} | {params} | {f(dl.get('prefill_speedup'), 2)}× | "
+                      f"{f(dl.get('decode_speedup'), 2)}× | {f(dl.get('size_ratio'), 3)}× | {secs:.0f} s | {rss} |")
+        print()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench-results/all.json")
+    if len(sys.argv) > 1 and sys.argv[1] == "--prune":
+        prune(sys.argv[2] if len(sys.argv) > 2 else "bench-results/prune.json")
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "bench-results/all.json")

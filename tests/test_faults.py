@@ -68,7 +68,11 @@ def test_ctrl_c_exits_130_without_a_partial_artifact(tiny_llama, tmp_path, fast_
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130
     assert err.strip().splitlines()[-1].startswith("Error: interrupted")
-    assert not (out / "model").exists()
+    if (out / "model").exists():  # on a loaded machine the save can finish before the signal lands:
+        from slimctl.models import load  # then the artifact must be whole, never partial
+
+        assert (out / "model" / "slimctl.json").exists()
+        load(str(out / "model"))
     assert not out.exists() or not [x for x in os.listdir(out) if x.startswith(".model.")]
 
 
