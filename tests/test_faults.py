@@ -65,7 +65,7 @@ def test_ctrl_c_exits_130_without_a_partial_artifact(tiny_llama, tmp_path, fast_
     p = _start(["run", fast_recipe([{"method": "bf16"}]), "--model", tiny_llama, "--out", out, "--inline"])
     _wait_for_save(p)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    _, err = p.communicate(timeout=240)  # generous: a loaded 2-core machine starves the exiting process
     assert p.returncode == 130
     assert err.strip().splitlines()[-1].startswith("Error: interrupted")
     if (out / "model").exists():  # on a loaded machine the save can finish before the signal lands:
