@@ -31,16 +31,6 @@ def build_random(folder: str, dtype: str | None):
     return LoadedModel(model=model.eval(), tokenizer=None, kind=CAUSAL_LM, source="config", path=folder, meta={})
 
 
-def cast(model, dtype: str) -> None:
-    import torch
-
-    keep = [(mod, b, buf) for mod in model.modules() for b in getattr(mod, "_non_persistent_buffers_set", ())
-            if (buf := getattr(mod, b, None)) is not None]
-    model.to(getattr(torch, DTYPES[dtype]))
-    for mod, b, buf in keep:
-        setattr(mod, b, buf)
-
-
 def cap_memory(max_mb: float) -> None:
     """Let this process grow by at most the room left under max_mb of RSS (RLIMIT_AS)."""
     import resource
@@ -65,7 +55,11 @@ def main(argv: list[str]) -> int:
     try:
         loaded = build_random(folder, dtype) if config_only else load(folder, **options)
         if dtype and not config_only:
-            cast(loaded.model, dtype)
+            import torch
+
+            from ..techniques.cast import cast_model
+
+            cast_model(loaded.model, getattr(torch, DTYPES[dtype]))
         if max_mb:
             cap_memory(max_mb)
         res = bench_model(loaded.model, loaded.tokenizer, loaded.kind, BenchSpec.model_validate_json(spec_json), loaded.path)

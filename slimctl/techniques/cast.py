@@ -12,17 +12,21 @@ class CastConfig(TechniqueConfig):
     pass
 
 
+def cast_model(model, dtype: torch.dtype) -> None:
+    """Cast the weights, but not the non-persistent buffers (rotary inv_freq, position ids):
+    transformers rebuilds those in float32 when a saved model is loaded, so casting them would make
+    the in-memory model differ from the artifact everyone else loads."""
+    keep = [(mod, b, buf) for mod in model.modules() for b in getattr(mod, "_non_persistent_buffers_set", ())
+            if (buf := getattr(mod, b, None)) is not None]
+    model.to(dtype)
+    for mod, b, buf in keep:
+        setattr(mod, b, buf)
+
+
 def _cast(name: str):
     def apply(model, cfg: CastConfig, ctx: StepContext) -> dict:
         before = {p.dtype for p in model.parameters()}
-        # Non-persistent buffers (rotary inv_freq, position ids) are rebuilt in float32 when the
-        # saved model is loaded; casting them here would make the in-memory model differ from
-        # the artifact everyone else loads.
-        keep = [(mod, b, buf) for mod in model.modules() for b in getattr(mod, "_non_persistent_buffers_set", ())
-                if (buf := getattr(mod, b, None)) is not None]
-        model.to(_DTYPES[name])
-        for mod, b, buf in keep:
-            setattr(mod, b, buf)
+        cast_model(model, _DTYPES[name])
         model.config.dtype = _DTYPES[name]
         if name == "fp16":
             ctx.notes.append("fp16 on CPU is emulated by most kernels and is usually slower than fp32; bf16 is the CPU choice")

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from ..calibrate import InputStats, forward_all, run_block, sequential
 from ..sparsity import PruneOptions, account, check_pattern
 from . import CalibrationOptions, StepContext, register, select_linears
+from .gptq import _relative_output_error
 
 
 class SparseGPTConfig(PruneOptions, CalibrationOptions):
@@ -62,11 +63,6 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, cfg: SparseGPTConfig) -> t
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w, loss
-
-
-def _relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    d = w - w_hat
-    return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T).clamp(min=1e-12))
 
 
 @register("sparsegpt", "prune", SparseGPTConfig,
