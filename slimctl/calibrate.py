@@ -149,3 +149,31 @@ class InputStats:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def block_stats(block: nn.Module, inputs: list, layers: dict[str, nn.Linear], hessian: bool = False) -> "InputStats":
+    """Input statistics of `layers` (inside `block`) over one pass of the block's calibration inputs."""
+    stats = InputStats(layers, hessian=hessian)
+    try:
+        with torch.inference_mode():
+            for a, k in inputs:
+                run_block(block, a, k)
+    finally:
+        stats.remove()
+    return stats
+
+
+def hessian_start(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float copies of W and H where input features never seen in calibration (H_jj = 0) are
+    neutralised: their weights zeroed, their diagonal set to 1 (as in GPTQ and SparseGPT)."""
+    w, h = w.detach().float().clone(), h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
+def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening × mean(diag H)."""
+    h = h + dampening * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)

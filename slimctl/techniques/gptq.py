@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..calibrate import InputStats, run_block, sequential
+from ..calibrate import block_stats, hessian_start, inverse_hessian_factor, sequential
 from ..qmodules import WeightOnlyLinear, set_submodule
 from ..quant import QScheme, dequantize_groups, dequantize_with, group_params, quantize_with
 from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
@@ -20,12 +20,8 @@ class GPTQConfig(WeightOnlyOptions, CalibrationOptions):
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int, dampening: float,
                   act_order: bool, block_size: int):
     """Integer codes [out, in], scales and zeros [out, in/group] for W given H = 2/n Σ x xᵀ."""
-    w = w.detach().float().clone()
-    h = h.clone()
+    w, h = hessian_start(w, h)
     out_f, in_f = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
     ngroups = in_f // group
     scale = torch.zeros(out_f, ngroups)
     zero = None if scheme.symmetric else torch.zeros(out_f, ngroups)
@@ -39,8 +35,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int,
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    h += dampening * torch.mean(torch.diag(h)) * torch.eye(in_f)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_hessian_factor(h, dampening)
     block = max(block_size, group) if group < in_f else block_size
     q = torch.zeros_like(w)
     for i1 in range(0, in_f, block):
@@ -87,11 +82,7 @@ def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if not mine:
             return None
-        stats = InputStats(mine, hessian=True)
-        with torch.inference_mode():
-            for a, k in inputs:
-                run_block(block, a, k)
-        stats.remove()
+        stats = block_stats(block, inputs, mine, hessian=True)
         for name, lin in mine.items():
             g = groups[name]
             scheme = QScheme(cfg.bits, g, cfg.symmetric)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from ..calibrate import InputStats, forward_all, run_block, sequential
+from ..calibrate import InputStats, block_stats, forward_all, hessian_start, inverse_hessian_factor, sequential
 from ..sparsity import PruneOptions, account, check_pattern
 from . import CalibrationOptions, StepContext, register, select_linears
 from .gptq import _relative_output_error
@@ -25,14 +25,9 @@ class SparseGPTConfig(PruneOptions, CalibrationOptions):
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, cfg: SparseGPTConfig) -> tuple[torch.Tensor, float]:
     """The pruned weight (zeros where masked, the rest updated) and the summed OBS loss."""
-    w = w.detach().float().clone()
-    h = h.clone()
+    w, h = hessian_start(w, h)
     out_f, in_f = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += cfg.dampening * torch.mean(torch.diag(h)) * torch.eye(in_f)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_hessian_factor(h, cfg.dampening)
     nm = cfg.nm
     loss = 0.0
     for i1 in range(0, in_f, cfg.block_size):
@@ -86,12 +81,7 @@ def apply(model, cfg: SparseGPTConfig, ctx: StepContext) -> dict:
     def on_block(i, prefix, block, inputs):
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if mine:
-            stats = InputStats(mine, hessian=True)
-            with torch.inference_mode():
-                for a, k in inputs:
-                    run_block(block, a, k)
-            stats.remove()
-            prune(mine, stats)
+            prune(mine, block_stats(block, inputs, mine, hessian=True))
 
     sequential(model, batches, on_block, ctx.track)
     rest = {n: m for n, m in targets.items() if n not in per_layer}

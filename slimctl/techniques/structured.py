@@ -7,7 +7,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..calibrate import InputStats, find_blocks, run_block, sequential
+from ..calibrate import block_stats, find_blocks, sequential
 from ..errors import UnsupportedError
 from . import CalibrationOptions, StepContext, register
 
@@ -118,11 +118,7 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
             consumers["ffn"] = ffns[i][1]
         if "heads" in plan:
             consumers["heads"] = atts[i].o_proj
-        stats = InputStats(consumers)
-        with torch.inference_mode():
-            for a, k in inputs:
-                run_block(block, a, k)
-        stats.remove()
+        stats = block_stats(block, inputs, consumers)
         rec = {}
         if "ffn" in plan and plan["ffn"][1] < plan["ffn"][0]:
             producers, consumer, pnames, cname = ffns[i]

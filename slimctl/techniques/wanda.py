@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..calibrate import InputStats, forward_all, run_block, sequential
+from ..calibrate import InputStats, block_stats, forward_all, sequential
 from ..sparsity import PruneOptions, account, check_pattern, nm_mask, row_mask
 from . import CalibrationOptions, StepContext, register, select_linears
 
@@ -36,12 +36,7 @@ def apply(model, cfg: WandaConfig, ctx: StepContext) -> dict:
     def on_block(i, prefix, block, inputs):
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if mine:
-            stats = InputStats(mine)
-            with torch.inference_mode():
-                for a, k in inputs:
-                    run_block(block, a, k)
-            stats.remove()
-            prune(mine, stats)
+            prune(mine, block_stats(block, inputs, mine))
 
     sequential(model, batches, on_block, ctx.track)
     rest = {n: m for n, m in targets.items() if n not in per_layer}
