@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from .gates import quality
+from .report import _fmt as _n  # one number format for Markdown and HTML
 
 BASE_C, SLIM_C, PASS_C, FAIL_C, NA_C = "#6b7280", "#2563eb", "#15803d", "#b91c1c", "#9ca3af"
 
@@ -15,12 +16,6 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _n(v: Any, nd: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{nd}g}"
-    return str(v)
 
 
 def label(r: dict[str, Any]) -> str:
