@@ -333,9 +333,17 @@ def state_bytes(model) -> int:
     """Bytes of the model's weights as they are stored, counting shared (tied) tensors once."""
     if hasattr(model, "weight_bytes"):  # a graph run by another runtime (OrtModel)
         return model.weight_bytes()
+    import torch
+
     seen: set[int] = set()
     total = 0
-    for t in list(model.state_dict().values()):
+    todo = list(model.state_dict().values())
+    while todo:
+        t = todo.pop()
+        if hasattr(t, "__tensor_flatten__") and not isinstance(t, torch.nn.Parameter) and type(t) is not torch.Tensor:
+            names, _ = t.__tensor_flatten__()  # a wrapper (2:4 semi-structured): count the tensors it holds
+            todo += [getattr(t, n) for n in names if getattr(t, n, None) is not None]
+            continue
         key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
         if key in seen:
             continue

@@ -117,7 +117,7 @@ def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> d
     """The bench result: run facts, the primary latency and throughput, and every phase."""
     pd = {k: v.to_dict() for k, v in phases.items()}
     lat = pd[primary]["latency_ms"]
-    out = {**meta, "latency_ms": {k: lat[k] for k in ("p50", "p90", "p99", "mean", "stdev", "count")},
+    out = {**meta, "latency_ms": {k: lat[k] for k in ("p50", "p90", "p95", "p99", "mean", "stdev", "count")},
            "latency_of": primary,
            "throughput": {"samples_per_s": pd[primary]["samples_per_s"], "tokens_per_s": pd[primary]["tokens_per_s"]},
            "peak_memory_mb": max(p.peak_memory_mb for p in phases.values()), "phases": pd}
@@ -221,12 +221,15 @@ class _Null:
 
 
 def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None, load_options: dict | None = None,
-                   dtype: str | None = None, config_only: bool = False, max_memory_mb: float | None = None) -> dict[str, Any]:
+                   dtype: str | None = None, config_only: bool = False, max_memory_mb: float | None = None,
+                   steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run bench_model on the model in `folder` in a fresh Python process, so that memory
-    high-water marks, allocator caches and thread pools of one measurement cannot leak into another."""
+    high-water marks, allocator caches and thread pools of one measurement cannot leak into another.
+    `steps` (recipe steps as dicts) are applied in that process first: a slimmed variant."""
     with tempfile.TemporaryDirectory(prefix="slimctl-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        opts = {**(load_options or {}), "dtype": dtype, "config_only": config_only, "max_memory_mb": max_memory_mb}
+        opts = {**(load_options or {}), "dtype": dtype, "config_only": config_only, "max_memory_mb": max_memory_mb,
+                "steps": steps}
         cmd = [sys.executable, "-m", "slimctl.bench.worker", folder, spec.model_dump_json(), str(out), json.dumps(opts)]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
