@@ -448,7 +448,7 @@ def eval_cmd(
 def bench(
     model: Optional[str] = typer.Argument(None, help="Built-in name, local HF folder (an artifact too), or hub id."),
     config: Optional[str] = typer.Option(None, "--config", help="Instead of a model: a config.json or llama-1b / llama-8b / smollm2-1.7b, random weights."),
-    device: str = DEVICE_OPT,
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, or cpu,cuda: measure on both and say where it is cheaper (placement)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: 1 for causal LMs, 8 otherwise."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Sweep: 1,4,16 or auto (double until memory or throughput runs out)."),
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Sweep dtypes too: fp32,bf16,fp16 (cast before measuring)."),
@@ -459,9 +459,10 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="Fresh-process rounds of a single-point bench; the p50 spread is reported."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="MB a point may use (CPU: plays device memory; over it = out of memory)."),
     slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms", help="Recommend the highest throughput whose p95 latency meets this."),
-    hourly_cost: Optional[float] = typer.Option(None, "--hourly-cost", help="USD per hour of this device, for cost per 1M tokens (default: a marked example)."),
+    hourly_cost: Optional[str] = typer.Option(None, "--hourly-cost", help="USD per hour for cost per 1M tokens: 0.10, or cpu=0.68,cuda=3.50 (default: marked examples)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
     semi_structured: bool = typer.Option(False, "--semi-structured", help="CUDA, fp16/bf16: run 2:4-pruned Linear layers on sparse tensor cores."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="With --config: also measure this data-free recipe's slimmed variant (int4-rtn, int8-dynamic, nf4…)."),
     inline: bool = INLINE_OPT, as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Measure latency percentiles, throughput, peak memory, % of roofline and cost (prefill and decode for causal LMs).
@@ -470,8 +471,10 @@ def bench(
     [bold]slimctl bench smollm2-135m --hourly-cost 0.10[/bold]
     [bold]slimctl bench minilm-l6 --batch-sizes auto --json[/bold]
     [bold]slimctl bench --config llama-1b --dtypes fp32,bf16 --batch-sizes 1,4 --seq-len 64 --decode-tokens 8[/bold]
+    [bold]slimctl bench --config llama-1b --device cpu,cuda --slo-p95-ms 2000 --hourly-cost cpu=0.68,cuda=3.50[/bold]
+    [bold]slimctl bench --config llama-8b --recipe recipes/int4-rtn-g128.yaml --seq-len 32 --decode-tokens 8 --repeats 1[/bold]
     """
-    from .bench.sweep import parse_sizes, study
+    from .bench.sweep import data_free_steps, parse_hourly, parse_sizes, placement, study, variant_ratios
     from .errors import UsageError
     from .report import environment
 
@@ -483,9 +486,14 @@ def bench(
         raise UsageError(f"--dtypes takes fp32, bf16, fp16; got {dtypes}")
     if repeats < 1 or repeats > 100:
         raise UsageError("--repeats must lie in 1..100")
-    spec = _spec("BenchSpec", device=device, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
-                 min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured)
-    if device == "cuda":
+    devices = [d.strip() for d in device.split(",") if d.strip()]
+    if not devices or len(set(devices)) != len(devices) or any(d not in ("cpu", "cuda") for d in devices):
+        raise UsageError(f"--device takes cpu, cuda or cpu,cuda; got {device!r}")
+    prices = parse_hourly(hourly_cost, devices)
+    if recipe is not None and config is None:
+        raise UsageError("--recipe measures a slimmed variant of a --config architecture; for a real model use slimctl run")
+    steps = data_free_steps(str(recipe)) if recipe is not None else None
+    if "cuda" in devices:
         import torch
 
         if not torch.cuda.is_available():
@@ -493,15 +501,45 @@ def bench(
 
             raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
     ui = _UI()
-    result = study(config or model, spec, config_only=config is not None, sizes=sizes, dtypes=dts, max_memory_mb=max_memory,
-                   slo_p95_ms=slo_p95_ms, hourly_usd=hourly_cost, repeats=repeats, inline=inline,
-                   load_options=_load_opts(allow_pickle, trust_remote_code), say=ui.say)
-    result["environment"] = environment(0, device)
+    by_device = {}
+    for dev in devices:
+        if len(devices) > 1:
+            ui.say(f"measuring on {dev}")
+        spec = _spec("BenchSpec", device=dev, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
+                     min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured)
+        by_device[dev] = study(config or model, spec, config_only=config is not None, sizes=sizes, dtypes=dts,
+                               max_memory_mb=max_memory, slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], repeats=repeats,
+                               inline=inline, load_options=_load_opts(allow_pickle, trust_remote_code), say=ui.say)
+        if steps:
+            ui.say(f"slimmed variant: {recipe}")
+            slim = study(config, spec, config_only=True, sizes=sizes, dtypes=dts, max_memory_mb=max_memory,
+                         slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], repeats=repeats, steps=steps, say=ui.say)
+            by_device[dev]["slimmed"] = {**slim, "recipe": str(recipe), "vs_baseline": variant_ratios(by_device[dev], slim)}
+        by_device[dev]["environment"] = environment(0, dev)
+    if len(devices) == 1:
+        result = by_device[devices[0]]
+    else:
+        result = {"model": config or model, "by_device": by_device, "placement": placement(by_device, slo_p95_ms)}
     _emit(result, as_json, _print_bench)
 
 
 def _print_bench(r: dict) -> None:
     p = lambda text: out.print(text, markup=False)
+    if "by_device" in r:
+        for sub in r["by_device"].values():
+            _print_bench(sub)
+        p(f"placement: {r['placement']['line']}")
+        return
+    if r.get("slimmed"):
+        _print_bench({k: v for k, v in r.items() if k != "slimmed"})
+        p(f"slimmed variant ({r['slimmed']['recipe']}):")
+        _print_bench(r["slimmed"])
+        v = r["slimmed"]["vs_baseline"]
+        if v:
+            p(f"  vs baseline: request {v['speedup']:.2f}x" + (f", decode {v['decode_speedup']:.2f}x, prefill {v['prefill_speedup']:.2f}x"
+              if "decode_speedup" in v else "") + f", weights {v['weights_ratio']:.2f}x, peak memory {v['peak_memory_ratio']:.2f}x"
+              + (" (within noise)" if v.get("within_noise") else ""))
+        return
     if r.get("config_only"):
         c = r["config_only"]
         p(f"{c['architecture']}: {(c['parameters'] or 0) / 1e9:.2f} B parameters, random weights (speed and memory only)")

@@ -57,6 +57,41 @@ def test_cost_per_million_tokens_follows_throughput():
     assert "EXAMPLE" in S.cost({"throughput": {"samples_per_s": 2.0}, "batch_size": 8}, False, "cpu", None)["assumption"]
 
 
+def _headline(p95: float, usd: float, example: bool = False) -> dict:
+    return {"bench": {"latency_ms": {"p95": p95}, "batch_size": 1},
+            "cost": {"usd_per_1m_tokens": usd, "hourly_usd": 1.0, "assumption": "EXAMPLE price" if example else "1 USD/h"}}
+
+
+def test_placement_picks_the_cheapest_device_that_meets_the_slo():
+    cpu, gpu = _headline(900.0, 0.50), _headline(40.0, 0.80)
+    p = S.placement({"cpu": cpu, "cuda": gpu}, 1000.0)
+    assert p["choice"] == "cpu" and p["devices"]["cpu"]["meets_slo"] and "place it on cpu" in p["line"]
+    p = S.placement({"cpu": cpu, "cuda": gpu}, 100.0)  # the CPU misses: the GPU, though dearer per token
+    assert p["choice"] == "cuda" and "misses the SLO" in p["line"]
+    p = S.placement({"cpu": cpu, "cuda": gpu}, 10.0)
+    assert p["choice"] is None and "no device meets" in p["line"]
+    p = S.placement({"cpu": cpu, "cuda": _headline(40.0, 0.20, example=True)}, None)
+    assert p["choice"] == "cuda" and "EXAMPLE price" in p["line"] and "no --slo-p95-ms" in p["line"]
+
+
+def test_semi_structured_without_a_gain_is_warned():
+    out = {"device": "cuda", "semi_structured": {"speedup": 0.1, "sparse_p50_ms": 138.0, "dense_p50_ms": 13.8}}
+    assert any("no measured gain" in w for w in S._warnings(out, [None]))
+    out["semi_structured"]["speedup"] = 1.3
+    assert not any("2:4" in w for w in S._warnings(out, [None]))
+
+
+def test_hourly_cost_takes_one_price_or_one_per_device():
+    assert S.parse_hourly("0.5", ["cpu", "cuda"]) == {"cpu": 0.5, "cuda": 0.5}
+    assert S.parse_hourly("cpu=0.68,cuda=3.5", ["cpu", "cuda"]) == {"cpu": 0.68, "cuda": 3.5}
+    assert S.parse_hourly("cuda=3.5", ["cpu", "cuda"]) == {"cpu": None, "cuda": 3.5}
+    assert S.parse_hourly(None, ["cpu"]) == {"cpu": None}
+    from slimctl.errors import UsageError
+    for bad in ("cheap", "tpu=1", "cpu=-1"):
+        with pytest.raises(UsageError):
+            S.parse_hourly(bad, ["cpu", "cuda"])
+
+
 def test_bench_sweep_cli_on_a_real_model(tiny_bert):
     p = run_cli("bench", tiny_bert, "--batch-sizes", "auto", "--json", *FAST)
     assert p.returncode == 0, p.stderr
@@ -89,11 +124,31 @@ def test_config_only_bench_builds_random_weights_of_that_shape(tmp_path):
     assert 0 < r["config_only"]["parameters"] < 1e6
 
 
+def test_config_only_slimmed_variant_is_measured_against_its_baseline(tmp_path):
+    from conftest import REPO
+
+    cfg = dict(S.ARCHITECTURES["llama-1b"], hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, vocab_size=1000)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = run_cli("bench", "--config", tmp_path / "config.json", "--recipe", REPO / "recipes" / "int4-rtn-g128.yaml",
+                "--repeats", "1", "--json", *FAST)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    v = r["slimmed"]["vs_baseline"]
+    assert r["slimmed"]["steps"][0]["method"] == "rtn" and r["slimmed"]["bench"]["decode_tokens_per_s"] > 0
+    assert 0.2 < v["weights_ratio"] < 0.6 and v["speedup"] > 0  # int4 of the Linear layers; embeddings stay fp32
+    p = run_cli("bench", "--config", tmp_path / "config.json", "--recipe", REPO / "recipes" / "int4-gptq-g128.yaml")
+    assert p.returncode == 2 and "calibrates on text" in p.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--config", "llama-99b"], "neither a config.json nor a built-in architecture"),
     (["{m}", "--config", "llama-1b"], "not both or neither"),
     (["{m}", "--batch-sizes", "1,x"], "comma list of integers"),
     (["{m}", "--dtypes", "int3"], "--dtypes takes fp32, bf16, fp16"),
+    (["{m}", "--device", "tpu"], "--device takes cpu, cuda or cpu,cuda"),
+    (["{m}", "--hourly-cost", "lots"], "--hourly-cost takes USD per hour"),
+    (["{m}", "--recipe", "recipes/bf16.yaml"], "--recipe measures a slimmed variant of a --config"),
 ])
 def test_bench_option_errors(args, msg, tiny_bert):
     p = run_cli("bench", *[str(tiny_bert) if a == "{m}" else a for a in args])

@@ -178,7 +178,7 @@ def params_from_config(folder) -> int | None:
 def study(target: str, spec: BenchSpec, *, config_only: bool = False, sizes: list[int] | str | None = None,
           dtypes: list[str] | None = None, max_memory_mb: float | None = None, slo_p95_ms: float | None = None,
           hourly_usd: float | None = None, repeats: int = 3, inline: bool = False, load_options: dict | None = None,
-          say=lambda m: None) -> dict[str, Any]:
+          steps: list[dict[str, Any]] | None = None, say=lambda m: None) -> dict[str, Any]:
     """What `slimctl bench` reports: one point measured `repeats` times in fresh processes (the
     spread says how far apart two benches of the same model fall), or a sweep across batch sizes and
     dtypes with a recommendation; roofline fractions and cost for the headline result."""
@@ -194,16 +194,18 @@ def study(target: str, spec: BenchSpec, *, config_only: bool = False, sizes: lis
             folder, _ = resolve(target, say)
         kind = CAUSAL_LM if config_only else detect_kind(_read_config(folder))
         dtypes = dtypes or [None]
-        if inline and (len(dtypes) > 1 or config_only):
-            raise UsageError("--inline measures one loaded model: drop --dtypes / --config, or run isolated")
+        if inline and (len(dtypes) > 1 or config_only or steps):
+            raise UsageError("--inline measures one loaded model: drop --dtypes / --config / --recipe, or run isolated")
 
         def measure(s: BenchSpec, dtype: str | None, roofline: bool = False) -> dict[str, Any]:
             if inline:
                 return _inline(str(folder), s, load_options or {}, roofline)
             return bench_isolated(str(folder), s.model_copy(update={"roofline": roofline}), load_options=load_options,
-                                  dtype=dtype, config_only=config_only, max_memory_mb=max_memory_mb)
+                                  dtype=dtype, config_only=config_only, max_memory_mb=max_memory_mb, steps=steps)
 
         out: dict[str, Any] = {"model": target, "kind": kind, "device": spec.device, "isolated": not inline}
+        if steps:
+            out["steps"] = steps
         if config_only:
             out["config_only"] = {"architecture": target, "parameters": params_from_config(folder),
                                   "note": "random-initialised weights: speed and memory only, no accuracy"}
@@ -231,10 +233,92 @@ def study(target: str, spec: BenchSpec, *, config_only: bool = False, sizes: lis
             p50s = head["rounds_p50_ms"]
             head["spread_p50_ms"] = [min(p50s), max(p50s)]
             out["bench"] = head
+        if out.get("bench") and spec.semi_structured:  # the same point dense, so the 2:4 gain is measured, not assumed
+            say("dense reference for 2:4")
+            cast = dtypes[0] if sizes is None else best["cast"]
+            dense = measure(spec.model_copy(update={"semi_structured": False, "batch_size": out["bench"]["batch_size"]}), cast)
+            sp, dn = out["bench"]["latency_ms"]["p50"], dense["latency_ms"]["p50"]
+            out["semi_structured"] = {"layers": out["bench"].get("semi_structured_layers"), "sparse_p50_ms": sp,
+                                      "dense_p50_ms": dn, "speedup": dn / sp}
         if out.get("bench"):
             out["cost"] = cost(out["bench"], kind == CAUSAL_LM, spec.device, hourly_usd)
         out["warnings"] = _warnings(out, dtypes)
     return out
+
+
+def data_free_steps(recipe_path: str) -> list[dict[str, Any]]:
+    """A recipe's steps for a config-only model: random weights and no tokenizer, so methods that
+    calibrate on text (GPTQ, SmoothQuant, Wanda, SparseGPT, structured, ONNX) are refused."""
+    from .. import recipe as recipe_mod
+    from ..techniques import CalibrationOptions
+
+    r = recipe_mod.load(recipe_path)
+    bad = [s.method for s in r.steps if isinstance(s.config, CalibrationOptions)]
+    if bad:
+        raise UsageError(f"{', '.join(bad)} calibrates on text, which a --config model (random weights, no tokenizer) does "
+                         "not have; use a data-free recipe (bf16, int8-dynamic, int8-weight-only, int4-rtn-*, "
+                         "prune-magnitude-*, nf4)")
+    return [s.to_dict() for s in r.steps]
+
+
+def variant_ratios(base: dict[str, Any], slim: dict[str, Any]) -> dict[str, Any]:
+    """Slimmed vs baseline of the same architecture: >1 speedups are faster, <1 memory ratios smaller."""
+    b, s = base.get("bench") or {}, slim.get("bench") or {}
+    if not b or not s:
+        return {}
+    out = {"speedup": b["latency_ms"]["p50"] / s["latency_ms"]["p50"],
+           "weights_ratio": s["weights_in_memory_mb"] / b["weights_in_memory_mb"],
+           "peak_memory_ratio": s["peak_memory_mb"] / b["peak_memory_mb"]}
+    if b.get("decode_tokens_per_s") and s.get("decode_tokens_per_s"):
+        out["decode_speedup"] = s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+        out["prefill_speedup"] = b["prefill_ms"]["p50"] / s["prefill_ms"]["p50"]
+    lo, hi = b.get("spread_p50_ms") or [None, None]
+    if lo is not None and (s.get("spread_p50_ms") or [None])[0] is not None:
+        out["within_noise"] = s["spread_p50_ms"][0] <= hi and lo <= s["spread_p50_ms"][1]
+    return out
+
+
+def parse_hourly(text: str | None, devices: list[str]) -> dict[str, float | None]:
+    """`--hourly-cost`: one price for every device ("0.10") or one per device ("cpu=0.68,cuda=3.50")."""
+    if text is None:
+        return {d: None for d in devices}
+    try:
+        if "=" not in text:
+            return {d: float(text) for d in devices}
+        prices = {k.strip(): float(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise UsageError(f"--hourly-cost takes USD per hour: 0.10 or cpu=0.68,cuda=3.50; got {text!r}") from None
+    if any(v < 0 for v in prices.values()) or set(prices) - set(devices):
+        raise UsageError(f"--hourly-cost names {', '.join(sorted(prices))}; the devices measured are {', '.join(devices)}")
+    return {d: prices.get(d) for d in devices}
+
+
+def placement(by_device: dict[str, dict[str, Any]], slo_p95_ms: float | None) -> dict[str, Any]:
+    """Where to run this model: per device its headline p95 (whole request), whether that meets the
+    SLO, and its cost; the choice is the cheapest device that meets the SLO (the cheapest when no
+    SLO is given). Costs compare only when each was measured on its own device's throughput."""
+    rows = {}
+    for dev, r in by_device.items():
+        b, c = r.get("bench") or {}, r.get("cost") or {}
+        usd = c.get("usd_per_1m_tokens", c.get("usd_per_1m_samples"))
+        if not b or usd is None:
+            continue
+        p95 = b["latency_ms"]["p95"]
+        rows[dev] = {"p95_ms": p95, "meets_slo": None if slo_p95_ms is None else p95 <= slo_p95_ms, "usd_per_1m": usd,
+                     "unit": "tokens" if "usd_per_1m_tokens" in c else "samples", "hourly_usd": c["hourly_usd"],
+                     "example_price": "EXAMPLE" in c["assumption"], "batch_size": b["batch_size"]}
+    if not rows:
+        return {"devices": rows, "choice": None, "line": "no device gave a result to compare"}
+    fits = [d for d, r in rows.items() if r["meets_slo"] is not False]
+    parts = "; ".join(f"{d}: p95 {r['p95_ms']:.1f} ms" + ("" if r["meets_slo"] is None else " (meets the SLO)" if r["meets_slo"]
+                      else " (misses the SLO)") + f", {r['usd_per_1m']:.4g} USD per 1M {r['unit']} at {r['hourly_usd']:g} USD/h"
+                      + (" (EXAMPLE price)" if r["example_price"] else "") for d, r in rows.items())
+    if not fits:
+        return {"devices": rows, "choice": None, "line": f"no device meets p95 <= {slo_p95_ms:g} ms. {parts}"}
+    choice = min(fits, key=lambda d: rows[d]["usd_per_1m"])
+    why = (f"the cheapest that meets p95 <= {slo_p95_ms:g} ms" if slo_p95_ms is not None else "the cheapest per "
+           f"{rows[choice]['unit'][:-1]} (no --slo-p95-ms given)")
+    return {"devices": rows, "choice": choice, "line": f"place it on {choice}: {why}. {parts}"}
 
 
 def _inline(folder: str, spec: BenchSpec, load_options: dict, roofline: bool) -> dict[str, Any]:
@@ -258,6 +342,10 @@ def _warnings(out: dict[str, Any], dtypes: list) -> list[str]:
     b = out.get("bench") or {}
     if b.get("onnx_cpu_fallback"):
         w.append("onnxruntime's CUDA execution provider runs some nodes (int8 ones usually) on the CPU")
+    ss = out.get("semi_structured")
+    if ss and ss["speedup"] <= 1.0:
+        w.append(f"2:4 semi-structured kernels ran at {ss['speedup']:.2f}x of dense ({ss['sparse_p50_ms']:.1f} vs "
+                 f"{ss['dense_p50_ms']:.1f} ms p50): no measured gain, keep the dense weights")
     rec = out.get("recommendation")
     if rec and rec.get("batch_size") is None:
         w.append(rec["reason"])
