@@ -116,10 +116,12 @@ def main() -> int:
     ap.add_argument("--arch", default="llama-1b", choices=["tiny", *ARCHITECTURES])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="fewer iterations and decode tokens")
+    ap.add_argument("--only", nargs="+", help="run only these parts: bf16 fp16 int8-weight-only int4-weight-only-g128 fp8 nf4 sparse24")
     args = ap.parse_args()
     dev = args.device
-    spec = BenchSpec(device=dev, batch_size=1, seq_len=128, decode_tokens=16 if args.quick else 64,
-                     min_iters=2 if args.quick else 5, min_seconds=0 if args.quick else 2, roofline=True, warmup=1)
+    spec = BenchSpec(device=dev, batch_size=1, seq_len=128, decode_tokens=16 if args.quick else 32,
+                     min_iters=2 if args.quick else 5, min_seconds=0 if args.quick else 1, roofline=True, warmup=1)
+    out = Path(args.out)
     doc = {"arch": args.arch, "device": dev, "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else None,
            "capability": list(torch.cuda.get_device_capability(0)) if dev == "cuda" else None,
            "torch": torch.__version__, "results": {}, "errors": {}}
@@ -127,6 +129,8 @@ def main() -> int:
     variants = [("bf16", torch.bfloat16, None), ("fp16", torch.float16, None), ("int8-weight-only", half, lambda m: weight_only(m, 8, 128)),
                 ("int4-weight-only-g128", half, lambda m: weight_only(m, 4, 128)), ("fp8", half, fp8), ("nf4", half, nf4)]
     for name, dtype, change in variants:
+        if args.only and name not in args.only:
+            continue
         t0 = time.perf_counter()
         try:
             if name == "fp8":
@@ -157,10 +161,11 @@ def main() -> int:
             if dev == "cuda":
                 torch.cuda.empty_cache()
         print(f"[gpu_bench] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    if dev == "cuda":
+        _write(out, doc)  # part by part: a run stopped at its time limit keeps what it measured
+    if dev == "cuda" and (not args.only or "sparse24" in args.only):
         try:
             doc["sparse24_linears"] = sparse24(dev, args.quick)
-            from slimctl.sparsity import nm_mask, to_semi_structured
+            from slimctl.sparsity import nm_mask
 
             model = build(args.arch, torch.bfloat16, dev)
             with torch.no_grad():
@@ -175,12 +180,16 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             doc["errors"]["sparse24"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             traceback.print_exc()
+    _write(out, doc)
+    return 0
+
+
+def _write(out: Path, doc: dict) -> None:
     base = doc["results"].get("bf16", {}).get("decode_tokens_per_s")
     for r in doc["results"].values():
         if base and r.get("decode_tokens_per_s"):
             r["decode_vs_bf16"] = r["decode_tokens_per_s"] / base
-    Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return 0
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""CUDA-only checks (marker `cuda`; skipped without a GPU): the kernels and memory paths that a CPU
+cannot exercise. They need no tokenizer or downloaded model, so scripts/gpu_check.sh runs them on
+a bare GPU machine: FP8 through torch._scaled_mm, int4/int8 weight-only layers on the GPU,
+bitsandbytes NF4 on CUDA, and a batch sweep whose large point really runs out of GPU memory."""
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _tiny_llama(dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_fp8_runs_scaled_mm_and_matches_its_emulation():
+    from slimctl.qmodules import Fp8Linear, fp8_supported
+
+    if not fp8_supported()[0]:
+        pytest.skip(fp8_supported()[1])
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 512, bias=True).cuda().bfloat16()
+    q = Fp8Linear.from_linear(lin)
+    x = torch.randn(4, 8, 256, device="cuda", dtype=torch.bfloat16)
+    native = q(x)
+    emulated = q.cpu().float()(x.cpu().float())  # same e4m3 values, dequantized float32 matmul
+    assert native.dtype == torch.bfloat16 and native.shape == (4, 8, 512)
+    assert _rel(native.cpu(), emulated) < 0.02
+    assert _rel(native, lin(x)) < 0.1
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
+def test_weight_only_layer_on_gpu_matches_cpu(bits, group):
+    from slimctl.qmodules import WeightOnlyLinear
+    from slimctl.quant import QScheme, rtn
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384)
+    codes, scale, zero = rtn(lin.weight.detach(), QScheme(bits, group, True), group)
+    q = WeightOnlyLinear.from_codes(lin, codes, scale, zero, bits, group)
+    x = torch.randn(16, 256)
+    ref = q(x)
+    out = q.cuda()(x.cuda())
+    assert torch.allclose(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    assert _rel(ref, lin(x)) < (0.15 if bits == 4 else 0.01)
+
+
+def test_bnb_nf4_model_runs_on_cuda():
+    pytest.importorskip("bitsandbytes")
+    from slimctl import techniques as T
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 1024, (2, 32))
+    with torch.no_grad():
+        ref = model(ids).logits
+    t = T.get("bnb")
+    ctx = T.StepContext(kind="causal-lm")
+    info = t.apply(model, t.config(mode="nf4", compute_dtype="bfloat16"), ctx)
+    q = ctx.replacement.cuda()
+    assert info["layers"] and all(p.device.type == "cuda" for p in q.parameters())
+    with torch.no_grad():
+        out = q(ids.cuda()).logits.float().cpu()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min()
+    assert cos > 0.9
+
+
+def test_sweep_records_a_real_cuda_out_of_memory_and_backs_off(tmp_path):
+    from slimctl.bench.sweep import ARCHITECTURES, study
+    from slimctl.recipe import BenchSpec
+
+    cfg = dict(ARCHITECTURES["llama-1b"], hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64, vocab_size=32000)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = BenchSpec(device="cuda", seq_len=128, decode_tokens=2, min_iters=2, min_seconds=0)
+    # batch 4096 x 128 tokens: one MLP activation alone (x 512 channels, bf16) is 0.5 GB, over the 600 MB cap
+    r = study(str(tmp_path), spec, config_only=True, sizes=[1, 4096], dtypes=["bf16"], max_memory_mb=600)
+    rows = {s["batch_size"]: s for s in r["sweep"]}
+    assert rows[1]["status"] == "ok" and rows[1]["peak_memory_mb"] > 0
+    assert rows[4096]["status"] == "out of memory", rows[4096]
+    assert r["recommendation"]["batch_size"] == 1
+
+
+def test_bench_cli_places_a_model_on_cpu_or_gpu(tmp_path):
+    from conftest import run_cli
+    from slimctl.bench.sweep import ARCHITECTURES
+
+    cfg = dict(ARCHITECTURES["llama-1b"], hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64, vocab_size=32000)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = run_cli("bench", "--config", tmp_path / "config.json", "--device", "cpu,cuda", "--repeats", "1", "--slo-p95-ms", "60000",
+                "--hourly-cost", "cpu=0.68,cuda=3.50", "--min-iters", "2", "--min-seconds", "0", "--seq-len", "32",
+                "--decode-tokens", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert set(r["by_device"]) == {"cpu", "cuda"} and r["by_device"]["cuda"]["bench"]["device"] == "cuda"
+    pl = r["placement"]
+    assert pl["choice"] in ("cpu", "cuda") and set(pl["devices"]) == {"cpu", "cuda"}
+    assert pl["devices"]["cuda"]["hourly_usd"] == 3.5 and "place it on" in pl["line"]
