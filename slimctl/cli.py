@@ -474,9 +474,8 @@ def bench(
     [bold]slimctl bench --config llama-1b --device cpu,cuda --slo-p95-ms 2000 --hourly-cost cpu=0.68,cuda=3.50[/bold]
     [bold]slimctl bench --config llama-8b --recipe recipes/int4-rtn-g128.yaml --seq-len 32 --decode-tokens 8 --repeats 1[/bold]
     """
-    from .bench.sweep import data_free_steps, parse_hourly, parse_sizes, placement, study, variant_ratios
+    from .bench.sweep import data_free_steps, parse_hourly, parse_sizes, study_devices
     from .errors import UsageError
-    from .report import environment
 
     if (model is None) == (config is None):
         raise UsageError("give a MODEL or --config, not both or neither")
@@ -501,25 +500,13 @@ def bench(
 
             raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
     ui = _UI()
-    by_device = {}
-    for dev in devices:
-        if len(devices) > 1:
-            ui.say(f"measuring on {dev}")
-        spec = _spec("BenchSpec", device=dev, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
-                     min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured)
-        by_device[dev] = study(config or model, spec, config_only=config is not None, sizes=sizes, dtypes=dts,
-                               max_memory_mb=max_memory, slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], repeats=repeats,
-                               inline=inline, load_options=_load_opts(allow_pickle, trust_remote_code), say=ui.say)
-        if steps:
-            ui.say(f"slimmed variant: {recipe}")
-            slim = study(config, spec, config_only=True, sizes=sizes, dtypes=dts, max_memory_mb=max_memory,
-                         slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], repeats=repeats, steps=steps, say=ui.say)
-            by_device[dev]["slimmed"] = {**slim, "recipe": str(recipe), "vs_baseline": variant_ratios(by_device[dev], slim)}
-        by_device[dev]["environment"] = environment(0, dev)
-    if len(devices) == 1:
-        result = by_device[devices[0]]
-    else:
-        result = {"model": config or model, "by_device": by_device, "placement": placement(by_device, slo_p95_ms)}
+    specs = {dev: _spec("BenchSpec", device=dev, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
+                        min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured)
+             for dev in devices}
+    result = study_devices(config or model, specs, prices, config_only=config is not None, sizes=sizes, dtypes=dts,
+                           max_memory_mb=max_memory, slo_p95_ms=slo_p95_ms, repeats=repeats, inline=inline,
+                           load_options=_load_opts(allow_pickle, trust_remote_code), steps=steps,
+                           recipe=str(recipe) if recipe else None, say=ui.say)
     _emit(result, as_json, _print_bench)
 
 

@@ -1,6 +1,7 @@
 """Bench sweeps across batch sizes (or `auto`: grow until memory runs out or throughput stops
 improving, then bisect) and dtypes, each point in a fresh process; the recommendation; the cost per
-million tokens or samples at a stated hourly price."""
+million tokens or samples at a stated hourly price; CPU-vs-GPU placement; config-only architectures
+and their data-free slimmed variants."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -319,6 +320,28 @@ def placement(by_device: dict[str, dict[str, Any]], slo_p95_ms: float | None) ->
     why = (f"the cheapest that meets p95 <= {slo_p95_ms:g} ms" if slo_p95_ms is not None else "the cheapest per "
            f"{rows[choice]['unit'][:-1]} (no --slo-p95-ms given)")
     return {"devices": rows, "choice": choice, "line": f"place it on {choice}: {why}. {parts}"}
+
+
+def study_devices(target: str, specs: dict[str, BenchSpec], prices: dict[str, float | None], *,
+                  steps: list[dict[str, Any]] | None = None, recipe: str | None = None, slo_p95_ms: float | None = None,
+                  say=lambda m: None, **kw) -> dict[str, Any]:
+    """`study` on each device (one: its result; several: all of them plus a placement line), and with
+    `steps` the slimmed variant of a config-only model next to its baseline on each device."""
+    from ..report import environment
+
+    by_device = {}
+    for dev, spec in specs.items():
+        if len(specs) > 1:
+            say(f"measuring on {dev}")
+        r = by_device[dev] = study(target, spec, slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], say=say, **kw)
+        if steps:
+            say(f"slimmed variant: {recipe}")
+            slim = study(target, spec, slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], steps=steps, say=say, **kw)
+            r["slimmed"] = {**slim, "recipe": recipe, "vs_baseline": variant_ratios(r, slim)}
+        r["environment"] = environment(0, dev)
+    if len(specs) == 1:
+        return by_device[next(iter(specs))]
+    return {"model": target, "by_device": by_device, "placement": placement(by_device, slo_p95_ms)}
 
 
 def _inline(folder: str, spec: BenchSpec, load_options: dict, roofline: bool) -> dict[str, Any]:
