@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_recipes import REPO, main  # noqa: E402
 
 PRUNE = ["prune-magnitude-50", "prune-wanda-50", "prune-sparsegpt-50", "prune-magnitude-2of4", "prune-wanda-2of4",
-         "prune-sparsegpt-2of4", "prune-heads-ffn-25", "prune-2of4-int4"]
+         "prune-sparsegpt-2of4", "prune-heads-ffn-25", "prune-ffn-25", "prune-2of4-int4"]
 
 if __name__ == "__main__":
     sys.exit(main("bench-results/prune.json", [str(REPO / "recipes" / f"{n}.yaml") for n in PRUNE]))

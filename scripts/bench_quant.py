@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_recipes import REPO, main, ood_file  # noqa: E402
 
 QUANT = ["int8-weight-only", "int8-dynamic", "w8a8-smoothquant", "int4-rtn-g128", "int4-gptq-g128",
-         "int4-rtn-g64", "int4-gptq-g64"]
+         "int4-rtn-g64", "int4-gptq-g64", "nf4", "onnx-int8-dynamic", "onnx-int8-static", "fp8"]
 GROUPS = [0, 128, 64, 32]  # 0: per output channel
 GPTQ = ["--set", "act_order=true", "--set", "calib_seq_len=512"]
 

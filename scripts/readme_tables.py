@@ -41,6 +41,11 @@ def main(path: str) -> None:
             rng = dl.get("speedup_range")
             print(f"| {r['recipe']} | {f(dl.get('mean_cosine'), 4)} | {dl.get('topic_accuracy_change', 0):+.2f} | "
                   f"{f(dl.get('speedup'), 2)}× ({f(rng[0], 2) if rng else '–'}–{f(rng[1], 2) if rng else '–'}) | {f(dl.get('size_ratio'), 3)}× |")
+    errors = [r for r in d["results"] if "error" in r]
+    if errors:
+        print("\nNot measured here (the recipe refused, with this message):\n")
+        for r in errors:
+            print(f"- {r['recipe']} on {r['model']}: {r['error']}")
 
 
 def prune(path: str) -> None:
