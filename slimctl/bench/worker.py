@@ -56,15 +56,10 @@ def cap_cuda_memory(max_mb: float) -> None:
 
 def apply_data_free(model, kind: str, steps: list[dict]):
     """Apply recipe steps that need no calibration text (the model has random weights and no tokenizer)."""
-    from .. import techniques
-    from ..recipe import parse_step
+    from ..pipeline import UI, apply_steps
+    from ..recipe import from_dict
 
-    ctx = techniques.StepContext(kind=kind)
-    for raw in steps:
-        step = parse_step(raw)
-        techniques.get(step.method).apply(model, step.config, ctx)
-        if ctx.replacement is not None:
-            model, ctx.replacement = ctx.replacement, None
+    model, _, _ = apply_steps(model, None, from_dict({"version": 1, "steps": steps}, "--recipe"), kind, UI())
     return model
 
 
