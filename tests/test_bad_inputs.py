@@ -126,7 +126,7 @@ CASES = [
     (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{w}/a-file"], "is a file; pass a folder"),
     # devices, sizes and options
     (["bench", "{good}", "--device", "cuda"], "no CUDA GPU"),
-    (["bench", "{good}", "--device", "tpu"], "--device: Input should be 'cpu' or 'cuda'"),
+    (["bench", "{good}", "--device", "tpu"], "--device takes cpu, cuda or cpu,cuda"),
     (["bench", "{good}", "--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
     (["bench", "{good}", "--batch-size", "100000"], "--batch-size: Input should be less than or equal to 4096"),
     (["bench", "{good}", "--seq-len", "1000", "--min-iters", "1", "--min-seconds", "0"], "exceeds the model's 512 positions"),

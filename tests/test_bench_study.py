@@ -146,7 +146,6 @@ def test_config_only_slimmed_variant_is_measured_against_its_baseline(tmp_path):
     (["{m}", "--config", "llama-1b"], "not both or neither"),
     (["{m}", "--batch-sizes", "1,x"], "comma list of integers"),
     (["{m}", "--dtypes", "int3"], "--dtypes takes fp32, bf16, fp16"),
-    (["{m}", "--device", "tpu"], "--device takes cpu, cuda or cpu,cuda"),
     (["{m}", "--hourly-cost", "lots"], "--hourly-cost takes USD per hour"),
     (["{m}", "--recipe", "recipes/bf16.yaml"], "--recipe measures a slimmed variant of a --config"),
 ])
