@@ -363,6 +363,7 @@ def search(
     metric: Optional[str] = typer.Option(None, "--metric", help="ppl, accuracy or fidelity (default: ppl for causal LMs, fidelity for encoders)."),
     objective: str = typer.Option("latency", "--objective", help="latency, throughput, size, memory or cost."),
     candidates: Optional[List[Path]] = typer.Option(None, "--candidates", help="Candidate recipe files (repeatable); default: the built-in space."),
+    space: Optional[str] = typer.Option(None, "--space", help="default: the built-in space (also alongside --candidates); none: only --candidates."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop starting new candidates after this long."),
     mixed: int = typer.Option(1, "--mixed", help="1: add mixed-precision candidates from per-block sensitivity; 0: do not."),
     max_samples: Optional[int] = MAX_SAMPLES_OPT, device: str = DEVICE_OPT, seed: int = SEED_OPT, as_json: bool = JSON_OPT,
@@ -374,27 +375,45 @@ def search(
     candidates (the most sensitive blocks kept in float); the rest run in full, isolated, cached in
     --out so a re-run resumes. Exit 1 when no candidate meets the budget (the closest is named).
 
+    Candidates are ranked on the objective as a ratio to the original model, which every candidate's
+    run measures in alternating rounds beside it (the machine's speed drifts between candidates).
+
     Example: [bold]slimctl search minilm-l6 --max-drop 1% --objective latency --out runs/search-minilm[/bold]
+
+    Example: [bold]slimctl search smollm2-135m --max-drop 1% --candidates recipes/*.yaml --space default --out runs/s[/bold]
     """
-    from .errors import GateFailed
+    from .errors import GateFailed, UsageError
     from .search import parse_drop, read_candidates, run_search
 
     budget = parse_drop(max_drop)
+    if space not in (None, "default", "none"):
+        raise UsageError(f"--space takes default or none, not {space!r}")
+    if space == "none" and not candidates:
+        raise UsageError("--space none needs --candidates")
     cands = read_candidates(candidates) if candidates else None
     ev, be = _specs(max_samples, False, False, device)
     ui = _UI()
     res = run_search(model, out_dir, budget, metric, objective, cands, budget_minutes, device, seed, mixed,
-                     _load_opts(allow_pickle, trust_remote_code), ui.say, eval_spec=ev, bench_spec=be)
+                     _load_opts(allow_pickle, trust_remote_code), ui.say, eval_spec=ev, bench_spec=be,
+                     with_space=space == "default")
 
     def human(r):
         p = lambda t: out.print(t, markup=False)
         p(f"search on {r['model']}: {r['metric']} drop <= {r['max_drop']:.2%}, objective {r['objective']} "
           f"({'lower' if r['lower_is_better'] else 'higher'} is better), {r['seconds'] / 60:.1f} min")
-        p(f"{'candidate':<34} {'status':<8} {'pre-drop':>9} {'drop':>9} {r['objective']:>12}  budget  pareto")
+        p(f"ranked by {r['ranked_by']}")
+        p(f"{'candidate':<34} {'status':<8} {'pre-drop':>9} {'drop':>9} {r['objective']:>12} {'vs orig':>8}  budget  pareto")
         for c in r["candidates"]:
+            vs = c.get("vs_original")
+            why = c["error"] or ""
+            if c.get("same_as"):
+                why = f"same steps as {c['same_as']}" + (f"; {why}" if why else "")
             p(f"{c['name'][:34]:<34} {c['status']:<8} {_pct(c.get('prefilter_drop')):>9} {_pct(c.get('drop')):>9} "
-              f"{_fmt_num(c.get('objective')):>12}  {'yes' if c.get('meets_budget') else ('no' if 'meets_budget' in c else '–'):<6}  "
-              f"{'*' if c.get('pareto') else ''}{'  ' + c['error'] if c.get('error') else ''}")
+              f"{_fmt_num(c.get('objective')):>12} {('–' if vs is None else f'{vs:.2f}x'):>8}  "
+              f"{'yes' if c.get('meets_budget') else ('no' if 'meets_budget' in c else '–'):<6}  "
+              f"{'*' if c.get('pareto') else ' '}{'  ' + why if why else ''}")
+        for w in r.get("warnings") or []:
+            p(f"warning: {w}")
         if r["winner"]:
             p(f"winner: {r['winner']} → {out_dir}/winner.yaml, {out_dir}/model, {out_dir}/report.json")
     _emit(res, as_json, human)

@@ -24,6 +24,15 @@ OBJECTIVES = {  # name -> (how to read it from a report, lower is better)
     "memory": (lambda r: (r["slimmed"]["bench"] or {}).get("peak_memory_mb"), True),
     "cost": (lambda r: 1.0 / t if (t := ((r["slimmed"]["bench"] or {}).get("throughput") or {}).get("samples_per_s")) else None, True),
 }
+# The same objective as a ratio to the original model measured in the same run (alternating rounds):
+# candidates run minutes apart on a machine whose speed drifts, so they are ranked on this ratio.
+RATIOS = {  # name -> (ratio from a report's delta, lower is better)
+    "latency": lambda d: 1 / d["speedup"] if d.get("speedup") else None,
+    "throughput": lambda d: d.get("throughput_ratio"),
+    "size": lambda d: d.get("size_ratio"),
+    "memory": lambda d: d.get("peak_memory_ratio"),
+    "cost": lambda d: 1 / d["throughput_ratio"] if d.get("throughput_ratio") else None,
+}
 METRICS = ("ppl", "accuracy", "fidelity")
 
 
@@ -79,6 +88,7 @@ class Candidate:
     report: dict[str, Any] | None = None
     status: str = "pending"  # pending | dropped | done | failed
     error: str | None = None
+    same_as: str | None = None  # measured once under this other candidate's name (identical steps)
 
 
 def _hash(obj: Any) -> str:
@@ -135,6 +145,49 @@ def sensitivity(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpe
     return out
 
 
+def _sensitivity_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps whose per-block cost is measured: GPTQ is measured through RTN at the same bits and
+    group (GPTQ per block would cost a full calibration each; its error pattern follows RTN's)."""
+    out = []
+    for st in steps:
+        if st["method"] == "gptq":
+            st = {"method": "rtn", "bits": st.get("bits", 4), "group_size": st.get("group_size", 128)}
+        out.append(copy.deepcopy(st))
+    return out
+
+
+def _mixable(c: "Candidate", max_drop: float) -> bool:
+    """A candidate that missed the budget on the pre-filter by a margin that keeping a few blocks in
+    float can plausibly close, and whose last step can leave layers alone (`ignore`)."""
+    from . import techniques
+
+    d = c.prefilter.get("drop")
+    if d is None or d <= max_drop or d > max(10 * max_drop, 0.05) or not c.steps or c.status not in ("pending", "dropped"):
+        return False
+    try:
+        return "ignore" in techniques.get(c.steps[-1]["method"]).config.model_fields
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def mixed_counts(sens: list[dict[str, Any]], total_drop: float, max_drop: float) -> list[int]:
+    """How many of the most sensitive blocks to keep in float: the fewest that the measured per-block
+    costs say bring the drop under 70 % of the budget (costs taken as additive, scaled to the
+    whole-model drop), plus 1/8 and 1/4 of the blocks; never more than half."""
+    n = len(sens)
+    costs = sorted((max(s["drop"] or 0.0, 0.0) for s in sens), reverse=True)
+    total = sum(costs)
+    ks = {max(1, n // 8), max(1, n // 4)}
+    if total > 0:
+        kept = 0.0
+        for k, cst in enumerate(costs, 1):
+            kept += cst
+            if total_drop * (1 - kept / total) <= 0.7 * max_drop:
+                ks.add(k)
+                break
+    return sorted(k for k in ks if k <= max(1, n // 2))
+
+
 def _quick_delta(ev: dict[str, Any]) -> dict[str, Any]:
     from .pipeline import _delta
 
@@ -144,7 +197,8 @@ def _quick_delta(ev: dict[str, Any]) -> dict[str, Any]:
 def run_search(model: str, out: Path, max_drop: float, metric: str | None, objective: str, candidates: list[dict] | None,
                budget_minutes: float | None, device: str, seed: int, mixed: int, load_options: dict,
                say: Callable[[str], None] = lambda m: None, overwrite: bool = False,
-               eval_spec: R.EvalSpec | None = None, bench_spec: R.BenchSpec | None = None) -> dict[str, Any]:
+               eval_spec: R.EvalSpec | None = None, bench_spec: R.BenchSpec | None = None,
+               with_space: bool = False) -> dict[str, Any]:
     from . import pipeline
     from .evaluate import evaluate
     from .models import load
@@ -158,7 +212,13 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     metric = metric or default_metric(base.kind)
     if metric not in METRICS:
         raise UsageError(f"--metric must be one of {', '.join(METRICS)}")
-    cands = [Candidate(c["name"], c["steps"], c.get("origin", "space")) for c in (candidates or default_space(base.kind))]
+    pool = list(candidates or []) + (default_space(base.kind) if with_space or not candidates else [])
+    cands = [Candidate(c["name"], c["steps"], c.get("origin", "space")) for c in pool]
+    names = [c.name for c in cands]
+    if len(set(names)) != len(names):  # a shipped recipe named like a space entry: tell them apart
+        for c in cands:
+            if names.count(c.name) > 1 and c.origin == "space":
+                c.name = f"space-{c.name}"
     eval_spec = eval_spec or R.EvalSpec()
     bench_spec = bench_spec or R.BenchSpec(device=device)
     quick = eval_spec.model_copy(update={"max_samples": 4 if base.kind != "encoder" else 24,
@@ -175,15 +235,11 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     # 1. pre-filter: a few batches; a candidate whose quick drop exceeds 3x the budget (and the
     #    budget + 2 points, since a few batches are noisy) is hopeless
     hopeless = max(3 * max_drop, max_drop + 0.02)
-    for i, c in enumerate(cands):
-        if over_budget():
-            c.status, c.error = "skipped", "search budget (--budget-minutes) spent"
-            continue
-        say(f"pre-filter {i + 1}/{len(cands)}: {c.name}")
+    from . import techniques
+
+    def prefilter(c: Candidate) -> None:
         try:
             slim = copy.deepcopy(base.model)
-            from . import techniques
-
             ctx = techniques.StepContext(kind=base.kind, seed=seed, tokenizer=base.tokenizer)
             for st in c.steps:
                 t = techniques.get(st["method"])
@@ -191,31 +247,52 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
                 if ctx.replacement is not None:
                     slim, ctx.replacement = ctx.replacement, None
             ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
-            d = drop({"delta": _quick_delta(ev)}, metric)
-            c.prefilter = {"drop": d, "samples": quick.max_samples}
+            qd = _quick_delta(ev)
+            d = drop({"delta": qd}, metric)
+            c.prefilter = {"drop": d, "samples": quick.max_samples,
+                           **{k: qd[k] for k in ("kl_divergence", "top1_agreement", "mean_cosine") if qd.get(k) is not None}}
             if d is not None and d > hopeless:
                 c.status = "dropped"
                 c.error = f"pre-filter drop {d:.4f} is hopeless against the budget {max_drop:.4f} (cut-off {hopeless:.4f})"
             del slim
         except Exception as e:  # noqa: BLE001  a candidate that cannot apply to this model is a result, not a crash
             c.status, c.error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    # 2. per-layer sensitivity of the most aggressive surviving weight-only candidate → mixed precision
+
+    seen: dict[str, Candidate] = {}
+    for i, c in enumerate(cands):
+        if over_budget():
+            c.status, c.error = "skipped", "search budget (--budget-minutes) spent"
+            continue
+        twin = seen.setdefault(_hash(c.steps), c)
+        if twin is not c:  # the same steps under another name (a shipped recipe and the space): measured once
+            c.same_as = twin.name
+            say(f"pre-filter {i + 1}/{len(cands)}: {c.name} (same steps as {twin.name})")
+            continue
+        say(f"pre-filter {i + 1}/{len(cands)}: {c.name}")
+        prefilter(c)
+    for c in cands:
+        if c.same_as:
+            twin = next(o for o in cands if o.name == c.same_as)
+            c.prefilter, c.status, c.error = twin.prefilter, twin.status, twin.error
+    # 2. per-layer sensitivity of the candidate that missed the budget by the least (when keeping
+    #    blocks in float can plausibly rescue it) → mixed-precision candidates, pre-filtered too
     sens = None
-    lossy = [c for c in cands if c.status == "pending" and c.steps and c.steps[-1]["method"] in ("rtn", "gptq")
-             and c.steps[-1].get("bits") == 4 and c.prefilter.get("drop") is not None and c.prefilter["drop"] > max_drop]
+    lossy = [c for c in cands if not c.same_as and _mixable(c, max_drop)]
     if mixed and lossy and not over_budget():
         src = min(lossy, key=lambda c: c.prefilter["drop"])
-        say(f"per-layer sensitivity of {src.name}")
-        sens = sensitivity(base, [s for s in src.steps if s["method"] == "rtn"] or
-                           [{"method": "rtn", "bits": 4, "group_size": src.steps[-1].get("group_size", 64)}],
-                           metric, quick, seed, say)
+        say(f"per-block sensitivity of {src.name} (pre-filter drop {src.prefilter['drop']:.2%})")
+        sens = sensitivity(base, _sensitivity_steps(src.steps), metric, quick, seed, say)
         order = [s["block"] for s in sorted(sens, key=lambda s: -(s["drop"] or 0))]
-        for k in sorted({max(1, len(order) // 8), max(1, len(order) // 4)}):
+        for k in mixed_counts(sens, src.prefilter["drop"], max_drop):
             steps = copy.deepcopy(src.steps)
             steps[-1]["ignore"] = list(steps[-1].get("ignore", [])) + [f"{b}.*" for b in order[:k]]
-            cands.append(Candidate(f"{src.name}+float-top{k}", steps, "mixed"))
+            mc = Candidate(f"{src.name}+float-top{k}", steps, "mixed")
+            cands.append(mc)
+            if not over_budget():
+                say(f"pre-filter {mc.name}")
+                prefilter(mc)
     # 3. full, isolated runs of the survivors (cached per model, recipe and environment)
-    todo = [c for c in cands if c.status == "pending"]
+    todo = [c for c in cands if c.status == "pending" and not c.same_as]
     for i, c in enumerate(todo):
         if over_budget():
             c.status, c.error = "skipped", "search budget (--budget-minutes) spent"
@@ -240,28 +317,46 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
             cached.write_text(json.dumps(rep, default=str))
         except Exception as e:  # noqa: BLE001
             c.status, c.error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    # 4. verdict
+    # 4. verdict: ranked on the objective's ratio to the original measured in the same run
+    for c in cands:
+        if c.same_as:
+            twin = next(o for o in cands if o.name == c.same_as)
+            c.report, c.status, c.error = twin.report, twin.status, twin.error
     read, lower = OBJECTIVES[objective]
     rows = []
     for c in cands:
         row = {"name": c.name, "origin": c.origin, "steps": c.steps, "status": c.status, "error": c.error,
-               "prefilter_drop": c.prefilter.get("drop")}
+               "prefilter_drop": c.prefilter.get("drop"), "prefilter": c.prefilter, "same_as": c.same_as}
         if c.report:
-            row.update(drop=drop(c.report, metric), objective=read(c.report), report=str(out / "candidates" / c.name / "report.json"))
+            d = c.report.get("delta") or {}
+            row.update(drop=drop(c.report, metric), objective=read(c.report), vs_original=RATIOS[objective](d),
+                       speedup=d.get("speedup"), speedup_range=d.get("speedup_range"), size_ratio=d.get("size_ratio"),
+                       report=str(out / "candidates" / (c.same_as or c.name) / "report.json"))
             row["meets_budget"] = row["drop"] is not None and row["drop"] <= max_drop and row["objective"] is not None
         rows.append(row)
     done = [r for r in rows if r.get("objective") is not None and r.get("drop") is not None]
-    sign = 1 if lower else -1
+    by_ratio = bool(done) and all(r.get("vs_original") is not None for r in done)
+    rank_lower = True if by_ratio else lower  # every ratio is oriented lower-is-better except throughput
+    if by_ratio and objective == "throughput":
+        rank_lower = False
+    key = (lambda r: r["vs_original"]) if by_ratio else (lambda r: r["objective"])
+    sign = 1 if rank_lower else -1
     for r in done:
-        r["pareto"] = not any(o is not r and o["drop"] <= r["drop"] and sign * o["objective"] <= sign * r["objective"]
-                              and (o["drop"] < r["drop"] or sign * o["objective"] < sign * r["objective"]) for o in done)
+        r["pareto"] = not any(o is not r and o["drop"] <= r["drop"] and sign * key(o) <= sign * key(r)
+                              and (o["drop"] < r["drop"] or sign * key(o) < sign * key(r)) for o in done)
     ok = [r for r in done if r["meets_budget"]]
-    winner = min(ok, key=lambda r: sign * r["objective"]) if ok else None
+    winner = min(ok, key=lambda r: sign * key(r)) if ok else None
+    notes = []
+    if winner and by_ratio and sign * winner["vs_original"] > sign * 1.0:
+        notes.append(f"no candidate within the budget beats the original model on {objective}: the best, {winner['name']}, "
+                     f"is at {winner['vs_original']:.2f}x of the original's {objective}; keeping the original is the faster choice")
     result = {"model": model, "metric": metric, "max_drop": max_drop, "objective": objective, "lower_is_better": lower,
-              "candidates": rows, "sensitivity": sens, "seconds": round(time.perf_counter() - t0, 1), "winner": None}
+              "candidates": rows, "sensitivity": sens, "seconds": round(time.perf_counter() - t0, 1), "winner": None,
+              "ranked_by": f"{objective} as a ratio to the original, measured in the same run" if by_ratio else objective,
+              "warnings": notes}
     if winner:
         result["winner"] = winner["name"]
-        src = out / "candidates" / winner["name"]
+        src = out / "candidates" / (winner["same_as"] or winner["name"])
         for part in ("model", "report.json", "report.md"):
             dst = out / part
             if dst.is_dir():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from slimctl import recipe as R
-from slimctl.search import drop, parse_drop, run_search
+from slimctl.search import drop, mixed_counts, parse_drop, run_search
 
 EV = R.EvalSpec(max_samples=4, seq_len=64, max_tokens=256)
 BE = R.BenchSpec(min_iters=2, min_seconds=0, warmup=1, decode_tokens=2, seq_len=16, batch_size=2, repeats=1)
@@ -61,3 +61,38 @@ def test_drop_reads_each_metric():
     assert drop({"delta": {"perplexity_ratio": 1.02}}, "ppl") == pytest.approx(0.02)
     assert drop({"delta": {"fidelity": 0.97}}, "fidelity") == pytest.approx(0.03)
     assert drop({"delta": {"topic_accuracy_change": -0.05}}, "accuracy") == pytest.approx(0.05)
+
+
+def test_mixed_counts_follow_the_measured_costs():
+    sens = [{"block": f"b{i}", "drop": d} for i, d in enumerate([0.02, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001])]
+    # whole-model drop 0.027 of which one block costs 0.02/0.027: keeping it alone leaves ~0.007 <= 0.7 x 0.01
+    assert mixed_counts(sens, 0.027, 0.01) == [1, 2]
+    # costs spread evenly: no k up to half reaches the budget, so only the fixed 1/8 and 1/4 remain
+    flat = [{"block": f"b{i}", "drop": 0.01} for i in range(8)]
+    assert mixed_counts(flat, 0.08, 0.01) == [1, 2]
+    assert all(k <= 4 for k in mixed_counts(flat, 0.08, 0.001))
+
+
+def test_identical_steps_run_once_and_space_joins_the_candidates(tiny_llama, tmp_path, monkeypatch):
+    import slimctl.search as S
+
+    # a two-entry space keeps this test short; the union and naming logic is what is under test
+    monkeypatch.setattr(S, "default_space", lambda kind: [{"name": "bf16", "steps": [{"method": "bf16"}]},
+                                                          {"name": "int8-dynamic", "steps": [{"method": "int8-dynamic"}]}])
+    twins = [{"name": "mine-bf16", "steps": [{"method": "bf16"}], "origin": "file"},
+             {"name": "int8-dynamic", "steps": [{"method": "bf16"}], "origin": "file"}]
+    said = []
+    res = run_search(str(tiny_llama), tmp_path / "s", 0.01, "fidelity", "latency", twins, None, "cpu", 0, 0, {},
+                     say=said.append, eval_spec=EV, bench_spec=BE, with_space=True)
+    rows = {r["name"]: r for r in res["candidates"]}
+    assert rows["int8-dynamic"]["same_as"] == "mine-bf16" and rows["int8-dynamic"]["drop"] == rows["mine-bf16"]["drop"]
+    assert rows["bf16"]["same_as"] == "mine-bf16" and rows["bf16"]["origin"] == "space"  # the space joined, deduplicated
+    assert rows["space-int8-dynamic"]["origin"] == "space" and rows["space-int8-dynamic"]["same_as"] is None  # a name clash
+    assert sum(m.startswith("candidate ") and "bf16" in m for m in said) == 1
+    # ranked on the ratio to the original measured beside each candidate
+    assert "ratio to the original" in res["ranked_by"]
+    for r in res["candidates"]:
+        if r.get("objective") is not None:
+            assert r["vs_original"] > 0 and r["vs_original"] == pytest.approx(1 / r["speedup"])
+    w = rows[res["winner"]]
+    assert w["meets_budget"] and all(w["vs_original"] <= r["vs_original"] for r in rows.values() if r.get("meets_budget"))
