@@ -358,11 +358,12 @@ def compare(
 @app.command()
 def search(
     model: str = typer.Argument(..., help="Built-in name, local HF folder, or hub id."),
+    more: Optional[List[Path]] = typer.Argument(None, hidden=True),  # the rest of a shell glob: --candidates recipes/*.yaml
     max_drop: str = typer.Option(..., "--max-drop", help="Accuracy budget: 1% or 0.01 (perplexity increase, accuracy drop, or 1 - fidelity)."),
     out_dir: Path = OUT_OPT,
     metric: Optional[str] = typer.Option(None, "--metric", help="ppl, accuracy or fidelity (default: ppl for causal LMs, fidelity for encoders)."),
     objective: str = typer.Option("latency", "--objective", help="latency, throughput, size, memory or cost."),
-    candidates: Optional[List[Path]] = typer.Option(None, "--candidates", help="Candidate recipe files (repeatable); default: the built-in space."),
+    candidates: Optional[List[Path]] = typer.Option(None, "--candidates", help="Candidate recipes: files or a folder of .yaml (recipes/*.yaml works); default: the built-in space."),
     space: Optional[str] = typer.Option(None, "--space", help="default: the built-in space (also alongside --candidates); none: only --candidates."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop starting new candidates after this long."),
     mixed: int = typer.Option(1, "--mixed", help="1: add mixed-precision candidates from per-block sensitivity; 0: do not."),
@@ -390,7 +391,9 @@ def search(
         raise UsageError(f"--space takes default or none, not {space!r}")
     if space == "none" and not candidates:
         raise UsageError("--space none needs --candidates")
-    cands = read_candidates(candidates) if candidates else None
+    if more and not candidates:
+        raise UsageError(f"unexpected argument(s) after the model: {' '.join(map(str, more))}")
+    cands = read_candidates(list(candidates) + list(more or [])) if candidates else None
     ev, be = _specs(max_samples, False, False, device)
     ui = _UI()
     res = run_search(model, out_dir, budget, metric, objective, cands, budget_minutes, device, seed, mixed,

@@ -34,6 +34,10 @@ RATIOS = {  # name -> (ratio from a report's delta, lower is better)
     "cost": lambda d: 1 / d["throughput_ratio"] if d.get("throughput_ratio") else None,
 }
 METRICS = ("ppl", "accuracy", "fidelity")
+# The pre-filter calibrates on at most this many texts (GPTQ, SparseGPT… cost scales with them); a
+# quick drop may differ a little from the full run's, which is why the cut-off sits at 3x the budget
+# (and every survivor is measured in full).
+PREFILTER_CALIB = 16
 
 
 def parse_drop(text: str) -> float:
@@ -130,19 +134,30 @@ def sensitivity(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpe
         slim = copy.deepcopy(base.model)
         ctx = techniques.StepContext(kind=base.kind, seed=seed, tokenizer=base.tokenizer)
         only = [n for n, _ in techniques.select_linears(slim, []) if not n.startswith(blk + ".")]
-        for st in steps:
-            t = techniques.get(st["method"])
-            opts = {k: v for k, v in st.items() if k != "method"}
-            if "ignore" in t.config.model_fields:
-                opts["ignore"] = list(opts.get("ignore", [])) + only
-            t.apply(slim, t.config(**opts), ctx)
-            if ctx.replacement is not None:
-                slim, ctx.replacement = ctx.replacement, None
+        slim = _apply_quick(slim, steps, ctx, ignore=only)
         ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
         d = drop({"delta": _quick_delta(ev)}, metric)
         out.append({"block": blk, "drop": d})
         say(f"sensitivity {i + 1}/{len(names)}: {blk} costs {d:.4f}" if d is not None else f"sensitivity {blk}: n/a")
     return out
+
+
+def _apply_quick(model, steps: list[dict[str, Any]], ctx, ignore: list[str] | None = None):
+    """Apply steps for a quick look (pre-filter, sensitivity): calibration capped at PREFILTER_CALIB
+    texts; `ignore` added to every step that can leave layers alone. Returns the (maybe replaced) model."""
+    from . import techniques
+
+    for st in steps:
+        t = techniques.get(st["method"])
+        opts = {k: v for k, v in st.items() if k != "method"}
+        if "calib_samples" in t.config.model_fields:
+            opts["calib_samples"] = min(opts.get("calib_samples", PREFILTER_CALIB), PREFILTER_CALIB)
+        if ignore is not None and "ignore" in t.config.model_fields:
+            opts["ignore"] = list(opts.get("ignore", [])) + ignore
+        t.apply(model, t.config(**opts), ctx)
+        if ctx.replacement is not None:
+            model, ctx.replacement = ctx.replacement, None
+    return model
 
 
 def _sensitivity_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,7 +242,6 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     key_base = {"model": model_hash(Path(base.path)), "env": _environment_key(device), "eval": eval_spec.model_dump(),
                 "bench": bench_spec.model_dump(), "seed": seed, "metric": metric}
     deadline = t0 + budget_minutes * 60 if budget_minutes else None
-    log: list[str] = []
 
     def over_budget() -> bool:
         return deadline is not None and time.perf_counter() > deadline
@@ -241,11 +255,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
         try:
             slim = copy.deepcopy(base.model)
             ctx = techniques.StepContext(kind=base.kind, seed=seed, tokenizer=base.tokenizer)
-            for st in c.steps:
-                t = techniques.get(st["method"])
-                t.apply(slim, t.config(**{k: v for k, v in st.items() if k != "method"}), ctx)
-                if ctx.replacement is not None:
-                    slim, ctx.replacement = ctx.replacement, None
+            slim = _apply_quick(slim, c.steps, ctx)
             ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
             qd = _quick_delta(ev)
             d = drop({"delta": qd}, metric)
@@ -385,7 +395,10 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
 
 def read_candidates(paths: list[Path]) -> list[dict[str, Any]]:
     out = []
-    for p in paths:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")) if p.is_dir() else [p]
+    for p in files:
         r = R.load(p)
         out.append({"name": r.name or Path(p).stem, "steps": [s.to_dict() for s in r.steps], "origin": "file"})
     if not out:
