@@ -95,6 +95,22 @@ class Candidate:
     same_as: str | None = None  # measured once under this other candidate's name (identical steps)
 
 
+def normalize_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each step with every option spelled out (defaults filled in), so that the same recipe written
+    two ways hashes, caches and deduplicates as one. An unknown method or option is left for the
+    candidate's own run to report."""
+    from . import techniques
+
+    out = []
+    for st in steps:
+        try:
+            cfg = techniques.get(st["method"]).config(**{k: v for k, v in st.items() if k != "method"})
+            out.append({"method": st["method"], **cfg.model_dump()})
+        except Exception:  # noqa: BLE001
+            out.append(copy.deepcopy(st))
+    return out
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -228,7 +244,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     if metric not in METRICS:
         raise UsageError(f"--metric must be one of {', '.join(METRICS)}")
     pool = list(candidates or []) + (default_space(base.kind) if with_space or not candidates else [])
-    cands = [Candidate(c["name"], c["steps"], c.get("origin", "space")) for c in pool]
+    cands = [Candidate(c["name"], normalize_steps(c["steps"]), c.get("origin", "space")) for c in pool]
     names = [c.name for c in cands]
     if len(set(names)) != len(names):  # a shipped recipe named like a space entry: tell them apart
         for c in cands:

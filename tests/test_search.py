@@ -96,3 +96,12 @@ def test_identical_steps_run_once_and_space_joins_the_candidates(tiny_llama, tmp
             assert r["vs_original"] > 0 and r["vs_original"] == pytest.approx(1 / r["speedup"])
     w = rows[res["winner"]]
     assert w["meets_budget"] and all(w["vs_original"] <= r["vs_original"] for r in rows.values() if r.get("meets_budget"))
+
+
+def test_the_same_recipe_written_two_ways_is_one_candidate():
+    from slimctl.search import normalize_steps, _hash
+
+    short = normalize_steps([{"method": "int8-dynamic"}])
+    assert short == normalize_steps([{"method": "int8-dynamic", "ignore": []}]) and short[0]["ignore"] == []
+    assert _hash(normalize_steps([{"method": "rtn", "bits": 4, "group_size": 64}])) != _hash(normalize_steps([{"method": "rtn", "bits": 4}]))
+    assert normalize_steps([{"method": "no-such"}]) == [{"method": "no-such"}]  # left for the run to report
