@@ -125,11 +125,15 @@ def model_hash(folder: Path) -> str:
     return _hash(parts)
 
 
-def _environment_key(device: str) -> str:
+def _environment(device: str) -> dict[str, Any]:
     from .report import environment
 
     env = environment(0, device)
-    return _hash({k: env.get(k) for k in ("versions", "cpu", "threads", "device", "gpu")})
+    return {k: env.get(k) for k in ("versions", "cpu", "threads", "device", "gpu")}
+
+
+def _environment_key(device: str) -> str:
+    return _hash(_environment(device))
 
 
 def _recipe(c: Candidate, eval_spec: R.EvalSpec, bench_spec: R.BenchSpec, seed: int) -> R.Recipe:
@@ -379,7 +383,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     result = {"model": model, "metric": metric, "max_drop": max_drop, "objective": objective, "lower_is_better": lower,
               "candidates": rows, "sensitivity": sens, "seconds": round(time.perf_counter() - t0, 1), "winner": None,
               "ranked_by": f"{objective} as a ratio to the original, measured in the same run" if by_ratio else objective,
-              "warnings": notes}
+              "warnings": notes, "environment": _environment(device)}
     if winner:
         result["winner"] = winner["name"]
         src = out / "candidates" / (winner["same_as"] or winner["name"])

@@ -4,11 +4,18 @@ transformers + bitsandbytes."""
 from __future__ import annotations
 
 import fnmatch
+import logging
 import tempfile
 from typing import Literal
 
 from ..errors import UnsupportedError
 from . import LayerSelection, StepContext, protected_modules, register
+
+
+# bitsandbytes logs a warning on every import on AVX512-BF16 CPUs when the optional `kernels` package
+# (a fused CPU 4-bit GEMM fetched from the hub) is absent; it then uses its built-in CPU path, which
+# is what slimctl measures. Offline that package cannot be fetched, so the line is only noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class BnbConfig(LayerSelection):
