@@ -155,7 +155,7 @@ td,th{border:1px solid #e5e7eb;padding:4px 8px;text-align:left}td.n{text-align:r
 .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}.pareto{font-weight:700}"""
 
 
-def render(reports: list[dict[str, Any]], title: str | None = None) -> str:
+def render(reports: list[dict[str, Any]], title: str | None = None, notes: list[str] | None = None) -> str:
     """The page for one report (a run) or several (a comparison, Pareto-optimal rows marked)."""
     first = reports[0]
     base = point(first, "baseline")
@@ -179,7 +179,7 @@ def render(reports: list[dict[str, Any]], title: str | None = None) -> str:
         parts.append("<p>" + " · ".join(f"<b>{k}</b> <span class='num' data-key='{k}'>{_n(d[k])}</span>" for k in keys) + "</p>")
     else:
         parts.append(f"<h1>slimctl comparison · {_e(model)} · {len(reports)} runs</h1>")
-    for w in (first.get("warnings") or []) if len(reports) == 1 else []:
+    for w in ((first.get("warnings") or []) if len(reports) == 1 else []) + list(notes or []):
         parts.append(f"<div class='warn'>{_e(w)}</div>")
     # summary table
     rows = [f"<tr class='{'pareto' if front[0] else ''}'><td>baseline</td><td class='n'>{_n(base['value'])}</td><td class='n'>{_n(base['latency'])}</td>"

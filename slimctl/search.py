@@ -271,22 +271,38 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     hopeless = max(3 * max_drop, max_drop + 0.02)
     from . import techniques
 
+    def quick_cache(kind: str, what: Any) -> Path:  # pre-filter and sensitivity results, so a re-run skips them too
+        return cache / kind / f"{_hash({**key_base, 'quick': quick.model_dump(), 'calib': PREFILTER_CALIB, kind: what})}.json"
+
     def prefilter(c: Candidate) -> None:
+        hit = quick_cache("prefilter", c.steps)
+        if hit.exists():  # the measurement is cached; the verdict follows this run's budget
+            saved = json.loads(hit.read_text())
+        else:
+            saved = _measure_quick(c)
+            hit.parent.mkdir(parents=True, exist_ok=True)
+            hit.write_text(json.dumps(saved, default=str))
+        c.prefilter = saved["prefilter"]
+        d = c.prefilter.get("drop")
+        if saved.get("error"):
+            c.status, c.error = "failed", saved["error"]
+        elif d is not None and d > hopeless:
+            c.status = "dropped"
+            c.error = f"pre-filter drop {d:.4f} is hopeless against the budget {max_drop:.4f} (cut-off {hopeless:.4f})"
+
+    def _measure_quick(c: Candidate) -> dict[str, Any]:
         try:
             slim = copy.deepcopy(base.model)
             ctx = techniques.StepContext(kind=base.kind, seed=seed, tokenizer=base.tokenizer)
             slim = _apply_quick(slim, c.steps, ctx)
             ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
-            qd = _quick_delta(ev)
-            d = drop({"delta": qd}, metric)
-            c.prefilter = {"drop": d, "samples": quick.max_samples,
-                           **{k: qd[k] for k in ("kl_divergence", "top1_agreement", "mean_cosine") if qd.get(k) is not None}}
-            if d is not None and d > hopeless:
-                c.status = "dropped"
-                c.error = f"pre-filter drop {d:.4f} is hopeless against the budget {max_drop:.4f} (cut-off {hopeless:.4f})"
             del slim
+            qd = _quick_delta(ev)
+            return {"prefilter": {"drop": drop({"delta": qd}, metric), "samples": quick.max_samples,
+                                  **{k: qd[k] for k in ("kl_divergence", "top1_agreement", "mean_cosine") if qd.get(k) is not None}},
+                    "error": None}
         except Exception as e:  # noqa: BLE001  a candidate that cannot apply to this model is a result, not a crash
-            c.status, c.error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            return {"prefilter": {}, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
     seen: dict[str, Candidate] = {}
     for i, c in enumerate(cands):
@@ -311,7 +327,14 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     if mixed and lossy and not over_budget():
         src = min(lossy, key=lambda c: c.prefilter["drop"])
         say(f"per-block sensitivity of {src.name} (pre-filter drop {src.prefilter['drop']:.2%})")
-        sens = sensitivity(base, _sensitivity_steps(src.steps), metric, quick, seed, say)
+        hit = quick_cache("sensitivity", _sensitivity_steps(src.steps))
+        if hit.exists():
+            sens = json.loads(hit.read_text())
+            say("sensitivity (cached)")
+        else:
+            sens = sensitivity(base, _sensitivity_steps(src.steps), metric, quick, seed, say)
+            hit.parent.mkdir(parents=True, exist_ok=True)
+            hit.write_text(json.dumps(sens))
         order = [s["block"] for s in sorted(sens, key=lambda s: -(s["drop"] or 0))]
         for k in mixed_counts(sens, src.prefilter["drop"], max_drop):
             steps = copy.deepcopy(src.steps)
@@ -323,18 +346,19 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
                 prefilter(mc)
     # 3. full, isolated runs of the survivors (cached per model, recipe and environment)
     todo = [c for c in cands if c.status == "pending" and not c.same_as]
+    ran, ran_s = 0, 0.0  # full runs done in this process and their time: the estimate ignores cached ones
     for i, c in enumerate(todo):
         if over_budget():
             c.status, c.error = "skipped", "search budget (--budget-minutes) spent"
             continue
         key = _hash({**key_base, "steps": c.steps})
         cached = cache / key / "report.json"
-        elapsed = time.perf_counter() - t0
-        eta = f", about {elapsed / max(i, 1) * (len(todo) - i) / 60:.0f} min left" if i else ""
+        eta = f", about {ran_s / ran * (len(todo) - i) / 60:.0f} min left" if ran else ""
         if cached.exists():
             c.report, c.status = json.loads(cached.read_text()), "done"
             say(f"candidate {i + 1}/{len(todo)}: {c.name} (cached)")
             continue
+        started = time.perf_counter()
         say(f"candidate {i + 1}/{len(todo)}: {c.name}{eta}")
         dest = out / "candidates" / c.name
         try:
@@ -345,6 +369,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
             c.report, c.status = rep, "done"
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(rep, default=str))
+            ran, ran_s = ran + 1, ran_s + time.perf_counter() - started
         except Exception as e:  # noqa: BLE001
             c.status, c.error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     # 4. verdict: ranked on the objective's ratio to the original measured in the same run
@@ -380,6 +405,10 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     if winner and by_ratio and sign * winner["vs_original"] > sign * 1.0:
         notes.append(f"no candidate within the budget beats the original model on {objective}: the best, {winner['name']}, "
                      f"is at {winner['vs_original']:.2f}x of the original's {objective}; keeping the original is the faster choice")
+    elif winner and objective == "latency" and winner.get("speedup_range") and min(winner["speedup_range"]) <= 1 <= max(winner["speedup_range"]):
+        lo, hi = (1 / x for x in sorted(winner["speedup_range"], reverse=True))
+        notes.append(f"{winner['name']}'s latency is within the run-to-run noise of the original's ({lo:.2f}-{hi:.2f}x per round): "
+                     "it does not measurably beat the original on latency; what it buys is in its report (size, memory, prefill)")
     result = {"model": model, "metric": metric, "max_drop": max_drop, "objective": objective, "lower_is_better": lower,
               "candidates": rows, "sensitivity": sens, "seconds": round(time.perf_counter() - t0, 1), "winner": None,
               "ranked_by": f"{objective} as a ratio to the original, measured in the same run" if by_ratio else objective,
@@ -408,7 +437,8 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     if reports:  # every finished candidate in one page, Pareto-optimal ones marked
         from .html import render
 
-        (out / "search.html").write_text(render(reports, title=f"slimctl search · {model}"))
+        (out / "search.html").write_text(render(reports, title=f"slimctl search · {model}", notes=[
+            f"winner: {result['winner'] or 'none within the budget'} (ranked by {result['ranked_by']})", *notes]))
         result["html"] = str(out / "search.html")
     return result
 
