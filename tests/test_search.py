@@ -40,6 +40,9 @@ def test_search_picks_the_smallest_within_budget_and_resumes(tiny_llama, tmp_pat
     said2 = []
     again = _search(tiny_llama, tmp_path / "s", 0.005, say=said2.append)
     assert again["winner"] == "bf16" and sum("(cached)" in m for m in said2) == 2
+    assert len(list((tmp_path / "s" / ".cache" / "prefilter").glob("*.json"))) == 3  # quick looks cached too
+    loose = _search(tiny_llama, tmp_path / "s", 0.99, cands=CANDS[2:])  # a cached quick look, judged on this budget
+    assert [(r["name"], r["status"]) for r in loose["candidates"]] == [("prune90", "done")]
 
 
 def test_no_candidate_within_budget_names_the_closest(tiny_llama, tmp_path):
