@@ -316,9 +316,10 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
             continue
         say(f"pre-filter {i + 1}/{len(cands)}: {c.name}")
         prefilter(c)
+    by_name = {c.name: c for c in cands}
     for c in cands:
         if c.same_as:
-            twin = next(o for o in cands if o.name == c.same_as)
+            twin = by_name[c.same_as]
             c.prefilter, c.status, c.error = twin.prefilter, twin.status, twin.error
     # 2. per-layer sensitivity of the candidate that missed the budget by the least (when keeping
     #    blocks in float can plausibly rescue it) → mixed-precision candidates, pre-filtered too
@@ -375,7 +376,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     # 4. verdict: ranked on the objective's ratio to the original measured in the same run
     for c in cands:
         if c.same_as:
-            twin = next(o for o in cands if o.name == c.same_as)
+            twin = by_name[c.same_as]
             c.report, c.status, c.error = twin.report, twin.status, twin.error
     read, lower = OBJECTIVES[objective]
     rows = []
@@ -391,11 +392,8 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
         rows.append(row)
     done = [r for r in rows if r.get("objective") is not None and r.get("drop") is not None]
     by_ratio = bool(done) and all(r.get("vs_original") is not None for r in done)
-    rank_lower = True if by_ratio else lower  # every ratio is oriented lower-is-better except throughput
-    if by_ratio and objective == "throughput":
-        rank_lower = False
-    key = (lambda r: r["vs_original"]) if by_ratio else (lambda r: r["objective"])
-    sign = 1 if rank_lower else -1
+    key = (lambda r: r["vs_original"]) if by_ratio else (lambda r: r["objective"])  # a ratio keeps its objective's direction
+    sign = 1 if lower else -1
     for r in done:
         r["pareto"] = not any(o is not r and o["drop"] <= r["drop"] and sign * key(o) <= sign * key(r)
                               and (o["drop"] < r["drop"] or sign * key(o) < sign * key(r)) for o in done)
@@ -404,7 +402,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
     notes = []
     if winner and by_ratio and sign * winner["vs_original"] > sign * 1.0:
         notes.append(f"no candidate within the budget beats the original model on {objective}: the best, {winner['name']}, "
-                     f"is at {winner['vs_original']:.2f}x of the original's {objective}; keeping the original is the faster choice")
+                     f"is at {winner['vs_original']:.2f}x of the original's {objective}; keeping the original is the better choice")
     elif winner and objective == "latency" and winner.get("speedup_range") and min(winner["speedup_range"]) <= 1 <= max(winner["speedup_range"]):
         lo, hi = (1 / x for x in sorted(winner["speedup_range"], reverse=True))
         notes.append(f"{winner['name']}'s latency is within the run-to-run noise of the original's ({lo:.2f}-{hi:.2f}x per round): "

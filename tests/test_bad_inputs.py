@@ -148,6 +148,12 @@ CASES = [
     (["verify", "{w}/empty"], "report.json does not exist"),
     (["verify", "{w}/garbage-report"], "is not a slimctl report"),
     (["eval", "{good}", "--no-such-flag"], "No such option"),
+    # search: budget and candidate options are checked before any model work
+    (["search", "{good}", "--max-drop", "lots", "--out", "{out}"], "--max-drop takes a fraction"),
+    (["search", "{good}", "--max-drop", "1%", "--space", "bogus", "--out", "{out}"], "--space takes default or none"),
+    (["search", "{good}", "--max-drop", "1%", "--space", "none", "--out", "{out}"], "--space none needs --candidates"),
+    (["search", "{good}", "{w}/ok.yaml", "--max-drop", "1%", "--out", "{out}"], "unexpected argument(s) after the model"),
+    (["search", "{good}", "--max-drop", "1%", "--candidates", "{w}/malformed.yaml", "--out", "{out}"], "is not valid YAML at line"),
 ]
 
 
