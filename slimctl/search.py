@@ -223,6 +223,21 @@ def mixed_counts(sens: list[dict[str, Any]], total_drop: float, max_drop: float)
     return sorted(k for k in ks if k <= max(1, n // 2))
 
 
+def winner_warnings(winner: dict[str, Any], objective: str, lower: bool) -> list[str]:
+    """What a user must hear about a winner ranked on its ratio to the original: that it is worse
+    than the original on the objective, or (latency) that its gain lies within the per-round noise."""
+    vs = winner["vs_original"]
+    if (vs > 1.0) if lower else (vs < 1.0):
+        return [f"no candidate within the budget beats the original model on {objective}: the best, {winner['name']}, "
+                f"is at {vs:.2f}x of the original's {objective}; keeping the original is the better choice"]
+    rng = winner.get("speedup_range")
+    if objective == "latency" and rng and min(rng) <= 1 <= max(rng):
+        lo, hi = 1 / max(rng), 1 / min(rng)
+        return [f"{winner['name']}'s latency is within the run-to-run noise of the original's ({lo:.2f}-{hi:.2f}x per round): "
+                "it does not measurably beat the original on latency; what it buys is in its report (size, memory, prefill)"]
+    return []
+
+
 def _quick_delta(ev: dict[str, Any]) -> dict[str, Any]:
     from .pipeline import _delta
 
@@ -399,14 +414,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
                               and (o["drop"] < r["drop"] or sign * key(o) < sign * key(r)) for o in done)
     ok = [r for r in done if r["meets_budget"]]
     winner = min(ok, key=lambda r: sign * key(r)) if ok else None
-    notes = []
-    if winner and by_ratio and sign * winner["vs_original"] > sign * 1.0:
-        notes.append(f"no candidate within the budget beats the original model on {objective}: the best, {winner['name']}, "
-                     f"is at {winner['vs_original']:.2f}x of the original's {objective}; keeping the original is the better choice")
-    elif winner and objective == "latency" and winner.get("speedup_range") and min(winner["speedup_range"]) <= 1 <= max(winner["speedup_range"]):
-        lo, hi = (1 / x for x in sorted(winner["speedup_range"], reverse=True))
-        notes.append(f"{winner['name']}'s latency is within the run-to-run noise of the original's ({lo:.2f}-{hi:.2f}x per round): "
-                     "it does not measurably beat the original on latency; what it buys is in its report (size, memory, prefill)")
+    notes = winner_warnings(winner, objective, lower) if winner and by_ratio else []
     result = {"model": model, "metric": metric, "max_drop": max_drop, "objective": objective, "lower_is_better": lower,
               "candidates": rows, "sensitivity": sens, "seconds": round(time.perf_counter() - t0, 1), "winner": None,
               "ranked_by": f"{objective} as a ratio to the original, measured in the same run" if by_ratio else objective,

@@ -108,3 +108,17 @@ def test_the_same_recipe_written_two_ways_is_one_candidate():
     assert short == normalize_steps([{"method": "int8-dynamic", "ignore": []}]) and short[0]["ignore"] == []
     assert _hash(normalize_steps([{"method": "rtn", "bits": 4, "group_size": 64}])) != _hash(normalize_steps([{"method": "rtn", "bits": 4}]))
     assert normalize_steps([{"method": "no-such"}]) == [{"method": "no-such"}]  # left for the run to report
+
+
+def test_winner_warnings_say_when_slimming_does_not_pay():
+    from slimctl.search import winner_warnings
+
+    # the smollm2-135m search's winner (bench-results/search-smollm2.json): 0.97x latency, per-round 0.96-1.03x
+    w = {"name": "sq+float-top7", "vs_original": 0.9725, "speedup_range": [0.9706, 1.0399]}
+    (msg,) = winner_warnings(w, "latency", True)
+    assert "within the run-to-run noise" in msg and "0.96-1.03x" in msg
+    assert winner_warnings({**w, "speedup_range": [1.1, 1.3]}, "latency", True) == []  # a clear gain: nothing to say
+    (slower,) = winner_warnings({"name": "int8-wo", "vs_original": 1.19}, "latency", True)
+    assert "beats the original" in slower and "1.19x" in slower
+    assert winner_warnings({"name": "t", "vs_original": 0.9}, "throughput", False)  # less throughput than the original
+    assert winner_warnings({"name": "s", "vs_original": 0.55}, "size", True) == []
