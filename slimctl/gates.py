@@ -11,20 +11,33 @@ GATES = {
     "min_fidelity": ("fidelity", "min", "fidelity vs baseline (encoder: mean cosine; else top-1 agreement)"),
     "min_speedup": ("speedup", "min", "baseline p50 latency / slimmed p50 latency"),
     "max_size_ratio": ("size_ratio", "max", "slimmed size on disk / baseline size on disk"),
+    "max_task_drop_pct": ("task_drop_pct", "max", "largest lm-eval task accuracy drop, % of baseline"),
 }
+# Settings of the gates, not gates: the fewest scored tokens a perplexity gate trusts.
+SETTINGS = ("min_eval_tokens",)
 
 
 def check(gates: dict[str, float | None], delta: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per configured gate; `passed` is None where the model's kind has no such number."""
+    """One row per configured gate; `passed` is None where the model's kind has no such number.
+
+    A perplexity gate fails, with that reason, when the perplexity came from fewer scored tokens than
+    `min_eval_tokens` (a ratio of two noisy figures is no evidence either way)."""
     rows = []
+    floor = gates.get("min_eval_tokens") or 0
     for name, threshold in gates.items():
-        if threshold is None:
+        if threshold is None or name in SETTINGS:
             continue
         field, sense, meaning = GATES[name]
         value = delta.get(field)
         if value is None:
             rows.append({"name": name, "threshold": threshold, "value": None, "passed": None,
                          "note": f"not applicable: this run has no {field}"})
+            continue
+        tokens = delta.get("tokens_scored")
+        if name == "max_ppl_increase_pct" and tokens is not None and tokens < floor:
+            rows.append({"name": name, "threshold": threshold, "value": value, "passed": False, "sense": sense,
+                         "meaning": meaning, "reason": f"perplexity came from {tokens:,} scored tokens, fewer than "
+                         f"min_eval_tokens {floor:,}: too few to gate on (score more text, or lower gates.min_eval_tokens)"})
             continue
         ok = value <= threshold if sense == "max" else value >= threshold
         row = {"name": name, "threshold": threshold, "value": value, "passed": ok, "sense": sense, "meaning": meaning}
@@ -39,7 +52,9 @@ def check(gates: dict[str, float | None], delta: dict[str, Any]) -> list[dict[st
 def failures(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
-        if r["passed"] is False:
+        if r["passed"] is False and r.get("reason"):
+            out.append(f"{r['name']}: {r['reason']}")
+        elif r["passed"] is False:
             op = "<=" if r["sense"] == "max" else ">="
             out.append(f"{r['name']}: {r['value']:.4g} is not {op} {r['threshold']:g}")
     return out

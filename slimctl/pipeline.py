@@ -99,6 +99,11 @@ def _delta(ev: dict | None, bb: dict | None, sb: dict | None) -> dict[str, Any]:
         if "perplexity_ratio" in agree:
             d["perplexity_increase_pct"] = (agree["perplexity_ratio"] - 1) * 100
         d["fidelity"] = agree.get("mean_cosine", agree.get("top1_agreement"))
+        d["tokens_scored"] = (ev.get("settings") or {}).get("tokens_scored")
+        if ev.get("tasks"):
+            from .evaluate.tasks import max_drop_pct
+
+            d["task_drop_pct"] = max_drop_pct(ev["tasks"])
         ref, cur = ev.get("reference_metrics") or {}, ev.get("metrics") or {}
         for k in ("topic_accuracy", "accuracy"):
             if k in ref and k in cur:
@@ -158,7 +163,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     import torch
 
     from .bench import bench_isolated, bench_model, pool
-    from .evaluate import evaluate
+    from .evaluate import evaluate, prepare_tasks
     from .models import load, save_artifact
     from .qmodules import quantized_modules_meta
 
@@ -170,12 +175,17 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     torch.manual_seed(recipe.seed)
     ui.say(f"loading {model_spec}")
     base = load(model_spec, progress=ui.say, **load_options)
+    taskset = None
+    if recipe.eval.tasks and not recipe.eval.skip:
+        ui.say(f"loading lm-eval tasks {', '.join(recipe.eval.tasks)}")
+        taskset = prepare_tasks(base.kind, recipe.eval)
     slim = copy.deepcopy(base.model)
     slim, steps, notes = apply_steps(slim, base.tokenizer, recipe, base.kind, ui)
     ev = None
     if not recipe.eval.skip:
         ui.say("evaluating baseline and slimmed side by side")
-        ev = evaluate(slim, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed, track=ui.track).to_dict()
+        ev = evaluate(slim, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed, track=ui.track,
+                      taskset=taskset).to_dict()
     from .ctformat import exportable
 
     fmt = getattr(slim, "artifact_format", "transformers")
@@ -221,7 +231,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
         "delta": delta,
         "gates": gate_rows,
         "passed": not failed,
-        "warnings": _warnings(delta, notes, sb),
+        "warnings": _warnings(delta, notes + ((ev or {}).get("warnings") or []), sb),
         "artifact": {"path": str(art_dir), "loads_with": loads_with, "files": files, "reload_check": check},
         "seconds": round(time.perf_counter() - t_start, 1),
     }

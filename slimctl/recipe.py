@@ -22,6 +22,9 @@ class EvalSpec(_Strict):
     seq_len: int | None = Field(default=None, ge=8, le=32_768)  # context length for perplexity / truncation
     stride: int | None = Field(default=None, ge=1, le=32_768)  # perplexity window stride (default = seq_len)
     max_tokens: int | None = Field(default=None, ge=16, le=10_000_000)  # causal LM: tokens scored at most
+    tasks: list[str] | None = None  # lm-evaluation-harness tasks: names, task YAML paths, or bbc-topic (built in)
+    task_limit: int | None = Field(default=None, gt=0)  # documents per task at most (default: all)
+    task_batch_size: int = Field(default=8, ge=1, le=1024)
     skip: bool = False
 
 
@@ -45,6 +48,8 @@ class Gates(_Strict):
     min_fidelity: float | None = Field(default=None, ge=-1, le=1)
     min_speedup: float | None = Field(default=None, gt=0)
     max_size_ratio: float | None = Field(default=None, gt=0)
+    max_task_drop_pct: float | None = Field(default=None, ge=0)  # lm-eval tasks: largest accuracy drop, %
+    min_eval_tokens: int = Field(default=1024, ge=0)  # a perplexity gate on fewer scored tokens fails
 
 
 class Step(BaseModel):

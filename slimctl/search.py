@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import recipe as R
+from . import gates as gate_mod, recipe as R
 from .errors import DataError, GateFailed, UsageError
 from .models import CAUSAL_LM, ENCODER
 
@@ -380,7 +380,7 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
         try:
             try:
                 rep = pipeline.run(_recipe(c, eval_spec, bench_spec, seed), model, dest, overwrite=True, load_options=load_options)
-            except GateFailed as e:  # candidates carry no gates; kept for safety
+            except GateFailed as e:  # the report is written; a failed gate is judged at the verdict
                 rep = e.report
             c.report, c.status = rep, "done"
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -403,9 +403,13 @@ def run_search(model: str, out: Path, max_drop: float, metric: str | None, objec
             row.update(drop=drop(c.report, metric), objective=read(c.report), vs_original=RATIOS[objective](d),
                        speedup=d.get("speedup"), speedup_range=d.get("speedup_range"), size_ratio=d.get("size_ratio"),
                        report=str(out / "candidates" / (c.same_as or c.name) / "report.json"))
-            row["meets_budget"] = row["drop"] is not None and row["drop"] <= max_drop and row["objective"] is not None
+            failed = gate_mod.failures(c.report.get("gates") or [])
+            row["meets_budget"] = (row["drop"] is not None and row["drop"] <= max_drop and row["objective"] is not None
+                                   and not failed)
+            if failed:  # e.g. artifact_matches_memory: what was measured is not what was saved; it never wins
+                row.update(status="gate failed", gates_failed=failed, error="gate failed: " + "; ".join(failed))
         rows.append(row)
-    done = [r for r in rows if r.get("objective") is not None and r.get("drop") is not None]
+    done = [r for r in rows if r.get("objective") is not None and r.get("drop") is not None and not r.get("gates_failed")]
     by_ratio = bool(done) and all(r.get("vs_original") is not None for r in done)
     key = (lambda r: r["vs_original"]) if by_ratio else (lambda r: r["objective"])  # a ratio keeps its objective's direction
     sign = 1 if lower else -1

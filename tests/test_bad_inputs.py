@@ -71,6 +71,12 @@ def world(tiny_llama, tmp_path_factory):
     (w / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (w / "existing-out").mkdir()
     (w / "existing-out" / "keep.txt").write_text("mine")
+    (w / "empty.txt").write_text("")
+    (w / "short.txt").write_text("A line or two of text, far fewer tokens than one eval window.\n")
+    (w / "task-unparsable.yaml").write_text("task: x\ndoc_to_text: [unclosed\n")
+    (w / "task-no-data.yaml").write_text(yaml.safe_dump({"task": "t", "dataset_path": "json", "output_type": "multiple_choice",
+                                                        "dataset_kwargs": {"data_files": {"test": "gone.jsonl"}}}))
+    recipe("with-bad-task", {**base, "eval": {**base["eval"], "tasks": [str(w / "task-no-data.yaml")]}})
     (w / "garbage-report").mkdir()
     (w / "garbage-report" / "report.json").write_text("[1, 2]")
     return w
@@ -119,6 +125,14 @@ CASES = [
     (["eval", "{good}", "--data", "{w}/data.csv"], "must end in .txt or .jsonl"),
     (["eval", "{good}", "--data", "{w}/latin1.txt"], "is not UTF-8"),
     (["eval", "{good}", "--max-samples", "0"], "--max-samples: Input should be greater than 0"),
+    (["eval", "{good}", "--data", "{w}/empty.txt"], "is empty"),
+    (["eval", "{good}", "--data", "{w}/short.txt", "--seq-len", "64"], "fewer than one eval window (64 tokens)"),
+    # lm-eval tasks: checked before any slimming work
+    (["eval", "{good}", "--task", "{w}/task-unparsable.yaml"], "could not be read"),
+    (["eval", "{good}", "--task", "{w}/task-no-data.yaml"], "data file gone.jsonl does not exist"),
+    (["eval", "{good}", "--task", "hellaswag"], "needs the dataset Rowan/hellaswag from the Hugging Face hub"),
+    (["eval", "{good}", "--task", "no_such_task_anywhere"], "neither an lm-eval task name nor a task YAML"),
+    (["run", "{w}/with-bad-task.yaml", "--model", "{good}", "--out", "{out}"], "data file gone.jsonl does not exist"),
     # outputs
     (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{w}/existing-out"], "exists and is not empty"),
     (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{w}/existing-out", "--overwrite"], "holds files slimctl did not write"),

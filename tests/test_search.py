@@ -122,3 +122,24 @@ def test_winner_warnings_say_when_slimming_does_not_pay():
     assert "beats the original" in slower and "1.19x" in slower
     assert winner_warnings({"name": "t", "vs_original": 0.9}, "throughput", False)  # less throughput than the original
     assert winner_warnings({"name": "s", "vs_original": 0.55}, "size", True) == []
+
+
+def test_a_candidate_that_fails_the_reload_gate_never_wins(tiny_llama, tmp_path, monkeypatch):
+    """int4 is the smallest and within a loose budget, but its saved artifact does not reproduce the
+    model that was measured (injected): it is marked, says why, and bf16 wins instead."""
+    import slimctl.pipeline as P
+
+    real = P.reload_check
+
+    def broken_for_int4(slim, folder, tokenizer, kind):
+        out = real(slim, folder, tokenizer, kind)
+        return {**out, "max_abs_diff": 0.5, "bitwise_equal": False} if folder.parent.name == "int4" else out
+    monkeypatch.setattr(P, "reload_check", broken_for_int4)
+    res = _search(tiny_llama, tmp_path / "s", 0.5, cands=CANDS[:2])
+    rows = {r["name"]: r for r in res["candidates"]}
+    assert rows["int4"]["status"] == "gate failed" and not rows["int4"]["meets_budget"]
+    assert rows["int4"]["gates_failed"][0].startswith("artifact_matches_memory: 0.5 is not <= 1e-05")
+    assert "gate failed: artifact_matches_memory" in rows["int4"]["error"] and "pareto" not in rows["int4"]
+    assert res["winner"] == "bf16"
+    again = _search(tiny_llama, tmp_path / "s", 0.5, cands=CANDS[:2])  # the cached report keeps its failed gate
+    assert again["winner"] == "bf16" and {r["name"]: r["status"] for r in again["candidates"]}["int4"] == "gate failed"

@@ -27,7 +27,8 @@ def _no_track(it: Iterable, desc: str, total: int) -> Iterable:
 
 
 DEFAULTS = {
-    # perplexity: `max_samples` held-out articles, joined with EOS, scored in windows of seq_len
+    # perplexity: `max_samples` held-out articles (or documents of a .jsonl; a .txt is one stream),
+    # joined with EOS, scored in windows of seq_len
     CAUSAL_LM: {"max_samples": 32, "seq_len": 512, "max_tokens": 16_384},
     # embeddings: `max_samples` held-out test articles (balanced by topic), 20 per topic to fit centroids
     ENCODER: {"max_samples": 100, "seq_len": 128},
@@ -35,6 +36,7 @@ DEFAULTS = {
 }
 ENCODER_TRAIN_PER_TOPIC = 20
 BATCH = 16
+FEW_TOKENS = 4_096  # a perplexity from fewer scored tokens than this gets a warning (its noise is large)
 
 
 @dataclass
@@ -47,10 +49,12 @@ class Evaluation:
     agreement: dict[str, Any] | None = None  # model vs reference
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "dataset": self.dataset, "settings": self.settings, "metrics": self.model,
-                "reference_metrics": self.reference, "vs_reference": self.agreement, "seconds": round(self.seconds, 3)}
+                "reference_metrics": self.reference, "vs_reference": self.agreement, "seconds": round(self.seconds, 3),
+                "warnings": self.warnings, **self.extra}
 
 
 def settings_for(kind: str, spec: EvalSpec) -> dict[str, Any]:
@@ -67,15 +71,35 @@ def settings_for(kind: str, spec: EvalSpec) -> dict[str, Any]:
 
 
 def evaluate(model, tokenizer, kind: str, spec: EvalSpec, reference=None, seed: int = 0,
-             track: Track = _no_track) -> Evaluation:
+             track: Track = _no_track, taskset=None) -> Evaluation:
+    """The kind's own metrics, then any lm-eval tasks of `spec` (`taskset`: already prepared ones)."""
     torch.manual_seed(seed)
     s = settings_for(kind, spec)
+    if spec.tasks and taskset is None:
+        taskset = prepare_tasks(kind, spec)
     t0 = time.perf_counter()
     fn = {CAUSAL_LM: _causal_lm, ENCODER: _encoder, SEQ_CLS: _seq_cls}[kind]
     with torch.inference_mode():
         ev = fn(model, tokenizer, s, spec.data, reference, track)
+    if taskset is not None:
+        from . import tasks
+
+        ev.extra["tasks"] = tasks.run(model, tokenizer, taskset, reference, spec.task_limit, spec.task_batch_size)
     ev.seconds = time.perf_counter() - t0
     return ev
+
+
+def prepare_tasks(kind: str, spec: EvalSpec):
+    """Check the spec's lm-eval tasks load (data found, offline or not) before any long work."""
+    if not spec.tasks:
+        return None
+    if kind != CAUSAL_LM:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"lm-eval tasks score a causal LM's loglikelihoods; this is a {kind} model")
+    from . import tasks
+
+    return tasks.prepare(spec.tasks)
 
 
 def _device(model) -> torch.device:
@@ -84,16 +108,30 @@ def _device(model) -> torch.device:
 
 # --- causal LM: perplexity over a token stream --------------------------------------------------
 
-def _token_stream(tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
+def _encode_prefix(tokenizer, text: str, need: int) -> list[int]:
+    """At least `need` tokens of `text` (or all of it) without tokenizing a huge file whole: a prefix
+    of 8 characters per token needed, doubled until it gives enough. Only the tokens at the cut can
+    differ from a whole-text encoding, and those lie past `need`, so they are dropped."""
+    chars = max(need * 8, 1024)
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if chars >= len(text) or len(ids) > need + 8:
+            return ids if chars >= len(text) else ids[:need]
+        chars *= 2
+
+
+def _token_stream(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, int]:
+    """The texts' tokens joined with EOS, capped at `max_tokens`; also how many the texts held
+    (up to one past the cap: enough to tell "capped" from "ran out")."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.extend(_encode_prefix(tokenizer, t, max_tokens + 1 - len(ids)))
         if eos is not None:
             ids.append(eos)
-        if len(ids) >= max_tokens:
+        if len(ids) > max_tokens:
             break
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    return torch.tensor(ids[:max_tokens], dtype=torch.long), len(ids)
 
 
 def _windows(n: int, seq_len: int, stride: int):
@@ -111,10 +149,13 @@ def _windows(n: int, seq_len: int, stride: int):
 
 
 def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
-    texts = [e.text for e in (datasets.read_file(data) if data else datasets.bbc("eval"))][: s["max_samples"]]
-    ids = _token_stream(tok, texts, s["max_tokens"])
+    texts = [e.text for e in (datasets.read_file(data, stream=True) if data else datasets.bbc("eval"))][: s["max_samples"]]
+    ids, held = _token_stream(tok, texts, s["max_tokens"])
     if ids.numel() < 2:
         raise DataError("eval data gives fewer than 2 tokens; pass more text")
+    if data and held < min(s["seq_len"], s["max_tokens"]):
+        raise DataError(f"eval data {data} gives {held} tokens, fewer than one eval window ({s['seq_len']} tokens); "
+                        f"pass more text, or a smaller --seq-len")
     wins = list(_windows(ids.numel(), s["seq_len"], s["stride"]))
     nll = ref_nll = kl = 0.0
     agree = scored = 0
@@ -133,12 +174,21 @@ def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
             agree += (rlogp.argmax(-1) == logp.argmax(-1)).sum().item()
     s = {**s, "tokens_scored": scored, "windows": len(wins), "documents": len(texts)}
     m = {"perplexity": math.exp(nll / scored), "nll_per_token": nll / scored}
-    ev = Evaluation(CAUSAL_LM, s["data"], s, m)
+    ev = Evaluation(CAUSAL_LM, s["data"], s, m, warnings=_few_tokens(scored, held > s["max_tokens"], bool(data)))
     if reference is not None:
         ev.reference = {"perplexity": math.exp(ref_nll / scored), "nll_per_token": ref_nll / scored}
         ev.agreement = {"top1_agreement": agree / scored, "kl_divergence": kl / scored,
                         "perplexity_ratio": m["perplexity"] / ev.reference["perplexity"]}
     return ev
+
+
+def _few_tokens(scored: int, capped: bool, own_data: bool) -> list[str]:
+    if scored >= FEW_TOKENS:
+        return []
+    how = ("raise --max-tokens (and --max-samples for a .jsonl)" if capped
+           else "pass a longer --data file (a .txt is read as one stream)" if own_data
+           else "raise --max-samples / --max-tokens")
+    return [f"perplexity was scored on only {scored:,} tokens (fewer than {FEW_TOKENS:,}), so it is noisy; to score more, {how}"]
 
 
 # --- encoder: embeddings, fidelity, nearest-centroid topic accuracy -------------------------------
@@ -152,6 +202,10 @@ def _embed(model, tok, texts: list[str], seq_len: int, dev, track=_no_track, des
         m = enc["attention_mask"].unsqueeze(-1).float()
         out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).cpu())
     return torch.cat(out)
+
+
+def _count_tokens(tok, texts: list[str], seq_len: int) -> int:
+    return sum(len(ids) for ids in tok(texts, truncation=True, max_length=seq_len)["input_ids"])
 
 
 def _centroid_predict(train: torch.Tensor, train_labels: list, test: torch.Tensor) -> list:
@@ -172,7 +226,8 @@ def _encoder(model, tok, s, data, reference, track) -> Evaluation:
         test = datasets.balanced(datasets.bbc("eval"), per)
         train = datasets.balanced(datasets.bbc("calib"), ENCODER_TRAIN_PER_TOPIC)
     dev = _device(model)
-    s = {**s, "test_texts": len(test), "train_texts": len(train)}
+    s = {**s, "test_texts": len(test), "train_texts": len(train),
+         "tokens_scored": _count_tokens(tok, [e.text for e in test], s["seq_len"])}
     models = [("model", model)] + ([("reference", reference)] if reference is not None else [])
     emb, preds = {}, {}
     for who, m in models:
@@ -229,7 +284,7 @@ def _seq_cls(model, tok, s, data, reference, track) -> Evaluation:
         if reference is not None:
             logits["reference"].append(reference(**enc).logits.float().cpu())
     lm = torch.cat(logits["model"])
-    s = {**s, "examples": len(rows)}
+    s = {**s, "examples": len(rows), "tokens_scored": _count_tokens(tok, [r.text for r in rows], s["seq_len"])}
     ev = Evaluation(SEQ_CLS, s["data"], s, {"accuracy": (lm.argmax(-1) == labels).float().mean().item()})
     if reference is not None:
         lr = torch.cat(logits["reference"])

@@ -57,8 +57,13 @@ def balanced(examples: list[Example], per_label: int) -> list[Example]:
     return out
 
 
-def read_file(path: str | Path, need_label: bool = False) -> list[Example]:
-    """A user's eval file: .txt (one document, or paragraphs for encoders) or .jsonl with "text"."""
+def read_file(path: str | Path, need_label: bool = False, stream: bool = False) -> list[Example]:
+    """A user's eval file: .txt or .jsonl with "text" (and "label" for classifiers).
+
+    A .txt is one document when `stream` (a causal LM's perplexity reads it as one token stream, as
+    llama.cpp's llama-perplexity and the transformers perplexity guide do); otherwise its paragraphs
+    (split at blank lines) are the examples: encoders embed them and calibration samples them.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file {p} does not exist")
@@ -77,6 +82,8 @@ def read_file(path: str | Path, need_label: bool = False) -> list[Example]:
     if suffix == ".txt":
         if need_label:
             raise DataError(f"{p}: a classifier needs labels; pass .jsonl with 'text' and 'label' fields")
+        if stream:
+            return [Example(text.strip(), None, "0")]
         paras = [t.strip() for t in text.split("\n\n") if t.strip()]
         return [Example(t, None, str(i)) for i, t in enumerate(paras)]
     if suffix != ".jsonl":
