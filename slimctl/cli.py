@@ -38,6 +38,22 @@ SKIP_BENCH_OPT = typer.Option(False, "--skip-bench", help="Do not benchmark spee
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda.")
 PICKLE_OPT = typer.Option(False, "--allow-pickle", help="Load pickle-only weights (torch.load weights_only=True); refused by default.")
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Run custom modelling code a model folder asks for; off by default.")
+COMPILE_OPT = typer.Option(None, "--compile", help="Causal LMs: also decode on a static KV cache under torch.compile (CUDA "
+                           "graphs on GPU). true: report it; auto: the faster of eager and compiled; false: eager only.")
+
+
+def _compile_flag(value: Optional[str]):
+    """--compile VALUE as the recipe's bench.compile: True, False or "auto" (None: keep the recipe's)."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    table = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False,
+             "auto": "auto"}
+    if v not in table:
+        from .errors import UsageError
+
+        raise UsageError(f"--compile takes auto, true or false, not {value!r}")
+    return table[v]
 
 
 class _UI:
@@ -154,6 +170,7 @@ def run(
     baseline: Optional[Path] = BASELINE_OPT, preset: Optional[str] = PRESET_OPT, min_quality: Optional[float] = MIN_QUALITY_OPT,
     max_latency_increase: Optional[float] = MAX_LAT_OPT, max_memory_increase: Optional[float] = MAX_MEM_OPT,
     max_size_increase: Optional[float] = MAX_SIZE_OPT, junit: Optional[Path] = JUNIT_OPT, html: Optional[Path] = HTML_OPT,
+    compile_: Optional[str] = COMPILE_OPT,
 ):
     """Run a recipe: baseline eval+bench, the steps, eval+bench of the result, gates, report, artifact.
 
@@ -163,10 +180,12 @@ def run(
     """
     from . import recipe as recipe_mod
 
+    comp = _compile_flag(compile_)
     r = recipe_mod.load(recipe)
     r = r.model_copy(update={
         "eval": r.eval.model_copy(update={"max_samples": max_samples or r.eval.max_samples, "skip": r.eval.skip or skip_eval}),
-        "bench": r.bench.model_copy(update={"skip": r.bench.skip or skip_bench}),
+        "bench": r.bench.model_copy(update={"skip": r.bench.skip or skip_bench,
+                                            "compile": r.bench.compile if comp is None else comp}),
         "seed": r.seed if seed is None else seed})
     ci = _ci(baseline, preset, min_quality, max_latency_increase, max_memory_increase, max_size_increase, junit, html)
     if (baseline is None) != (not ci.any_limit()):
@@ -443,6 +462,8 @@ def eval_cmd(
     task: Optional[List[str]] = typer.Option(None, "--task", help="lm-evaluation-harness task: a name, a task YAML over local "
                                              "files, or bbc-topic (built in, offline). Repeat for several."),
     task_limit: Optional[int] = typer.Option(None, "--task-limit", help="At most N documents per task."),
+    kernels: str = typer.Option("auto", "--kernels", help="auto: weight-only int4/int8 layers on fused kernels with bf16 "
+                                "activations where the CPU has them (as `bench` runs them); off: the dequantize path."),
     seed: int = SEED_OPT, as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
     """Measure accuracy: perplexity (causal LM), embedding fidelity and topic accuracy (encoder), accuracy (classifier),
@@ -460,6 +481,8 @@ def eval_cmd(
     ui = _UI()
     spec = _spec("EvalSpec", data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len,
                  max_tokens=max_tokens, tasks=task or None, task_limit=task_limit)
+    if kernels not in ("auto", "off"):
+        raise UsageError(f"--kernels takes auto or off, not {kernels!r}")
     if data:
         from .evaluate.data import read_file
 
@@ -470,9 +493,14 @@ def eval_cmd(
     ref = load(against, progress=ui.say, **opts) if against else None
     if ref is not None and ref.kind != m.kind:
         raise UsageError(f"--against {against} is a {ref.kind} model but {model} is a {m.kind} model")
+    from .kernels import maybe_accelerate
+
+    plans = [maybe_accelerate(x.model, kernels) for x in (m, ref) if x is not None]
     ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed, track=ui.track,
                   taskset=taskset)
-    result = {"model": model, "against": against, **ev.to_dict()}
+    result = {"model": model, "against": against, **ev.to_dict(), "kernels": plans[0]}
+    if plans[0] and plans[0]["warning"]:
+        ev.warnings.append(plans[0]["warning"])
     for w in ev.warnings:
         err.print(f"[yellow]Warning:[/yellow] {w}", markup=True, highlight=False)
     _emit(result, as_json, _print_eval)
@@ -517,6 +545,9 @@ def bench(
     hourly_cost: Optional[str] = typer.Option(None, "--hourly-cost", help="USD per hour for cost per 1M tokens: 0.10, or cpu=0.68,cuda=3.50 (default: marked examples)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
     semi_structured: bool = typer.Option(False, "--semi-structured", help="CUDA, fp16/bf16: run 2:4-pruned Linear layers on sparse tensor cores."),
+    kernels: str = typer.Option("auto", "--kernels", help="auto: weight-only int4/int8 layers on fused kernels (bf16 activations) "
+                                "where the device has them; off: the dequantize path."),
+    compile_: Optional[str] = COMPILE_OPT,
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="With --config: also measure this data-free recipe's slimmed variant (int4-rtn, int8-dynamic, nf4…)."),
     inline: bool = INLINE_OPT, as_json: bool = JSON_OPT, allow_pickle: bool = PICKLE_OPT, trust_remote_code: bool = REMOTE_OPT,
 ):
@@ -556,7 +587,8 @@ def bench(
             raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
     ui = _UI()
     specs = {dev: _spec("BenchSpec", device=dev, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
-                        min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured)
+                        min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured,
+                        kernels=kernels, compile=_compile_flag(compile_) or False)
              for dev in devices}
     result = study_devices(config or model, specs, prices, config_only=config is not None, sizes=sizes, dtypes=dts,
                            max_memory_mb=max_memory, slo_p95_ms=slo_p95_ms, repeats=repeats, inline=inline,
@@ -604,7 +636,15 @@ def _print_bench(r: dict) -> None:
         p(f"  {b['latency_of']} latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  (n={lat['count']})"
           + (f"; p50 of {len(b['rounds_p50_ms'])} fresh-process rounds {spread[0]:.2f}-{spread[1]:.2f}" if spread else ""))
         if "prefill_ms" in b:
-            p(f"  prefill p50 {b['prefill_ms']['p50']:.2f} ms ({b['prefill_tokens_per_s']:.0f} tok/s)   decode {b['decode_tokens_per_s']:.1f} tok/s")
+            p(f"  prefill p50 {b['prefill_ms']['p50']:.2f} ms ({b['prefill_tokens_per_s']:.0f} tok/s)   decode {b['decode_tokens_per_s']:.1f} tok/s"
+              + (f" ({b['decode_mode']})" if b.get("decode_mode") else ""))
+            for mode, m in (b.get("modes") or {}).items():
+                p(f"    {mode:<8} request p50 {m['latency_ms']['p50']:.1f} ms, decode {m['decode_tokens_per_s']:.1f} tok/s"
+                  + (f", compiled in {m['compile_seconds']:.0f} s (not in any latency)" if m.get("compile_seconds") else ""))
+        if b.get("kernels"):
+            k = b["kernels"]
+            p(f"  kernels: {k['fused_layers']} fused ({', '.join(f'{n} {c}' for c, n in k['kernels'].items()) or 'none'}), "
+              f"{k['dequantize_layers']} dequantize; {k['act_dtype']} activations")
         p(f"  throughput {b['throughput']['samples_per_s']:.2f} samples/s, {b['throughput']['tokens_per_s']:.1f} tokens/s")
         p(f"  peak memory {b['peak_memory_mb']:.0f} MB   size {b['size_mb']:.1f} MB")
         rf = b.get("roofline") or {}

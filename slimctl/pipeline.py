@@ -120,6 +120,9 @@ def _delta(ev: dict | None, bb: dict | None, sb: dict | None) -> dict[str, Any]:
         if "decode_tokens_per_s" in bb:
             d["decode_speedup"] = sb["decode_tokens_per_s"] / bb["decode_tokens_per_s"]
             d["prefill_speedup"] = bb["prefill_ms"]["p50"] / sb["prefill_ms"]["p50"]
+            for mode, base_run in (bb.get("modes") or {}).items():  # the slimmed path vs each baseline path
+                d[f"decode_speedup_vs_{mode}_baseline"] = sb["decode_tokens_per_s"] / base_run["decode_tokens_per_s"]
+                d[f"speedup_vs_{mode}_baseline"] = base_run["latency_ms"]["p50"] / sb["latency_ms"]["p50"]
     if bb and sb and bb.get("size_mb"):
         d["size_ratio"] = sb["size_mb"] / bb["size_mb"]
     return d
@@ -137,6 +140,7 @@ def _warnings(d: dict[str, Any], notes: list[str], slim_bench: dict | None = Non
         w.append(f"the slimmed model is slower than its baseline ({d['speedup']:.2f}x at p50)")
     if d.get("decode_speedup") is not None and d["decode_speedup"] < 1:
         w.append(f"the slimmed model decodes slower than its baseline ({d['decode_speedup']:.2f}x tokens/s)")
+    w.extend((slim_bench or {}).get("notes") or [])  # e.g. compile auto fell back to eager
     return w
 
 
@@ -181,11 +185,6 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
         taskset = prepare_tasks(base.kind, recipe.eval)
     slim = copy.deepcopy(base.model)
     slim, steps, notes = apply_steps(slim, base.tokenizer, recipe, base.kind, ui)
-    ev = None
-    if not recipe.eval.skip:
-        ui.say("evaluating baseline and slimmed side by side")
-        ev = evaluate(slim, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed, track=ui.track,
-                      taskset=taskset).to_dict()
     from .ctformat import exportable
 
     fmt = getattr(slim, "artifact_format", "transformers")
@@ -200,6 +199,17 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     files = save_artifact(base, slim, art_dir, meta)
     ui.say("reloading the artifact to check it matches the model in memory")
     check = reload_check(slim, art_dir, base.tokenizer, base.kind)
+    # Accuracy is measured in the configuration the bench measures: the same kernels and activation dtype.
+    from .kernels import maybe_accelerate
+
+    kernels = maybe_accelerate(slim, recipe.bench.kernels)
+    ev = None
+    if not recipe.eval.skip:
+        ui.say("evaluating baseline and slimmed side by side" + (f" (slimmed: {kernels['act_dtype']} activations, "
+                                                                 f"{kernels['fused_layers']} fused layers)" if kernels else ""))
+        ev = evaluate(slim, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed, track=ui.track,
+                      taskset=taskset).to_dict()
+        ev["kernels"] = kernels
     bb = sb = None
     if not recipe.bench.skip:
         if isolate:
@@ -231,7 +241,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
         "delta": delta,
         "gates": gate_rows,
         "passed": not failed,
-        "warnings": _warnings(delta, notes + ((ev or {}).get("warnings") or []), sb),
+        "warnings": _warnings(delta, notes + ((ev or {}).get("warnings") or []) + _kernel_warnings(kernels, sb), sb),
         "artifact": {"path": str(art_dir), "loads_with": loads_with, "files": files, "reload_check": check},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -243,6 +253,18 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     return report
 
 
+def _kernel_warnings(eval_plan: dict | None, slim_bench: dict | None) -> list[str]:
+    """The dequantize-path count (once), and a mismatch between the eval's and the bench's dtype."""
+    plans = [p for p in (eval_plan, (slim_bench or {}).get("kernels")) if p]
+    out = []
+    if plans and plans[-1].get("warning"):
+        out.append(plans[-1]["warning"])
+    if eval_plan and slim_bench and slim_bench.get("dtype") and slim_bench["dtype"] != eval_plan["act_dtype"]:
+        out.append(f"accuracy was measured with {eval_plan['act_dtype']} activations on the CPU, the bench ran "
+                   f"{slim_bench['dtype']} on {slim_bench.get('device')}")
+    return out
+
+
 def _side(ev: dict | None, which: str) -> dict | None:
     if ev is None:
         return None
@@ -250,6 +272,7 @@ def _side(ev: dict | None, which: str) -> dict | None:
     side["metrics"] = ev.get(which)
     if which == "reference_metrics":
         side.pop("vs_reference", None)
+        side.pop("kernels", None)
     return side
 
 

@@ -150,13 +150,27 @@ class WeightOnlyLinear(nn.Module):
 
         return dequantize_groups(self.codes(), self.weight_scale, self.weight_zero_point, self.group_size).to(dtype)
 
+    _kernel: str | None = None  # set by slimctl.kernels.accelerate: a fused kernel and its packed weights
+    _fused: dict | None = None
+
+    def set_kernel(self, kernel: str | None, fused: dict | None) -> None:
+        self._kernel, self._fused = kernel, fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None:
+            from .kernels import fused_forward
+
+            return fused_forward(self, x)
         y = F.linear(x, self.dequantized(x.dtype))
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
+    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the packed copies belong to the old device
+        self._kernel = self._fused = None
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
-                f"symmetric={self.symmetric}, bias={self.bias is not None}")
+                f"symmetric={self.symmetric}, bias={self.bias is not None}, kernel={self._kernel or 'dequantize'}")
 
     def meta(self) -> dict[str, Any]:
         return {"format": "weight-only", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
@@ -239,6 +253,7 @@ class Fp8Linear(nn.Module):
 
 
 FORMATS = {"int8": Int8Linear, "weight-only": WeightOnlyLinear, "fp8": Fp8Linear}
+QUANTIZED_TYPES = tuple(FORMATS.values())
 
 
 def quantized_modules_meta(model: nn.Module) -> dict[str, dict[str, Any]]:

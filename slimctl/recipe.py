@@ -40,6 +40,13 @@ class BenchSpec(_Strict):
     repeats: int = Field(default=3, ge=1, le=100)  # `run`: baseline and slimmed alternate, each in a fresh process
     roofline: bool = False  # also measure the device's bandwidth/GEMM peaks and report % of the roofline floors
     semi_structured: bool = False  # CUDA: run 2:4-sparse Linear layers on sparse tensor cores
+    # weight-only int4/int8 layers on fused kernels with bf16 activations where the device has them
+    # (slimctl.kernels); "off" keeps the dequantize path. Eval in `run` uses the same setting.
+    kernels: Literal["auto", "off"] = "auto"
+    # causal LMs: also measure decode on a static KV cache with the step under torch.compile (CUDA graphs
+    # on GPU). true: report the compiled path; auto: the faster of eager and compiled; both are kept.
+    # Off by default: compiling costs about a minute per fresh process on a 2-core CPU.
+    compile: bool | Literal["auto"] = False
     skip: bool = False
 
 

@@ -2,7 +2,6 @@
 prefill plus greedy decode on the KV cache for causal LMs; optionally in a fresh process."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DeviceError, SlimctlError
+from ..errors import DeviceError, SlimctlError, UnsupportedError
 from ..models import CAUSAL_LM, state_bytes
 from ..recipe import BenchSpec
 from .measure import Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until
@@ -67,6 +66,9 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
         if not torch.cuda.is_available():
             raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU; use --device cpu")
         model.to("cuda")
+    from ..kernels import maybe_accelerate
+
+    plan = maybe_accelerate(model, spec.kernels, device)
     converted = None
     if spec.semi_structured:
         from ..sparsity import to_semi_structured
@@ -81,14 +83,15 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
     release_freed_memory()
     rss0 = rss_mb()
     say = progress or (lambda m: None)
+    runs, notes = {}, []
     try:
         with torch.inference_mode():
             if kind == CAUSAL_LM:
-                phases = _bench_causal(model, ids, mask, spec, device, say)
-                primary = phases["request"]
+                decoders, notes = _decoders(model, spec, tuple(ids.shape), device)
+                for dec in decoders:
+                    runs[dec.mode] = (_bench_causal(model, ids, mask, spec, device, say, dec), getattr(dec, "compile_seconds", None))
             else:
-                phases = _bench_forward(model, ids, mask, spec, device, say)
-                primary = phases["forward"]
+                runs["eager"] = (_bench_forward(model, ids, mask, spec, device, say), None)
     except torch.cuda.OutOfMemoryError:
         raise DeviceError(f"CUDA out of memory at batch size {s['batch_size']} x {s['seq_len']}; try a smaller --batch-size") from None
     param = next(model.parameters(), None)
@@ -99,12 +102,22 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
             "weights_in_memory_mb": weights / 2**20}
     if converted is not None:
         meta["semi_structured_layers"] = converted
+    if plan is not None:
+        meta["kernels"] = plan
     if getattr(model, "artifact_format", None) == "onnx":
         meta["backend"] = "onnxruntime"
         meta["onnx_cpu_fallback"] = model.fallback  # CUDA EP: some nodes (often int8 ones) run on the CPU
     if kind == CAUSAL_LM:
         meta["decode_tokens"] = spec.decode_tokens
-    res = summarize(meta, phases, primary.name)
+    if notes:
+        meta["notes"] = notes
+    modes = {}
+    for mode, (phases, compile_s) in runs.items():
+        extra = {"decode_mode": mode} if kind == CAUSAL_LM else {}
+        if compile_s is not None:
+            extra["compile_seconds"] = round(compile_s, 2)
+        modes[mode] = summarize({**meta, **extra}, phases, "request" if kind == CAUSAL_LM else "forward")
+    res = _with_modes(modes, spec.compile)
     if spec.roofline:
         from .roofline import fractions, peaks
 
@@ -130,6 +143,11 @@ def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> d
 
 def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge repeated bench results of one model: samples pooled, each round's p50 kept."""
+    if "modes" in results[0] and all("modes" in r for r in results):
+        modes = {m: pool([r["modes"][m] for r in results]) for m in results[0]["modes"]}
+        # every round chose compiled (compile: true, or auto that measured it faster), else the pooled figures decide
+        pick = "compiled" if all(r["decode_mode"] == "compiled" for r in results) else choose_mode(modes, "auto")
+        return {**modes[pick], "decode_mode": pick, "modes": modes}
     if len(results) == 1:
         return {**results[0], "rounds_p50_ms": [results[0]["latency_ms"]["p50"]]}
     first = results[0]
@@ -160,12 +178,9 @@ def _bench_forward(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[
     return {"forward": Phase("forward", Latency.from_values(samples_all), mem.peak_mb, b, b * l)}
 
 
-def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[str, Phase]:
+def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say, decoder) -> dict[str, Phase]:
     b, l = ids.shape
     n = spec.decode_tokens
-    params = inspect.signature(model.forward).parameters
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
     pre, step, req = [], [], []
     peaks = {"prefill": 0.0, "decode_step": 0.0}
 
@@ -173,24 +188,23 @@ def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[s
         with Timer(device) as total:
             with PeakMemory(device) if measure_memory else _Null() as mem:
                 with Timer(device) as t:
-                    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **keep)
+                    nxt = decoder.prefill(ids, mask)
             if measure_memory:
                 peaks["prefill"] = mem.peak_mb
             pre.append(t.ms)
-            past, m = cache_of(out), mask
-            nxt = out.logits[:, -1:].argmax(-1)
             with PeakMemory(device) if measure_memory else _Null() as mem:
                 for _ in range(n):
-                    m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
                     with Timer(device) as t:
-                        out = model(input_ids=nxt, attention_mask=m, use_cache=True, **{cache_arg: past})
+                        nxt = decoder.step(nxt)
                     step.append(t.ms)
-                    past, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)
             if measure_memory:
                 peaks["decode_step"] = mem.peak_mb
         req.append(total.ms)
 
-    say(f"bench prefill {b}x{l} + decode {n} tokens")
+    say(f"bench prefill {b}x{l} + decode {n} tokens ({decoder.mode})")
+    if decoder.mode == "compiled":  # compile outside every measurement, memory included
+        request()
+        pre.clear(), step.clear(), req.clear()
     request(measure_memory=True)  # also the first warm-up
     warm = max(spec.warmup - 1, 0)
     run_until(request, warm, spec.min_iters, spec.min_seconds)
@@ -202,6 +216,44 @@ def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[s
         "prefill": Phase("prefill", Latency.from_values(pre), peaks["prefill"], b, b * l),
         "decode_step": Phase("decode_step", Latency.from_values(step), peaks["decode_step"], b, b),
     }
+
+
+def _decoders(model, spec: BenchSpec, shape, device: str) -> tuple[list, list[str]]:
+    """The decode loops to measure for `spec.compile`, and notes (auto without a compiler)."""
+    from .decode import CompiledDecoder, EagerDecoder, can_compile
+
+    out, notes = [EagerDecoder(model)], []
+    if spec.compile is False:
+        return out, notes
+    ok, why = can_compile(device)
+    if not ok and spec.compile == "auto":
+        return out, [f"compile auto: decode runs eager ({why})"]
+    if not ok:
+        raise UnsupportedError(f"bench.compile is true but {why}")
+    try:
+        out.append(CompiledDecoder(model, shape[0], shape[1] + spec.decode_tokens, device))
+    except UnsupportedError as e:
+        if spec.compile is True:
+            raise
+        notes.append(f"compile auto: decode runs eager ({e})")
+    return out, notes
+
+
+def choose_mode(modes: dict[str, dict[str, Any]], setting) -> str:
+    """compile true: the compiled path; auto: whichever has the lower p50 request latency."""
+    if "compiled" not in modes:
+        return "eager"
+    if setting is True:
+        return "compiled"
+    return min(modes, key=lambda k: modes[k]["latency_ms"]["p50"])
+
+
+def _with_modes(modes: dict[str, dict[str, Any]], setting) -> dict[str, Any]:
+    """The chosen mode's result at the top, every mode's full result under "modes"."""
+    if len(modes) == 1:
+        return modes["eager"]
+    pick = choose_mode(modes, setting)
+    return {**modes[pick], "decode_mode": pick, "modes": modes}
 
 
 def cache_of(out):

@@ -363,6 +363,9 @@ def _warnings(out: dict[str, Any], dtypes: list) -> list[str]:
     if out["device"] == "cpu" and any(d == "fp16" for d in dtypes):
         w.append("fp16 on CPU is emulated by most kernels; bf16 is the CPU's half precision")
     b = out.get("bench") or {}
+    w.extend(b.get("notes") or [])
+    if (b.get("kernels") or {}).get("warning"):
+        w.append(b["kernels"]["warning"])
     if b.get("onnx_cpu_fallback"):
         w.append("onnxruntime's CUDA execution provider runs some nodes (int8 ones usually) on the CPU")
     ss = out.get("semi_structured")

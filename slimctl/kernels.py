@@ -1,0 +1,186 @@
+"""Fast execution of slimctl's weight-only layers, chosen at load for the device found.
+
+int4 groups are repacked for torch's fused int4 kernels (CPU: `_weight_int4pack_mm_for_cpu`; CUDA
+sm80+: tinygemm `_weight_int4pack_mm`), per-channel symmetric int8 runs on `_weight_int8pack_mm`
+(CPU). These kernels take bf16 activations, so a model with fused layers runs in bf16 where bf16 is
+fast (AVX512-BF16/AMX CPUs, sm80+ GPUs). The artifact on disk is unchanged: the packed copies live
+beside the stored buffers, outside the state dict. A layer no kernel takes (a group size or shape it
+refuses) keeps the dequantize path, and the plan names it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+INT4_GROUPS = (32, 64, 128, 256)  # what both int4 kernels accept
+
+
+@dataclass
+class KernelPlan:
+    """What `accelerate` did: the activation dtype, and per layer the kernel or why none."""
+
+    device: str
+    act_dtype: str
+    fused: dict[str, str] = field(default_factory=dict)
+    fallback: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        kinds: dict[str, int] = {}
+        for k in self.fused.values():
+            kinds[k] = kinds.get(k, 0) + 1
+        return {"device": self.device, "act_dtype": self.act_dtype, "fused_layers": len(self.fused), "kernels": kinds,
+                "dequantize_layers": len(self.fallback), "dequantize": self.fallback, "warning": self.warning()}
+
+    def warning(self) -> str | None:
+        total = len(self.fused) + len(self.fallback)
+        if not self.fallback:
+            return None
+        names = ", ".join(f"{n} ({why})" for n, why in list(self.fallback.items())[:3])
+        more = f", and {len(self.fallback) - 3} more" if len(self.fallback) > 3 else ""
+        return f"{len(self.fallback)} of {total} quantized Linear layers run the slow dequantize path: {names}{more}"
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_fast(device_type: str) -> tuple[bool, str]:
+    """(True, why) where bf16 matmuls are native: AVX512-BF16 or AMX on the CPU, sm80+ on CUDA."""
+    if device_type == "cuda":
+        cap = torch.cuda.get_device_capability()
+        return cap >= (8, 0), f"compute capability {cap[0]}.{cap[1]}"
+    from .bench.measure import cpu_flags
+
+    flags = cpu_flags()
+    for f in ("amx_bf16", "avx512_bf16"):
+        if f in flags:
+            return True, f
+    return False, "no AVX512-BF16 or AMX on this CPU"
+
+
+def _inner_k_tiles(k: int) -> int | None:
+    """tinygemm's packing parameter: the largest of 8, 4, 2 with K divisible by 16 x tiles."""
+    return next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+
+
+def choose(layer, device_type: str) -> tuple[str | None, str]:
+    """(kernel, "") for a WeightOnlyLinear on this device, or (None, why it keeps the dequantize path)."""
+    if not bf16_fast(device_type)[0]:
+        return None, f"bf16 is not native here ({bf16_fast(device_type)[1]})"
+    if layer.bits == 4:
+        if layer.group_size not in INT4_GROUPS:
+            return None, f"int4 group {layer.group_size} (the kernels take {', '.join(map(str, INT4_GROUPS))})"
+        if device_type == "cuda":
+            if layer.out_features % 8 or _inner_k_tiles(layer.in_features) is None:
+                return None, f"shape {layer.out_features}x{layer.in_features} (tinygemm needs N % 8 and K % 32)"
+            return "int4-tinygemm", ""
+        if layer.in_features % 2:
+            return None, f"odd input width {layer.in_features}"
+        return "int4-cpu", ""
+    if layer.bits == 8:
+        if not layer.symmetric or layer.group_size != layer.in_features:
+            return None, "int8 with groups or zero points (the int8 kernel takes one scale per output channel)"
+        if device_type != "cpu":
+            return None, "int8 weight-only on CUDA: torch's int8pack kernel is not used there (dequantize + bf16 matmul)"
+        return "int8-cpu", ""
+    return None, f"{layer.bits}-bit"
+
+
+def _int4_params(layer, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsigned codes q in [0, 15] with w = (q - 8) * s + z: tinygemm's layout [K/g, N, 2] of (s, z).
+    Symmetric: stored codes c = q - 8, so z = 0. Asymmetric: w = (q - zp) * s, so z = (8 - zp) * s."""
+    from .quant import unpack_int4
+
+    q = unpack_int4(layer.qweight, symmetric=False).to(torch.int32)  # the stored unsigned nibbles
+    s = layer.weight_scale.float()
+    z = torch.zeros_like(s) if layer.symmetric else (8.0 - layer.weight_zero_point.float()) * s
+    sz = torch.stack([s, z], dim=2).transpose(0, 1).contiguous().to(act_dtype)
+    return q, sz
+
+
+def _pack(layer, kernel: str, act_dtype: torch.dtype) -> dict[str, Any]:
+    dev = layer.qweight.device
+    if kernel == "int8-cpu":
+        return {"w": layer.qweight.contiguous(), "s": layer.weight_scale[:, 0].to(act_dtype).contiguous()}
+    q, sz = _int4_params(layer, act_dtype)
+    if kernel == "int4-cpu":
+        return {"w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), "sz": sz}
+    tiles = _inner_k_tiles(layer.in_features)
+    u8 = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(dev)  # CUDA packing takes [N, K/2] uint8, high nibble first
+    return {"w": torch.ops.aten._convert_weight_to_int4pack(u8, tiles), "sz": sz.to(dev)}
+
+
+def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's matmul on its fused kernel; x in the activation dtype the plan chose."""
+    p = layer._fused
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != p["dtype"]:
+        x2 = x2.to(p["dtype"])
+    if layer._kernel == "int8-cpu":
+        y = torch._weight_int8pack_mm(x2, p["w"], p["s"])
+    elif layer._kernel == "int4-cpu":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p["w"], layer.group_size, p["sz"])
+    else:
+        y = torch.ops.aten._weight_int4pack_mm(x2, p["w"], layer.group_size, p["sz"])
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def has_weight_only(model: nn.Module) -> bool:
+    from .qmodules import WeightOnlyLinear
+
+    return any(isinstance(m, WeightOnlyLinear) for m in model.modules())
+
+
+def maybe_accelerate(model: nn.Module, mode: str, device: str | torch.device | None = None) -> dict[str, Any] | None:
+    """`accelerate` unless mode is "off" or the model has no weight-only layers; the plan as a dict."""
+    if mode == "off" or not isinstance(model, nn.Module) or not has_weight_only(model):
+        return None
+    return accelerate(model, device).to_dict()
+
+
+def accelerate(model: nn.Module, device: str | torch.device | None = None, act_dtype: str = "auto") -> KernelPlan:
+    """Put every WeightOnlyLinear of `model` on the fastest kernel this device has, and run the
+    model in bf16 when any layer got one (`act_dtype="auto"`) or as asked ("bf16"/"fp32").
+    The quantized layers keep their stored scales in float32 for the dequantize path."""
+    from .qmodules import QUANTIZED_TYPES, WeightOnlyLinear
+
+    dev = torch.device(device) if device is not None else _model_device(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    picks = {n: choose(m, dev.type) for n, m in layers.items()}
+    fused_any = any(k for k, _ in picks.values())
+    want = torch.bfloat16 if (act_dtype == "bf16" or (act_dtype == "auto" and fused_any)) else None
+    plan = KernelPlan(dev.type, "bfloat16" if want is not None else str(_float_dtype(model)).replace("torch.", ""))
+    if want is not None:
+        _cast_float(model, want, QUANTIZED_TYPES)
+    for n, m in layers.items():
+        kernel, why = picks[n]
+        if kernel is None or want is None:
+            m.set_kernel(None, None)
+            plan.fallback[n] = why or "activations are not bf16"
+            continue
+        m.set_kernel(kernel, {**_pack(m, kernel, want), "dtype": want})
+        plan.fused[n] = kernel
+    return plan
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _cast_float(model: nn.Module, dtype: torch.dtype, keep: tuple[type, ...]) -> None:
+    """Cast float parameters to `dtype`. Buffers stay as they are: the quantized layers' scales (for
+    their dequantize path) and RoPE's inverse frequencies, which transformers computes in float32."""
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
