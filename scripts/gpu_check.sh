@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# GPU_CHECK=speed: only the CUDA tests and scripts/gpu_speed.py (fused kernels, compiled decode; about 6 minutes).
 # One prepared GPU check for a machine with no network (the `device` tool's lent H100/H200), within
 # 10 minutes (GPU_BENCH=0: about 7): install carried wheels, run the CUDA tests, benchmark a 1.2 B-parameter random Llama in
 # bf16/fp16, int8/int4 weight-only, FP8 and NF4 with roofline fractions and a batch sweep, 2:4 sparse
@@ -34,9 +35,16 @@ except Exception as e: prov = str(e)
 print(json.dumps({"versions": v, "gpu": torch.cuda.get_device_name(0), "capability": torch.cuda.get_device_capability(0),
                   "cpu_count": os.cpu_count(), "onnxruntime_providers": prov}))
 PY
-timeout 170 python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_prune.py tests/test_eval_bench.py -p no:cacheprovider \
-  > "$OUT/cuda-tests.txt" 2>&1; echo "cuda tests rc=$?" >> "$OUT/cuda-tests.txt"
+timeout 170 python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_prune.py tests/test_eval_bench.py tests/test_kernels.py \
+  -p no:cacheprovider > "$OUT/cuda-tests.txt" 2>&1; echo "cuda tests rc=$?" >> "$OUT/cuda-tests.txt"
 stamp "cuda tests done"
+if [ "${GPU_CHECK:-all}" = speed ]; then  # the fast-path check alone (about 6 minutes): fused int4/int8, FP8, compiled decode
+  timeout 330 python3 scripts/gpu_speed.py --out "$OUT/gpu-speed.json" --arch llama-1b 2>> "$LOG"
+  echo "gpu_speed rc=$?" >> "$LOG"
+  stamp "gpu_speed done"
+  tail -5 "$OUT/cuda-tests.txt"; grep -E "rc=|gpu_check|gpu_speed\]|Error" "$LOG" | tail -30
+  exit 0
+fi
 if [ "${GPU_BENCH:-1}" = 1 ]; then  # GPU_BENCH=0 skips the format table (already measured) to save device time
   timeout 220 python3 scripts/gpu_bench.py --out "$OUT/gpu-bench.json" --arch llama-1b 2>> "$LOG"
   echo "gpu_bench rc=$?" >> "$LOG"

@@ -117,13 +117,13 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
         if compile_s is not None:
             extra["compile_seconds"] = round(compile_s, 2)
         modes[mode] = summarize({**meta, **extra}, phases, "request" if kind == CAUSAL_LM else "forward")
-    res = _with_modes(modes, spec.compile)
     if spec.roofline:
         from .roofline import fractions, peaks
 
-        dt = meta["dtype"] or "float32"
-        res["roofline"] = fractions(model, kind, res, peaks(device, dt))
-    return res
+        pk = peaks(device, meta["dtype"] or "float32")
+        for r in modes.values():
+            r["roofline"] = fractions(model, kind, r, pk)
+    return _with_modes(modes, spec.compile)
 
 
 def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> dict[str, Any]:
