@@ -4,7 +4,7 @@ recipe with `eval.tasks: [bbc-topic]` added, so the baseline and the slimmed mod
 side on the models in memory. Writes bench-results/tasks.json and prints the README table.
 
 Usage: .venv/bin/python scripts/bench_tasks.py [--model smollm2-135m] [--tasks bbc-topic ...]
-           [--recipes int8-weight-only w8a8-smoothquant ...] [--out bench-results/tasks.json]
+           [--recipes int8-weight-only w8a8-smoothquant ...] [--out bench-results/tasks.json] [--keep DIR]
 Run it alone on the machine (it takes about 20 minutes on 2 cores, GPTQ most of it).
 """
 from __future__ import annotations
@@ -24,15 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["int8-weight-only", "w8a8-smoothquant", "int4-gptq-g64", "int4-rtn-g64", "nf4"]
 
 
-def _run(recipe: str, model: str, tasks: list[str], tmp: Path) -> dict:
+def _run(recipe: str, model: str, tasks: list[str], tmp: Path, keep: Path | None = None) -> dict:
     doc = yaml.safe_load((REPO / "recipes" / f"{recipe}.yaml").read_text())
     doc["eval"] = {**(doc.get("eval") or {}), "tasks": tasks}
     doc["bench"] = {**(doc.get("bench") or {}), "skip": True}
     path = tmp / f"{recipe}.yaml"
     path.write_text(yaml.safe_dump(doc))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "slimctl", "run", str(path), "--model", model, "--out", str(tmp / recipe),
-                        "--json"], capture_output=True, text=True, cwd=REPO)
+    dest = (keep or tmp) / recipe
+    p = subprocess.run([sys.executable, "-m", "slimctl", "run", str(path), "--model", model, "--out", str(dest),
+                        "--json", "--overwrite"], capture_output=True, text=True, cwd=REPO)
     if p.returncode not in (0, 1):
         return {"recipe": recipe, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     rep = json.loads(p.stdout)
@@ -68,6 +69,7 @@ def main() -> int:
     ap.add_argument("--tasks", nargs="+", default=["bbc-topic"])
     ap.add_argument("--recipes", nargs="+", default=RECIPES)
     ap.add_argument("--out", default="bench-results/tasks.json")
+    ap.add_argument("--keep", type=Path, help="keep each run's folder (artifact + report) here, e.g. for scripts/bench_speed.py")
     a = ap.parse_args()
     out = REPO / a.out
     res = {"model": a.model, "tasks": a.tasks, "machine": f"{platform.processor() or platform.machine()}, "
@@ -75,7 +77,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpd:
         for r in a.recipes:
             print(f"[tasks] {r}", file=sys.stderr, flush=True)
-            res["results"].append(_run(r, a.model, a.tasks, Path(tmpd)))
+            res["results"].append(_run(r, a.model, a.tasks, Path(tmpd), a.keep))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=2) + "\n")  # after every row: a stopped run keeps what it measured
     print(table(res))

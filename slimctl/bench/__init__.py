@@ -89,7 +89,16 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
             if kind == CAUSAL_LM:
                 decoders, notes = _decoders(model, spec, tuple(ids.shape), device)
                 for dec in decoders:
-                    runs[dec.mode] = (_bench_causal(model, ids, mask, spec, device, say, dec), getattr(dec, "compile_seconds", None))
+                    try:
+                        runs[dec.mode] = (_bench_causal(model, ids, mask, spec, device, say, dec),
+                                          getattr(dec, "compile_seconds", None))
+                    except Exception as e:  # noqa: BLE001  torch.compile can fail on layers it cannot trace
+                        if dec.mode == "eager" or isinstance(e, torch.cuda.OutOfMemoryError):
+                            raise
+                        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                        if spec.compile is True:
+                            raise UnsupportedError(f"the compiled decode failed ({why}); use --compile auto or false") from None
+                        notes.append(f"compile auto: decode runs eager (the compiled decode failed: {why})")
             else:
                 runs["eager"] = (_bench_forward(model, ids, mask, spec, device, say), None)
     except torch.cuda.OutOfMemoryError:
