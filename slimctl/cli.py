@@ -495,7 +495,7 @@ def eval_cmd(
         raise UsageError(f"--against {against} is a {ref.kind} model but {model} is a {m.kind} model")
     from .kernels import maybe_accelerate
 
-    plans = [maybe_accelerate(x.model, kernels) for x in (m, ref) if x is not None]
+    plans = [maybe_accelerate(x.model, kernels, kind=x.kind) for x in (m, ref) if x is not None]
     ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed, track=ui.track,
                   taskset=taskset)
     result = {"model": model, "against": against, **ev.to_dict(), "kernels": plans[0]}

@@ -64,8 +64,11 @@ def exportable(model) -> bool:
     Asymmetric schemes are left out: compressed-tensors 0.19 packs their zero points along the
     output dimension, while transformers 5.24 registers them unpacked and refuses the file, so such
     an artifact would load nowhere but in slimctl. They keep slimctl's own layout instead."""
+    from .qmodules import QUANTIZED_TYPES
+
     mods = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
-    return bool(mods) and all(m.symmetric for m in mods)
+    others = [m for m in model.modules() if isinstance(m, QUANTIZED_TYPES) and not isinstance(m, WeightOnlyLinear)]
+    return bool(mods) and all(m.symmetric for m in mods) and not others  # e.g. int8 embeddings: slimctl's layout
 
 
 def quantization_config(model) -> dict[str, Any] | None:

@@ -27,12 +27,14 @@ class KernelPlan:
     act_dtype: str
     fused: dict[str, str] = field(default_factory=dict)
     fallback: dict[str, str] = field(default_factory=dict)
+    dense_bytes: int = 0  # memory of the dense copies that `batch` mode keeps beside the stored weights
 
     def to_dict(self) -> dict[str, Any]:
         kinds: dict[str, int] = {}
         for k in self.fused.values():
             kinds[k] = kinds.get(k, 0) + 1
         return {"device": self.device, "act_dtype": self.act_dtype, "fused_layers": len(self.fused), "kernels": kinds,
+                "dense_copy_mb": round(self.dense_bytes / 2**20, 2),
                 "dequantize_layers": len(self.fallback), "dequantize": self.fallback, "warning": self.warning()}
 
     def warning(self) -> str | None:
@@ -101,6 +103,8 @@ def _int4_params(layer, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 
 def _pack(layer, kernel: str, act_dtype: torch.dtype) -> dict[str, Any]:
     dev = layer.qweight.device
+    if kernel == "dense":
+        return {"w": layer.dequantized(act_dtype).contiguous()}
     if kernel == "int8-cpu":
         return {"w": layer.qweight.contiguous(), "s": layer.weight_scale[:, 0].to(act_dtype).contiguous()}
     q, sz = _int4_params(layer, act_dtype)
@@ -118,7 +122,9 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, shape[-1])
     if x2.dtype != p["dtype"]:
         x2 = x2.to(p["dtype"])
-    if layer._kernel == "int8-cpu":
+    if layer._kernel == "dense":
+        y = torch.nn.functional.linear(x2, p["w"])
+    elif layer._kernel == "int8-cpu":
         y = torch._weight_int8pack_mm(x2, p["w"], p["s"])
     elif layer._kernel == "int4-cpu":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p["w"], layer.group_size, p["sz"])
@@ -130,40 +136,55 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def has_weight_only(model: nn.Module) -> bool:
-    from .qmodules import WeightOnlyLinear
+    from .qmodules import Int8Embedding, WeightOnlyLinear
 
-    return any(isinstance(m, WeightOnlyLinear) for m in model.modules())
+    return any(isinstance(m, (WeightOnlyLinear, Int8Embedding)) for m in model.modules())
 
 
-def maybe_accelerate(model: nn.Module, mode: str, device: str | torch.device | None = None) -> dict[str, Any] | None:
-    """`accelerate` unless mode is "off" or the model has no weight-only layers; the plan as a dict."""
+def maybe_accelerate(model: nn.Module, mode: str, device: str | torch.device | None = None,
+                     kind: str | None = None) -> dict[str, Any] | None:
+    """`accelerate` unless mode is "off" or the model has no weight-only layers; the plan as a dict.
+    Encoders and classifiers (`kind` other than a causal LM) run large batches: see `accelerate`."""
     if mode == "off" or not isinstance(model, nn.Module) or not has_weight_only(model):
         return None
-    return accelerate(model, device).to_dict()
+    return accelerate(model, device, batch=kind not in (None, "causal-lm")).to_dict()
 
 
-def accelerate(model: nn.Module, device: str | torch.device | None = None, act_dtype: str = "auto") -> KernelPlan:
+def accelerate(model: nn.Module, device: str | torch.device | None = None, act_dtype: str = "auto",
+               batch: bool = False) -> KernelPlan:
     """Put every WeightOnlyLinear of `model` on the fastest kernel this device has, and run the
     model in bf16 when any layer got one (`act_dtype="auto"`) or as asked ("bf16"/"fp32").
-    The quantized layers keep their stored scales in float32 for the dequantize path."""
-    from .qmodules import QUANTIZED_TYPES, WeightOnlyLinear
+
+    `batch` (encoders: many tokens per matmul, where the fused kernels are built for one) instead
+    dequantizes each layer once, at load, into a dense weight in the activation dtype: the disk keeps
+    the small artifact, memory holds the dense copy (counted in the plan). The quantized layers keep
+    their stored scales in float32 for the dequantize path."""
+    from .qmodules import QUANTIZED_TYPES, Int8Embedding, WeightOnlyLinear
 
     dev = torch.device(device) if device is not None else _model_device(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
-    picks = {n: choose(m, dev.type) for n, m in layers.items()}
+    picks = {n: ("dense", "") if batch else choose(m, dev.type) for n, m in layers.items()}
     fused_any = any(k for k, _ in picks.values())
-    want = torch.bfloat16 if (act_dtype == "bf16" or (act_dtype == "auto" and fused_any)) else None
+    fast = bf16_fast(dev.type)[0]
+    want = torch.bfloat16 if (act_dtype == "bf16" or (act_dtype == "auto" and fused_any and (fast or not batch))) else None
     plan = KernelPlan(dev.type, "bfloat16" if want is not None else str(_float_dtype(model)).replace("torch.", ""))
     if want is not None:
         _cast_float(model, want, QUANTIZED_TYPES)
+    dtype = want or _float_dtype(model)
+    for m in model.modules():
+        if isinstance(m, Int8Embedding):
+            m.out_dtype = dtype
     for n, m in layers.items():
         kernel, why = picks[n]
-        if kernel is None or want is None:
+        if kernel is None or (want is None and kernel != "dense"):
             m.set_kernel(None, None)
             plan.fallback[n] = why or "activations are not bf16"
             continue
-        m.set_kernel(kernel, {**_pack(m, kernel, want), "dtype": want})
+        packed = _pack(m, kernel, dtype)
+        m.set_kernel(kernel, {**packed, "dtype": dtype})
         plan.fused[n] = kernel
+        if kernel == "dense":
+            plan.dense_bytes += packed["w"].numel() * packed["w"].element_size()
     return plan
 
 

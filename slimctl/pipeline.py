@@ -202,7 +202,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     # Accuracy is measured in the configuration the bench measures: the same kernels and activation dtype.
     from .kernels import maybe_accelerate
 
-    kernels = maybe_accelerate(slim, recipe.bench.kernels)
+    kernels = maybe_accelerate(slim, recipe.bench.kernels, kind=base.kind)
     ev = None
     if not recipe.eval.skip:
         ui.say("evaluating baseline and slimmed side by side" + (f" (slimmed: {kernels['act_dtype']} activations, "

@@ -166,3 +166,39 @@ def test_no_cxx_compiler(tiny_llama, setting, code, text):
     assert p.returncode == code, p.stderr
     assert text in (p.stderr + p.stdout) and "Traceback" not in p.stderr
     assert os.environ.get("PATH")  # the test's own environment is untouched
+
+
+# --- encoders: int8 weights and embeddings, dense bf16 compute --------------------------------------
+
+def test_int8_encoder_recipe_shrinks_the_embeddings_and_runs_dense(tiny_bert, tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("run", "recipes/int8-bf16-encoder.yaml", "--model", tiny_bert, "--out", tmp_path / "o", "--json",
+                "--max-samples", "10")
+    assert p.returncode in (0, 1), p.stderr
+    rep = json.loads(p.stdout)
+    step = rep["slimmed"]["steps"][0]
+    assert step["embeddings"]["module"] == "embeddings.word_embeddings" and step["embeddings"]["relative_weight_error"] < 0.01
+    assert rep["artifact"]["loads_with"] == "slimctl" and rep["artifact"]["reload_check"]["bitwise_equal"]
+    k = rep["slimmed"]["bench"]["kernels"]
+    assert set(k["kernels"]) == {"dense"} and k["dense_copy_mb"] > 0 and k["dequantize_layers"] == 0
+    assert rep["slimmed"]["bench"]["dtype"] == rep["slimmed"]["eval"]["kernels"]["act_dtype"]
+    assert rep["delta"]["size_ratio"] < 0.35  # the int8 word-embedding table is most of a tiny BERT
+    assert rep["delta"]["mean_cosine"] > 0.99
+
+
+def test_embeddings_tied_to_the_lm_head_are_refused(tiny_llama, tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("quantize", tiny_llama, "--method", "rtn", "--set", "embeddings=true", "--out", tmp_path / "o", "--skip-bench")
+    assert p.returncode == 2 and "tied to the LM head" in p.stderr.strip().splitlines()[-1]
+
+
+def test_int8_embedding_matches_its_dequantized_table():
+    from slimctl.qmodules import Int8Embedding
+
+    emb = torch.nn.Embedding(50, 16)
+    q = Int8Embedding.from_embedding(emb)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    assert torch.allclose(q(ids), torch.nn.functional.embedding(ids, q.dequantized(torch.float32)))
+    assert (q(ids) - emb(ids)).abs().max() <= emb.weight.abs().max() / 127

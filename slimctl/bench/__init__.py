@@ -68,7 +68,7 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
         model.to("cuda")
     from ..kernels import maybe_accelerate
 
-    plan = maybe_accelerate(model, spec.kernels, device)
+    plan = maybe_accelerate(model, spec.kernels, device, kind)
     converted = None
     if spec.semi_structured:
         from ..sparsity import to_semi_structured

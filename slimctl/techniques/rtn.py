@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import torch
 from pydantic import Field
 
 from ..qmodules import WeightOnlyLinear, set_submodule
@@ -15,6 +16,9 @@ class RTNConfig(WeightOnlyOptions):
 
     bits: Literal[4, 8] = 8
     group_size: Optional[int] = Field(default=None, ge=8, le=8192)
+    # also store the input (word) embedding table as int8 rows with a scale per row; refused for a
+    # table tied to the LM head (its rows are the head's weights too)
+    embeddings: bool = False
 
 
 @register("rtn", "quantize", RTNConfig,
@@ -31,5 +35,26 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
         codes, scale, zero = rtn(w, scheme, g)
         err[name] = float((dequantize_groups(codes, scale, zero, g) - w).norm() / w.norm().clamp(min=1e-12))
         set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, cfg.bits, g))
-    return {"layers": list(err), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
-            "relative_weight_error": err}
+    out = {"layers": list(err), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
+           "relative_weight_error": err}
+    if cfg.embeddings:
+        out["embeddings"] = _embeddings(model, ctx)
+    return out
+
+
+def _embeddings(model, ctx: StepContext) -> dict:
+    from ..errors import UnsupportedError
+    from ..qmodules import Int8Embedding
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        raise UnsupportedError("embeddings: true would quantize a word-embedding table tied to the LM head; "
+                               "leave it false for this model")
+    if not isinstance(emb, torch.nn.Embedding):
+        raise UnsupportedError(f"embeddings: true needs an nn.Embedding input table, this model has {type(emb).__name__}")
+    name = next(n for n, m in model.named_modules() if m is emb)
+    q = Int8Embedding.from_embedding(emb)
+    w = emb.weight.detach().float()
+    set_submodule(model, name, q)
+    return {"module": name, "relative_weight_error": float((q.dequantized(torch.float32) - w).norm() / w.norm())}
