@@ -91,9 +91,22 @@ def fast_recipe(tmp_path):
     return make
 
 
+# One knob for every subprocess timeout in the suite: a loaded machine may need more (e.g. 3).
+TIMEOUT_SCALE = float(os.environ.get("SLIMCTL_TEST_TIMEOUT_SCALE", "2"))
+
+
+def scaled(seconds: float) -> float:
+    return seconds * TIMEOUT_SCALE
+
+
 def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(SLIMCTL + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env={**os.environ, **(env or {})})
+    limit = scaled(timeout)
+    try:
+        return subprocess.run(SLIMCTL + [str(a) for a in args], capture_output=True, text=True, timeout=limit,
+                              cwd=REPO, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"slimctl {' '.join(map(str, args[:3]))} … ran past its {limit:.0f} s timeout (a timeout, not a "
+                    f"slimctl error; on a loaded machine raise SLIMCTL_TEST_TIMEOUT_SCALE, now {TIMEOUT_SCALE:g})")
 
 
 def tree_digest(path: Path) -> dict:

@@ -127,6 +127,13 @@ CASES = [
     (["eval", "{good}", "--max-samples", "0"], "--max-samples: Input should be greater than 0"),
     (["eval", "{good}", "--data", "{w}/empty.txt"], "is empty"),
     (["eval", "{good}", "--data", "{w}/short.txt", "--seq-len", "64"], "fewer than one eval window (64 tokens)"),
+    # fast paths
+    (["bench", "{good}", "--compile", "maybe"], "--compile takes auto, true or false, not 'maybe'"),
+    (["bench", "{good}", "--kernels", "fast"], "--kernels: Input should be 'auto' or 'off'"),
+    (["eval", "{good}", "--kernels", "fast"], "--kernels takes auto or off, not 'fast'"),
+    (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{out}", "--compile", "sometimes"], "--compile takes auto, true or false"),
+    (["quantize", "{good}", "--method", "rtn", "--set", "embeddings=true", "--out", "{out}", "--skip-bench"],
+     "tied to the LM head"),
     # lm-eval tasks: checked before any slimming work
     (["eval", "{good}", "--task", "{w}/task-unparsable.yaml"], "could not be read"),
     (["eval", "{good}", "--task", "{w}/task-no-data.yaml"], "data file gone.jsonl does not exist"),

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, tree_digest
+from conftest import REPO, scaled, tree_digest
 
 _SLOW_SAVE = """
 import sys, time, slimctl.models as M
@@ -48,7 +48,7 @@ def test_sigkill_while_saving_leaves_nothing_or_the_previous_artifact(previous, 
                if previous else ["run", recipe, "--model", tiny_llama, "--out", out, "--inline"])
     _wait_for_save(p)
     p.send_signal(signal.SIGKILL)
-    p.wait(timeout=30)
+    p.wait(timeout=scaled(30))
     if previous:
         assert tree_digest(out / "model") == before
     else:
@@ -65,7 +65,7 @@ def test_ctrl_c_exits_130_without_a_partial_artifact(tiny_llama, tmp_path, fast_
     p = _start(["run", fast_recipe([{"method": "bf16"}]), "--model", tiny_llama, "--out", out, "--inline"])
     _wait_for_save(p)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=240)  # generous: a loaded 2-core machine starves the exiting process
+    _, err = p.communicate(timeout=scaled(240))  # generous: a loaded 2-core machine starves the exiting process
     assert p.returncode == 130
     assert err.strip().splitlines()[-1].startswith("Error: interrupted")
     if (out / "model").exists():  # on a loaded machine the save can finish before the signal lands:

@@ -85,7 +85,7 @@ def test_smollm2_gptq_beats_rtn_and_loads_in_plain_transformers(tmp_path):
                           "--set", "act_order=true", "--set", "calib_samples=32")
     assert gptq["delta"]["perplexity_ratio"] <= rtn["delta"]["perplexity_ratio"]
     step = gptq["slimmed"]["steps"][0]
-    assert step["seconds"] < 300 and step["peak_rss_mb"] > 0 and step["relative_output_error"]
+    assert step["peak_rss_mb"] > 0 and step["relative_output_error"]  # its duration goes to the benchmarks, not here
     assert gptq["artifact"]["loads_with"].startswith("transformers + compressed-tensors")
     fresh = subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / "gptq" / "model")], capture_output=True, text=True)
     assert fresh.returncode == 0, fresh.stderr[-2000:]

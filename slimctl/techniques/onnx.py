@@ -25,6 +25,12 @@ class OnnxConfig(CalibrationOptions):
           loads_with="onnxruntime")
 def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
     from .. import onnxrt
+    from ..models import CAUSAL_LM
+
+    if ctx.kind == CAUSAL_LM:  # said at once, in the report's warnings: the graph is for encoders
+        ctx.notes.append("ONNX Runtime here is for encoders: the exported causal-LM graph has no KV cache, so every "
+                         "decode step re-runs the whole sequence (smollm2-135m decode 0.23-0.28x of fp32); for "
+                         "causal LMs use int8-weight-only or int4 (fused kernels) and bench.compile")
 
     with tempfile.TemporaryDirectory(prefix="slimctl-onnx-") as d:
         fp32 = Path(d) / "fp32.onnx"
