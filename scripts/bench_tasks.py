@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,8 +72,11 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="keep each run's folder (artifact + report) here, e.g. for scripts/bench_speed.py")
     a = ap.parse_args()
     out = REPO / a.out
-    res = {"model": a.model, "tasks": a.tasks, "machine": f"{platform.processor() or platform.machine()}, "
-           f"{__import__('os').cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"), "results": []}
+    sys.path.insert(0, str(REPO))
+    from slimctl.bench.measure import cpu_name
+
+    res = {"model": a.model, "tasks": a.tasks, "machine": f"{cpu_name()}, {os.cpu_count()} vCPUs",
+           "date": time.strftime("%Y-%m-%d"), "results": []}
     with tempfile.TemporaryDirectory() as tmpd:
         for r in a.recipes:
             print(f"[tasks] {r}", file=sys.stderr, flush=True)
