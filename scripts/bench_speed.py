@@ -58,7 +58,15 @@ def main() -> int:
     ap.add_argument("--decode", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--out", default="bench-results/speed.json")
     ap.add_argument("--encoder", default="minilm-l6", help="also the encoder rows for this model ('' to skip)")
+    ap.add_argument("--only-encoder", action="store_true", help="re-measure the encoder rows into an existing --out")
     a = ap.parse_args()
+    out = REPO / a.out
+    if a.only_encoder:
+        doc = json.loads(out.read_text())
+        doc["encoder"] = encoder(a.encoder, a.artifacts, max(a.rounds, 3))
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(table(doc))
+        return 0
     base = str(resolve(a.model)[0])
     rows = {"fp32": (base, None), "bf16": (base, "bf16")}
     for r in RECIPES:
@@ -73,7 +81,6 @@ def main() -> int:
 
     doc = {"model": a.model, "machine": f"{cpu_name()}, {__import__('os').cpu_count()} vCPUs", "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d"), "batch": 1, "prompt_tokens": 128, "rounds": a.rounds, "perplexity": ppl, "results": {}}
-    out = REPO / a.out
     for n in a.decode:
         spec = BenchSpec(batch_size=1, seq_len=128, decode_tokens=n, warmup=1, min_iters=3, min_seconds=0, compile="auto")
         res = doc["results"].setdefault(str(n), {name: [] for name in rows})

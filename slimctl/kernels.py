@@ -118,13 +118,15 @@ def _pack(layer, kernel: str, act_dtype: torch.dtype) -> dict[str, Any]:
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The layer's matmul on its fused kernel; x in the activation dtype the plan chose."""
     p = layer._fused
+    if layer._kernel == "dense":  # a plain GEMM with the bias fused in (addmm): one pass over the output
+        xin = x if x.dtype == p["dtype"] else x.to(p["dtype"])
+        bias = layer.bias if layer.bias is None or layer.bias.dtype == xin.dtype else layer.bias.to(xin.dtype)
+        return torch.nn.functional.linear(xin, p["w"], bias).to(x.dtype)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.dtype != p["dtype"]:
         x2 = x2.to(p["dtype"])
-    if layer._kernel == "dense":
-        y = torch.nn.functional.linear(x2, p["w"])
-    elif layer._kernel == "int8-cpu":
+    if layer._kernel == "int8-cpu":
         y = torch._weight_int8pack_mm(x2, p["w"], p["s"])
     elif layer._kernel == "int4-cpu":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, p["w"], layer.group_size, p["sz"])
@@ -174,6 +176,8 @@ def accelerate(model: nn.Module, device: str | torch.device | None = None, act_d
     for m in model.modules():
         if isinstance(m, Int8Embedding):
             m.out_dtype = dtype
+            m.dense = m.dequantized(dtype) if batch else None  # a batch looks up many rows: one gather, no rescale
+            plan.dense_bytes += m.dense.numel() * m.dense.element_size() if batch else 0
     for n, m in layers.items():
         kernel, why = picks[n]
         if kernel is None or (want is None and kernel != "dense"):

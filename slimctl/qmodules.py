@@ -208,9 +208,17 @@ class Int8Embedding(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight.float() * self.weight_scale).to(dtype)
 
+    dense: torch.Tensor | None = None  # kernels.accelerate(batch=True): the table dequantized once, at load
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            return F.embedding(ids, self.dense, self.padding_idx)
         rows = F.embedding(ids, self.qweight).float() * F.embedding(ids, self.weight_scale)
         return rows.to(self.out_dtype)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the dense copy belongs to the old device
+        self.dense = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows with a scale per row"

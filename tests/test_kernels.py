@@ -108,7 +108,7 @@ def test_run_measures_accuracy_in_the_benchmarked_dtype(tiny_llama, tmp_path, fa
     assert rep["artifact"]["reload_check"]["bitwise_equal"] is True  # the artifact was compared before any repacking
     off = fast_recipe([{"method": "rtn", "bits": 4, "group_size": 32}], name="off", bench={
         "min_iters": 2, "min_seconds": 0, "warmup": 1, "decode_tokens": 4, "seq_len": 16, "batch_size": 2, "kernels": "off"})
-    p = run_cli("run", off, "--model", tiny_llama, "--out", tmp_path / "off", "--json")
+    p = run_cli("run", off, "--model", tiny_llama, "--out", tmp_path / "off", "--json", "--inline")
     rep = json.loads(p.stdout)
     assert rep["slimmed"]["bench"]["dtype"] == "float32" and rep["slimmed"]["eval"]["kernels"] is None
 
@@ -171,10 +171,14 @@ def test_no_cxx_compiler(tiny_llama, setting, code, text):
 # --- encoders: int8 weights and embeddings, dense bf16 compute --------------------------------------
 
 def test_int8_encoder_recipe_shrinks_the_embeddings_and_runs_dense(tiny_bert, tmp_path):
-    from conftest import run_cli
+    from conftest import REPO, run_cli
 
-    p = run_cli("run", "recipes/int8-bf16-encoder.yaml", "--model", tiny_bert, "--out", tmp_path / "o", "--json",
-                "--max-samples", "10")
+    import yaml
+
+    doc = yaml.safe_load((REPO / "recipes" / "int8-bf16-encoder.yaml").read_text())
+    doc["bench"] = {"min_iters": 2, "min_seconds": 0, "warmup": 1, "seq_len": 16, "batch_size": 2, "repeats": 1}
+    (tmp_path / "enc.yaml").write_text(yaml.safe_dump(doc))
+    p = run_cli("run", tmp_path / "enc.yaml", "--model", tiny_bert, "--out", tmp_path / "o", "--json", "--max-samples", "10")
     assert p.returncode in (0, 1), p.stderr
     rep = json.loads(p.stdout)
     step = rep["slimmed"]["steps"][0]
