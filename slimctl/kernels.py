@@ -10,6 +10,8 @@ refuses) keeps the dequantize path, and the plan names it.
 from __future__ import annotations
 
 import functools
+import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +32,7 @@ class KernelPlan:
     dense_bytes: int = 0  # memory of the dense copies that `batch` mode keeps beside the stored weights
 
     def to_dict(self) -> dict[str, Any]:
-        kinds: dict[str, int] = {}
-        for k in self.fused.values():
-            kinds[k] = kinds.get(k, 0) + 1
+        kinds = dict(Counter(self.fused.values()))
         return {"device": self.device, "act_dtype": self.act_dtype, "fused_layers": len(self.fused), "kernels": kinds,
                 "dense_copy_mb": round(self.dense_bytes / 2**20, 2),
                 "dequantize_layers": len(self.fallback), "dequantize": self.fallback, "warning": self.warning()}
@@ -161,7 +161,7 @@ def accelerate(model: nn.Module, device: str | torch.device | None = None, act_d
     dequantizes each layer once, at load, into a dense weight in the activation dtype: the disk keeps
     the small artifact, memory holds the dense copy (counted in the plan). The quantized layers keep
     their stored scales in float32 for the dequantize path."""
-    from .qmodules import QUANTIZED_TYPES, Int8Embedding, WeightOnlyLinear
+    from .qmodules import Int8Embedding, WeightOnlyLinear
 
     dev = torch.device(device) if device is not None else _model_device(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
@@ -171,7 +171,7 @@ def accelerate(model: nn.Module, device: str | torch.device | None = None, act_d
     want = torch.bfloat16 if (act_dtype == "bf16" or (act_dtype == "auto" and fused_any and (fast or not batch))) else None
     plan = KernelPlan(dev.type, "bfloat16" if want is not None else str(_float_dtype(model)).replace("torch.", ""))
     if want is not None:
-        _cast_float(model, want, QUANTIZED_TYPES)
+        _cast_float(model, want)
     dtype = want or _float_dtype(model)
     for m in model.modules():
         if isinstance(m, Int8Embedding):
@@ -193,16 +193,15 @@ def accelerate(model: nn.Module, device: str | torch.device | None = None, act_d
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _cast_float(model: nn.Module, dtype: torch.dtype, keep: tuple[type, ...]) -> None:
+def _cast_float(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast float parameters to `dtype`. Buffers stay as they are: the quantized layers' scales (for
     their dequantize path) and RoPE's inverse frequencies, which transformers computes in float32."""
     for mod in model.modules():

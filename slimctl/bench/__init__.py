@@ -15,6 +15,7 @@ import torch
 from ..errors import DeviceError, SlimctlError, UnsupportedError
 from ..models import CAUSAL_LM, state_bytes
 from ..recipe import BenchSpec
+from .decode import cache_of  # noqa: F401  (part of this package's interface)
 from .measure import Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until
 
 DEFAULTS = {CAUSAL_LM: {"batch_size": 1, "seq_len": 128}, "other": {"batch_size": 8, "seq_len": 128}}
@@ -263,12 +264,6 @@ def _with_modes(modes: dict[str, dict[str, Any]], setting) -> dict[str, Any]:
         return modes["eager"]
     pick = choose_mode(modes, setting)
     return {**modes[pick], "decode_mode": pick, "modes": modes}
-
-
-def cache_of(out):
-    """The KV cache a forward returned (`cache` from transformers 5.2x, `past_key_values` before)."""
-    c = getattr(out, "cache", None)
-    return c if c is not None else getattr(out, "past_key_values", None)
 
 
 class _Null:

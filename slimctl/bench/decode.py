@@ -50,13 +50,13 @@ class EagerDecoder:
 
     def prefill(self, ids, mask):
         out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **self.keep)
-        self.past, self.mask = _cache_of(out), mask
+        self.past, self.mask = cache_of(out), mask
         return out.logits[:, -1:].argmax(-1)
 
     def step(self, nxt):
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         out = self.model(input_ids=nxt, attention_mask=self.mask, use_cache=True, **{self.cache_arg: self.past})
-        self.past = _cache_of(out)
+        self.past = cache_of(out)
         return out.logits[:, -1:].argmax(-1)
 
 
@@ -103,7 +103,7 @@ class CompiledDecoder:
         return logits[:, -1:].argmax(-1)
 
 
-def _cache_of(out):
+def cache_of(out):
     c = getattr(out, "cache", None)
     return c if c is not None else getattr(out, "past_key_values", None)
 
