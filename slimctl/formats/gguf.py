@@ -1,0 +1,250 @@
+"""GGUF export for llama.cpp: a slimctl artifact of a Llama-family model written as one .gguf file.
+
+Weight-only int4/int8 layers are **packed from slimctl's integer codes, never re-quantized**:
+symmetric int4 with a scale per group of a multiple of 32 input columns is exactly Q4_0
+(x = d·(q − 8), element j of a 32-block in the low nibble of byte j, element j+16 in its high nibble),
+and symmetric int8 likewise exactly Q8_0 (x = d·q), provided the scales are fp16 numbers (the
+`fp16_scales: true` option of rtn/gptq). A group of 64 or 128 repeats its scale over its 32-blocks.
+What cannot be exact (asymmetric zero points, scales that are not fp16, groups that are not a multiple
+of 32) is refused, or with `requantize=True` quantized again by gguf's reference Q4_0/Q8_0 with a note.
+Norms are written F32; float Linear layers F16 (or as asked); the token embedding Q8_0 by default, as
+llama.cpp does. llama.cpp's RoPE expects q_proj/k_proj rows permuted per head; codes and scales are
+permuted alike (groups run along the input dimension, so they stay whole)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import OutputError, UnsupportedError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}  # HF class -> llama.cpp arch
+BLOCK = 32  # Q4_0 and Q8_0 block size
+
+
+@dataclass
+class GGUFOptions:
+    embeddings: Literal["q8_0", "f16", "f32"] = "q8_0"  # token embedding (and an untied float LM head)
+    float_type: Literal["f16", "f32", "bf16"] = "f16"  # float Linear layers (a float model: every one)
+    requantize: bool = False  # quantize again what cannot be packed exactly, with a note, instead of refusing
+
+
+@dataclass
+class ExportResult:
+    path: str
+    bytes: int
+    tensors: dict[str, str]  # gguf tensor name -> type written
+    exact_layers: int = 0  # quantized layers packed from their codes
+    requantized: list[str] = field(default_factory=list)  # layers quantized again (requantize=True)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# --- packing ---------------------------------------------------------------------------------------
+
+def _block_scales(scale: np.ndarray, group: int, in_features: int) -> np.ndarray:
+    """[rows, in/group] scales -> [rows, in/32], each group's scale repeated over its 32-blocks."""
+    return np.repeat(scale, group // BLOCK, axis=1)[:, : in_features // BLOCK]
+
+
+def _fp16_exact(scale: np.ndarray) -> bool:
+    return bool(np.array_equal(scale.astype(np.float16).astype(np.float32), scale.astype(np.float32)))
+
+
+def pack_q4_0(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    """Symmetric int4 codes [rows, in] in [-8, 7] and scales [rows, in/group] -> Q4_0 bytes [rows, in/32·18]."""
+    rows, cols = codes.shape
+    d = _block_scales(scale, group, cols).astype(np.float16).view(np.uint8).reshape(rows, cols // BLOCK, 2)
+    q = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(rows, cols // BLOCK, BLOCK)
+    qs = q[..., : BLOCK // 2] | (q[..., BLOCK // 2:] << np.uint8(4))
+    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def pack_q8_0(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    """Symmetric int8 codes [rows, in] and scales [rows, in/group] -> Q8_0 bytes [rows, in/32·34]."""
+    rows, cols = codes.shape
+    d = _block_scales(scale, group, cols).astype(np.float16).view(np.uint8).reshape(rows, cols // BLOCK, 2)
+    q = codes.astype(np.int8).view(np.uint8).reshape(rows, cols // BLOCK, BLOCK)
+    return np.concatenate([d, q], axis=-1).reshape(rows, -1)
+
+
+def permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """q_proj/k_proj rows in the order llama.cpp's RoPE expects: within each head, the two halves of
+    the rotary pairs interleaved. Works on weights, codes and per-row scales alike (rows are permuted)."""
+    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def exact_reason(layer) -> str | None:
+    """Why a WeightOnlyLinear cannot be packed exactly into Q4_0/Q8_0, or None when it can."""
+    if not layer.symmetric:
+        return "asymmetric zero points (Q4_0/Q8_0 are symmetric)"
+    if layer.group_size % BLOCK or layer.in_features % BLOCK:
+        return f"group {layer.group_size} / width {layer.in_features} is not a multiple of 32"
+    if not _fp16_exact(layer.weight_scale.detach().float().numpy()):
+        return "scales are not fp16 numbers (quantize with fp16_scales: true)"
+    return None
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+def _config_metadata(writer, config, n_vocab: int) -> None:
+    n_head = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    if rope.get("rope_type") not in (None, "default"):
+        raise UnsupportedError(f"RoPE scaling '{rope.get('rope_type')}' is not exported to GGUF by slimctl yet")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_head)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(n_vocab)
+    if getattr(config, "head_dim", None) and config.head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
+    """(gguf name, data, raw type or None) for every tensor, with q/k rows permuted."""
+    import gguf
+    import torch
+
+    from ..qmodules import WeightOnlyLinear
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    modules = dict(model.named_modules())
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and tied:
+            continue  # llama.cpp uses token_embd for a tied head
+        mod_name, _, leaf = key.rpartition(".")
+        mod = modules.get(mod_name)
+        if isinstance(mod, WeightOnlyLinear) and leaf not in ("qweight",):
+            if leaf == "bias":
+                raise UnsupportedError(f"{mod_name} has a bias, which the llama architecture in GGUF does not hold")
+            continue  # weight_scale / zero points: written with the codes
+        name = names.get_name(mod_name + ".weight" if isinstance(mod, WeightOnlyLinear) else key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnsupportedError(f"no GGUF name for tensor {key}")
+        heads = n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
+        if isinstance(mod, WeightOnlyLinear):
+            yield (name, *_quantized(mod, mod_name, heads, opts, res))
+            continue
+        data = value.detach().to(torch.float32).numpy()
+        if heads:
+            data = permute_rows(data, heads)
+        yield (name, *_float(name, data, opts))
+
+
+def _quantized(layer, name: str, heads: int | None, opts: GGUFOptions, res: ExportResult):
+    import gguf
+
+    codes = layer.codes().numpy()
+    scale = layer.weight_scale.detach().float().numpy()
+    if heads:
+        codes, scale = permute_rows(codes, heads), permute_rows(scale, heads)
+    qtype = gguf.GGMLQuantizationType.Q4_0 if layer.bits == 4 else gguf.GGMLQuantizationType.Q8_0
+    why = exact_reason(layer)
+    if why is None:
+        res.exact_layers += 1
+        packed = (pack_q4_0 if layer.bits == 4 else pack_q8_0)(codes, scale, layer.group_size)
+        return packed, qtype
+    if not opts.requantize:
+        raise UnsupportedError(f"{name} cannot be written exactly as {qtype.name}: {why}; quantize with "
+                               "symmetric groups of 32/64/128 and fp16_scales: true, or export with --requantize")
+    res.requantized.append(name)
+    w = layer.dequantized(layer.weight_scale.dtype).detach().float().numpy()
+    if heads:
+        w = permute_rows(w, heads)
+    if w.shape[1] % BLOCK:
+        raise UnsupportedError(f"{name}: input width {w.shape[1]} is not a multiple of 32, which Q4_0/Q8_0 need")
+    return gguf.quants.quantize(w, qtype), qtype
+
+
+def _float(name: str, data: np.ndarray, opts: GGUFOptions):
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if data.ndim == 1 or name.endswith("_norm.weight"):
+        return data.astype(np.float32), None
+    kind = opts.embeddings if name in ("token_embd.weight", "output.weight") else opts.float_type
+    if kind == "q8_0" and data.shape[-1] % BLOCK == 0:
+        return gguf.quants.quantize(data, Q.Q8_0), Q.Q8_0
+    if kind == "bf16":
+        return gguf.quants.quantize(data, Q.BF16), Q.BF16
+    return (data.astype(np.float16), None) if kind in ("f16", "q8_0") else (data.astype(np.float32), None)
+
+
+def check_architecture(config) -> str:
+    """The llama.cpp architecture of a transformers config, or an UnsupportedError saying what is supported."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs or archs[0] not in ARCHITECTURES:
+        raise UnsupportedError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; this model is "
+                               f"{archs[0] if archs else getattr(config, 'model_type', 'unknown')}")
+    return ARCHITECTURES[archs[0]]
+
+
+def export(loaded, path: str | Path, opts: GGUFOptions | None = None) -> ExportResult:
+    """Write `loaded` (a slimctl LoadedModel of a Llama-family causal LM) to `path` as GGUF, atomically:
+    a temporary sibling renamed into place, so a failure leaves the previous file or none."""
+    import gguf
+
+    from .gguf_vocab import add_vocab
+
+    opts = opts or GGUFOptions()
+    config = loaded.model.config
+    arch = check_architecture(config)
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a folder; give the .gguf file to write")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    res = ExportResult(path=str(path), bytes=0, tensors={})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(Path(loaded.source).name or "model")
+        res.tokenizer = add_vocab(writer, loaded.path, loaded.tokenizer)
+        _config_metadata(writer, config, res.tokenizer["n_vocab"])
+        for name, data, raw in _tensors(loaded.model, config, opts, res):
+            writer.add_tensor(name, data, raw_dtype=raw)
+            res.tensors[name] = raw.name if raw is not None else str(data.dtype)
+        writer.add_file_type(_file_type(res.tensors))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    res.bytes = path.stat().st_size
+    if res.requantized:
+        res.notes.append(f"{len(res.requantized)} layers could not be packed exactly and were quantized again: "
+                         f"{', '.join(res.requantized[:3])}")
+    return res
+
+
+def _file_type(tensors: dict[str, str]) -> int:
+    """general.file_type: the type most weights have (llama.cpp shows it as the model's type)."""
+    import gguf
+
+    F = gguf.LlamaFileType
+    kinds = [t for n, t in tensors.items() if n.startswith("blk.") and not n.endswith("_norm.weight")]
+    if kinds and all(k == "Q4_0" for k in kinds):
+        return F.MOSTLY_Q4_0
+    if kinds and all(k in ("Q4_0", "Q8_0") for k in kinds):
+        return F.MOSTLY_Q8_0 if all(k == "Q8_0" for k in kinds) else F.MOSTLY_Q4_0
+    return F.MOSTLY_F16 if any(k == "float16" for k in kinds) else F.ALL_F32
