@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, UnsupportedError
-from .models import CAUSAL_LM
+from .kinds import CAUSAL_LM
 
 DEFAULT_SEQ_LEN = {CAUSAL_LM: 256}
 OTHER_SEQ_LEN = 128
@@ -163,6 +163,49 @@ def block_stats(block: nn.Module, inputs: list, layers: dict[str, nn.Linear], he
     return stats
 
 
+def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[dict],
+               slim_layers: Callable[[dict[str, nn.Linear], "InputStats"], None], hessian: bool = False,
+               track=lambda it, desc, total: it, leftover: str = "full-pass") -> list[str]:
+    """The calibrated driver of Wanda, SparseGPT and GPTQ: block by block, `slim_layers(layers, stats)`
+    on the targets inside the block, from their input statistics; the block's outputs (after slimming)
+    feed the next block. Targets outside the repeated blocks (an LM head, a pooler) follow `leftover`:
+    "full-pass" gathers their statistics in one pass of the whole slimmed model and slims them too;
+    "return" leaves them to the caller. Returns the targets left over (empty under "full-pass")."""
+    done: set[str] = set()
+
+    def on_block(i, prefix, block, inputs):
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if mine:
+            slim_layers(mine, block_stats(block, inputs, mine, hessian=hessian))
+            done.update(mine)
+
+    sequential(model, batches, on_block, track)
+    rest = {n: m for n, m in targets.items() if n not in done}
+    if not rest or leftover == "return":
+        return list(rest)
+    stats = InputStats(rest, hessian=hessian)
+    try:
+        forward_all(model, batches)
+    finally:
+        stats.remove()
+    slim_layers(rest, stats)
+    return []
+
+
+def raised_dampening(used: dict[str, float], asked: float, ctx) -> dict[str, dict[str, float]]:
+    """The layers whose Hessian needed more dampening than asked: a note, and the step's record."""
+    raised = {k: v for k, v in used.items() if v > asked}
+    if raised:
+        ctx.notes.append(f"{len(raised)} layers needed dampening above {asked:g} for a positive-definite Hessian "
+                         f"(up to {max(raised.values()):g}): {', '.join(list(raised)[:3])}")
+    return {"dampening_raised": raised} if raised else {}
+
+
+def summary(batches: list[dict]) -> dict[str, int]:
+    """What a calibrated step records about its data."""
+    return {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)}
+
+
 def hessian_start(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float copies of W and H where input features never seen in calibration (H_jj = 0) are
     neutralised: their weights zeroed, their diagonal set to 1 (as in GPTQ and SparseGPT)."""
@@ -173,7 +216,38 @@ def hessian_start(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch
     return w, h
 
 
-def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening × mean(diag H)."""
-    h = h + dampening * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """‖(W − Ŵ) X‖² / ‖W X‖² over the calibration inputs, via H ∝ X Xᵀ."""
+    d = w - w_hat
+    return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T).clamp(min=1e-12))
+
+
+MAX_DAMPENING = 1.0
+
+
+def inverse_hessian_factor(h: torch.Tensor, dampening: float, layer: str = "a layer",
+                           used: dict[str, float] | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening × mean(diag H).
+
+    A Hessian that is not positive definite at this dampening is retried with the dampening doubled
+    (as GPTQ's reference implementations raise damp_percent) up to MAX_DAMPENING; the dampening that
+    worked goes into `used[layer]`. A non-finite Hessian (NaN/Inf calibration activations) or one that
+    no dampening fixes is a DataError naming the layer."""
+    from .errors import DataError
+
+    if not torch.isfinite(h).all():
+        raise DataError(f"the calibration inputs of {layer} hold NaN or Inf (its Hessian is not finite): the model "
+                        "produces non-finite activations on the calibration text; check the checkpoint")
+    damp = dampening
+    while True:
+        hd = h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+        try:
+            factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+            if used is not None:
+                used[layer] = damp
+            return factor
+        except torch.linalg.LinAlgError:
+            if damp >= MAX_DAMPENING:
+                raise DataError(f"the Hessian of {layer} is not positive definite even with dampening {damp:g}: its "
+                                "calibration inputs are degenerate (too few or constant); give more calibration text") from None
+            damp = min(damp * 2, MAX_DAMPENING)

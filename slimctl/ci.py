@@ -2,7 +2,6 @@
 (JUnit XML, the GitHub Actions step summary, a self-contained HTML report)."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,33 +34,46 @@ class CIOptions:
                                             self.max_memory_increase_pct, self.max_size_increase_pct))
 
 
-def read_report(path: Path) -> dict[str, Any]:
-    from .report import SCHEMA
+def comparison(reports: list[dict[str, Any]], sources: list[Path]) -> list[dict[str, Any]]:
+    """`slimctl compare`: the first report's baseline, then each run's slimmed model, Pareto-optimal ones marked."""
+    from .render.html import label, pareto, point
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "report.json"
-    if not p.is_file():
-        raise DataError(f"report {p} does not exist")
-    try:
-        rep = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DataError(f"{p} is not a slimctl report (not JSON)") from None
-    if not isinstance(rep, dict) or rep.get("schema") != SCHEMA:
-        raise DataError(f"{p} is not a slimctl report (schema {SCHEMA} expected)")
-    return rep
+    pts = [point(reports[0], "baseline")] + [point(r) for r in reports]
+    names = ["baseline"] + [label(r) for r in reports]
+    return [{"name": n, "source": str(src) if src else None, "metric": p["metric"], "value": p["value"],
+             "latency_p50_ms": p["latency"], "size_mb": p["size"], "peak_memory_mb": p["memory"],
+             "passed": (r or {}).get("passed"), "pareto": f}
+            for n, p, f, r, src in zip(names, pts, pareto(pts), [None] + reports, [None] + list(sources))]
+
+
+def verify_artifact(out_dir: Path) -> tuple[list[str], int]:
+    """Re-hash model/ against the report's file list: (what is missing or changed, files checked)."""
+    from .models import file_digest
+    from .report import read
+
+    files = read(out_dir)["artifact"]["files"]
+    bad = []
+    for f in files:
+        p = Path(out_dir) / "model" / f["name"]
+        if not p.exists():
+            bad.append(f"{f['name']} missing")
+        elif file_digest(p) != f["sha256"]:
+            bad.append(f"{f['name']} changed")
+    return bad, len(files)
 
 
 def apply(report: dict[str, Any], opts: CIOptions, out_dir: Path | None = None) -> dict[str, Any]:
     """Add baseline gates to `report` (rewriting its files in out_dir), then write JUnit, the step
     summary and HTML as asked. Returns the report; report["passed"] covers every gate."""
-    from . import report as report_mod
+    from .render import write_report, write_text
+    from .render.markdown import report as markdown
+    from .report import read
 
     if opts.baseline is not None:
         if not opts.any_limit():
             raise DataError("--baseline needs at least one limit: --preset, --max-latency-increase, --max-memory-increase, "
                             "--max-size-increase or --min-quality")
-        old = read_report(opts.baseline)
+        old = read(opts.baseline)
         rows = gate_mod.against_baseline(report, old, opts.quality(), opts.max_latency_increase_pct,
                                          opts.max_memory_increase_pct, opts.max_size_increase_pct)
         names = {r["name"] for r in rows}
@@ -69,29 +81,18 @@ def apply(report: dict[str, Any], opts: CIOptions, out_dir: Path | None = None) 
         report["baseline_report"] = str(opts.baseline)
         report["passed"] = not gate_mod.failures(report["gates"])
         if out_dir is not None:
-            report_mod.write(report, out_dir)
+            write_report(report, out_dir)
     if opts.junit is not None:
-        _write(opts.junit, gate_mod.junit(report.get("gates", [])))
+        write_text(opts.junit, gate_mod.junit(report.get("gates", [])))
     if opts.html is not None:
-        from .html import render
+        from .render.html import render
 
-        _write(opts.html, render([report]))
+        write_text(opts.html, render([report]))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         try:
             with open(summary, "a", encoding="utf-8") as f:
-                f.write(report_mod.markdown(report) + "\n")
+                f.write(markdown(report) + "\n")
         except OSError as e:
             raise OutputError(f"cannot append to GITHUB_STEP_SUMMARY {summary}: {e.strerror}") from None
     return report
-
-
-def _write(path: Path, text: str) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None

@@ -52,7 +52,7 @@ def bf16_fast(device_type: str) -> tuple[bool, str]:
     if device_type == "cuda":
         cap = torch.cuda.get_device_capability()
         return cap >= (8, 0), f"compute capability {cap[0]}.{cap[1]}"
-    from .bench.measure import cpu_flags
+    from .machine import cpu_flags
 
     flags = cpu_flags()
     for f in ("amx_bf16", "avx512_bf16"):
@@ -185,7 +185,7 @@ def accelerate(model: nn.Module, device: str | torch.device | None = None, act_d
             plan.fallback[n] = why or "activations are not bf16"
             continue
         packed = _pack(m, kernel, dtype)
-        m.set_kernel(kernel, {**packed, "dtype": dtype})
+        m.set_kernel(kernel, {**packed, "dtype": dtype}, fused_forward)
         plan.fused[n] = kernel
         if kernel == "dense":
             plan.dense_bytes += packed["w"].numel() * packed["w"].element_size()

@@ -1,4 +1,5 @@
-"""Finds, loads and saves models: the only module that knows transformers, safetensors and GGUF on disk."""
+"""Finds, loads and saves models: built-in models, local folders and the hub; loading and the atomic
+artifact write, with each artifact format behind slimctl.formats."""
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError, OutputError
-
-CAUSAL_LM = "causal-lm"
-ENCODER = "encoder"
-SEQ_CLS = "seq-cls"
-TASK_KINDS = (CAUSAL_LM, ENCODER, SEQ_CLS)
+from .kinds import detect_kind, read_config
 
 ARTIFACT_META = "slimctl.json"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.bin.index.json")
@@ -129,8 +126,8 @@ def resolve(spec: str, progress=None) -> tuple[Path, str]:
         return _builtin_folder(spec, progress), spec
     p = Path(spec).expanduser()
     if p.exists():
-        if not p.is_dir():
-            raise ModelLoadError(f"model path {spec} is a file; pass the folder that holds config.json")
+        if not p.is_dir() and p.suffix != ".gguf":
+            raise ModelLoadError(f"model path {spec} is a file; pass the folder that holds config.json (or a .gguf file)")
         return p, spec
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip():
         raise ModelLoadError(f"model folder {spec} does not exist")
@@ -161,34 +158,6 @@ def _from_hub(repo_id: str) -> Path:
     return Path(folder)
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    cfg = folder / "config.json"
-    if not cfg.exists():
-        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{cfg} is not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')})") from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise ModelLoadError(f"{cfg} has no model_type; is it a Hugging Face model config?")
-    return data
-
-
-def detect_kind(config: dict[str, Any]) -> str:
-    """Task kind from the config: it decides the eval and bench defaults."""
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else ""
-    if config.get("is_encoder_decoder"):
-        raise ModelLoadError(f"encoder-decoder models ({config.get('model_type')}) are not supported yet")
-    if arch.endswith(("ForCausalLM", "LMHeadModel")):
-        return CAUSAL_LM
-    if arch.endswith("ForSequenceClassification"):
-        return SEQ_CLS
-    if arch.endswith("Model") or not arch:
-        return ENCODER
-    raise ModelLoadError(f"architecture {arch} is not supported (causal LM, encoder, or sequence classifier)")
-
-
 def _check_weights(folder: Path, allow_pickle: bool, progress=None) -> bool:
     """True when the folder has safetensors weights; pickle-only weights need allow_pickle."""
     names = {p.name for p in folder.iterdir()}
@@ -206,19 +175,47 @@ def _check_weights(folder: Path, allow_pickle: bool, progress=None) -> bool:
     raise ModelLoadError(f"{folder} has a config but no *.safetensors weights")
 
 
-def _auto_class(kind: str):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+def kind_of(folder: Path) -> str:
+    """The task kind of a model folder (from its config), or of a .gguf file (a causal LM for llama.cpp)."""
+    if Path(folder).is_file() and Path(folder).suffix == ".gguf":
+        return detect_kind({"architectures": ["LlamaForCausalLM"]})
+    return detect_kind(read_config(folder))
 
-    return {CAUSAL_LM: AutoModelForCausalLM, SEQ_CLS: AutoModelForSequenceClassification, ENCODER: AutoModel}[kind]
+
+def non_finite(model, limit: int = 3) -> tuple[list[str], int]:
+    """The first `limit` floating-point tensors holding NaN or Inf (each with its count), and how many
+    such tensors there are in all. One pass over the weights, no copies."""
+    import torch
+
+    found, total = [], 0
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        bad = t.numel() - int(torch.isfinite(t).sum()) if not bool(torch.isfinite(t).all()) else 0
+        if bad:
+            total += 1
+            if len(found) < limit:
+                found.append(f"{name} ({bad:,} of {t.numel():,} values)")
+    return found, total
 
 
-def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle: bool = False) -> LoadedModel:
+def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle: bool = False,
+         allow_non_finite: bool = False) -> LoadedModel:
     """Load MODEL for inference, on CPU, in the dtype it was saved in.
 
     Safetensors only unless allow_pickle (then transformers' torch.load with weights_only=True);
-    no custom modelling code unless trust_remote_code."""
+    no custom modelling code unless trust_remote_code; weights holding NaN or Inf are refused unless
+    allow_non_finite (a broken checkpoint fails here, before any step runs, not deep inside one)."""
+    from . import formats
+
     folder, source = resolve(spec, progress)
-    config = _read_config(folder)
+    if folder.is_file():  # a .gguf: run by llama.cpp
+        from .formats.llamacpp import load_gguf
+
+        model, tok = load_gguf(folder)
+        return LoadedModel(model=model, tokenizer=tok, kind=kind_of(folder), source=source, path=str(folder),
+                           meta={"format": "gguf"})
+    config = read_config(folder)
     kind = detect_kind(config)
     meta_path = folder / ARTIFACT_META
     meta: dict[str, Any] = {}
@@ -229,46 +226,31 @@ def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle
             raise ModelLoadError(f"{meta_path} is not valid JSON: {e}") from None
     if config.get("auto_map") and not trust_remote_code:
         raise ModelLoadError(f"{folder} needs custom code (auto_map in config.json); slimctl runs none unless --trust-remote-code")
-    if meta.get("format") == "onnx":
-        return _load_onnx(folder, kind, source, meta, trust_remote_code)
-    safe = _check_weights(folder, allow_pickle, progress)
+    fmt = formats.for_folder(folder, config, meta)
+    safe = True if fmt.name == "onnx" else _check_weights(folder, allow_pickle, progress)
     tok = _load_tokenizer(folder, trust_remote_code)
     _quiet_transformers()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if meta.get("quantized_modules"):
-                model = _load_quantized(folder, kind, meta)
-            else:
-                model = _auto_class(kind).from_pretrained(folder, dtype="auto", use_safetensors=safe,
-                                                          trust_remote_code=trust_remote_code)
+            model = fmt.load(folder, kind, meta, safe, trust_remote_code)
     except ModelLoadError:
         raise
     except Exception as e:  # transformers/safetensors raise many types for a bad folder; all mean bad input
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelLoadError(f"could not load weights from {folder} ({type(e).__name__}: {first[:300]})") from None
     model.eval()
+    if not allow_non_finite:
+        bad, count = non_finite(model)
+        if bad:
+            raise ModelLoadError(f"{folder} has weights that are NaN or Inf: {', '.join(bad)}"
+                                 + (f" and {count - len(bad)} more tensors" if count > len(bad) else "")
+                                 + "; the checkpoint is broken (or pass --allow-non-finite to load it anyway)")
+    elif progress:
+        bad, count = non_finite(model)
+        if bad:
+            progress(f"warning: {count} tensors hold NaN or Inf (--allow-non-finite): {', '.join(bad)}")
     return LoadedModel(model=model, tokenizer=tok, kind=kind, source=source, path=str(folder), meta=meta)
-
-
-def _load_onnx(folder: Path, kind: str, source: str, meta: dict[str, Any], trust_remote_code: bool) -> "LoadedModel":
-    from transformers import AutoConfig
-
-    from .onnxrt import ONNX_FILE, OrtModel
-
-    if not (folder / ONNX_FILE).is_file():
-        raise ModelLoadError(f"{folder} is an ONNX artifact (slimctl.json) but has no {ONNX_FILE}")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise ModelLoadError("this artifact is ONNX; install onnxruntime (pip install 'slimctl[onnx]')") from None
-    model = OrtModel.from_file(folder / ONNX_FILE, AutoConfig.from_pretrained(folder), kind)
-    try:
-        model.session()
-    except Exception as e:  # noqa: BLE001  onnxruntime raises its own types for a bad graph
-        raise ModelLoadError(f"onnxruntime could not load {folder / ONNX_FILE}: {str(e).splitlines()[0][:300]}") from None
-    return LoadedModel(model=model.eval(), tokenizer=_load_tokenizer(folder, trust_remote_code), kind=kind, source=source,
-                       path=str(folder), meta=meta)
 
 
 def _quiet_transformers() -> None:
@@ -291,65 +273,11 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tok
 
 
-def _load_quantized(folder: Path, kind: str, meta: dict[str, Any]):
-    """Rebuild an artifact that holds slimctl's quantized modules: skeleton from config, swap, load."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    from .qmodules import build_from_meta
-
-    from .ctformat import to_slimctl_state
-
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):  # describes the files, not a quantizer to run here
-        del config.quantization_config
-    # Built on CPU rather than the meta device so that non-persistent buffers (position ids, rotary
-    # frequencies) are computed by the model's own code; the weights are then replaced from disk.
-    model = _auto_class(kind).from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    build_from_meta(model, meta["quantized_modules"])
-    state: dict[str, Any] = {}
-    files = sorted(folder.glob("*.safetensors"))
-    for f in files:
-        state.update(load_file(f))
-    state = to_slimctl_state(state, meta["quantized_modules"])
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(_tied_keys(model))
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ModelLoadError(f"{folder}: weights do not match its slimctl.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-    return model
-
-
-def _tied_keys(model) -> list[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    if isinstance(keys, dict):
-        return list(keys.keys())
-    return list(keys)
-
-
 def state_bytes(model) -> int:
     """Bytes of the model's weights as they are stored, counting shared (tied) tensors once."""
-    if hasattr(model, "weight_bytes"):  # a graph run by another runtime (OrtModel)
-        return model.weight_bytes()
-    import torch
+    from .formats import for_model
 
-    seen: set[int] = set()
-    total = 0
-    todo = list(model.state_dict().values())
-    while todo:
-        t = todo.pop()
-        if hasattr(t, "__tensor_flatten__") and not isinstance(t, torch.nn.Parameter) and type(t) is not torch.Tensor:
-            names, _ = t.__tensor_flatten__()  # a wrapper (2:4 semi-structured): count the tensors it holds
-            todo += [getattr(t, n) for n in names if getattr(t, n, None) is not None]
-            continue
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
+    return for_model(model).state_bytes(model)
 
 
 def file_digest(path: Path) -> str:
@@ -383,13 +311,12 @@ def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]
     except OSError as e:
         raise OutputError(f"cannot write to {target.parent}: {e.strerror}") from None
     try:
+        from .formats import for_model
+
+        for_model(model).save(model, tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.save_pretrained(tmp, safe_serialization=True)
             loaded.tokenizer.save_pretrained(tmp)
-        from .ctformat import rewrite_folder
-
-        rewrite_folder(model, tmp)  # weight-only int4/int8 layers in the compressed-tensors layout
         (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _normal_permissions(tmp)
         files = [

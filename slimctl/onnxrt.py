@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import DeviceError, UnsupportedError
-from .models import CAUSAL_LM, ENCODER
+from .kinds import CAUSAL_LM, ENCODER
 
 ONNX_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask")

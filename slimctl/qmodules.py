@@ -150,22 +150,21 @@ class WeightOnlyLinear(nn.Module):
 
         return dequantize_groups(self.codes(), self.weight_scale, self.weight_zero_point, self.group_size).to(dtype)
 
-    _kernel: str | None = None  # set by slimctl.kernels.accelerate: a fused kernel and its packed weights
+    _kernel: str | None = None  # set by slimctl.kernels: a fused kernel, its packed weights, its forward
     _fused: dict | None = None
+    _fused_forward = None
 
-    def set_kernel(self, kernel: str | None, fused: dict | None) -> None:
-        self._kernel, self._fused = kernel, fused
+    def set_kernel(self, kernel: str | None, fused: dict | None, forward=None) -> None:
+        self._kernel, self._fused, self._fused_forward = kernel, fused, forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None:
-            from .kernels import fused_forward
-
-            return fused_forward(self, x)
+            return self._fused_forward(self, x)
         y = F.linear(x, self.dequantized(x.dtype))
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): the packed copies belong to the old device
-        self._kernel = self._fused = None
+        self._kernel = self._fused = self._fused_forward = None
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ class QScheme:
     bits: int = 4  # 4 or 8
     group_size: int | None = 128  # None: one group per row (per output channel)
     symmetric: bool = True
+    fp16_scales: bool = False  # scales rounded to fp16 before the codes are chosen (GGUF stores fp16 scales)
 
     @property
     def qmin(self) -> int:
@@ -50,12 +51,20 @@ def group_params(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.
     w = w.float()
     if scheme.symmetric:
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / scheme.qmax
-        return scale, None
+        return _fp16(scale) if scheme.fp16_scales else scale, None
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
     scale = ((hi - lo) / scheme.qmax).clamp(min=1e-12)
+    if scheme.fp16_scales:
+        scale = _fp16(scale)
     zero = torch.round(-lo / scale).clamp(0, scheme.qmax)
     return scale, zero
+
+
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as fp16 stores it (kept in float32): rounded to nearest, never to zero or infinity."""
+    h = scale.clamp(max=65504.0).half().float()
+    return torch.where(h > 0, h, torch.full_like(h, 2.0 ** -24))
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QScheme) -> torch.Tensor:

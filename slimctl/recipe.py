@@ -10,53 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RecipeError
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EvalSpec(_Strict):
-    """What `eval` measures; None means the task kind's default (see evaluate.defaults)."""
-
-    data: str | None = None  # .txt or .jsonl (field "text", plus "label" for classifiers)
-    max_samples: int | None = Field(default=None, gt=0, le=100_000)
-    seq_len: int | None = Field(default=None, ge=8, le=32_768)  # context length for perplexity / truncation
-    stride: int | None = Field(default=None, ge=1, le=32_768)  # perplexity window stride (default = seq_len)
-    max_tokens: int | None = Field(default=None, ge=16, le=10_000_000)  # causal LM: tokens scored at most
-    tasks: list[str] | None = None  # lm-evaluation-harness tasks: names, task YAML paths, or bbc-topic (built in)
-    task_limit: int | None = Field(default=None, gt=0)  # documents per task at most (default: all)
-    task_batch_size: int = Field(default=8, ge=1, le=1024)
-    skip: bool = False
-
-
-class BenchSpec(_Strict):
-    device: Literal["cpu", "cuda"] = "cpu"
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    seq_len: int | None = Field(default=None, ge=1, le=32_768)
-    decode_tokens: int = Field(default=32, ge=1, le=4096)  # causal LM: tokens generated per request
-    warmup: int = Field(default=2, ge=0, le=1000)
-    min_iters: int = Field(default=5, ge=1, le=100_000)
-    min_seconds: float = Field(default=2.0, ge=0.0, le=3600.0)
-    threads: int | None = Field(default=None, ge=1, le=1024)
-    repeats: int = Field(default=3, ge=1, le=100)  # `run`: baseline and slimmed alternate, each in a fresh process
-    roofline: bool = False  # also measure the device's bandwidth/GEMM peaks and report % of the roofline floors
-    semi_structured: bool = False  # CUDA: run 2:4-sparse Linear layers on sparse tensor cores
-    # weight-only int4/int8 layers on fused kernels with bf16 activations where the device has them
-    # (slimctl.kernels); "off" keeps the dequantize path. Eval in `run` uses the same setting.
-    kernels: Literal["auto", "off"] = "auto"
-    # causal LMs: also measure decode on a static KV cache with the step under torch.compile (CUDA graphs
-    # on GPU). true: report the compiled path; auto: the faster of eager and compiled; both are kept.
-    # Off by default: compiling costs about a minute per fresh process on a 2-core CPU.
-    compile: bool | Literal["auto"] = False
-    skip: bool = False
-
-
-class Gates(_Strict):
-    max_ppl_increase_pct: float | None = Field(default=None, ge=0)
-    min_fidelity: float | None = Field(default=None, ge=-1, le=1)
-    min_speedup: float | None = Field(default=None, gt=0)
-    max_size_ratio: float | None = Field(default=None, gt=0)
-    max_task_drop_pct: float | None = Field(default=None, ge=0)  # lm-eval tasks: largest accuracy drop, %
-    min_eval_tokens: int = Field(default=1024, ge=0)  # a perplexity gate on fewer scored tokens fails
+from .specs import BenchSpec, EvalSpec, ExportSpec, Gates, Strict  # noqa: F401  (part of the recipe's interface)
 
 
 class Step(BaseModel):
@@ -86,7 +40,7 @@ def parse_step(raw: Any) -> Step:
     return Step(method=method, config=tech.config.model_validate(raw))
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     version: Literal[1]
     name: str | None = None
     description: str = ""
@@ -95,6 +49,7 @@ class Recipe(_Strict):
     eval: EvalSpec = EvalSpec()
     bench: BenchSpec = BenchSpec()
     gates: Gates = Gates()
+    export: ExportSpec | None = None  # also write OUT/model.gguf (slimctl export --format gguf)
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -106,7 +61,7 @@ class Recipe(_Strict):
             try:
                 out.append(s if isinstance(s, Step) else parse_step(s))
             except ValidationError as e:  # a technique's own options: keep the step's index in the path
-                raise RecipeError(_format_error(e, f"steps[{i}]")) from None
+                raise RecipeError(format_error(e, f"steps[{i}]")) from None
             except ValueError as e:
                 raise RecipeError(f"steps[{i}]: {e}") from None
         return out
@@ -126,7 +81,19 @@ class Recipe(_Strict):
                 raise ValueError(f"'{later[0]}' comes after quantization; cast and prune steps must come before it")
         if kinds.count("cast") > 1:
             raise ValueError("at most one cast step (bf16 or fp16)")
+        if self.export is not None:  # GGUF stores fp16 scales: choose the codes with them, so the export is exact
+            self.steps = [_with_fp16_scales(s) for s in self.steps]
         return self
+
+    def with_overrides(self, max_samples: int | None = None, skip_eval: bool = False, skip_bench: bool = False,
+                       compile: bool | str | None = None, seed: int | None = None) -> "Recipe":
+        """This recipe with command-line overrides applied (None / False: keep the recipe's value)."""
+        return self.model_copy(update={
+            "eval": self.eval.model_copy(update={"max_samples": max_samples or self.eval.max_samples,
+                                                 "skip": self.eval.skip or skip_eval}),
+            "bench": self.bench.model_copy(update={"skip": self.bench.skip or skip_bench,
+                                                   "compile": self.bench.compile if compile is None else compile}),
+            "seed": self.seed if seed is None else seed})
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(exclude={"steps"})
@@ -134,7 +101,13 @@ class Recipe(_Strict):
         return d
 
 
-def _format_error(e: ValidationError, prefix: str = "") -> str:
+def _with_fp16_scales(step: Step) -> Step:
+    if "fp16_scales" in type(step.config).model_fields and not step.config.fp16_scales:
+        return Step(method=step.method, config=step.config.model_copy(update={"fp16_scales": True}))
+    return step
+
+
+def format_error(e: ValidationError, prefix: str = "") -> str:
     err = e.errors()[0]
     parts = ([prefix] if prefix else []) + [str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]]
     loc = ".".join(parts).replace(".[", "[")
@@ -154,7 +127,7 @@ def from_dict(data: Any, source: str = "recipe") -> Recipe:
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_format_error(e)}") from None
+        raise RecipeError(f"{source}: {format_error(e)}") from None
 
 
 def load(path: str | Path) -> Recipe:

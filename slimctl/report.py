@@ -1,4 +1,9 @@
-"""The run report: one dict with schema slimctl.report/v1, written as report.json and report.md."""
+"""Typed results: bench, eval, delta, gate rows and the run report (schema slimctl.report/v1), the JSON
+Schema generated from them, and reading a report back with validation. Imports nothing upward.
+
+The models are open (`extra="allow"`): every field slimctl writes is declared and typed; fields a
+later version adds still load. Reports are stored and exchanged as their JSON form (a dict), which
+`Report.model_validate` checks and `Report` gives attribute access to."""
 from __future__ import annotations
 
 import json
@@ -7,10 +12,215 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import DataError
 
 SCHEMA = "slimctl.report/v1"
 _PACKAGES = ("slimctl", "torch", "transformers", "safetensors", "pydantic", "onnxruntime", "numpy")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Stats(_Open):
+    """A latency distribution in milliseconds."""
+    p50: float
+    p90: Optional[float] = None
+    p95: Optional[float] = None
+    p99: Optional[float] = None
+    mean: Optional[float] = None
+    stdev: Optional[float] = None
+    count: Optional[int] = None
+
+
+class Throughput(_Open):
+    samples_per_s: float
+    tokens_per_s: Optional[float] = None
+
+
+class BenchResult(_Open):
+    """One model's speed and memory on one device (pooled over fresh-process rounds in a run)."""
+    device: str
+    threads: Optional[int] = None
+    batch_size: int
+    seq_len: int
+    dtype: Optional[str] = None  # None: a graph run by another runtime (ONNX)
+    latency_ms: Stats
+    latency_of: str = Field(description="the phase the latency is of: request, forward, …")
+    throughput: Throughput
+    peak_memory_mb: float
+    size_mb: Optional[float] = None
+    prefill_ms: Optional[Stats] = None
+    decode_tokens_per_s: Optional[float] = None
+    prefill_tokens_per_s: Optional[float] = None
+    decode_mode: Optional[str] = None
+    modes: Optional[dict[str, dict[str, Any]]] = None
+    rounds_p50_ms: list[float] = Field(default_factory=list)
+    kernels: Optional[dict[str, Any]] = None
+    roofline: Optional[dict[str, Any]] = None
+    phases: dict[str, Any] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+class TaskResult(_Open):
+    """One lm-evaluation-harness task: metrics with stderr, and the drop of its primary metric."""
+    samples: int
+    source: str
+    primary: Optional[str] = None
+    metrics: dict[str, Optional[float]]
+    reference_metrics: Optional[dict[str, Optional[float]]] = None
+    drop_pct: Optional[float] = None
+
+
+class EvalResult(_Open):
+    """One side's accuracy: its metrics, and (slimmed side) its agreement with the baseline."""
+    kind: str
+    dataset: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+    metrics: Optional[dict[str, Optional[float]]] = None
+    vs_reference: Optional[dict[str, Optional[float]]] = None
+    tasks: Optional[dict[str, TaskResult]] = None
+    kernels: Optional[dict[str, Any]] = None
+    seconds: Optional[float] = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class StepRecord(_Open):
+    """A recipe step as it ran: options, time, memory, and the technique's own statistics."""
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    seconds: Optional[float] = None
+    peak_rss_mb: Optional[float] = None
+    added_rss_mb: Optional[float] = None
+    loads_with: Optional[str] = None
+
+
+class Side(_Open):
+    eval: Optional[EvalResult] = None
+    bench: Optional[BenchResult] = None
+    steps: list[StepRecord] = Field(default_factory=list)
+
+
+class Delta(_Open):
+    """Slimmed relative to baseline, measured in the same run."""
+    perplexity_ratio: Optional[float] = None
+    perplexity_increase_pct: Optional[float] = None
+    top1_agreement: Optional[float] = None
+    kl_divergence: Optional[float] = None
+    mean_cosine: Optional[float] = None
+    fidelity: Optional[float] = None
+    tokens_scored: Optional[int] = None
+    task_drop_pct: Optional[float] = None
+    accuracy_change: Optional[float] = None
+    topic_accuracy_change: Optional[float] = None
+    speedup: Optional[float] = None
+    speedup_range: Optional[list[float]] = None
+    speedup_within_noise: Optional[bool] = None
+    throughput_ratio: Optional[float] = None
+    peak_memory_ratio: Optional[float] = None
+    decode_speedup: Optional[float] = None
+    prefill_speedup: Optional[float] = None
+    size_ratio: Optional[float] = None
+
+
+class GateRow(_Open):
+    """One gate: threshold, measured value, verdict (None: not applicable to this run)."""
+    name: str
+    threshold: Optional[float] = None
+    value: Optional[float] = None
+    passed: Optional[bool] = None
+    sense: Optional[str] = None
+    meaning: Optional[str] = None
+    note: Optional[str] = None
+    reason: Optional[str] = None
+
+
+class ArtifactFile(_Open):
+    name: str
+    sha256: str
+
+
+class Artifact(_Open):
+    path: str
+    loads_with: str
+    files: list[ArtifactFile] = Field(default_factory=list)
+    reload_check: Optional[dict[str, Any]] = None
+    exports: list[dict[str, Any]] = Field(default_factory=list)  # e.g. model.gguf: path, bytes, sha256, exact layers
+
+
+class ModelInfo(_Open):
+    source: str
+    path: Optional[str] = None
+    kind: str
+
+
+class Report(_Open):
+    """A run: baseline and slimmed side by side, their delta, the gates, the artifact."""
+    schema_: str = Field(SCHEMA, alias="schema", description=f"always {SCHEMA}")
+    model: ModelInfo
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    environment: dict[str, Any] = Field(default_factory=dict)
+    baseline: Side = Field(default_factory=Side)
+    slimmed: Side = Field(default_factory=Side)
+    delta: Delta = Field(default_factory=Delta)
+    gates: list[GateRow] = Field(default_factory=list)
+    passed: Optional[bool] = None
+    warnings: list[str] = Field(default_factory=list)
+    artifact: Optional[Artifact] = None
+    seconds: Optional[float] = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form written to report.json."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def schema_problem(data: dict[str, Any]) -> str | None:
+    """Where a report slimctl built deviates from its own schema (a bug), or None."""
+    try:
+        Report.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return None
+
+
+def validate(data: Any, where: str = "report") -> Report:
+    """A report dict checked against the schema; a mismatch is a DataError naming the field."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise DataError(f"{where} is not a slimctl report (schema {SCHEMA} expected)")
+    try:
+        return Report.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise DataError(f"{where} is not a valid slimctl report: {loc}: {first['msg']}") from None
+
+
+def read(path: Path) -> dict[str, Any]:
+    """report.json (or the folder holding it), validated; returns its JSON form."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise DataError(f"report {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{p} is not a slimctl report (not JSON)") from None
+    validate(data, str(p))
+    return data
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of slimctl.report/v1, generated from the models (shipped as docs/report.schema.json)."""
+    s = Report.model_json_schema(by_alias=True)
+    s["$id"] = "https://slimctl.dev/schema/report-v1.json"
+    s["title"] = SCHEMA
+    return s
 
 
 def environment(seed: int, device: str = "cpu") -> dict[str, Any]:
@@ -24,7 +234,7 @@ def environment(seed: int, device: str = "cpu") -> dict[str, Any]:
     if "torch" in sys.modules:  # only describe threads/devices when torch is already in use
         import torch
 
-        from .bench.measure import cpu_name
+        from .machine import cpu_name
 
         env["threads"] = torch.get_num_threads()
         env["cpu"] = cpu_name()
@@ -34,78 +244,16 @@ def environment(seed: int, device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def write(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    j, m = out_dir / "report.json", out_dir / "report.md"
-    for path, text in ((j, json.dumps(report, indent=2, default=_default) + "\n"), (m, markdown(report))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return j, m
+def pareto_front(points: list[tuple[float, ...] | None]) -> list[bool]:
+    """True for each point no other point dominates; every coordinate is lower-is-better and a point
+    of None (not measured) is never on the front. The one Pareto rule of search, compare and HTML."""
+    flags = []
+    for p in points:
+        flags.append(p is not None and not any(
+            o is not None and o is not p and all(a <= b for a, b in zip(o, p)) and any(a < b for a, b in zip(o, p))
+            for o in points))
+    return flags
 
 
-def _default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
-
-
-def _fmt(v: Any, nd: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{nd}g}"
-    return str(v)
-
-
-def _metric_rows(r: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    b, s = r.get("baseline") or {}, r.get("slimmed") or {}
-    be, se = b.get("eval") or {}, s.get("eval") or {}
-    rows: list[tuple[str, Any, Any]] = []
-    for k in sorted(set((be.get("metrics") or {})) | set((se.get("metrics") or {}))):
-        rows.append((k, (be.get("metrics") or {}).get(k), (se.get("metrics") or {}).get(k)))
-    for k, v in (se.get("vs_reference") or {}).items():
-        rows.append((f"{k} (vs baseline)", None, v))
-    bb, sb = b.get("bench") or {}, s.get("bench") or {}
-    if bb or sb:
-        lat_of = sb.get("latency_of") or bb.get("latency_of") or "latency"
-        for q in ("p50", "p90", "p99"):
-            rows.append((f"{lat_of} latency {q} (ms)", (bb.get("latency_ms") or {}).get(q), (sb.get("latency_ms") or {}).get(q)))
-        for k in ("prefill_ms",):
-            if k in bb or k in sb:
-                rows.append(("prefill p50 (ms)", (bb.get(k) or {}).get("p50"), (sb.get(k) or {}).get("p50")))
-        for k, label in (("decode_tokens_per_s", "decode tokens/s"),):
-            if k in bb or k in sb:
-                rows.append((label, bb.get(k), sb.get(k)))
-        rows.append(("throughput samples/s", (bb.get("throughput") or {}).get("samples_per_s"), (sb.get("throughput") or {}).get("samples_per_s")))
-        rows.append(("peak memory (MB)", bb.get("peak_memory_mb"), sb.get("peak_memory_mb")))
-        rows.append(("size on disk (MB)", bb.get("size_mb"), sb.get("size_mb")))
-    return rows
-
-
-def markdown(r: dict[str, Any]) -> str:
-    """Short enough for a PR comment: verdict first, then one table, then gates."""
-    verdict = {True: "PASSED", False: "FAILED", None: "NO GATES"}[r.get("passed")]
-    recipe = r.get("recipe") or {}
-    steps = ", ".join(s.get("method", "?") for s in recipe.get("steps", []))
-    lines = [f"# slimctl: {verdict} — {r.get('model', {}).get('source', '?')} · {recipe.get('name') or steps}", ""]
-    d = r.get("delta") or {}
-    bits = [f"{k} {_fmt(d[k])}" for k in ("speedup", "decode_speedup", "perplexity_ratio", "fidelity", "size_ratio") if d.get(k) is not None]
-    if bits:
-        lines += ["**" + " · ".join(bits) + "**", ""]
-    lines += ["| metric | baseline | slimmed |", "|---|---:|---:|"]
-    lines += [f"| {k} | {_fmt(b)} | {_fmt(s)} |" for k, b, s in _metric_rows(r)]
-    gates = r.get("gates") or []
-    if gates:
-        lines += ["", "| gate | threshold | value | result |", "|---|---:|---:|---|"]
-        for g in gates:
-            res = {True: "pass", False: "**FAIL**", None: "n/a"}[g["passed"]]
-            lines.append(f"| {g['name']} | {_fmt(g['threshold'])} | {_fmt(g['value'])} | {res} |")
-    for w in r.get("warnings") or []:
-        lines.append(f"\n> warning: {w}")
-    env = r.get("environment") or {}
-    art = r.get("artifact") or {}
-    lines += ["", f"Steps: {steps}. Artifact: `{art.get('path', '–')}` ({art.get('loads_with', '?')}). "
-              f"Machine: {env.get('cpu', '?')}, {env.get('threads', '?')} threads, seed {env.get('seed')}, "
-              f"torch {env.get('versions', {}).get('torch', '?')}."]
-    return "\n".join(lines) + "\n"
+if __name__ == "__main__":  # python -m slimctl.report > docs/report.schema.json
+    print(json.dumps(json_schema(), indent=2))

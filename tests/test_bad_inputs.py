@@ -38,6 +38,14 @@ def world(tiny_llama, tmp_path_factory):
     model("vision", lambda d: (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["FooForImageClassification"]})))
     (w / "a-file").write_text("not a model")
 
+    def poison(d):  # one NaN in one weight: a broken checkpoint
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(d / "model.safetensors")
+        state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model("nan-weights", poison)
+
     def recipe(name, doc):
         p = w / f"{name}.yaml"
         p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
@@ -77,6 +85,7 @@ def world(tiny_llama, tmp_path_factory):
     (w / "task-no-data.yaml").write_text(yaml.safe_dump({"task": "t", "dataset_path": "json", "output_type": "multiple_choice",
                                                         "dataset_kwargs": {"data_files": {"test": "gone.jsonl"}}}))
     recipe("with-bad-task", {**base, "eval": {**base["eval"], "tasks": [str(w / "task-no-data.yaml")]}})
+    (w / "garbage.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
     (w / "garbage-report").mkdir()
     (w / "garbage-report" / "report.json").write_text("[1, 2]")
     return w
@@ -100,6 +109,12 @@ CASES = [
     (["eval", "{w}/missing-folder"], "does not exist"),
     (["eval", "smollm2-135"], "is not a built-in name or local folder"),
     (["bench", "no-such-org/no-such-model"], "HF_HUB_OFFLINE is set"),
+    (["quantize", "{w}/nan-weights", "--method", "rtn", "--out", "{out}"],
+     "has weights that are NaN or Inf: model.layers.0.mlp.up_proj.weight (1 of 8,192 values)"),
+    (["eval", "{w}/nan-weights"], "the checkpoint is broken (or pass --allow-non-finite"),
+    (["bench", "{w}/nan-weights"], "has weights that are NaN or Inf"),
+    (["quantize", "{w}/nan-weights", "--method", "gptq", "--allow-non-finite", "--set", "calib_samples=2", "--skip-bench",
+      "--skip-eval", "--out", "{out}"], "the calibration inputs of model.layers.0.mlp.down_proj hold NaN or Inf"),
     # recipes
     (["run", "{w}/malformed.yaml", "--model", "{good}", "--out", "{out}"], "is not valid YAML at line"),
     (["run", "{w}/empty.yaml", "--model", "{good}", "--out", "{out}"], "a recipe must be a YAML mapping"),
@@ -134,6 +149,16 @@ CASES = [
     (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{out}", "--compile", "sometimes"], "--compile takes auto, true or false"),
     (["quantize", "{good}", "--method", "rtn", "--set", "embeddings=true", "--out", "{out}", "--skip-bench"],
      "tied to the LM head"),
+    # GGUF export and llama.cpp as a runtime
+    (["export", "{w}/good", "--out", "{out}/m.gguf"], "supports BPE tokenizers; this one is WordPiece"),
+    (["export", "{good}", "--format", "onnx", "--out", "{out}/m.gguf"], "--format: Input should be 'gguf'"),
+    (["export", "{good}", "--float-type", "f8", "--out", "{out}/m.gguf"], "--float-type: Input should be 'f16', 'f32' or 'bf16'"),
+    (["export", "{good}", "--out", "{w}/recipe-dir"], "is a folder; give the .gguf file to write"),
+    (["export", "{w}/nan-weights", "--out", "{out}/m.gguf"], "has weights that are NaN or Inf"),
+    (["eval", "{w}/garbage.gguf"], "could not read"),
+    (["eval", "{good}", "--runtime", "llamacpp"], "--runtime llamacpp runs a .gguf file"),
+    (["bench", "{w}/garbage.gguf", "--runtime", "torch"], "a .gguf file runs with llama.cpp"),
+    (["bench", "{good}", "--runtime", "vllm"], "--runtime takes auto, torch or llamacpp"),
     # lm-eval tasks: checked before any slimming work
     (["eval", "{good}", "--task", "{w}/task-unparsable.yaml"], "could not be read"),
     (["eval", "{good}", "--task", "{w}/task-no-data.yaml"], "data file gone.jsonl does not exist"),
@@ -175,6 +200,9 @@ CASES = [
     (["search", "{good}", "--max-drop", "1%", "--space", "none", "--out", "{out}"], "--space none needs --candidates"),
     (["search", "{good}", "{w}/ok.yaml", "--max-drop", "1%", "--out", "{out}"], "unexpected argument(s) after the model"),
     (["search", "{good}", "--max-drop", "1%", "--candidates", "{w}/malformed.yaml", "--out", "{out}"], "is not valid YAML at line"),
+    (["search", "{good}", "--max-drop", "1%", "--objective", "speed", "--out", "{out}"], "--objective: must be one of latency"),
+    (["search", "{good}", "--max-drop", "1%", "--metric", "bleu", "--out", "{out}"], "--metric: must be one of ppl"),
+    (["search", "{good}", "--max-drop", "1%", "--budget-minutes", "0", "--out", "{out}"], "--budget-minutes: Input should be greater than 0"),
 ]
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 
 from slimctl import gates
-from slimctl.html import pareto
+from slimctl.render.html import pareto
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -209,12 +208,10 @@ def test_bad_model_folders_exit_2_with_one_line_and_leave_input_alone(maker, msg
 ], ids=lambda a: a if isinstance(a, str) else " ".join(a[:2]))
 def test_bad_input_exits_2_with_one_error_line(args, msg, tmp_path, tiny_llama):
     args = [a.format(tiny=tiny_llama, tmp=tmp_path) for a in args]
-    t0 = time.perf_counter()
-    p = run_cli(*args, env={"HF_HUB_OFFLINE": "1"})
+    p = run_cli(*args, env={"HF_HUB_OFFLINE": "1"}, timeout=60)  # bad input fails before any long work (scaled timeout)
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert any(l.startswith("Error:") and msg in l for l in p.stderr.splitlines()), p.stderr
     assert "Traceback" not in p.stderr
-    assert time.perf_counter() - t0 < 60
 
 
 def test_existing_output_is_refused_unless_overwrite(tiny_llama, tmp_path, fast_recipe):

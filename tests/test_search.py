@@ -5,7 +5,7 @@ import json
 import pytest
 
 from slimctl import recipe as R
-from slimctl.search import drop, mixed_counts, parse_drop, run_search
+from slimctl.search import SearchOptions, drop, mixed_counts, parse_drop, run_search
 
 EV = R.EvalSpec(max_samples=4, seq_len=64, max_tokens=256)
 BE = R.BenchSpec(min_iters=2, min_seconds=0, warmup=1, decode_tokens=2, seq_len=16, batch_size=2, repeats=1)
@@ -14,9 +14,11 @@ CANDS = [{"name": "bf16", "steps": [{"method": "bf16"}]},
          {"name": "prune90", "steps": [{"method": "magnitude", "sparsity": 0.9}]}]
 
 
-def _search(model, out, max_drop, **kw):
-    return run_search(str(model), out, max_drop, kw.pop("metric", "fidelity"), kw.pop("objective", "size"), kw.pop("cands", CANDS),
-                      None, "cpu", 0, kw.pop("mixed", 0), {}, eval_spec=EV, bench_spec=BE, **kw)
+def _search(model, out, max_drop, say=lambda m: None, **kw):
+    opts = SearchOptions(model=str(model), out=out, max_drop=max_drop, metric=kw.pop("metric", "fidelity"),
+                         objective=kw.pop("objective", "size"), candidates=kw.pop("cands", CANDS), mixed=kw.pop("mixed", 0),
+                         eval=EV, bench=BE, **kw)
+    return run_search(opts, say)
 
 
 def test_parse_drop():
@@ -77,7 +79,7 @@ def test_mixed_counts_follow_the_measured_costs():
 
 
 def test_identical_steps_run_once_and_space_joins_the_candidates(tiny_llama, tmp_path, monkeypatch):
-    import slimctl.search as S
+    import slimctl.search.space as S
 
     # a two-entry space keeps this test short; the union and naming logic is what is under test
     monkeypatch.setattr(S, "default_space", lambda kind: [{"name": "bf16", "steps": [{"method": "bf16"}]},
@@ -85,8 +87,7 @@ def test_identical_steps_run_once_and_space_joins_the_candidates(tiny_llama, tmp
     twins = [{"name": "mine-bf16", "steps": [{"method": "bf16"}], "origin": "file"},
              {"name": "int8-dynamic", "steps": [{"method": "bf16"}], "origin": "file"}]
     said = []
-    res = run_search(str(tiny_llama), tmp_path / "s", 0.01, "fidelity", "latency", twins, None, "cpu", 0, 0, {},
-                     say=said.append, eval_spec=EV, bench_spec=BE, with_space=True)
+    res = _search(tiny_llama, tmp_path / "s", 0.01, say=said.append, objective="latency", cands=twins, with_space=True)
     rows = {r["name"]: r for r in res["candidates"]}
     assert rows["int8-dynamic"]["same_as"] == "mine-bf16" and rows["int8-dynamic"]["drop"] == rows["mine-bf16"]["drop"]
     assert rows["bf16"]["same_as"] == "mine-bf16" and rows["bf16"]["origin"] == "space"  # the space joined, deduplicated
@@ -102,7 +103,8 @@ def test_identical_steps_run_once_and_space_joins_the_candidates(tiny_llama, tmp
 
 
 def test_the_same_recipe_written_two_ways_is_one_candidate():
-    from slimctl.search import normalize_steps, _hash
+    from slimctl.search import normalize_steps
+    from slimctl.search.cache import digest as _hash
 
     short = normalize_steps([{"method": "int8-dynamic"}])
     assert short == normalize_steps([{"method": "int8-dynamic", "ignore": []}]) and short[0]["ignore"] == []

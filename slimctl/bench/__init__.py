@@ -8,13 +8,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import DeviceError, SlimctlError, UnsupportedError
-from ..models import CAUSAL_LM, state_bytes
-from ..recipe import BenchSpec
+from ..formats import for_model, weight_file_bytes
+from ..models import state_bytes
+from ..kinds import CAUSAL_LM
+from ..specs import BenchSpec
 from .decode import cache_of  # noqa: F401  (part of this package's interface)
 from .measure import Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until
 
@@ -50,12 +52,6 @@ def _inputs(tokenizer, batch: int, seq_len: int, max_positions: int | None, voca
     while len(ids) < need:
         ids = ids + ids
     return torch.tensor(ids[:need], dtype=torch.long).view(batch, seq_len)
-
-
-def _size_on_disk(path: str | None) -> int | None:
-    if not path:
-        return None
-    return sum(p.stat().st_size for pat in ("*.safetensors", "*.onnx") for p in Path(path).glob(pat)) or None
 
 
 def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None = None, progress=None) -> dict[str, Any]:
@@ -108,15 +104,13 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
     weights = state_bytes(model)
     meta = {"device": device, "threads": env_threads(), **s,
             "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
-            "rss_before_mb": round(rss0, 1), "size_mb": (_size_on_disk(path) or weights) / 2**20,
+            "rss_before_mb": round(rss0, 1), "size_mb": ((weight_file_bytes(path) if path else None) or weights) / 2**20,
             "weights_in_memory_mb": weights / 2**20}
     if converted is not None:
         meta["semi_structured_layers"] = converted
     if plan is not None:
         meta["kernels"] = plan
-    if getattr(model, "artifact_format", None) == "onnx":
-        meta["backend"] = "onnxruntime"
-        meta["onnx_cpu_fallback"] = model.fallback  # CUDA EP: some nodes (often int8 ones) run on the CPU
+    meta.update(for_model(model).bench_meta(model))  # e.g. onnxruntime and its CPU fallback on a CUDA EP
     if kind == CAUSAL_LM:
         meta["decode_tokens"] = spec.decode_tokens
     if notes:
@@ -128,11 +122,10 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
             extra["compile_seconds"] = round(compile_s, 2)
         modes[mode] = summarize({**meta, **extra}, phases, "request" if kind == CAUSAL_LM else "forward")
     if spec.roofline:
-        from .roofline import fractions, peaks
+        from .roofline import checked_fractions
 
-        pk = peaks(device, meta["dtype"] or "float32")
         for r in modes.values():
-            r["roofline"] = fractions(model, kind, r, pk)
+            r["roofline"] = checked_fractions(model, kind, r, device, meta["dtype"] or "float32", spec.remeasure_peaks)
     return _with_modes(modes, spec.compile)
 
 
@@ -298,3 +291,42 @@ def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None, l
             return res
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"bench worker exited with {proc.returncode}: {tail[0]}")
+
+
+def alternate(first: Callable[[int], dict], second: Callable[[int], dict], repeats: int, say=lambda m: None,
+              names: tuple[str, str] = ("baseline", "slimmed artifact")) -> tuple[list[dict], list[dict]]:
+    """`repeats` rounds of `first` then `second` (each call gets the round's index): the two sides of a
+    comparison alternate, so slow drifts of the machine hit both alike. Used by `run` and `bench --recipe`."""
+    a, b = [], []
+    for i in range(repeats):
+        say(f"benchmarking {names[0]}, round {i + 1}/{repeats} (fresh process)")
+        a.append(first(i))
+        say(f"benchmarking {names[1]}, round {i + 1}/{repeats} (fresh process)")
+        b.append(second(i))
+    return a, b
+
+
+def pair_isolated(base_folder: str, slim_folder: str, spec: BenchSpec, repeats: int, say=lambda m: None,
+                  load_options: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Baseline and slimmed artifact in alternating fresh-process rounds; each side's rounds pooled
+    (every round's p50 kept for the noise-aware gates)."""
+    rb, rs = alternate(lambda i: bench_isolated(base_folder, spec, load_options=load_options),
+                       lambda i: bench_isolated(slim_folder, spec, load_options=load_options), repeats, say)
+    return pool(rb), pool(rs)
+
+
+def bench_models(model: str | None = None, config: str | None = None, specs: dict[str, BenchSpec] | None = None,
+                 prices: dict[str, float | None] | None = None, say=lambda m: None, **study) -> dict[str, Any]:
+    """`slimctl bench`: one model (or a --config architecture with random weights) measured in fresh
+    processes on each device in `specs` (default: CPU); `study` takes sweep options (sizes, dtypes,
+    max_memory_mb, slo_p95_ms, repeats, inline, load_options, steps, recipe)."""
+    from .sweep import study_devices
+
+    specs = specs or {"cpu": BenchSpec()}
+    return study_devices(config or model, specs, prices or {d: None for d in specs}, config_only=config is not None,
+                         say=say, **study)
+
+
+from .._callable import make_callable  # noqa: E402
+
+make_callable(__name__, "bench_models")  # slimctl.bench(...) is the API function

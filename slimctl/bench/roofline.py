@@ -1,6 +1,7 @@
-"""Roofline: the device's measured memory bandwidth (a large copy) and matmul peak (a large GEMM at
-the dtype), cached per machine, and how close a bench result comes to the floors they set: decode
-against the bytes it must read per step, prefill against the FLOPs it must do."""
+"""Roofline: the device's measured memory bandwidth (a streaming read and a copy) and matmul peak (a
+large GEMM at the dtype), cached per machine only when measured on a quiet machine, and how close a
+bench result comes to the floors they set: decode against the bytes it must read per step, prefill
+against the FLOPs it must do. A fraction above 100 % triggers a re-measurement and is marked suspect."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..models import CAUSAL_LM, cache_dir, state_bytes
+from ..models import cache_dir, state_bytes
+from ..kinds import CAUSAL_LM
 from .measure import cpu_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,51 +27,128 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_peaks(device: str, dtype: str) -> dict[str, Any]:
-    """Best of several tries: copy bandwidth (read + write bytes / s) and GEMM FLOP/s."""
-    dt = DTYPES.get(dtype, torch.float32)
+BUSY_SPREAD = 0.15  # two measurements of one peak further apart than this: the machine is busy
+
+
+def _best(fn, tries: int, device: str) -> float:
+    """The fastest of `tries` timed calls of fn (seconds)."""
+    best = float("inf")
+    for _ in range(tries):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _bandwidth(device: str, tries: int) -> tuple[float, float]:
+    """(read, copy) bandwidth in bytes/s: a streaming reduction reads each byte once, as decode reads
+    weights; a copy reads and writes. Best of `tries` each."""
     nbytes = (1 << 30) if device == "cuda" else (256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    bw = 0.0
-    for _ in range(6):
-        _sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        bw = max(bw, 2 * nbytes / (time.perf_counter() - t))
-    del src, dst
+    src.sum()  # warm-up: page the buffers in
+    dst.copy_(src)
+    read = nbytes / _best(lambda: src.sum(), tries, device)
+    copy = 2 * nbytes / _best(lambda: dst.copy_(src), tries, device)
+    return read, copy
+
+
+def _gemm(device: str, dtype: str, tries: int) -> float:
+    dt = DTYPES.get(dtype, torch.float32)
     n = 8192 if device == "cuda" else 1536
     a = torch.randn(n, n, device=device).to(dt)
     b = torch.randn(n, n, device=device).to(dt)
     a @ b  # warm-up
-    flops = 0.0
-    for _ in range(4 if device == "cpu" else 10):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        flops = max(flops, 2 * n ** 3 / (time.perf_counter() - t))
-    return {"bandwidth_gb_s": bw / 1e9, "matmul_tflops": flops / 1e12, "dtype": dtype, "device": device,
-            "method": f"copy of {nbytes >> 20} MiB; {n}x{n} GEMM at {dtype}; best of several"}
+    return 2 * n ** 3 / _best(lambda: a @ b, tries, device)
 
 
-def peaks(device: str, dtype: str) -> dict[str, Any]:
-    """Measured once per (machine, device, dtype, threads) and cached under the slimctl cache."""
+def _busy(device: str, first: tuple[float, float], second: tuple[float, float]) -> str | None:
+    """Why a measurement cannot be trusted as the machine's peak, or None: other work on the CPUs
+    (load average), or two back-to-back measurements that disagree."""
+    import os
+
+    if device == "cpu" and hasattr(os, "getloadavg"):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        load = os.getloadavg()[0]
+        if load > cpus + 0.5:  # this process accounts for about one
+            return f"load average {load:.1f} on {cpus} CPUs: other work was running"
+    for name, x, y in (("bandwidth", first[0], second[0]), ("GEMM", first[1], second[1])):
+        if abs(x - y) / max(x, y) > BUSY_SPREAD:
+            return f"two {name} measurements disagreed by {abs(x - y) / max(x, y):.0%}: the machine was busy"
+    return None
+
+
+def measure_peaks(device: str, dtype: str) -> dict[str, Any]:
+    """Read and copy bandwidth and GEMM FLOP/s, each the best of several tries, measured twice; when
+    the two disagree or the load average says other work runs, the result is marked `suspect`."""
+    import datetime
+
+    tries = 5 if device == "cpu" else 10
+    runs = []
+    for _ in range(2):
+        read, copy = _bandwidth(device, tries)
+        runs.append((max(read, copy), _gemm(device, dtype, 4 if device == "cpu" else 10), read, copy))
+    bw, flops, read, copy = max(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs), max(r[3] for r in runs)
+    out = {"bandwidth_gb_s": bw / 1e9, "read_bandwidth_gb_s": read / 1e9, "copy_bandwidth_gb_s": copy / 1e9,
+           "matmul_tflops": flops / 1e12, "dtype": dtype, "device": device,
+           "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "method": f"streaming sum and copy of {(256 << 20 if device == 'cpu' else 1 << 30) >> 20} MiB, "
+                     f"{'1536' if device == 'cpu' else '8192'}² GEMM at {dtype}; best of {tries} tries, measured twice"}
+    why = _busy(device, runs[0][:2], runs[1][:2])
+    if why:
+        out["suspect"] = why
+    return out
+
+
+def peaks(device: str, dtype: str, remeasure: bool = False) -> dict[str, Any]:
+    """Measured once per (machine, device, dtype, threads) and cached under the slimctl cache; a
+    measurement taken while the machine was busy is used for this run but never cached.
+    `remeasure` measures again (and caches the result when it is trustworthy)."""
     path = cache_dir() / "roofline.json"
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     key = _key(device, dtype)
-    if key not in cache:
-        cache[key] = measure_peaks(device, dtype)
+    if remeasure or key not in cache:
+        fresh = measure_peaks(device, dtype)
+        if "suspect" in fresh:
+            return {**fresh, "cached_in": None}
+        cache[key] = fresh
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cache, indent=2))
         except OSError:
             pass  # an unwritable cache only costs a re-measurement
     return {**cache[key], "cached_in": str(path)}
+
+
+def checked_fractions(model, kind: str, result: dict[str, Any], device: str, dtype: str,
+                      remeasure: bool = False) -> dict[str, Any]:
+    """`fractions` against the cached peaks; a fraction above 100 % means the peak is wrong (a run cannot
+    beat a physical limit), so the peaks are measured again once. A fraction still above 100 % is kept
+    but marked `suspect`, with the reason, and no renderer shows it without that mark."""
+    pk = peaks(device, dtype, remeasure)
+    res = fractions(model, kind, result, pk)
+    if _over(res) and not remeasure:
+        try:
+            pk = peaks(device, dtype, remeasure=True)
+            res = {**fractions(model, kind, result, pk), "peaks_remeasured": True}
+        except (MemoryError, RuntimeError):  # under a memory cap (bench --max-memory) there may be no room
+            pass
+    if _over(res):
+        pct = max(v for k, v in res.items() if k.endswith("_pct_of_bandwidth_floor") or k.endswith("_pct_of_compute_floor"))
+        res["suspect"] = (f"a phase ran at {pct:.0f}% of its floor: the measured peak is below what this run achieved "
+                          + (f"({pk['suspect']})" if pk.get("suspect") else "(re-measure alone on the machine: --remeasure-peaks)"))
+    elif pk.get("suspect"):
+        res["suspect"] = f"peaks measured on a busy machine: {pk['suspect']}"
+    return res
+
+
+def _over(res: dict[str, Any]) -> bool:
+    return any(v > 100 for k, v in res.items() if k.endswith("_pct_of_bandwidth_floor") or k.endswith("_pct_of_compute_floor"))
 
 
 def _kv_bytes_per_token(config, elem: int) -> int:
@@ -108,7 +187,7 @@ def fractions(model, kind: str, result: dict[str, Any], pk: dict[str, Any]) -> d
     layers = getattr(cfg, "num_hidden_layers", 0)
     hidden = getattr(cfg, "hidden_size", 0)
     res: dict[str, Any] = {"bandwidth_gb_s": round(pk["bandwidth_gb_s"], 2), "matmul_tflops": round(pk["matmul_tflops"], 3),
-                           "peaks_dtype": pk["dtype"]}
+                           "peaks_dtype": pk["dtype"], "peaks_measured_at": pk.get("measured_at")}
     if kind == CAUSAL_LM and "decode_step" in result.get("phases", {}):
         elem = next(model.parameters()).element_size()
         ctx = l + result.get("decode_tokens", 0) / 2  # mean context over the decode

@@ -4,10 +4,11 @@ million tokens or samples at a stated hourly price; CPU-vs-GPU placement; config
 and their data-free slimmed variants."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import SlimctlError, UsageError
-from ..recipe import BenchSpec
+from ..specs import BenchSpec
 
 # Examples only, printed as such: the user's own price belongs in --hourly-cost.
 EXAMPLE_HOURLY_USD = {"cpu": 0.10, "cuda": 2.50}
@@ -179,71 +180,122 @@ def params_from_config(folder) -> int | None:
 def study(target: str, spec: BenchSpec, *, config_only: bool = False, sizes: list[int] | str | None = None,
           dtypes: list[str] | None = None, max_memory_mb: float | None = None, slo_p95_ms: float | None = None,
           hourly_usd: float | None = None, repeats: int = 3, inline: bool = False, load_options: dict | None = None,
-          steps: list[dict[str, Any]] | None = None, say=lambda m: None) -> dict[str, Any]:
+          steps: list[dict[str, Any]] | None = None, variant: list[dict[str, Any]] | None = None,
+          say=lambda m: None) -> dict[str, Any]:
     """What `slimctl bench` reports: one point measured `repeats` times in fresh processes (the
     spread says how far apart two benches of the same model fall), or a sweep across batch sizes and
-    dtypes with a recommendation; roofline fractions and cost for the headline result."""
+    dtypes with a recommendation; roofline fractions and cost for the headline result.
+
+    With `variant` (data-free recipe steps) the single point is measured for the model and for its
+    slimmed variant in alternating rounds (bench.pair_isolated, as `slimctl run` does); the variant's
+    result goes under "slimmed"."""
     import tempfile
 
-    from ..models import CAUSAL_LM, detect_kind, resolve, _read_config
-    from . import bench_isolated, pool
+    from ..kinds import CAUSAL_LM
+    from ..models import kind_of, resolve
 
     with tempfile.TemporaryDirectory(prefix="slimctl-bench-") as tmp:
-        if config_only:
-            folder = config_folder(target, tmp)
-        else:
-            folder, _ = resolve(target, say)
-        kind = CAUSAL_LM if config_only else detect_kind(_read_config(folder))
+        folder = config_folder(target, tmp) if config_only else resolve(target, say)[0]
+        kind = CAUSAL_LM if config_only else kind_of(folder)
         dtypes = dtypes or [None]
-        if inline and (len(dtypes) > 1 or config_only or steps):
+        if inline and (len(dtypes) > 1 or config_only or steps or variant):
             raise UsageError("--inline measures one loaded model: drop --dtypes / --config / --recipe, or run isolated")
+        if variant and sizes is not None:
+            raise UsageError("a slimmed variant (--recipe) is measured at one point: drop --batch-sizes")
 
-        def measure(s: BenchSpec, dtype: str | None, roofline: bool = False) -> dict[str, Any]:
+        def measure(s: BenchSpec, dtype: str | None, roofline: bool = False, with_steps=steps) -> dict[str, Any]:
+            from . import bench_isolated
+
             if inline:
                 return _inline(str(folder), s, load_options or {}, roofline)
             return bench_isolated(str(folder), s.model_copy(update={"roofline": roofline}), load_options=load_options,
-                                  dtype=dtype, config_only=config_only, max_memory_mb=max_memory_mb, steps=steps)
+                                  dtype=dtype, config_only=config_only, max_memory_mb=max_memory_mb, steps=with_steps)
 
-        out: dict[str, Any] = {"model": target, "kind": kind, "device": spec.device, "isolated": not inline}
-        if steps:
-            out["steps"] = steps
-        if config_only:
-            out["config_only"] = {"architecture": target, "parameters": params_from_config(folder),
-                                  "note": "random-initialised weights: speed and memory only, no accuracy"}
+        out = _header(target, kind, spec, inline, steps, config_only, folder)
         if sizes is not None:
-            rows = []
-            for dt in dtypes:
-                rows += sweep(lambda s, dt=dt: measure(s, dt), spec, sizes, dt, max_memory_mb, say)
-            rec = recommend(rows, slo_p95_ms)
-            for r in rows:
-                if r["status"] == "ok":
-                    r["cost"] = cost(r["result"], kind == CAUSAL_LM, spec.device, hourly_usd)
-            best = next((r for r in rows if rec and r["batch_size"] == rec["batch_size"] and r["dtype"] == rec["dtype"]), None)
-            out.update(sweep=[{k: v for k, v in r.items() if k != "result"} for r in rows], recommendation=rec)
-            if best is not None:
-                say(f"roofline at batch {best['batch_size']}")
-                head = measure(spec.model_copy(update={"batch_size": best["batch_size"]}), best["cast"], roofline=True)
-                out["bench"] = head
+            _sweep_point(out, measure, spec, sizes, dtypes, kind, max_memory_mb, slo_p95_ms, hourly_usd, say)
         else:
-            rounds = []
-            for i in range(1 if inline else repeats):
-                say(f"round {i + 1}/{repeats}" + ("" if inline else " (fresh process)"))
-                rounds.append(measure(spec, dtypes[0], roofline=(i == 0)))
-            head = pool(rounds)
-            head["roofline"] = rounds[0].get("roofline")
-            p50s = head["rounds_p50_ms"]
-            head["spread_p50_ms"] = [min(p50s), max(p50s)]
-            out["bench"] = head
-        if out.get("bench") and spec.semi_structured:  # the same point dense, so the 2:4 gain is measured, not assumed
-            say("dense reference for 2:4")
-            cast = dtypes[0] if sizes is None else best["cast"]
-            dense = measure(spec.model_copy(update={"semi_structured": False, "batch_size": out["bench"]["batch_size"]}), cast)
-            sp, dn = out["bench"]["latency_ms"]["p50"], dense["latency_ms"]["p50"]
-            out["semi_structured"] = {"layers": out["bench"].get("semi_structured_layers"), "sparse_p50_ms": sp,
-                                      "dense_p50_ms": dn, "speedup": dn / sp}
-        if out.get("bench"):
-            out["cost"] = cost(out["bench"], kind == CAUSAL_LM, spec.device, hourly_usd)
-        out["warnings"] = _warnings(out, dtypes)
+            rounds = _rounds(measure, spec, dtypes[0], 1 if inline else repeats, variant, say)
+            out["bench"] = _headline(rounds["baseline"])
+            if variant:
+                slim = {**_header(target, kind, spec, inline, variant, config_only, folder), "bench": _headline(rounds["slimmed"])}
+                out["slimmed"] = _finish(slim, measure, spec, dtypes, kind, hourly_usd, sizes, None, say)
+        _finish(out, measure, spec, dtypes, kind, hourly_usd, sizes, out.get("_best"), say)
+        out.pop("_best", None)
+    return out
+
+
+def _header(target: str, kind: str, spec: BenchSpec, inline: bool, steps, config_only: bool, folder) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": target, "kind": kind, "device": spec.device, "isolated": not inline}
+    if steps:
+        out["steps"] = steps
+    if config_only:
+        out["config_only"] = {"architecture": target, "parameters": params_from_config(folder),
+                              "note": "random-initialised weights: speed and memory only, no accuracy"}
+    return out
+
+
+def _rounds(measure, spec: BenchSpec, dtype: str | None, repeats: int, variant, say) -> dict[str, list[dict[str, Any]]]:
+    """`repeats` rounds of the model, alternating with rounds of its variant when there is one; the
+    first round of each side also measures the roofline."""
+    from . import alternate
+
+    if variant:
+        base, slim = alternate(lambda i: measure(spec, dtype, roofline=(i == 0)),
+                               lambda i: measure(spec, dtype, roofline=(i == 0), with_steps=variant), repeats, say,
+                               ("the model", "its slimmed variant"))
+        return {"baseline": base, "slimmed": slim}
+    rounds = []
+    for i in range(repeats):
+        say(f"round {i + 1}/{repeats}" + (" (fresh process)" if repeats > 1 else ""))
+        rounds.append(measure(spec, dtype, roofline=(i == 0)))
+    return {"baseline": rounds, "slimmed": []}
+
+
+def _headline(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    from . import pool
+
+    head = pool(rounds)
+    head["roofline"] = rounds[0].get("roofline")
+    p50s = head["rounds_p50_ms"]
+    head["spread_p50_ms"] = [min(p50s), max(p50s)]
+    return head
+
+
+def _sweep_point(out: dict[str, Any], measure, spec: BenchSpec, sizes, dtypes: list, kind: str, max_memory_mb,
+                 slo_p95_ms, hourly_usd, say) -> None:
+    """The batch-size (and dtype) sweep, its recommendation, and the roofline at the recommended point."""
+    from ..kinds import CAUSAL_LM
+
+    rows = []
+    for dt in dtypes:
+        rows += sweep(lambda s, dt=dt: measure(s, dt), spec, sizes, dt, max_memory_mb, say)
+    rec = recommend(rows, slo_p95_ms)
+    for r in rows:
+        if r["status"] == "ok":
+            r["cost"] = cost(r["result"], kind == CAUSAL_LM, spec.device, hourly_usd)
+    best = next((r for r in rows if rec and r["batch_size"] == rec["batch_size"] and r["dtype"] == rec["dtype"]), None)
+    out.update(sweep=[{k: v for k, v in r.items() if k != "result"} for r in rows], recommendation=rec, _best=best)
+    if best is not None:
+        say(f"roofline at batch {best['batch_size']}")
+        out["bench"] = measure(spec.model_copy(update={"batch_size": best["batch_size"]}), best["cast"], roofline=True)
+
+
+def _finish(out: dict[str, Any], measure, spec: BenchSpec, dtypes: list, kind: str, hourly_usd, sizes, best,
+            say) -> dict[str, Any]:
+    """The dense reference of a 2:4 point, the cost of the headline result, and the warnings."""
+    from ..kinds import CAUSAL_LM
+
+    if out.get("bench") and spec.semi_structured:  # the same point dense, so the 2:4 gain is measured, not assumed
+        say("dense reference for 2:4")
+        cast = dtypes[0] if sizes is None else best["cast"]
+        dense = measure(spec.model_copy(update={"semi_structured": False, "batch_size": out["bench"]["batch_size"]}), cast)
+        sp, dn = out["bench"]["latency_ms"]["p50"], dense["latency_ms"]["p50"]
+        out["semi_structured"] = {"layers": out["bench"].get("semi_structured_layers"), "sparse_p50_ms": sp,
+                                  "dense_p50_ms": dn, "speedup": dn / sp}
+    if out.get("bench"):
+        out["cost"] = cost(out["bench"], kind == CAUSAL_LM, spec.device, hourly_usd)
+    out["warnings"] = _warnings(out, dtypes)
     return out
 
 
@@ -333,11 +385,11 @@ def study_devices(target: str, specs: dict[str, BenchSpec], prices: dict[str, fl
     for dev, spec in specs.items():
         if len(specs) > 1:
             say(f"measuring on {dev}")
-        r = by_device[dev] = study(target, spec, slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], say=say, **kw)
         if steps:
-            say(f"slimmed variant: {recipe}")
-            slim = study(target, spec, slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], steps=steps, say=say, **kw)
-            r["slimmed"] = {**slim, "recipe": recipe, "vs_baseline": variant_ratios(r, slim)}
+            say(f"slimmed variant: {recipe} (alternating rounds with the model)")
+        r = by_device[dev] = study(target, spec, slo_p95_ms=slo_p95_ms, hourly_usd=prices[dev], variant=steps, say=say, **kw)
+        if steps:
+            r["slimmed"] = {**r["slimmed"], "recipe": recipe, "vs_baseline": variant_ratios(r, r["slimmed"])}
         r["environment"] = environment(0, dev)
     if len(specs) == 1:
         return by_device[next(iter(specs))]

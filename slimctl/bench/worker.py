@@ -20,7 +20,8 @@ def build_random(folder: str, dtype: str | None, device: str = "cpu"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import CAUSAL_LM, LoadedModel
+    from ..models import LoadedModel
+    from ..kinds import CAUSAL_LM
 
     cfg = AutoConfig.from_pretrained(folder)
     dt = getattr(torch, DTYPES[dtype or "fp32"])
@@ -39,9 +40,9 @@ def cap_memory(max_mb: float) -> None:
     """Let this process grow by at most the room left under max_mb of RSS (RLIMIT_AS)."""
     import resource
 
-    from .measure import _status_kb
+    from ..machine import status_kb
 
-    vm, rss = (_status_kb("VmSize") or 0) * 1024, (_status_kb("VmRSS") or 0) * 1024
+    vm, rss = (status_kb("VmSize") or 0) * 1024, (status_kb("VmRSS") or 0) * 1024
     room = max(int(max_mb * 2**20) - rss, 0)
     resource.setrlimit(resource.RLIMIT_AS, (vm + room, vm + room))
 
@@ -56,7 +57,7 @@ def cap_cuda_memory(max_mb: float) -> None:
 
 def apply_data_free(model, kind: str, steps: list[dict]):
     """Apply recipe steps that need no calibration text (the model has random weights and no tokenizer)."""
-    from ..pipeline import UI, apply_steps
+    from ..steps import UI, apply_steps
     from ..recipe import from_dict
 
     model, _, _ = apply_steps(model, None, from_dict({"version": 1, "steps": steps}, "--recipe"), kind, UI())
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
     steps = options.pop("steps", None)
     from ..errors import SlimctlError
     from ..models import load
-    from ..recipe import BenchSpec
+    from ..specs import BenchSpec
     from . import bench_model
 
     warnings.simplefilter("ignore")
@@ -90,7 +91,8 @@ def main(argv: list[str]) -> int:
             from .roofline import peaks
 
             param = next(loaded.model.parameters(), None)
-            peaks(spec.device, str(param.dtype).replace("torch.", "") if param is not None else "float32")
+            peaks(spec.device, str(param.dtype).replace("torch.", "") if param is not None else "float32", spec.remeasure_peaks)
+            spec = spec.model_copy(update={"remeasure_peaks": False})  # measured just now, before the cap
             if spec.device == "cuda":
                 import torch
 

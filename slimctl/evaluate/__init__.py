@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from ..models import CAUSAL_LM, ENCODER, SEQ_CLS
-from ..recipe import EvalSpec
+from ..kinds import CAUSAL_LM, ENCODER, SEQ_CLS
+from ..specs import EvalSpec
 from . import data as datasets
 
 Track = Callable[[Iterable, str, int], Iterable]
@@ -55,6 +55,19 @@ class Evaluation:
         return {"kind": self.kind, "dataset": self.dataset, "settings": self.settings, "metrics": self.model,
                 "reference_metrics": self.reference, "vs_reference": self.agreement, "seconds": round(self.seconds, 3),
                 "warnings": self.warnings, **self.extra}
+
+    @staticmethod
+    def side(ev: dict[str, Any] | None, reference: bool) -> dict[str, Any] | None:
+        """One side of a side-by-side evaluation (its to_dict form) as a report holds it: the reference's
+        own metrics without the agreement and kernel facts, or the evaluated model's with them."""
+        if ev is None:
+            return None
+        out = {k: v for k, v in ev.items() if k not in ("metrics", "reference_metrics")}
+        out["metrics"] = ev.get("reference_metrics" if reference else "metrics")
+        if reference:
+            out.pop("vs_reference", None)
+            out.pop("kernels", None)
+        return out
 
 
 def settings_for(kind: str, spec: EvalSpec) -> dict[str, Any]:
@@ -300,3 +313,35 @@ def fidelity(ev: Evaluation) -> float | None:
     if not ev.agreement:
         return None
     return ev.agreement.get("mean_cosine", ev.agreement.get("top1_agreement"))
+
+
+def evaluate_model(model: str, against: str | None = None, spec: EvalSpec | None = None, kernels: str = "auto",
+                   seed: int = 0, load_options: dict | None = None, say=lambda m: None, track=None) -> dict[str, Any]:
+    """`slimctl eval`: a model's accuracy on spec's data (and lm-eval tasks), with agreement metrics
+    against a baseline model when given. Returns the evaluation with `warnings`."""
+    from ..errors import UsageError
+    from ..kernels import maybe_accelerate
+    from ..models import load
+
+    spec = spec or EvalSpec()
+    if spec.data:
+        from .data import read_file
+
+        read_file(spec.data)  # bad data fails before a model loads
+    opts = load_options or {}
+    m = load(model, progress=say, **opts)
+    taskset = prepare_tasks(m.kind, spec)
+    ref = load(against, progress=say, **opts) if against else None
+    if ref is not None and ref.kind != m.kind:
+        raise UsageError(f"the baseline {against} is a {ref.kind} model but {model} is a {m.kind} model")
+    plans = [maybe_accelerate(x.model, kernels, kind=x.kind) for x in (m, ref) if x is not None]
+    ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed,
+                  taskset=taskset, **({"track": track} if track else {}))
+    if plans[0] and plans[0]["warning"]:
+        ev.warnings.append(plans[0]["warning"])
+    return {"model": model, "against": against, **ev.to_dict(), "kernels": plans[0]}
+
+
+from .._callable import make_callable  # noqa: E402
+
+make_callable(__name__, "evaluate_model")  # slimctl.evaluate(...) is the API function

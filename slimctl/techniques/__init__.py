@@ -36,6 +36,9 @@ class WeightOnlyOptions(LayerSelection):
     group_size: Optional[int] = Field(default=128, ge=8, le=8192)  # None: one group per output channel
     symmetric: bool = True
     strict: bool = False  # refuse layers whose width the group size does not divide, instead of adapting
+    # round each scale to fp16 before choosing the codes, as GGUF's Q4_0/Q8_0 store them: an artifact
+    # made so exports to GGUF bit-exactly (slimctl export --format gguf)
+    fp16_scales: bool = False
 
     @field_validator("group_size")
     @classmethod

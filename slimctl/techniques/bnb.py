@@ -50,7 +50,7 @@ def apply(model, cfg: BnbConfig, ctx: StepContext) -> dict:
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise UnsupportedError("bitsandbytes is not installed: pip install 'slimctl[gpu]' (it runs on CPU too)") from None
-    from ..models import _auto_class
+    from ..kinds import auto_class
 
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise UnsupportedError("bnb starts from float32 weights; put no cast or other quantization step before it")
@@ -64,7 +64,7 @@ def apply(model, cfg: BnbConfig, ctx: StepContext) -> dict:
     with tempfile.TemporaryDirectory(prefix="slimctl-bnb-") as d:
         model.save_pretrained(d, safe_serialization=True)
         ctx.progress(f"quantizing with bitsandbytes ({cfg.mode})")
-        new = _auto_class(ctx.kind).from_pretrained(d, quantization_config=qc, device_map="cpu", dtype=torch.float32)
+        new = auto_class(ctx.kind).from_pretrained(d, quantization_config=qc, device_map="cpu", dtype=torch.float32)
     new.eval()
     layers = [n for n, m in new.named_modules() if type(m).__module__.startswith("bitsandbytes")]
     ctx.replacement = new

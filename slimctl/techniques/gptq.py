@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..calibrate import block_stats, hessian_start, inverse_hessian_factor, sequential
+from ..calibrate import (calibrated, hessian_start, inverse_hessian_factor, raised_dampening, relative_output_error,
+                         summary)
 from ..qmodules import WeightOnlyLinear, set_submodule
 from ..quant import QScheme, dequantize_groups, dequantize_with, group_params, quantize_with
 from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
@@ -18,7 +19,7 @@ class GPTQConfig(WeightOnlyOptions, CalibrationOptions):
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int, dampening: float,
-                  act_order: bool, block_size: int):
+                  act_order: bool, block_size: int, layer: str = "a layer", damping: dict[str, float] | None = None):
     """Integer codes [out, in], scales and zeros [out, in/group] for W given H = 2/n Σ x xᵀ."""
     w, h = hessian_start(w, h)
     out_f, in_f = w.shape
@@ -35,7 +36,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int,
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    hinv = inverse_hessian_factor(h, dampening)
+    hinv = inverse_hessian_factor(h, dampening, layer, damping)
     block = max(block_size, group) if group < in_f else block_size
     q = torch.zeros_like(w)
     for i1 in range(0, in_f, block):
@@ -63,12 +64,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int,
     return q, scale, zero
 
 
-def _relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """‖(W − Ŵ) X‖² / ‖W X‖² over the calibration inputs, via H ∝ X Xᵀ."""
-    d = w - w_hat
-    return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T).clamp(min=1e-12))
-
-
 @register("gptq", "quantize", GPTQConfig,
           "GPTQ weight-only int4/int8 with calibration, block by block; packed, reloads with slimctl",
           loads_with="slimctl")
@@ -77,23 +72,18 @@ def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
     groups = plan_groups(list(targets.items()), cfg, ctx)
     batches = cfg.batches(ctx)
     errors: dict[str, float] = {}
+    damping: dict[str, float] = {}
 
-    def on_block(i, prefix, block, inputs):
-        mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-        if not mine:
-            return None
-        stats = block_stats(block, inputs, mine, hessian=True)
+    def quantize(mine: dict, stats) -> None:
         for name, lin in mine.items():
             g = groups[name]
-            scheme = QScheme(cfg.bits, g, cfg.symmetric)
             w = lin.weight.detach().float()
-            codes, scale, zero = gptq_quantize(w, stats.hessian[name], scheme, g, cfg.dampening, cfg.act_order, cfg.block_size)
-            errors[name] = _relative_output_error(w, dequantize_groups(codes, scale, zero, g), stats.hessian[name])
+            codes, scale, zero = gptq_quantize(w, stats.hessian[name], QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales), g, cfg.dampening,
+                                               cfg.act_order, cfg.block_size, name, damping)
+            errors[name] = relative_output_error(w, dequantize_groups(codes, scale, zero, g), stats.hessian[name])
             set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, cfg.bits, g))
-        return None
 
-    sequential(model, batches, on_block, ctx.track)
-    missed = [n for n in targets if n not in errors]
+    missed = calibrated(model, targets, batches, quantize, hessian=True, track=ctx.track, leftover="return")
     if missed:  # layers outside the repeated blocks get round-to-nearest
         from .rtn import RTNConfig, apply as rtn_apply
 
@@ -102,5 +92,5 @@ def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
                                    ignore=cfg.ignore), ctx)
         ctx.notes.append(f"{len(missed)} layers outside the repeated blocks were quantized with RTN: {', '.join(missed[:3])}")
     return {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
-            "act_order": cfg.act_order, "calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)},
-            "relative_output_error": errors}
+            "act_order": cfg.act_order, "calibration": summary(batches), "relative_output_error": errors,
+            **raised_dampening(damping, cfg.dampening, ctx)}

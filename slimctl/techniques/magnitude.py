@@ -6,7 +6,8 @@ from typing import Literal
 import torch
 from pydantic import model_validator
 
-from ..sparsity import PruneOptions, account, check_pattern, nm_mask
+from ..sparsity import nm_mask
+from .pruning import PruneOptions, account, check_pattern
 from . import StepContext, register, select_linears
 
 

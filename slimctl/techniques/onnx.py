@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..calibrate import summary
 from . import CalibrationOptions, StepContext, register
 
 
@@ -25,7 +26,7 @@ class OnnxConfig(CalibrationOptions):
           loads_with="onnxruntime")
 def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
     from .. import onnxrt
-    from ..models import CAUSAL_LM
+    from ..kinds import CAUSAL_LM
 
     if ctx.kind == CAUSAL_LM:  # said at once, in the report's warnings: the graph is for encoders
         ctx.notes.append("ONNX Runtime here is for encoders: the exported causal-LM graph has no KV cache, so every "
@@ -47,7 +48,7 @@ def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
             ctx.progress(f"calibrating activation ranges on {len(batches)} texts")
             final = Path(d) / "int8.onnx"
             kept = onnxrt.quantize_static(fp32, final, batches, cfg.calibration_method, cfg.keep_ffn_down_float)
-            calib = {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches), "float_matmuls": kept}
+            calib = {**summary(batches), "float_matmuls": kept}
         data = final.read_bytes()
         fp32_mb = fp32.stat().st_size / 2**20
     ctx.replacement = onnxrt.OrtModel(data, model.config, ctx.kind)

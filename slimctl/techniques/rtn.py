@@ -30,7 +30,7 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     err = {}
     for name, lin in ctx.track(layers, "rtn", len(layers)):
         g = groups[name]
-        scheme = QScheme(cfg.bits, g, cfg.symmetric)
+        scheme = QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales)
         w = lin.weight.detach().float()
         codes, scale, zero = rtn(w, scheme, g)
         err[name] = float((dequantize_groups(codes, scale, zero, g) - w).norm() / w.norm().clamp(min=1e-12))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from ..calibrate import InputStats, block_stats, forward_all, hessian_start, inverse_hessian_factor, sequential
-from ..sparsity import PruneOptions, account, check_pattern
+from ..calibrate import (InputStats, calibrated, hessian_start, inverse_hessian_factor, raised_dampening,
+                         relative_output_error, summary)
+from .pruning import PruneOptions, account, check_pattern
 from . import CalibrationOptions, StepContext, register, select_linears
-from .gptq import _relative_output_error
 
 
 class SparseGPTConfig(PruneOptions, CalibrationOptions):
@@ -23,11 +23,12 @@ class SparseGPTConfig(PruneOptions, CalibrationOptions):
         return self
 
 
-def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, cfg: SparseGPTConfig) -> tuple[torch.Tensor, float]:
+def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, cfg: SparseGPTConfig, layer: str = "a layer",
+                    damping: dict[str, float] | None = None) -> tuple[torch.Tensor, float]:
     """The pruned weight (zeros where masked, the rest updated) and the summed OBS loss."""
     w, h = hessian_start(w, h)
     out_f, in_f = w.shape
-    hinv = inverse_hessian_factor(h, cfg.dampening)
+    hinv = inverse_hessian_factor(h, cfg.dampening, layer, damping)
     nm = cfg.nm
     loss = 0.0
     for i1 in range(0, in_f, cfg.block_size):
@@ -68,28 +69,17 @@ def apply(model, cfg: SparseGPTConfig, ctx: StepContext) -> dict:
     batches = cfg.batches(ctx)
     per_layer: dict[str, float] = {}
     errors: dict[str, float] = {}
+    damping: dict[str, float] = {}
 
     def prune(mine: dict, stats: InputStats) -> None:
         for name, lin in mine.items():
             w = lin.weight.detach().float()
-            new, _ = sparsegpt_prune(w, stats.hessian[name], cfg)
-            errors[name] = _relative_output_error(w, new, stats.hessian[name])
+            new, _ = sparsegpt_prune(w, stats.hessian[name], cfg, name, damping)
+            errors[name] = relative_output_error(w, new, stats.hessian[name])
             with torch.no_grad():
                 lin.weight.copy_(new.to(lin.weight.dtype))
             per_layer[name] = float((lin.weight == 0).float().mean())
 
-    def on_block(i, prefix, block, inputs):
-        mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-        if mine:
-            prune(mine, block_stats(block, inputs, mine, hessian=True))
-
-    sequential(model, batches, on_block, ctx.track)
-    rest = {n: m for n, m in targets.items() if n not in per_layer}
-    if rest:  # layers outside the repeated blocks: Hessians from one full pass of the pruned model
-        stats = InputStats(rest, hessian=True)
-        forward_all(model, batches)
-        stats.remove()
-        prune(rest, stats)
-    return account(model, per_layer, cfg, {
-        "calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)},
-        "relative_output_error": errors})
+    calibrated(model, targets, batches, prune, hessian=True, track=ctx.track)
+    return account(model, per_layer, cfg, {"calibration": summary(batches), "relative_output_error": errors,
+                                           **raised_dampening(damping, cfg.dampening, ctx)})

@@ -7,7 +7,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..calibrate import block_stats, find_blocks, sequential
+from ..calibrate import block_stats, find_blocks, sequential, summary
 from ..errors import UnsupportedError
 from . import CalibrationOptions, StepContext, register
 
@@ -70,82 +70,68 @@ def _channel_score(consumer: nn.Linear, sq_norm: torch.Tensor) -> torch.Tensor:
     return sq_norm.sqrt() * consumer.weight.detach().float().norm(dim=0)
 
 
-@register("structured", "prune", StructuredConfig,
-          "remove FFN channels and attention heads (GQA-aware) by calibrated importance; smaller config, reloads with plain transformers")
-def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
-    conf = model.config
-    params_before = sum(p.numel() for p in model.parameters())
-    prefix, blocks = find_blocks(model)
-    ffns = [_ffn(b) for b in blocks]
-    atts = [_attn(b) for b in blocks]
-    plan: dict = {}
-    if cfg.ffn:
-        if not all(ffns) or not hasattr(conf, "intermediate_size"):
-            raise UnsupportedError("FFN pruning supports Llama-style (gate/up/down_proj) and BERT-style "
-                                   "(intermediate/output.dense) blocks with config.intermediate_size; this model has neither")
-        width = ffns[0][1].in_features
-        keep = width - int(round(cfg.ffn * width))
-        keep = max(cfg.multiple_of, keep - keep % cfg.multiple_of)
-        if keep >= width:
-            ctx.notes.append(f"ffn {cfg.ffn} of {width} channels rounds to nothing to remove")
-        plan["ffn"] = (width, min(keep, width))
-    if cfg.heads:
-        why = ("head pruning supports Llama-style attention (q/k/v/o_proj, num_key_value_heads); this model's "
-               "attention is not (BERT's config, for one, ties head size to hidden_size)")
-        if not all(atts) and not cfg.ffn:
+def _ffn_plan(cfg: StructuredConfig, conf, ffns: list, ctx: StepContext) -> tuple[int, int]:
+    """(FFN width, channels kept), rounded to cfg.multiple_of."""
+    if not all(ffns) or not hasattr(conf, "intermediate_size"):
+        raise UnsupportedError("FFN pruning supports Llama-style (gate/up/down_proj) and BERT-style "
+                               "(intermediate/output.dense) blocks with config.intermediate_size; this model has neither")
+    width = ffns[0][1].in_features
+    keep = width - int(round(cfg.ffn * width))
+    keep = max(cfg.multiple_of, keep - keep % cfg.multiple_of)
+    if keep >= width:
+        ctx.notes.append(f"ffn {cfg.ffn} of {width} channels rounds to nothing to remove")
+    return width, min(keep, width)
+
+
+def _heads_plan(cfg: StructuredConfig, conf, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
+    """(query heads, key/value heads, head size, key/value heads kept); None when heads stay (noted)."""
+    why = ("head pruning supports Llama-style attention (q/k/v/o_proj, num_key_value_heads); this model's "
+           "attention is not (BERT's config, for one, ties head size to hidden_size)")
+    if not all(atts):
+        if not cfg.ffn:
             raise UnsupportedError(why + "; prune ffn instead")
-    if cfg.heads and not all(atts):
         ctx.notes.append(why + ": heads left as they are, FFN channels pruned")
-    elif cfg.heads:
-        n_heads = conf.num_attention_heads
-        n_kv = getattr(conf, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // n_heads
-        keep_kv = n_kv - int(round(cfg.heads * n_kv))
-        if keep_kv < 1:
-            raise UnsupportedError(f"heads {cfg.heads} would remove all {n_kv} key/value heads")
-        if keep_kv == n_kv:
-            ctx.notes.append(f"heads {cfg.heads} of {n_kv} key/value heads rounds to nothing to remove")
-        elif abs((n_kv - keep_kv) / n_kv - cfg.heads) > 1e-9:
-            ctx.notes.append(f"heads {cfg.heads}: removed {n_kv - keep_kv} of {n_kv} key/value heads per layer "
-                             f"({(n_kv - keep_kv) / n_kv:.0%}) with their query heads; heads go in whole groups")
-        plan["heads"] = (n_heads, n_kv, head_dim, keep_kv)
-    batches = cfg.batches(ctx)
-    removed: dict[str, dict] = {}
+        return None
+    n_heads = conf.num_attention_heads
+    n_kv = getattr(conf, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // n_heads
+    keep_kv = n_kv - int(round(cfg.heads * n_kv))
+    if keep_kv < 1:
+        raise UnsupportedError(f"heads {cfg.heads} would remove all {n_kv} key/value heads")
+    if keep_kv == n_kv:
+        ctx.notes.append(f"heads {cfg.heads} of {n_kv} key/value heads rounds to nothing to remove")
+    elif abs((n_kv - keep_kv) / n_kv - cfg.heads) > 1e-9:
+        ctx.notes.append(f"heads {cfg.heads}: removed {n_kv - keep_kv} of {n_kv} key/value heads per layer "
+                         f"({(n_kv - keep_kv) / n_kv:.0%}) with their query heads; heads go in whole groups")
+    return n_heads, n_kv, head_dim, keep_kv
 
-    def on_block(i, name, block, inputs):
-        consumers = {}
-        if "ffn" in plan:
-            consumers["ffn"] = ffns[i][1]
-        if "heads" in plan:
-            consumers["heads"] = atts[i].o_proj
-        stats = block_stats(block, inputs, consumers)
-        rec = {}
-        if "ffn" in plan and plan["ffn"][1] < plan["ffn"][0]:
-            producers, consumer, pnames, cname = ffns[i]
-            score = _channel_score(consumer, stats.sq_norm["ffn"])
-            idx = torch.topk(score, plan["ffn"][1]).indices.sort().values
-            for p, pn in zip(producers, pnames):
-                _set(block, pn, _keep_rows(p, idx))
-            _set(block, cname, _keep_cols(consumer, idx))
-            rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1]
-        if "heads" in plan and plan["heads"][3] < plan["heads"][1]:
-            n_heads, n_kv, hd, keep_kv = plan["heads"]
-            att = atts[i]
-            per_col = _channel_score(att.o_proj, stats.sq_norm["heads"])  # o_proj input = concat of query heads
-            group = n_heads // n_kv
-            kv_score = per_col.view(n_kv, group * hd).sum(1)
-            kv_keep = torch.topk(kv_score, keep_kv).indices.sort().values
-            q_heads = (kv_keep[:, None] * group + torch.arange(group)[None, :]).flatten()
-            q_idx = (q_heads[:, None] * hd + torch.arange(hd)[None, :]).flatten()
-            kv_idx = (kv_keep[:, None] * hd + torch.arange(hd)[None, :]).flatten()
-            att.q_proj = _keep_rows(att.q_proj, q_idx)
-            att.k_proj = _keep_rows(att.k_proj, kv_idx)
-            att.v_proj = _keep_rows(att.v_proj, kv_idx)
-            att.o_proj = _keep_cols(att.o_proj, q_idx)
-            rec["kv_heads_removed"] = sorted(set(range(n_kv)) - set(kv_keep.tolist()))
-        removed[name] = rec
 
-    sequential(model, batches, on_block, ctx.track)
+def _prune_ffn(block, ffn, keep: int, sq_norm: torch.Tensor) -> None:
+    producers, consumer, pnames, cname = ffn
+    idx = torch.topk(_channel_score(consumer, sq_norm), keep).indices.sort().values
+    for p, pn in zip(producers, pnames):
+        _set(block, pn, _keep_rows(p, idx))
+    _set(block, cname, _keep_cols(consumer, idx))
+
+
+def _prune_heads(att, heads: tuple[int, int, int, int], sq_norm: torch.Tensor) -> list[int]:
+    """Keep the key/value heads (with their query groups) whose o_proj inputs matter most; returns the removed ones."""
+    n_heads, n_kv, hd, keep_kv = heads
+    per_col = _channel_score(att.o_proj, sq_norm)  # o_proj input = concat of query heads
+    group = n_heads // n_kv
+    kv_keep = torch.topk(per_col.view(n_kv, group * hd).sum(1), keep_kv).indices.sort().values
+    q_heads = (kv_keep[:, None] * group + torch.arange(group)[None, :]).flatten()
+    q_idx = (q_heads[:, None] * hd + torch.arange(hd)[None, :]).flatten()
+    kv_idx = (kv_keep[:, None] * hd + torch.arange(hd)[None, :]).flatten()
+    att.q_proj = _keep_rows(att.q_proj, q_idx)
+    att.k_proj = _keep_rows(att.k_proj, kv_idx)
+    att.v_proj = _keep_rows(att.v_proj, kv_idx)
+    att.o_proj = _keep_cols(att.o_proj, q_idx)
+    return sorted(set(range(n_kv)) - set(kv_keep.tolist()))
+
+
+def _update_config(conf, plan: dict) -> dict:
+    """The config's new sizes; returns the old ones."""
     before = {}
     if "ffn" in plan:
         before["intermediate_size"] = conf.intermediate_size
@@ -156,6 +142,38 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
         conf.head_dim = hd  # explicit now: hidden_size / heads no longer gives it
         conf.num_attention_heads = keep_kv * (n_heads // n_kv)
         conf.num_key_value_heads = keep_kv
+    return before
+
+
+@register("structured", "prune", StructuredConfig,
+          "remove FFN channels and attention heads (GQA-aware) by calibrated importance; smaller config, reloads with plain transformers")
+def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
+    conf = model.config
+    params_before = sum(p.numel() for p in model.parameters())
+    prefix, blocks = find_blocks(model)
+    ffns, atts = [_ffn(b) for b in blocks], [_attn(b) for b in blocks]
+    plan: dict = {}
+    if cfg.ffn:
+        plan["ffn"] = _ffn_plan(cfg, conf, ffns, ctx)
+    heads = _heads_plan(cfg, conf, atts, ctx) if cfg.heads else None
+    if heads:
+        plan["heads"] = heads
+    batches = cfg.batches(ctx)
+    removed: dict[str, dict] = {}
+
+    def on_block(i, name, block, inputs):
+        consumers = {**({"ffn": ffns[i][1]} if "ffn" in plan else {}), **({"heads": atts[i].o_proj} if "heads" in plan else {})}
+        stats = block_stats(block, inputs, consumers)
+        rec = {}
+        if "ffn" in plan and plan["ffn"][1] < plan["ffn"][0]:
+            _prune_ffn(block, ffns[i], plan["ffn"][1], stats.sq_norm["ffn"])
+            rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1]
+        if "heads" in plan and plan["heads"][3] < plan["heads"][1]:
+            rec["kv_heads_removed"] = _prune_heads(atts[i], plan["heads"], stats.sq_norm["heads"])
+        removed[name] = rec
+
+    sequential(model, batches, on_block, ctx.track)
+    before = _update_config(conf, plan)
     try:  # an architecture that reads head counts from elsewhere fails here, not in a user's hands
         with torch.inference_mode():
             model(**batches[0])
@@ -166,5 +184,4 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     after = {k: getattr(conf, k) for k in before}
     return {"layers": removed, "config_before": before, "config_after": after, "params_before": params_before,
             "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
-            "calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)}}
-
+            "calibration": summary(batches)}

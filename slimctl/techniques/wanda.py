@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..calibrate import InputStats, block_stats, forward_all, sequential
-from ..sparsity import PruneOptions, account, check_pattern, nm_mask, row_mask
+from ..calibrate import InputStats, calibrated, summary
+from ..sparsity import nm_mask, row_mask
+from .pruning import PruneOptions, account, check_pattern
 from . import CalibrationOptions, StepContext, register, select_linears
 
 
@@ -33,17 +34,5 @@ def apply(model, cfg: WandaConfig, ctx: StepContext) -> dict:
                 lin.weight.masked_fill_(mask, 0)
                 per_layer[name] = float(mask.float().mean())
 
-    def on_block(i, prefix, block, inputs):
-        mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-        if mine:
-            prune(mine, block_stats(block, inputs, mine))
-
-    sequential(model, batches, on_block, ctx.track)
-    rest = {n: m for n, m in targets.items() if n not in per_layer}
-    if rest:  # layers outside the repeated blocks: statistics from one full pass of the pruned model
-        stats = InputStats(rest)
-
-        forward_all(model, batches)
-        stats.remove()
-        prune(rest, stats)
-    return account(model, per_layer, cfg, {"calibration": {"samples": len(batches), "tokens": sum(b["input_ids"].numel() for b in batches)}})
+    calibrated(model, targets, batches, prune, track=ctx.track)
+    return account(model, per_layer, cfg, {"calibration": summary(batches)})

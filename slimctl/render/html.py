@@ -6,16 +6,15 @@ import html
 import math
 from typing import Any
 
-from .gates import quality
-from .report import _fmt as _n  # one number format for Markdown and HTML
+from ..gates import quality
+from ..report import pareto_front
+from .markdown import fmt as _n  # one number format for Markdown and HTML
 
 BASE_C, SLIM_C, PASS_C, FAIL_C, NA_C = "#6b7280", "#2563eb", "#15803d", "#b91c1c", "#9ca3af"
 
 
 def _e(x: Any) -> str:
     return html.escape(str(x))
-
-
 
 
 def label(r: dict[str, Any]) -> str:
@@ -36,17 +35,8 @@ def point(r: dict[str, Any], side: str = "slimmed") -> dict[str, Any]:
 
 def pareto(points: list[dict[str, Any]]) -> list[bool]:
     """True for points no other point beats on both latency (lower) and the metric (better)."""
-    flags = []
-    for p in points:
-        if p["latency"] is None or p["value"] is None:
-            flags.append(False)
-            continue
-        sign = 1 if p["higher"] else -1
-        dominated = any(o is not p and o["latency"] is not None and o["value"] is not None
-                        and o["latency"] <= p["latency"] and sign * o["value"] >= sign * p["value"]
-                        and (o["latency"] < p["latency"] or sign * o["value"] > sign * p["value"]) for o in points)
-        flags.append(not dominated)
-    return flags
+    return pareto_front([None if p["latency"] is None or p["value"] is None
+                         else (p["latency"], -p["value"] if p["higher"] else p["value"]) for p in points])
 
 
 def _scatter(pts: list[tuple[str, dict, str]], metric: str, higher: bool, w: int = 560, h: int = 320) -> str:

@@ -1,0 +1,81 @@
+"""What every pruning technique shares: its options (unstructured sparsity or an N:M pattern), the
+check that a pattern fits the layers, and the per-layer / whole-model accounting each step reports."""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from ..errors import UnsupportedError
+from . import LayerSelection
+
+
+class PruneOptions(LayerSelection):
+    """Exactly one of `sparsity` (unstructured: this fraction of each layer's weights become zero)
+    or `pattern` ("N:M": at most N non-zeros in every M consecutive input weights, e.g. "2:4")."""
+
+    sparsity: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
+    pattern: Optional[str] = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _nm(cls, v):
+        if v is None:
+            return v
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", v)
+        if not m or not (0 < int(m.group(1)) < int(m.group(2)) <= 64):
+            raise ValueError(f"pattern must be 'N:M' with 0 < N < M <= 64 (non-zeros kept per M weights), e.g. '2:4'; got {v!r}")
+        return f"{int(m.group(1))}:{int(m.group(2))}"
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give either sparsity (e.g. 0.5, unstructured) or pattern (e.g. '2:4'), not both or neither")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    def target(self) -> float:
+        """The fraction of each pruned layer's weights that becomes zero."""
+        if self.nm:
+            n, m = self.nm
+            return 1 - n / m
+        return float(self.sparsity)
+
+
+def check_pattern(layers: list[tuple[str, torch.nn.Linear]], cfg: PruneOptions) -> None:
+    if cfg.nm is None:
+        return
+    m = cfg.nm[1]
+    bad = [n for n, lin in layers if lin.in_features % m]
+    if bad:
+        raise UnsupportedError(f"pattern {cfg.pattern} needs input widths divisible by {m}; "
+                               f"{len(bad)} layers are not ({', '.join(bad[:3])}); add them to ignore")
+
+
+def account(model, pruned: dict[str, float], cfg: PruneOptions, extra: dict | None = None) -> dict:
+    """The step's report: what was pruned (per layer), the sparsity over those layers and over the
+    whole model, and what was left dense."""
+    from torch import nn
+
+    zeros = total = 0
+    dense = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            if name in pruned:
+                zeros += int((mod.weight == 0).sum())
+                total += mod.weight.numel()
+            else:
+                dense.append(name)
+    params = sum(p.numel() for p in model.parameters())
+    model_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    return {"layers": pruned, "pattern": cfg.pattern, "target_sparsity": cfg.target(),
+            "sparsity": zeros / total if total else 0.0, "pruned_params": zeros,
+            "model_sparsity": model_zeros / params if params else 0.0, "left_dense": dense, **(extra or {})}
