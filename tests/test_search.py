@@ -5,7 +5,8 @@ import json
 import pytest
 
 from slimctl import recipe as R
-from slimctl.search import SearchOptions, drop, mixed_counts, parse_drop, run_search
+from slimctl.cli.search import parse_drop
+from slimctl.search import SearchOptions, drop, mixed_counts, run_search
 
 EV = R.EvalSpec(max_samples=4, seq_len=64, max_tokens=256)
 BE = R.BenchSpec(min_iters=2, min_seconds=0, warmup=1, decode_tokens=2, seq_len=16, batch_size=2, repeats=1)

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from ..errors import UsageError
 from . import _common as C
 
 
@@ -36,9 +37,9 @@ def search(
 
     Example: [bold]slimctl search smollm2-135m --max-drop 1% --candidates recipes/*.yaml --space default --out runs/s[/bold]
     """
-    from ..errors import GateFailed, UsageError
+    from ..errors import GateFailed
     from ..render import text
-    from ..search import SearchOptions, parse_drop, read_candidates, run_search
+    from ..search import SearchOptions, read_candidates, run_search
 
     budget = parse_drop(max_drop)
     if space not in (None, "default", "none"):
@@ -59,3 +60,15 @@ def search(
         why = (f"the closest is {c['name']}, {c['drop']:.2%} drop, over the budget by {c['missed_by']:.2%}" if c
                else "no candidate finished")
         raise GateFailed([f"no candidate meets {res['metric']} drop <= {res['max_drop']:.2%}; {why}"])
+
+
+def parse_drop(text: str) -> float:
+    """--max-drop: '1%' → 0.01, '0.01' → 0.01."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UsageError(f"--max-drop takes a fraction (0.01) or a percentage (1%), not {text!r}") from None
+    if not 0 <= v < 1:
+        raise UsageError("--max-drop must lie in [0, 100%)")
+    return v

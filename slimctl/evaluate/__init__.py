@@ -335,7 +335,9 @@ def evaluate_model(model: str, against: str | None = None, spec: EvalSpec | None
     if ref is not None and ref.kind != m.kind:
         raise UsageError(f"the baseline {against} is a {ref.kind} model but {model} is a {m.kind} model")
     plans = [maybe_accelerate(x.model, kernels, kind=x.kind) for x in (m, ref) if x is not None]
-    ev = evaluate(m.model, m.tokenizer, m.kind, spec, reference=ref.model if ref else None, seed=seed,
+    # a GGUF against its source: one token stream, the source's own tokenizer (llama.cpp's is built from it)
+    tok = ref.tokenizer if ref is not None and m.meta.get("format") == "gguf" else m.tokenizer
+    ev = evaluate(m.model, tok, m.kind, spec, reference=ref.model if ref else None, seed=seed,
                   taskset=taskset, **({"track": track} if track else {}))
     if plans[0] and plans[0]["warning"]:
         ev.warnings.append(plans[0]["warning"])

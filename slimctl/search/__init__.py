@@ -10,10 +10,10 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import recipe as R
-from .rank import METRICS, OBJECTIVES, default_metric, drop, parse_drop, winner_warnings
+from .rank import METRICS, OBJECTIVES, default_metric, drop, winner_warnings
 from .space import Candidate, default_space, mixed_counts, normalize_steps, read_candidates
 
-__all__ = ["SearchOptions", "run_search", "METRICS", "OBJECTIVES", "default_metric", "drop", "parse_drop", "winner_warnings",
+__all__ = ["SearchOptions", "run_search", "METRICS", "OBJECTIVES", "default_metric", "drop", "winner_warnings",
            "Candidate", "default_space", "mixed_counts", "normalize_steps", "read_candidates"]
 
 

@@ -47,7 +47,7 @@ class Search:
 
     def skip(self, c: Candidate) -> bool:
         if self.over_budget():
-            c.status, c.error = "skipped", "search budget (--budget-minutes) spent"
+            c.status, c.error = "skipped", "the search's time budget was spent before it started"
             return True
         return False
 

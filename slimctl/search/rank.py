@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import gates as gate_mod
-from ..errors import UsageError
 from ..kinds import CAUSAL_LM, ENCODER
 from ..report import pareto_front
 
@@ -27,18 +26,6 @@ RATIOS = {  # name -> (ratio from a report's delta, lower is better)
     "cost": lambda d: 1 / d["throughput_ratio"] if d.get("throughput_ratio") else None,
 }
 METRICS = ("ppl", "accuracy", "fidelity")
-
-
-def parse_drop(text: str) -> float:
-    """'1%' → 0.01, '0.01' → 0.01."""
-    t = text.strip()
-    try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise UsageError(f"--max-drop takes a fraction (0.01) or a percentage (1%), not {text!r}") from None
-    if not 0 <= v < 1:
-        raise UsageError("--max-drop must lie in [0, 100%)")
-    return v
 
 
 def default_metric(kind: str) -> str:
