@@ -122,10 +122,11 @@ def main() -> None:
             rows[name].setdefault("decode_tok_s_rounds", []).append(res["decode_tokens_per_s"])
             rows[name].setdefault("prefill_ms_rounds", []).append(res["prefill_ms"]["p50"])
             print(f"round {r + 1}: {name}: decode {res['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
-    fp32 = rows["torch fp32 eager"]
     for row in rows.values():
         row["decode_tok_s"] = statistics.median(row["decode_tok_s_rounds"])
         row["prefill_ms"] = statistics.median(row["prefill_ms_rounds"])
+    fp32 = rows["torch fp32 eager"]
+    for row in rows.values():
         row["ppl_ratio"] = row["perplexity"] / fp32["perplexity"]
         row["decode_vs_fp32"] = row["decode_tok_s"] / fp32["decode_tok_s"]
     doc = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "python": platform.python_version(),
