@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError, OutputError
-from .kinds import detect_kind, read_config
+from .kinds import CAUSAL_LM, detect_kind, read_config
 
 ARTIFACT_META = "slimctl.json"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.bin.index.json")
@@ -178,7 +178,7 @@ def _check_weights(folder: Path, allow_pickle: bool, progress=None) -> bool:
 def kind_of(folder: Path) -> str:
     """The task kind of a model folder (from its config), or of a .gguf file (a causal LM for llama.cpp)."""
     if Path(folder).is_file() and Path(folder).suffix == ".gguf":
-        return detect_kind({"architectures": ["LlamaForCausalLM"]})
+        return CAUSAL_LM
     return detect_kind(read_config(folder))
 
 

@@ -153,7 +153,6 @@ def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_sp
 
 def export_gguf(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
     """OUT/model.gguf from the slimmed model in memory (codes packed as they are, see formats/gguf.py)."""
-    from collections import Counter
     from types import SimpleNamespace
 
     from .formats.gguf import GGUFOptions, export
@@ -167,7 +166,7 @@ def export_gguf(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str,
     slim.notes.extend(res.notes)
     return {"format": "gguf", "path": res.path, "bytes": res.bytes, "sha256": file_digest(Path(res.path)),
             "exact_layers": res.exact_layers, "requantized_layers": res.requantized, "tokenizer": res.tokenizer,
-            "tensor_types": dict(sorted(Counter(res.tensors.values()).items()))}
+            "tensor_types": res.type_counts()}
 
 
 def evaluate_pair(base, slim: Slimmed, recipe: Recipe, kernels: dict | None, taskset, ui: UI) -> dict[str, Any] | None:

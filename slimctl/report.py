@@ -178,13 +178,17 @@ class Report(_Open):
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
+def _first_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
 def schema_problem(data: dict[str, Any]) -> str | None:
     """Where a report slimctl built deviates from its own schema (a bug), or None."""
     try:
         Report.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        return _first_error(e)
     return None
 
 
@@ -195,9 +199,7 @@ def validate(data: Any, where: str = "report") -> Report:
     try:
         return Report.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise DataError(f"{where} is not a valid slimctl report: {loc}: {first['msg']}") from None
+        raise DataError(f"{where} is not a valid slimctl report: {_first_error(e)}") from None
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -242,6 +244,12 @@ def environment(seed: int, device: str = "cpu") -> dict[str, Any]:
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+def floor_percentages(roofline: dict[str, Any]) -> list[float]:
+    """The % of a roofline floor each phase of a bench result reached (decode: bandwidth; prefill or
+    forward: compute); above 100 % means a measured peak is wrong."""
+    return [v for k, v in roofline.items() if k.endswith(("_pct_of_bandwidth_floor", "_pct_of_compute_floor"))]
 
 
 def pareto_front(points: list[tuple[float, ...] | None]) -> list[bool]:

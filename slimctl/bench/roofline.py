@@ -12,6 +12,7 @@ import torch
 
 from ..models import cache_dir, state_bytes
 from ..kinds import CAUSAL_LM
+from ..report import floor_percentages
 from .measure import cpu_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,6 +29,7 @@ def _sync(device: str) -> None:
 
 
 BUSY_SPREAD = 0.15  # two measurements of one peak further apart than this: the machine is busy
+SIZES = {"cuda": (1 << 30, 8192), "cpu": (256 << 20, 1536)}  # bytes streamed, GEMM side (n x n)
 
 
 def _best(fn, tries: int, device: str) -> float:
@@ -45,7 +47,7 @@ def _best(fn, tries: int, device: str) -> float:
 def _bandwidth(device: str, tries: int) -> tuple[float, float]:
     """(read, copy) bandwidth in bytes/s: a streaming reduction reads each byte once, as decode reads
     weights; a copy reads and writes. Best of `tries` each."""
-    nbytes = (1 << 30) if device == "cuda" else (256 << 20)
+    nbytes = SIZES[device][0]
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     src.sum()  # warm-up: page the buffers in
@@ -57,7 +59,7 @@ def _bandwidth(device: str, tries: int) -> tuple[float, float]:
 
 def _gemm(device: str, dtype: str, tries: int) -> float:
     dt = DTYPES.get(dtype, torch.float32)
-    n = 8192 if device == "cuda" else 1536
+    n = SIZES[device][1]
     a = torch.randn(n, n, device=device).to(dt)
     b = torch.randn(n, n, device=device).to(dt)
     a @ b  # warm-up
@@ -86,17 +88,16 @@ def measure_peaks(device: str, dtype: str) -> dict[str, Any]:
     import datetime
 
     tries = 5 if device == "cpu" else 10
-    runs = []
+    runs = []  # (read, copy, gemm) per measurement
     for _ in range(2):
-        read, copy = _bandwidth(device, tries)
-        runs.append((max(read, copy), _gemm(device, dtype, 4 if device == "cpu" else 10), read, copy))
-    bw, flops, read, copy = max(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs), max(r[3] for r in runs)
-    out = {"bandwidth_gb_s": bw / 1e9, "read_bandwidth_gb_s": read / 1e9, "copy_bandwidth_gb_s": copy / 1e9,
+        runs.append((*_bandwidth(device, tries), _gemm(device, dtype, 4 if device == "cpu" else 10)))
+    read, copy, flops = (max(col) for col in zip(*runs))
+    nbytes, n = SIZES[device]
+    out = {"bandwidth_gb_s": max(read, copy) / 1e9, "read_bandwidth_gb_s": read / 1e9, "copy_bandwidth_gb_s": copy / 1e9,
            "matmul_tflops": flops / 1e12, "dtype": dtype, "device": device,
            "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "method": f"streaming sum and copy of {(256 << 20 if device == 'cpu' else 1 << 30) >> 20} MiB, "
-                     f"{'1536' if device == 'cpu' else '8192'}² GEMM at {dtype}; best of {tries} tries, measured twice"}
-    why = _busy(device, runs[0][:2], runs[1][:2])
+           "method": f"streaming sum and copy of {nbytes >> 20} MiB, {n}² GEMM at {dtype}; best of {tries} tries, measured twice"}
+    why = _busy(device, *((max(r[0], r[1]), r[2]) for r in runs))
     if why:
         out["suspect"] = why
     return out
@@ -139,7 +140,7 @@ def checked_fractions(model, kind: str, result: dict[str, Any], device: str, dty
         except (MemoryError, RuntimeError):  # under a memory cap (bench --max-memory) there may be no room
             pass
     if _over(res):
-        pct = max(v for k, v in res.items() if k.endswith("_pct_of_bandwidth_floor") or k.endswith("_pct_of_compute_floor"))
+        pct = max(floor_percentages(res))
         res["suspect"] = (f"a phase ran at {pct:.0f}% of its floor: the measured peak is below what this run achieved "
                           + (f"({pk['suspect']})" if pk.get("suspect") else "(re-measure alone on the machine: --remeasure-peaks)"))
     elif pk.get("suspect"):
@@ -148,7 +149,7 @@ def checked_fractions(model, kind: str, result: dict[str, Any], device: str, dty
 
 
 def _over(res: dict[str, Any]) -> bool:
-    return any(v > 100 for k, v in res.items() if k.endswith("_pct_of_bandwidth_floor") or k.endswith("_pct_of_compute_floor"))
+    return any(p > 100 for p in floor_percentages(res))
 
 
 def _kv_bytes_per_token(config, elem: int) -> int:

@@ -4,10 +4,12 @@ million tokens or samples at a stated hourly price; CPU-vs-GPU placement; config
 and their data-free slimmed variants."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import SlimctlError, UsageError
+from ..kinds import CAUSAL_LM
 from ..specs import BenchSpec
 
 # Examples only, printed as such: the user's own price belongs in --hourly-cost.
@@ -187,11 +189,10 @@ def study(target: str, spec: BenchSpec, *, config_only: bool = False, sizes: lis
     dtypes with a recommendation; roofline fractions and cost for the headline result.
 
     With `variant` (data-free recipe steps) the single point is measured for the model and for its
-    slimmed variant in alternating rounds (bench.pair_isolated, as `slimctl run` does); the variant's
+    slimmed variant in alternating rounds (bench.alternate, as `slimctl run` does); the variant's
     result goes under "slimmed"."""
     import tempfile
 
-    from ..kinds import CAUSAL_LM
     from ..models import kind_of, resolve
 
     with tempfile.TemporaryDirectory(prefix="slimctl-bench-") as tmp:
@@ -212,16 +213,17 @@ def study(target: str, spec: BenchSpec, *, config_only: bool = False, sizes: lis
                                   dtype=dtype, config_only=config_only, max_memory_mb=max_memory_mb, steps=with_steps)
 
         out = _header(target, kind, spec, inline, steps, config_only, folder)
+        best = None
         if sizes is not None:
-            _sweep_point(out, measure, spec, sizes, dtypes, kind, max_memory_mb, slo_p95_ms, hourly_usd, say)
+            best = _sweep_point(out, measure, spec, sizes, dtypes, kind, max_memory_mb, slo_p95_ms, hourly_usd, say)
         else:
             rounds = _rounds(measure, spec, dtypes[0], 1 if inline else repeats, variant, say)
             out["bench"] = _headline(rounds["baseline"])
             if variant:
                 slim = {**_header(target, kind, spec, inline, variant, config_only, folder), "bench": _headline(rounds["slimmed"])}
-                out["slimmed"] = _finish(slim, measure, spec, dtypes, kind, hourly_usd, sizes, None, say)
-        _finish(out, measure, spec, dtypes, kind, hourly_usd, sizes, out.get("_best"), say)
-        out.pop("_best", None)
+                out["slimmed"] = _finish(slim, functools.partial(measure, with_steps=variant), spec, dtypes, kind,
+                                         hourly_usd, sizes, None, say)
+        _finish(out, measure, spec, dtypes, kind, hourly_usd, sizes, best, say)
     return out
 
 
@@ -263,10 +265,9 @@ def _headline(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _sweep_point(out: dict[str, Any], measure, spec: BenchSpec, sizes, dtypes: list, kind: str, max_memory_mb,
-                 slo_p95_ms, hourly_usd, say) -> None:
-    """The batch-size (and dtype) sweep, its recommendation, and the roofline at the recommended point."""
-    from ..kinds import CAUSAL_LM
-
+                 slo_p95_ms, hourly_usd, say) -> dict[str, Any] | None:
+    """The batch-size (and dtype) sweep, its recommendation, and the roofline at the recommended point;
+    returns the recommended row (None when no point ran)."""
     rows = []
     for dt in dtypes:
         rows += sweep(lambda s, dt=dt: measure(s, dt), spec, sizes, dt, max_memory_mb, say)
@@ -275,17 +276,16 @@ def _sweep_point(out: dict[str, Any], measure, spec: BenchSpec, sizes, dtypes: l
         if r["status"] == "ok":
             r["cost"] = cost(r["result"], kind == CAUSAL_LM, spec.device, hourly_usd)
     best = next((r for r in rows if rec and r["batch_size"] == rec["batch_size"] and r["dtype"] == rec["dtype"]), None)
-    out.update(sweep=[{k: v for k, v in r.items() if k != "result"} for r in rows], recommendation=rec, _best=best)
+    out.update(sweep=[{k: v for k, v in r.items() if k != "result"} for r in rows], recommendation=rec)
     if best is not None:
         say(f"roofline at batch {best['batch_size']}")
         out["bench"] = measure(spec.model_copy(update={"batch_size": best["batch_size"]}), best["cast"], roofline=True)
+    return best
 
 
 def _finish(out: dict[str, Any], measure, spec: BenchSpec, dtypes: list, kind: str, hourly_usd, sizes, best,
             say) -> dict[str, Any]:
     """The dense reference of a 2:4 point, the cost of the headline result, and the warnings."""
-    from ..kinds import CAUSAL_LM
-
     if out.get("bench") and spec.semi_structured:  # the same point dense, so the 2:4 gain is measured, not assumed
         say("dense reference for 2:4")
         cast = dtypes[0] if sizes is None else best["cast"]

@@ -44,4 +44,4 @@ def export(
     res = write_gguf(loaded, out, GGUFOptions(embeddings=spec.embeddings, float_type=spec.float_type, requantize=spec.requantize))
     for n in res.notes:
         C.warn(n)
-    C.emit(vars(res), as_json, text.export)
+    C.emit({**vars(res), "tensor_types": res.type_counts()}, as_json, text.export)

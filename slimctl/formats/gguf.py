@@ -42,6 +42,12 @@ class ExportResult:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def type_counts(self) -> dict[str, int]:
+        """How many tensors of each type were written."""
+        from collections import Counter
+
+        return dict(sorted(Counter(self.tensors.values()).items()))
+
 
 # --- packing ---------------------------------------------------------------------------------------
 
@@ -128,7 +134,7 @@ def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
             continue  # llama.cpp uses token_embd for a tied head
         mod_name, _, leaf = key.rpartition(".")
         mod = modules.get(mod_name)
-        if isinstance(mod, WeightOnlyLinear) and leaf not in ("qweight",):
+        if isinstance(mod, WeightOnlyLinear) and leaf != "qweight":
             if leaf == "bias":
                 raise UnsupportedError(f"{mod_name} has a bias, which the llama architecture in GGUF does not hold")
             continue  # weight_scale / zero points: written with the codes
@@ -242,9 +248,7 @@ def _file_type(tensors: dict[str, str]) -> int:
     import gguf
 
     F = gguf.LlamaFileType
-    kinds = [t for n, t in tensors.items() if n.startswith("blk.") and not n.endswith("_norm.weight")]
-    if kinds and all(k == "Q4_0" for k in kinds):
-        return F.MOSTLY_Q4_0
-    if kinds and all(k in ("Q4_0", "Q8_0") for k in kinds):
-        return F.MOSTLY_Q8_0 if all(k == "Q8_0" for k in kinds) else F.MOSTLY_Q4_0
-    return F.MOSTLY_F16 if any(k == "float16" for k in kinds) else F.ALL_F32
+    kinds = {t for n, t in tensors.items() if n.startswith("blk.") and not n.endswith("_norm.weight")}
+    if kinds and kinds <= {"Q4_0", "Q8_0"}:
+        return F.MOSTLY_Q8_0 if kinds == {"Q8_0"} else F.MOSTLY_Q4_0
+    return F.MOSTLY_F16 if "float16" in kinds else F.ALL_F32

@@ -111,8 +111,9 @@ def _bench_point(r: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def _roofline(rf: dict[str, Any]) -> list[str]:
     """Fractions of the roofline floors. One above 100 % (the peak must be wrong) is not shown; fractions
     from peaks measured on a busy machine are shown with that said."""
-    pcts = [v for k, v in rf.items() if k.endswith(("_pct_of_bandwidth_floor", "_pct_of_compute_floor"))]
-    if pcts and max(pcts) > 100:
+    from ..report import floor_percentages
+
+    if any(p > 100 for p in floor_percentages(rf)):
         return [f"  roofline: not shown, the peaks are suspect: {rf.get('suspect', 'a fraction above 100 %')}"]
     note = [f"  (roofline peaks suspect: {rf['suspect']})"] if rf.get("suspect") else []
     if "decode_pct_of_bandwidth_floor" in rf:
@@ -163,11 +164,8 @@ def search(r: dict[str, Any], out_dir: Path) -> str:
 
 def export(r: dict[str, Any]) -> str:
     """`slimctl export`: what was written and how exactly."""
-    kinds: dict[str, int] = {}
-    for t in r["tensors"].values():
-        kinds[t] = kinds.get(t, 0) + 1
     tok = r.get("tokenizer") or {}
-    return (f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MB): {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}; "
+    return (f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MB): {', '.join(f'{n} {k}' for k, n in r['tensor_types'].items())}; "
             f"{r['exact_layers']} quantized layers packed exactly from their codes"
             + (f", {len(r['requantized'])} quantized again" if r["requantized"] else "")
             + (f"; tokenizer {tok.get('model')} (pre-tokenizer {tok.get('pre')}, {tok.get('n_vocab')} tokens)" if tok else ""))

@@ -50,7 +50,6 @@ class Cache:
 
     @staticmethod
     def put(path: Path, value: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(value, default=str))
-        tmp.replace(path)
+        from ..render import write_text
+
+        write_text(path, json.dumps(value, default=str))

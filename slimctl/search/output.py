@@ -23,13 +23,15 @@ def copy_winner(out: Path, src: Path) -> None:
 def write(out: Path, result: dict[str, Any], reports: list[dict[str, Any]], winner: dict[str, Any] | None) -> None:
     import yaml
 
+    from ..render import write_text
+
     if winner:
         copy_winner(out, out / "candidates" / (winner["same_as"] or winner["name"]))
-        (out / "winner.yaml").write_text(yaml.safe_dump(result["winner_recipe"], sort_keys=False))
+        write_text(out / "winner.yaml", yaml.safe_dump(result["winner_recipe"], sort_keys=False))
     if reports:  # every finished candidate in one page, Pareto-optimal ones marked
         from ..render.html import render
 
-        (out / "search.html").write_text(render(reports, title=f"slimctl search · {result['model']}", notes=[
+        write_text(out / "search.html", render(reports, title=f"slimctl search · {result['model']}", notes=[
             f"winner: {result['winner'] or 'none within the budget'} (ranked by {result['ranked_by']})", *result["warnings"]]))
         result["html"] = str(out / "search.html")
-    (out / "search.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_text(out / "search.json", json.dumps(result, indent=2, default=str) + "\n")
