@@ -310,6 +310,29 @@ def quantized_modules_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: m.meta() for name, m in model.named_modules() if isinstance(m, tuple(FORMATS.values()))}
 
 
+def storage_bits(mod: nn.Module) -> tuple[int, int]:
+    """(bits stored for the weight, incl. scales and zero points; weights) of one Linear-like module:
+    the numerator and denominator of bits per weight."""
+    weights = mod.in_features * mod.out_features
+    if isinstance(mod, nn.Linear):
+        return weights * mod.weight.element_size() * 8, weights
+    bits = 0
+    for name in ("qweight", "weight_scale", "weight_zero_point", "weight"):
+        t = getattr(mod, name, None)
+        if isinstance(t, torch.Tensor):
+            bits += t.numel() * t.element_size() * 8
+    return bits, weights
+
+
+def bits_per_weight(model: nn.Module, names: list[str]) -> float:
+    """Average stored bits per weight of the named Linear(-like) modules, scales and zero points included."""
+    bits = weights = 0
+    for n in names:
+        b, w = storage_bits(model.get_submodule(n))
+        bits, weights = bits + b, weights + w
+    return round(bits / max(weights, 1), 4)
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

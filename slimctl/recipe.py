@@ -72,8 +72,13 @@ class Recipe(Strict):
         from . import techniques
 
         kinds = [techniques.get(s.method).kind for s in self.steps]
-        if kinds.count("quantize") > 1:
-            raise ValueError("at most one quantization step: a layer can be quantized once")
+        quant = [i for i, k in enumerate(kinds) if k == "quantize"]
+        if len(quant) == 2 and quant[1] == quant[0] + 1 and self.steps[quant[0]].method == "awq" \
+                and self.steps[quant[1]].method in ("gptq", "mixed"):
+            self.steps[quant[0]] = _awq_before(self.steps[quant[0]], self.steps[quant[1]], quant[0])
+        elif len(quant) > 1:
+            raise ValueError("at most one quantization step: a layer can be quantized once "
+                             "(the one pairing allowed: an awq step directly before gptq or mixed)")
         if "quantize" in kinds:
             q = kinds.index("quantize")
             later = [self.steps[i].method for i in range(q + 1, len(kinds)) if kinds[i] in ("cast", "prune")]
@@ -99,6 +104,21 @@ class Recipe(Strict):
         d = self.model_dump(exclude={"steps"})
         d["steps"] = [s.to_dict() for s in self.steps]
         return d
+
+
+def _awq_before(awq: Step, nxt: Step, index: int) -> Step:
+    """AWQ directly before GPTQ or mixed: AWQ scales and clips for the grid the next step rounds to
+    (int4 for mixed), and leaves float weights for it to quantize."""
+    c, n = awq.config, nxt.config
+    grid = {"bits": 4 if nxt.method == "mixed" else n.bits, "group_size": n.group_size,
+            "symmetric": n.symmetric, "fp16_scales": n.fp16_scales}
+    for key, value in grid.items():
+        if key in c.model_fields_set and getattr(c, key) != value:
+            raise ValueError(f"steps[{index}]: awq's {key} {getattr(c, key)} differs from the {nxt.method} step's {value}; "
+                             f"AWQ must search for the grid the {nxt.method} step quantizes to (drop it from the awq step)")
+    if "quantize" in c.model_fields_set and c.quantize:
+        raise ValueError(f"steps[{index}]: awq with quantize: true before {nxt.method} would quantize twice; drop quantize")
+    return Step(method=awq.method, config=c.model_copy(update={**grid, "quantize": False}))
 
 
 def _with_fp16_scales(step: Step) -> Step:

@@ -58,6 +58,7 @@ def world(tiny_llama, tmp_path_factory):
     recipe("list", "- 1\n- 2\n")
     recipe("unknown-key", {**base, "stepz": []})
     recipe("unknown-step-key", {**base, "steps": [{"method": "magnitude", "sparsity": 0.5, "sparsty": 1}]})
+    recipe("awq-grid-mismatch", {**base, "steps": [{"method": "awq", "group_size": 64}, {"method": "gptq", "group_size": 32}]})
     recipe("wrong-type", {**base, "steps": [{"method": "magnitude", "sparsity": "half"}]})
     recipe("sparsity-1.5", {**base, "steps": [{"method": "magnitude", "sparsity": 1.5}]})
     recipe("bits-3", {**base, "steps": [{"method": "rtn", "bits": 3}]})
@@ -203,6 +204,10 @@ CASES = [
     (["search", "{good}", "--max-drop", "1%", "--objective", "speed", "--out", "{out}"], "--objective: must be one of latency"),
     (["search", "{good}", "--max-drop", "1%", "--metric", "bleu", "--out", "{out}"], "--metric: must be one of ppl"),
     (["search", "{good}", "--max-drop", "1%", "--budget-minutes", "0", "--out", "{out}"], "--budget-minutes: Input should be greater than 0"),
+    # AWQ and mixed precision: the grid AWQ searches must be the one GPTQ rounds to; a budget below int4's bits
+    (["run", "{w}/awq-grid-mismatch.yaml", "--model", "{good}", "--out", "{out}"], "awq's group_size 64 differs from the gptq step's 32"),
+    (["quantize", "{good}", "--method", "mixed", "--avg-bits", "4.1", "--group-size", "32", "--out", "{out}", "--skip-bench"],
+     "avg_bits 4.1 is below the smallest possible 5.000 bits per weight"),
 ]
 
 

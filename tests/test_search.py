@@ -60,7 +60,13 @@ def test_sensitivity_adds_mixed_precision_candidates(tiny_llama, tmp_path):
     sens = res["sensitivity"]
     assert sens and {s["block"] for s in sens} == {"model.layers.0", "model.layers.1"}
     mixed = [r for r in res["candidates"] if r["origin"] == "mixed"]
-    assert mixed and all(any(p.startswith("model.layers.") for p in r["steps"][-1]["ignore"]) for r in mixed)
+    blocks = [r for r in mixed if "+float-top" in r["name"]]
+    assert blocks and all(any(p.startswith("model.layers.") for p in r["steps"][-1]["ignore"]) for r in blocks)
+    # per-Linear allocations of the same int4 (g32: 5 bits per weight) at +0.5 and +1 bit
+    linear = {r["name"]: r["steps"][-1] for r in mixed if r["steps"][-1]["method"] == "mixed"}
+    assert sorted(linear) == ["int4+mixed-5.5bit", "int4+mixed-6bit"]
+    assert all(s["group_size"] == 32 and s["quantizer"] == "rtn" for s in linear.values())
+    assert all(r["status"] in ("done", "dropped") for r in mixed)
 
 
 def test_drop_reads_each_metric():

@@ -57,11 +57,12 @@ def _one_step(method: str, options: dict, kinds: tuple[str, ...], common: dict) 
 
 def quantize(
     model: str = C.MODEL_ARG,
-    method: str = typer.Option(..., "--method", help="rtn, gptq, smoothquant, int8-dynamic, bf16, fp16 (see `slimctl methods`)."),
+    method: str = typer.Option(..., "--method", help="rtn, gptq, awq, mixed, smoothquant, int8-dynamic, bf16, fp16 (see `slimctl methods`)."),
     out_dir: Path = C.OUT_OPT,
-    bits: Optional[int] = typer.Option(None, "--bits", help="rtn/gptq: 4 or 8."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="rtn/gptq: columns per scale (32, 64, 128…); 0 = per channel."),
-    asymmetric: bool = typer.Option(False, "--asymmetric", help="rtn/gptq: use a zero point per group."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="rtn/gptq/awq: 4 or 8."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="rtn/gptq/awq/mixed (its int4): columns per scale (32, 64, 128…); 0 = per channel."),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="rtn/gptq/awq/mixed: use a zero point per group."),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="mixed: bits-per-weight budget, scales included (e.g. 4.5)."),
     set_: Optional[List[str]] = C.SET_OPT, ignore: Optional[List[str]] = C.IGNORE_OPT,
     overwrite: bool = C.OVERWRITE_OPT, max_samples: Optional[int] = C.MAX_SAMPLES_OPT, skip_eval: bool = C.SKIP_EVAL_OPT,
     skip_bench: bool = C.SKIP_BENCH_OPT, device: str = C.DEVICE_OPT, seed: int = C.SEED_OPT, inline: bool = C.INLINE_OPT,
@@ -70,6 +71,7 @@ def quantize(
     """Quantize or cast a model, measure it against the original and save the artifact.
 
     Example: [bold]slimctl quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out runs/smol-gptq[/bold]
+    Mixed int4/int8 per Linear: [bold]slimctl quantize smollm2-135m --method mixed --avg-bits 4.5 --out runs/smol-mixed[/bold]
     """
     common = dict(locals())
     opts = C.set_options(set_)
@@ -81,6 +83,8 @@ def quantize(
         opts["group_size"] = group_size or None
     if asymmetric:
         opts["symmetric"] = False
+    if avg_bits is not None:
+        opts["avg_bits"] = avg_bits
     _one_step(method, opts, ("quantize", "cast"), common)
 
 

@@ -102,7 +102,7 @@ class Search:
         else:
             sens = quick.sensitivity(self.base, steps, self.metric, self.quick, self.o.seed, self.say)
             self.cache.put(path, sens)
-        for mc in space.mixed_candidates(src, sens, self.o.max_drop):
+        for mc in space.mixed_candidates(src, sens, self.o.max_drop) + space.linear_mixed_candidates(src):
             cands.append(mc)
             if not self.over_budget():
                 self.say(f"pre-filter {mc.name}")

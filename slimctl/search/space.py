@@ -1,5 +1,6 @@
 """The candidates of a search: the built-in space, recipe files, normalised steps (so one recipe written
-two ways is one candidate), and the mixed-precision candidates derived from per-block sensitivity."""
+two ways is one candidate), and the mixed-precision candidates: blocks kept in float from per-block
+sensitivity, and per-Linear int4/int8 allocations (the `mixed` method) under a bits-per-weight budget."""
 from __future__ import annotations
 
 import copy
@@ -135,4 +136,23 @@ def mixed_candidates(src: Candidate, sens: list[dict[str, Any]], max_drop: float
         steps = copy.deepcopy(src.steps)
         steps[-1]["ignore"] = list(steps[-1].get("ignore", [])) + [f"{b}.*" for b in order[:k]]
         out.append(Candidate(f"{src.name}+float-top{k}", steps, "mixed"))
+    return out
+
+
+def linear_mixed_candidates(src: Candidate) -> list[Candidate]:
+    """src's int4 step (RTN or GPTQ) as a per-Linear `mixed` step: int4 at the same group, int8 for the
+    Linears whose measured cost says so, at 0.5 and 1 bit per weight above src's own."""
+    from ..techniques.mixed import MixedConfig
+
+    last = src.steps[-1] if src.steps else {}
+    if last.get("method") not in ("rtn", "gptq") or last.get("bits") != 4:
+        return []
+    g = last.get("group_size")
+    own = 4 + 32 / g if g else 4.0  # a float32 scale per group (per channel: about 4)
+    keep = {k: v for k, v in last.items() if k in MixedConfig.model_fields and k not in ("method", "bits")}
+    out = []
+    for extra in (0.5, 1.0):
+        avg = round(own + extra, 3)
+        step = {"method": "mixed", **keep, "avg_bits": avg, "quantizer": last["method"]}
+        out.append(Candidate(f"{src.name}+mixed-{avg:g}bit", copy.deepcopy(src.steps[:-1]) + [step], "mixed"))
     return out

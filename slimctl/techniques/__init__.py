@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import RecipeError, UnsupportedError
 
 # Explicit list: a technique that fails to import is an error, not a silently missing method.
-_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured",
+_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured",
             "onnx", "fp8", "bnb")
 
 

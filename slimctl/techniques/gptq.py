@@ -70,27 +70,35 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int,
 def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
     targets = dict(select_linears(model, cfg.ignore))
     groups = plan_groups(list(targets.items()), cfg, ctx)
+    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales) for n, g in groups.items()}
+    out = gptq_layers(model, targets, schemes, cfg, ctx)
+    return {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
+            "act_order": cfg.act_order, **out}
+
+
+def gptq_layers(model, targets: dict, schemes: dict[str, QScheme], cfg: GPTQConfig, ctx: StepContext) -> dict:
+    """GPTQ on `targets`, each with its own scheme (bits, group); layers outside the repeated blocks
+    are rounded to nearest. Returns the calibration record, errors and raised dampening."""
+    from ..qmodules import bits_per_weight
+
     batches = cfg.batches(ctx)
     errors: dict[str, float] = {}
     damping: dict[str, float] = {}
 
     def quantize(mine: dict, stats) -> None:
         for name, lin in mine.items():
-            g = groups[name]
+            sch = schemes[name]
             w = lin.weight.detach().float()
-            codes, scale, zero = gptq_quantize(w, stats.hessian[name], QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales), g, cfg.dampening,
+            codes, scale, zero = gptq_quantize(w, stats.hessian[name], sch, sch.group_size, cfg.dampening,
                                                cfg.act_order, cfg.block_size, name, damping)
-            errors[name] = relative_output_error(w, dequantize_groups(codes, scale, zero, g), stats.hessian[name])
-            set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, cfg.bits, g))
+            errors[name] = relative_output_error(w, dequantize_groups(codes, scale, zero, sch.group_size), stats.hessian[name])
+            set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size))
 
     missed = calibrated(model, targets, batches, quantize, hessian=True, track=ctx.track, leftover="return")
     if missed:  # layers outside the repeated blocks get round-to-nearest
-        from .rtn import RTNConfig, apply as rtn_apply
+        from .rtn import round_layers
 
-        # the layers GPTQ quantized are WeightOnlyLinear now, so select_linears leaves them alone
-        rtn_apply(model, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                   ignore=cfg.ignore), ctx)
+        round_layers(model, {n: targets[n] for n in missed}, schemes)
         ctx.notes.append(f"{len(missed)} layers outside the repeated blocks were quantized with RTN: {', '.join(missed[:3])}")
-    return {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
-            "act_order": cfg.act_order, "calibration": summary(batches), "relative_output_error": errors,
-            **raised_dampening(damping, cfg.dampening, ctx)}
+    return {"calibration": summary(batches), "relative_output_error": errors,
+            "bits_per_weight": bits_per_weight(model, list(targets)), **raised_dampening(damping, cfg.dampening, ctx)}

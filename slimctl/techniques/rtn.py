@@ -42,6 +42,14 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     return out
 
 
+def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
+    """Replace each Linear by its round-to-nearest WeightOnlyLinear (scheme.group_size: the group used)."""
+    for name, lin in layers.items():
+        sch = schemes[name]
+        codes, scale, zero = rtn(lin.weight.detach().float(), sch, sch.group_size)
+        set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size))
+
+
 def _embeddings(model, ctx: StepContext) -> dict:
     from ..errors import UnsupportedError
     from ..qmodules import Int8Embedding

@@ -1,0 +1,306 @@
+"""AWQ (Lin et al. 2023): activation-aware weight quantization. Per block, for each group of Linears
+reading one output (a norm's, or another Linear's), grid-search per-input-channel scales
+s = mean|x|^α / mean|ŵ|^(1-α) (α in [0, 1), 20 steps, as AutoAWQ and llm-compressor do) on the loss of
+the module they feed, fold s exactly into the producer (÷s) and the Linears' columns (×s), then
+search a clipping range per weight group, then round to nearest in groups (int4/int8). With
+`quantize: false` (set for you when a `gptq` or `mixed` step follows) the scaled, clipped float
+weights are left for that step to quantize."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..calibrate import run_block, sequential, summary
+from ..quant import QScheme, dequantize_groups, rtn
+from ..qmodules import bits_per_weight
+from .rtn import round_layers
+from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+
+
+class AWQConfig(WeightOnlyOptions, CalibrationOptions):
+    grid: int = Field(default=20, ge=2, le=200)  # α steps in [0, 1)
+    duo_scaling: bool = True  # divide by the weights' mean magnitude too (AutoAWQ / llm-compressor default)
+    clip: bool = True  # search a clipping range per weight group after scaling
+    clip_grid: int = Field(default=20, ge=2, le=200)
+    max_shrink: float = Field(default=0.5, gt=0, lt=1)  # clipping tries max|w| × (1 - k/clip_grid) down to this
+    clip_tokens: int = Field(default=512, ge=16, le=65_536)  # calibration tokens sampled for the clip search
+    quantize: bool = True  # false: leave scaled, clipped float weights for a following gptq/mixed step
+    calib_samples: int = Field(default=32, ge=1, le=100_000)
+    # calibration texts whose outputs score each α (mean |x| and clipping use all of them): the grid
+    # runs each layer group 20 times, so this bounds AWQ's time on a CPU
+    search_samples: int = Field(default=8, ge=1, le=100_000)
+
+
+@dataclass
+class Fold:
+    """Linears whose common input is the output of `prev`: dividing that output by s and multiplying
+    the Linears' input columns by s leaves the block's function unchanged."""
+
+    prev: str  # module name inside the block
+    how: str  # "weight": a norm's elementwise weight; "rows": a Linear's output rows (and bias)
+    linears: list[str]
+    inspect: str  # module whose output measures the loss of a candidate s
+    repeat: int = 1  # grouped-query attention: each of prev's channels feeds `repeat` heads of the Linears
+    head_dim: int = 0
+
+
+_NO_CLIP = ("q_proj", "k_proj", "query", "key")  # as AutoAWQ: clipping these distorts attention scores
+
+
+def folds(model, block: nn.Module) -> tuple[list[Fold], list[str]]:
+    """The exact folds of one block, and the groups left without one (with the reason)."""
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if attn is not None and hasattr(block, "input_layernorm") and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
+        out = [Fold("input_layernorm", "weight", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn")]
+        skipped = []
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        if hasattr(attn, "o_proj") and attn.v_proj.out_features * (heads // kv) == attn.o_proj.in_features:
+            out.append(Fold("self_attn.v_proj", "rows", ["self_attn.o_proj"], "self_attn.o_proj",
+                            repeat=heads // kv, head_dim=attn.v_proj.out_features // kv))
+        else:
+            skipped.append("v_proj -> o_proj (head layout not recognised)")
+        if mlp is not None and hasattr(block, "post_attention_layernorm") and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            out.append(Fold("post_attention_layernorm", "weight", ["mlp.gate_proj", "mlp.up_proj"], "mlp"))
+            out.append(Fold("mlp.up_proj", "rows", ["mlp.down_proj"], "mlp.down_proj"))
+        else:
+            skipped.append("MLP (no post_attention_layernorm with gate/up/down projections)")
+        return out, skipped
+    if hasattr(block, "attention") and hasattr(getattr(block.attention, "self", None), "value"):
+        return ([Fold("attention.self.value", "rows", ["attention.output.dense"], "attention.output.dense")],
+                ["LayerNorm -> query/key/value (post-norm: the norm's output is also the residual)",
+                 "intermediate.dense -> output.dense (a GELU sits between them)"])
+    return [], [f"{type(block).__name__} (no known exact fold; clipping only)"]
+
+
+class _Capture:
+    """Inputs (args, kwargs) and outputs of named modules of a block over all calibration inputs."""
+
+    def __init__(self, block: nn.Module, names: list[str]):
+        self.calls: dict[str, list] = {n: [] for n in names}
+        self.outs: dict[str, list] = {n: [] for n in names}
+        self._hooks = []
+        for n in names:
+            mod = block.get_submodule(n)
+            self._hooks.append(mod.register_forward_pre_hook(self._pre(n), with_kwargs=True))
+            self._hooks.append(mod.register_forward_hook(self._post(n)))
+
+    def _pre(self, n):
+        def fn(mod, args, kwargs):
+            self.calls[n].append((args, dict(kwargs)))
+        return fn
+
+    def _post(self, n):
+        def fn(mod, args, out):
+            self.outs[n].append(out[0] if isinstance(out, (tuple, list)) else out)
+        return fn
+
+    def run(self, block: nn.Module, inputs: list) -> "_Capture":
+        try:
+            with torch.inference_mode():
+                for a, k in inputs:
+                    run_block(block, a, k)
+        finally:
+            for h in self._hooks:
+                h.remove()
+        return self
+
+    def first_input(self, n: str) -> torch.Tensor:
+        """The module's first positional (or hidden_states) input over all calls, as rows [tokens, features]."""
+        xs = [(a[0] if a else k["hidden_states"]) for a, k in self.calls[n]]
+        return torch.cat([x.reshape(-1, x.shape[-1]).float() for x in xs])
+
+
+def _pseudo(w: torch.Tensor, scheme: QScheme) -> torch.Tensor:
+    """W after quantizing and dequantizing it (scheme.group_size is the group actually used)."""
+    return dequantize_groups(*rtn(w, scheme, scheme.group_size), scheme.group_size)
+
+
+def _expand(s: torch.Tensor, fold: Fold) -> torch.Tensor:
+    """Scale per prev channel -> scale per Linear input column (GQA: each kv head feeds `repeat` heads)."""
+    if fold.repeat == 1:
+        return s
+    kv = s.numel() // fold.head_dim
+    return s.view(kv, 1, fold.head_dim).expand(kv, fold.repeat, fold.head_dim).reshape(-1)
+
+
+def _reduce(v: torch.Tensor, fold: Fold) -> torch.Tensor:
+    """Per Linear input column -> per prev channel (mean over the heads sharing a kv head)."""
+    if fold.repeat == 1:
+        return v
+    kv = v.numel() // (fold.head_dim * fold.repeat)
+    return v.view(kv, fold.repeat, fold.head_dim).mean(1).reshape(-1)
+
+
+def _loss(block, fold: Fold, cap: _Capture, samples: int) -> float:
+    mod = block.get_submodule(fold.inspect)
+    err, n = 0.0, 0
+    with torch.inference_mode():
+        for (a, k), ref in zip(cap.calls[fold.inspect][:samples], cap.outs[fold.inspect][:samples]):
+            out = mod(*a, **k)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            err += float((out.float() - ref.float()).pow(2).sum())
+            n += ref.numel()
+    return err / max(n, 1)
+
+
+def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], cfg: AWQConfig):
+    """The α (and its scale s per prev channel) with the least loss; α = 0 is plain round-to-nearest."""
+    lins = [block.get_submodule(n) for n in fold.linears]
+    originals = [l.weight.detach().clone() for l in lins]
+    x_mean = _reduce(cap.first_input(fold.linears[0]).abs().mean(0), fold)
+    w_mean = None
+    if cfg.duo_scaling:
+        g = min(s.group_size for s in schemes.values()) if schemes else lins[0].in_features
+        w = torch.cat([o.float() for o in originals])
+        wg = w.abs().reshape(-1, g)
+        w_mean = _reduce((wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0), fold)
+    best = (float("inf"), 0.0, None)
+    losses = []
+    try:
+        for step in range(cfg.grid):
+            alpha = step / cfg.grid
+            s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if w_mean is not None else x_mean.pow(alpha)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            s[~torch.isfinite(s)] = 1
+            cols = _expand(s, fold)[None, :]
+            with torch.no_grad():
+                for name, lin, w0 in zip(fold.linears, lins, originals):
+                    if name in schemes:
+                        sch = schemes[name]
+                        lin.weight.copy_((_pseudo(w0.float() * cols, sch) / cols).to(w0.dtype))
+            loss = _loss(block, fold, cap, cfg.search_samples)
+            losses.append(loss)
+            if loss < best[0]:
+                best = (loss, alpha, s.clone())
+    finally:
+        with torch.no_grad():
+            for lin, w0 in zip(lins, originals):
+                lin.weight.copy_(w0)
+    return best[1], best[2], losses[0], best[0]
+
+
+def apply_fold(block, fold: Fold, s: torch.Tensor, inverse: bool = False) -> None:
+    """prev ÷ s, Linear columns × s (inverse=True undoes it)."""
+    s = 1 / s if inverse else s
+    prev = block.get_submodule(fold.prev)
+    cols = _expand(s, fold)
+    with torch.no_grad():
+        if fold.how == "weight":
+            prev.weight.div_(s.to(prev.weight.dtype))
+        else:
+            prev.weight.div_(s[:, None].to(prev.weight.dtype))
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        for n in fold.linears:
+            lin = block.get_submodule(n)
+            lin.weight.mul_(cols[None, :].to(lin.weight.dtype))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-4
+
+
+def clip_range(w: torch.Tensor, x: torch.Tensor, scheme: QScheme, grid: int, max_shrink: float) -> torch.Tensor:
+    """Per (row, group) max |w| that minimises ‖x·w − x·Q(clamp(w))‖² over the sampled inputs x [tokens, in]."""
+    out_f, in_f = w.shape
+    group = scheme.group_size
+    ng = in_f // group
+    wg = w.float().reshape(out_f, ng, group)
+    xg = x.float().reshape(-1, ng, group).transpose(0, 1)  # [ng, tokens, group]
+    org = torch.bmm(xg, wg.permute(1, 2, 0))  # [ng, tokens, out]
+    amax = wg.abs().amax(-1)  # [out, ng]
+    best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
+    for k in range(int(max_shrink * grid)):
+        mx = amax * (1 - k / grid)
+        cur = torch.maximum(torch.minimum(wg, mx[..., None]), -mx[..., None])
+        q = _pseudo(cur.reshape(out_f, in_f), scheme).reshape(out_f, ng, group)
+        err = (torch.bmm(xg, q.permute(1, 2, 0)) - org).pow(2).mean(1).T  # [out, ng]
+        better = err < best_err
+        best_err[better], best[better] = err[better], mx[better]
+    return best
+
+
+def _clip(block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> dict[str, float]:
+    names = [n for n in mine if not any(t in n.rsplit(".", 1)[-1] for t in _NO_CLIP)]
+    cap = _Capture(block, names).run(block, inputs)
+    shrink = {}
+    for n in names:
+        x = cap.first_input(n)
+        x = x[:: max(1, x.shape[0] // cfg.clip_tokens)]
+        lin, grp = mine[n], schemes[n].group_size
+        amax = lin.weight.detach().float().abs().reshape(lin.out_features, -1, grp).amax(-1).clamp(min=1e-12)
+        mx = clip_range(lin.weight.detach(), x, schemes[n], cfg.clip_grid, cfg.max_shrink)
+        g = mx.repeat_interleave(grp, dim=1).to(lin.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.maximum(torch.minimum(lin.weight, g), -g))
+        shrink[n] = round(float((mx / amax).mean()), 4)
+    return shrink
+
+
+def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig, notes: list[str]) -> dict:
+    """Scale search and folds, then clipping, for one block (names in `mine` are relative to it)."""
+    chosen, skipped = folds(model, block)
+    ref = [run_block(block, a, k) for a, k in inputs[:1]]
+    rec = {"folds": {}, "skipped": list(skipped)}
+    for fold in chosen:
+        if not any(n in schemes for n in fold.linears):
+            continue
+        cap = _Capture(block, [fold.inspect, fold.linears[0]]).run(block, inputs)
+        alpha, s, rtn_loss, loss = search_scale(block, fold, cap, schemes, cfg)
+        apply_fold(block, fold, s)
+        with torch.inference_mode():
+            now = [run_block(block, a, k) for a, k in inputs[:1]]
+        if not all(_same(x, y) for x, y in zip(now, ref)):  # e.g. a norm computing x·(1 + w)
+            apply_fold(block, fold, s, inverse=True)
+            rec["skipped"].append(f"{fold.prev} -> {', '.join(fold.linears)} (the fold changed the block's output)")
+            continue
+        rec["folds"][fold.prev] = {"alpha": alpha, "loss_rtn": rtn_loss, "loss_awq": loss}
+    if cfg.clip:
+        rec["clip_mean_range"] = _clip(block, mine, schemes, inputs, cfg)
+    return rec
+
+
+@register("awq", "quantize", AWQConfig,
+          "AWQ activation-aware scales (exact folds) + clipping search, then int4/int8 groups; reloads with slimctl",
+          loads_with="slimctl")
+def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
+    targets = dict(select_linears(model, cfg.ignore))
+    groups = plan_groups(list(targets.items()), cfg, ctx)
+    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales) for n, g in groups.items()}
+    batches = cfg.batches(ctx)
+    per_block: dict[str, dict] = {}
+    done: set[str] = set()
+
+    def on_block(i, prefix, block, inputs):
+        mine = {n[len(prefix) + 1:]: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        if not mine:
+            return
+        local = {n[len(prefix) + 1:]: v for n, v in schemes.items() if n.startswith(prefix + ".")}
+        with torch.no_grad():
+            per_block[prefix] = awq_block(model, block, mine, local, inputs, cfg, ctx.notes)
+        done.update(f"{prefix}.{n}" for n in mine)
+        if cfg.quantize:
+            round_layers(model, {f"{prefix}.{n}": m for n, m in mine.items()}, schemes)
+
+    sequential(model, batches, on_block, ctx.track)
+    rest = {n: m for n, m in targets.items() if n not in done}
+    if cfg.quantize and rest:
+        round_layers(model, rest, schemes)
+        ctx.notes.append(f"{len(rest)} layers outside the repeated blocks were rounded to nearest without AWQ scales: "
+                         f"{', '.join(list(rest)[:3])}")
+    skipped = sorted({s for r in per_block.values() for s in r["skipped"]})
+    if skipped:
+        ctx.notes.append(f"AWQ found no exact fold for: {'; '.join(skipped)}; those groups kept scale 1 "
+                         "(clipping and rounding still apply)")
+    out = {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
+           "quantized": cfg.quantize, "calibration": summary(batches), "blocks": per_block,
+           "folds_skipped": skipped}
+    if cfg.quantize:
+        out["bits_per_weight"] = bits_per_weight(model, list(targets))
+    return out

@@ -1,0 +1,79 @@
+"""Mixed precision per Linear under a bits-per-weight budget: measure what quantizing each Linear
+alone costs (KL of the next-token distribution; hidden-state error for encoders), choose int4, int8
+(or float) per Linear to minimise the summed cost with the average bits per weight (scales and zero
+points counted) at or under `avg_bits`, then quantize each Linear at its width with GPTQ or RTN."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..calibrate import calibration_batches
+from ..kinds import CAUSAL_LM
+from ..quant import QScheme, resolve_group
+from ..sensitivity import Choice, allocate, check_budget, layer_costs
+from . import CalibrationOptions, LayerSelection, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+
+
+class MixedConfig(LayerSelection, CalibrationOptions):
+    avg_bits: float = Field(default=4.5, ge=2, le=32)  # budget over the chosen Linears, scales included
+    group_size: Optional[int] = Field(default=128, ge=8, le=8192)  # of the int4 choice
+    group_size_8: Optional[int] = Field(default=None, ge=8, le=8192)  # of the int8 choice (None: per channel)
+    allow_float: bool = False  # let a Linear stay in float when that is worth its bits
+    symmetric: bool = True
+    fp16_scales: bool = False
+    strict: bool = False
+    quantizer: Literal["gptq", "rtn"] = "gptq"  # how each Linear is quantized once its width is chosen
+    dampening: float = Field(default=0.01, gt=0, le=1)  # GPTQ options, as in the gptq step
+    act_order: bool = False
+    block_size: int = Field(default=128, ge=8, le=4096)
+    sensitivity_samples: int = Field(default=2, ge=1, le=1024)  # calibration texts for the per-Linear costs
+    sensitivity_seq_len: int = Field(default=256, ge=8, le=32_768)
+
+
+def _choices(cfg: MixedConfig) -> dict[str, Choice]:
+    out = {f"int4-g{cfg.group_size}" if cfg.group_size else "int4": Choice("int4", QScheme(4, cfg.group_size, cfg.symmetric, cfg.fp16_scales)),
+           f"int8-g{cfg.group_size_8}" if cfg.group_size_8 else "int8": Choice("int8", QScheme(8, cfg.group_size_8, cfg.symmetric, cfg.fp16_scales))}
+    if cfg.allow_float:
+        out["float"] = Choice("float", None)
+    return out
+
+
+@register("mixed", "quantize", MixedConfig,
+          "per-Linear int4/int8 (or float) chosen from measured sensitivity under an avg_bits budget; "
+          "reloads with slimctl", loads_with="slimctl")
+def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
+    targets = dict(select_linears(model, cfg.ignore))
+    choices = _choices(cfg)
+    g4 = plan_groups(list(targets.items()), WeightOnlyOptions(bits=4, group_size=cfg.group_size, strict=cfg.strict), ctx)
+    groups = {n: {c: (g4[n] if ch.scheme is not None and ch.scheme.bits == 4 else resolve_group(lin.in_features, cfg.group_size_8))
+                  for c, ch in choices.items()} for n, lin in targets.items()}
+    bits = {n: {c: ch.bits(targets[n], groups[n][c]) for c, ch in choices.items()} for n in targets}
+    weights = {n: lin.in_features * lin.out_features for n, lin in targets.items()}
+    check_budget(bits, weights, cfg.avg_bits)  # before any measuring
+    batches = calibration_batches(ctx.tokenizer, ctx.kind, cfg.sensitivity_samples, cfg.sensitivity_seq_len,
+                                  cfg.calib_data, ctx.seed)
+    costs = layer_costs(model, targets, {n: choices for n in targets}, groups, batches, ctx.kind == CAUSAL_LM, ctx.track)
+    pick = allocate(bits, costs, weights, cfg.avg_bits)
+    schemes = {n: QScheme(choices[c].scheme.bits, groups[n][c], cfg.symmetric, cfg.fp16_scales)
+               for n, c in pick.items() if choices[c].scheme is not None}
+    quantized = {n: targets[n] for n in schemes}
+    if cfg.quantizer == "gptq":
+        from .gptq import gptq_layers
+
+        out = gptq_layers(model, quantized, schemes, cfg, ctx)
+    else:
+        from .rtn import round_layers
+
+        round_layers(model, quantized, schemes)
+        out = {}
+    from ..qmodules import bits_per_weight
+
+    counts = {c: sum(1 for v in pick.values() if v == c) for c in choices}
+    ctx.notes.append(f"mixed: {', '.join(f'{k} {v}' for k, v in counts.items() if v)} Linears at "
+                     f"{bits_per_weight(model, list(targets)):.3f} bits per weight (budget {cfg.avg_bits:g})")
+    return {**out, "layers": list(targets), "quantizer": cfg.quantizer, "avg_bits": cfg.avg_bits, "allocation": pick,
+            "allocation_counts": counts, "groups": {n: s.group_size for n, s in schemes.items()},
+            "sensitivity": {n: {c: float(f"{v:.4g}") for c, v in cs.items()} for n, cs in costs.items()},
+            "sensitivity_tokens": sum(b["input_ids"].numel() for b in batches),
+            "bits_per_weight": bits_per_weight(model, list(targets))}

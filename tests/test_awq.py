@@ -1,0 +1,170 @@
+"""AWQ (exact folds, beats RTN), per-Linear sensitivity and the mixed allocation (budget, reload)."""
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+
+from slimctl import techniques as T
+from slimctl.errors import RecipeError
+from slimctl.models import load
+from slimctl.qmodules import WeightOnlyLinear, bits_per_weight
+from slimctl.sensitivity import allocate
+
+
+def _ctx(path):
+    m = load(str(path))
+    return m, T.StepContext(kind=m.kind, tokenizer=m.tokenizer)
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
+def test_awq_folds_are_exact_before_quantization(fixture, request):
+    """Scales folded into norms / v_proj (GQA: 4 query heads on 2 kv heads) / up_proj leave the function unchanged."""
+    m, ctx = _ctx(request.getfixturevalue(fixture))
+    ref = copy.deepcopy(m.model)
+    awq = T.get("awq")
+    stats = awq.apply(m.model, awq.config(bits=4, group_size=32, calib_samples=4, calib_seq_len=32, clip=False,
+                                          quantize=False), ctx)
+    folds = [f for b in stats["blocks"].values() for f in b["folds"].values()]
+    assert folds and any(f["alpha"] > 0 for f in folds), "some scale must differ from 1 for the test to mean anything"
+    if fixture == "tiny_llama":
+        assert all("self_attn.v_proj" in b["folds"] for b in stats["blocks"].values())  # the GQA fold
+    else:
+        assert stats["folds_skipped"] and any("GELU" in s for s in stats["folds_skipped"])
+    moved = max(float((a - b).abs().max()) for a, b in zip(ref.state_dict().values(), m.model.state_dict().values()))
+    assert moved > 1e-3  # the weights did change
+    ids = torch.randint(1000, 5000, (2, 24))
+    a, b = _logits(ref, ids), _logits(m.model, ids)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _with_outliers(model, factor=30.0, channels=(3, 17, 40)):
+    """Activation outliers as real LLMs have them: a few norm channels ×factor, the columns that read
+    them ÷factor (the same function; the scaled-down weight columns are what rounding then crushes)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, lins in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                               (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+                parent = layer.self_attn if lins[0] == "q_proj" else layer.mlp
+                for c in channels:
+                    norm.weight[c] *= factor
+                    for n in lins:
+                        getattr(parent, n).weight[:, c] /= factor
+    return model
+
+
+def _calibration_kl(ref, model, batches):
+    total = n = 0
+    with torch.inference_mode():
+        for b in batches:
+            p = ref(**b).logits.log_softmax(-1)
+            q = model(**b).logits.log_softmax(-1)
+            total += float((p.exp() * (p - q)).sum())
+            n += p.shape[1]
+    return total / n
+
+
+def test_awq_beats_rtn_at_the_same_group_on_calibration_loss(tiny_llama):
+    m, ctx = _ctx(tiny_llama)
+    base = _with_outliers(m.model)
+    cfg = dict(bits=4, group_size=32)
+    awq_cfg = T.get("awq").config(**cfg, calib_samples=8, calib_seq_len=64)
+    batches = awq_cfg.batches(ctx)
+    rtn_model, awq_model = copy.deepcopy(base), copy.deepcopy(base)
+    T.get("rtn").apply(rtn_model, T.get("rtn").config(**cfg), ctx)
+    stats = T.get("awq").apply(awq_model, awq_cfg, ctx)
+    assert sum(isinstance(x, WeightOnlyLinear) for x in awq_model.modules()) == len(stats["layers"])
+    rtn_kl, awq_kl = _calibration_kl(base, rtn_model, batches), _calibration_kl(base, awq_model, batches)
+    assert awq_kl < 0.8 * rtn_kl, (awq_kl, rtn_kl)
+    assert stats["bits_per_weight"] == pytest.approx(4 + 32 / 32)  # int4 codes + a float32 scale per 32
+
+
+def test_awq_then_gptq_composes_and_checks_the_grid(tiny_llama, fast_recipe, tmp_path):
+    from slimctl import pipeline, recipe as R
+
+    r = R.load(fast_recipe([{"method": "awq", "calib_samples": 2, "calib_seq_len": 32},
+                            {"method": "gptq", "bits": 4, "group_size": 16, "calib_samples": 2, "calib_seq_len": 32}]))
+    awq = r.steps[0].config
+    assert (awq.quantize, awq.group_size, awq.bits) == (False, 16, 4)  # searches for the grid GPTQ rounds to
+    rep = pipeline.run(r, str(tiny_llama), tmp_path / "o", isolate=False)
+    steps = rep["slimmed"]["steps"]
+    assert [s["method"] for s in steps] == ["awq", "gptq"] and steps[0]["quantized"] is False
+    assert rep["artifact"]["reload_check"]["bitwise_equal"]
+    with pytest.raises(RecipeError, match="group_size 64 differs"):
+        R.load(fast_recipe([{"method": "awq", "group_size": 64}, {"method": "gptq", "group_size": 32}], name="bad"))
+    with pytest.raises(RecipeError, match="at most one quantization step"):
+        R.load(fast_recipe([{"method": "gptq"}, {"method": "awq"}], name="bad2"))
+
+
+def _brute_force(bits, costs, weights, avg):
+    names = list(bits)
+    best = None
+    for combo in itertools.product(*(list(bits[n]) for n in names)):
+        used = sum(bits[n][c] for n, c in zip(names, combo))
+        if used <= avg * sum(weights.values()):
+            cost = sum(costs[n][c] for n, c in zip(names, combo))
+            best = cost if best is None or cost < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_never_exceeds_the_budget_and_is_near_optimal(seed):
+    rng = random.Random(seed)
+    names = [f"l{i}" for i in range(7)]
+    weights = {n: rng.choice([64, 128, 256]) * 64 for n in names}
+    bits = {n: {"int4": int(weights[n] * 4.5), "int8": int(weights[n] * 8.06), "float": weights[n] * 32} for n in names}
+    costs = {n: {"int4": rng.uniform(0.01, 1), "int8": rng.uniform(0, 0.01), "float": 0.0} for n in names}
+    for avg in (4.5, 5.0, 6.3, 9.0, 32):
+        pick = allocate(bits, costs, weights, avg)
+        used = sum(bits[n][pick[n]] for n in names)
+        assert used <= avg * sum(weights.values())
+        got = sum(costs[n][pick[n]] for n in names)
+        assert got <= _brute_force(bits, costs, weights, avg) * 1.5 + 1e-9
+    assert all(c == "float" for c in allocate(bits, costs, weights, 32).values())
+    with pytest.raises(RecipeError, match="below the smallest possible"):
+        allocate(bits, costs, weights, 4.0)
+
+
+def test_mixed_respects_the_budget_and_reloads_bitwise(tiny_llama, fast_recipe, tmp_path):
+    from slimctl import pipeline, recipe as R
+
+    r = R.load(fast_recipe([{"method": "mixed", "avg_bits": 6.0, "group_size": 32, "quantizer": "rtn",
+                             "sensitivity_samples": 2, "sensitivity_seq_len": 32}]))
+    rep = pipeline.run(r, str(tiny_llama), tmp_path / "o", isolate=False)
+    step = rep["slimmed"]["steps"][0]
+    alloc = step["allocation"]
+    assert set(alloc.values()) == {"int4-g32", "int8"}, alloc  # int4 g32 is 5 bits: 6 buy some int8 layers, not all
+    assert 5.0 < step["bits_per_weight"] <= 6.0
+    cost = step["sensitivity"]
+    assert all(set(v) == {"int4-g32", "int8"} and min(v.values()) >= 0 for v in cost.values())
+    assert sum(v["int8"] for v in cost.values()) < 0.1 * sum(v["int4-g32"] for v in cost.values())
+    assert rep["artifact"]["reload_check"]["bitwise_equal"]
+    reloaded = load(str(tmp_path / "o" / "model")).model
+    widths = {n: m.bits for n, m in reloaded.named_modules() if isinstance(m, WeightOnlyLinear)}
+    assert widths == {n: (8 if c == "int8" else 4) for n, c in alloc.items()}
+    assert bits_per_weight(reloaded, list(alloc)) == step["bits_per_weight"]
+
+
+def test_sensitivity_replay_gives_the_costs_of_a_full_forward(tiny_llama):
+    """Starting at the Linear's block (earlier blocks replaying their float outputs) changes nothing."""
+    from slimctl.quant import QScheme, dequantize_groups, rtn
+    from slimctl.sensitivity import _Replay, _cost
+
+    m, ctx = _ctx(tiny_llama)
+    batches = T.get("gptq").config(calib_samples=2, calib_seq_len=32).batches(ctx)
+    replay = _Replay(m.model, batches)
+    name = "model.layers.1.mlp.down_proj"
+    assert replay.first_block(name) == 1 and replay.first_block("lm_head") == 0
+    lin = m.model.get_submodule(name)
+    with torch.no_grad():
+        lin.weight.copy_(dequantize_groups(*rtn(lin.weight.float(), QScheme(4, 32), 32), 32))
+    skipped, full = _cost(m.model, batches, replay, 1, True), _cost(m.model, batches, replay, 0, True)
+    assert full > 0 and skipped == pytest.approx(full, rel=1e-4)
+    assert all("forward" not in vars(b) for b in replay.blocks)  # the replay left no patched forward behind
