@@ -24,7 +24,7 @@ def _ids(n=2, l=12):
 
 
 def test_registry_is_explicit_and_complete():
-    assert set(T.load_all()) == {"bf16", "fp16", "int8-dynamic", "rtn", "gptq", "smoothquant", "magnitude", "wanda",
+    assert set(T.load_all()) == {"bf16", "fp16", "int8-dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda",
                                  "sparsegpt", "structured", "onnx", "fp8", "bnb"}
 
 
