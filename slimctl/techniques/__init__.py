@@ -84,6 +84,16 @@ def plan_groups(layers: list[tuple[str, Any]], cfg: WeightOnlyOptions, ctx: "Ste
     return groups
 
 
+def plan_schemes(model, cfg: WeightOnlyOptions, ctx: "StepContext"):
+    """The Linears a weight-only step quantizes, the group each gets (plan_groups) and its QScheme."""
+    from ..quant import QScheme
+
+    targets = dict(select_linears(model, cfg.ignore))
+    groups = plan_groups(list(targets.items()), cfg, ctx)
+    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales) for n, g in groups.items()}
+    return targets, groups, schemes
+
+
 @dataclass
 class StepContext:
     kind: str  # task kind of the model (models.CAUSAL_LM, …)

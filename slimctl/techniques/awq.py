@@ -17,7 +17,7 @@ from ..calibrate import run_block, sequential, summary
 from ..quant import QScheme, dequantize_groups, rtn
 from ..qmodules import bits_per_weight
 from .rtn import round_layers
-from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
 
 
 class AWQConfig(WeightOnlyOptions, CalibrationOptions):
@@ -243,7 +243,7 @@ def _clip(block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) ->
     return shrink
 
 
-def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig, notes: list[str]) -> dict:
+def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> dict:
     """Scale search and folds, then clipping, for one block (names in `mine` are relative to it)."""
     chosen, skipped = folds(model, block)
     ref = [run_block(block, a, k) for a, k in inputs[:1]]
@@ -270,9 +270,7 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
           "AWQ activation-aware scales (exact folds) + clipping search, then int4/int8 groups; reloads with slimctl",
           loads_with="slimctl")
 def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
-    targets = dict(select_linears(model, cfg.ignore))
-    groups = plan_groups(list(targets.items()), cfg, ctx)
-    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales) for n, g in groups.items()}
+    targets, groups, schemes = plan_schemes(model, cfg, ctx)
     batches = cfg.batches(ctx)
     per_block: dict[str, dict] = {}
     done: set[str] = set()
@@ -283,7 +281,7 @@ def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
             return
         local = {n[len(prefix) + 1:]: v for n, v in schemes.items() if n.startswith(prefix + ".")}
         with torch.no_grad():
-            per_block[prefix] = awq_block(model, block, mine, local, inputs, cfg, ctx.notes)
+            per_block[prefix] = awq_block(model, block, mine, local, inputs, cfg)
         done.update(f"{prefix}.{n}" for n in mine)
         if cfg.quantize:
             round_layers(model, {f"{prefix}.{n}": m for n, m in mine.items()}, schemes)

@@ -9,7 +9,7 @@ from ..calibrate import (calibrated, hessian_start, inverse_hessian_factor, rais
                          summary)
 from ..qmodules import WeightOnlyLinear, set_submodule
 from ..quant import QScheme, dequantize_groups, dequantize_with, group_params, quantize_with
-from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
 
 
 class GPTQConfig(WeightOnlyOptions, CalibrationOptions):
@@ -68,9 +68,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int,
           "GPTQ weight-only int4/int8 with calibration, block by block; packed, reloads with slimctl",
           loads_with="slimctl")
 def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
-    targets = dict(select_linears(model, cfg.ignore))
-    groups = plan_groups(list(targets.items()), cfg, ctx)
-    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales) for n, g in groups.items()}
+    targets, groups, schemes = plan_schemes(model, cfg, ctx)
     out = gptq_layers(model, targets, schemes, cfg, ctx)
     return {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
             "act_order": cfg.act_order, **out}

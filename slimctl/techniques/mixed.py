@@ -70,10 +70,11 @@ def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
     from ..qmodules import bits_per_weight
 
     counts = {c: sum(1 for v in pick.values() if v == c) for c in choices}
+    reached = bits_per_weight(model, list(targets))
     ctx.notes.append(f"mixed: {', '.join(f'{k} {v}' for k, v in counts.items() if v)} Linears at "
-                     f"{bits_per_weight(model, list(targets)):.3f} bits per weight (budget {cfg.avg_bits:g})")
+                     f"{reached:.3f} bits per weight (budget {cfg.avg_bits:g})")
     return {**out, "layers": list(targets), "quantizer": cfg.quantizer, "avg_bits": cfg.avg_bits, "allocation": pick,
             "allocation_counts": counts, "groups": {n: s.group_size for n, s in schemes.items()},
             "sensitivity": {n: {c: float(f"{v:.4g}") for c, v in cs.items()} for n, cs in costs.items()},
             "sensitivity_tokens": sum(b["input_ids"].numel() for b in batches),
-            "bits_per_weight": bits_per_weight(model, list(targets))}
+            "bits_per_weight": reached}
