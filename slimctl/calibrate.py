@@ -6,6 +6,7 @@ to the next one. Peak memory stays near one block plus the calibration activatio
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any, Callable
 
@@ -104,17 +105,28 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple,
 
 
 def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, str, nn.Module, list], Any],
-               track=lambda it, desc, total: it) -> list[Any]:
+               track=lambda it, desc, total: it,
+               after_block: Callable[[int, str, nn.Module], None] | None = None) -> list[Any]:
     """Call on_block(index, name, block, inputs) for each block in order, then pass the (changed)
-    block's outputs on as the next block's inputs. Returns what on_block returned per block."""
+    block's outputs on as the next block's inputs, then call after_block(index, name, block) (a change
+    the next block's inputs must not see). Returns what on_block returned per block."""
+    from .stream import stream_of
+
+    st = stream_of(model)
     prefix, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    with st.outside_on_demand() if st else contextlib.nullcontext():
+        inputs = capture_block_inputs(model, blocks[0], batches)
     results = []
     for i in track(range(len(blocks)), "blocks", len(blocks)):
-        block = blocks[i]
+        block = st.load(f"{prefix}.{i}") if st else blocks[i]
         results.append(on_block(i, f"{prefix}.{i}", block, inputs))
-        with torch.inference_mode():
-            inputs = [with_hidden(a, k, run_block(block, a, k)) for a, k in inputs]
+        with torch.inference_mode():  # each input replaced by its output in turn: one set held, not two
+            for j, (a, k) in enumerate(inputs):
+                inputs[j] = with_hidden(a, k, run_block(block, a, k))
+        if after_block is not None:
+            after_block(i, f"{prefix}.{i}", block)
+        if st:  # a streamed block is written to the spill folder and its memory freed
+            st.release(f"{prefix}.{i}")
     return results
 
 
@@ -183,6 +195,10 @@ def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[di
     rest = {n: m for n, m in targets.items() if n not in done}
     if not rest or leftover == "return":
         return list(rest)
+    from .stream import refuse, stream_of
+
+    if stream_of(model):
+        refuse(f"calibrating layers outside the repeated blocks ({', '.join(list(rest)[:3])})")
     stats = InputStats(rest, hessian=hessian)
     try:
         forward_all(model, batches)
@@ -209,10 +225,12 @@ def summary(batches: list[dict]) -> dict[str, int]:
 def hessian_start(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float copies of W and H where input features never seen in calibration (H_jj = 0) are
     neutralised: their weights zeroed, their diagonal set to 1 (as in GPTQ and SparseGPT)."""
-    w, h = w.detach().float().clone(), h.clone()
+    w = w.detach().float().clone()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    if bool(dead.any()):  # copy H only when it changes (it is the largest matrix a layer needs)
+        h = h.clone()
+        h[dead, dead] = 1
+        w[:, dead] = 0
     return w, h
 
 
@@ -240,9 +258,14 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float, layer: str = "a la
                         "produces non-finite activations on the calibration text; check the checkpoint")
     damp = dampening
     while True:
-        hd = h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+        hd = h.clone()  # H + λI, one copy of H at a time (no identity matrix beside it)
+        hd.diagonal().add_(damp * torch.mean(torch.diag(h)))
         try:
-            factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+            lower = torch.linalg.cholesky(hd)
+            del hd
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            factor = torch.linalg.cholesky(inverse, upper=True)
             if used is not None:
                 used[layer] = damp
             return factor

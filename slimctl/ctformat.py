@@ -20,10 +20,18 @@ from safetensors.torch import load_file, save_file
 from .qmodules import WeightOnlyLinear
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+ROWS_PER_CHUNK = 1024  # (un)packing widens to int64, 8 codes per word: a 70B-sized layer in one go is gigabytes
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Signed integer codes [rows, cols] -> int32 words along `dim`, as compressed-tensors packs them."""
+    """Signed integer codes [rows, cols] -> int32 words along `dim`, as compressed-tensors packs them
+    (row chunks along dim 1: the int64 intermediates of a whole 70B-sized layer are gigabytes)."""
+    if dim == 1 and codes.shape[0] > ROWS_PER_CHUNK:
+        return torch.cat([_pack(codes[r:r + ROWS_PER_CHUNK], bits, 1) for r in range(0, codes.shape[0], ROWS_PER_CHUNK)])
+    return _pack(codes, bits, dim)
+
+
+def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     v = codes.to(torch.int64) + (1 << (bits - 1))
     if dim == 0:
         v = v.T
@@ -40,7 +48,14 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 
 
 def unpack_int32(words: torch.Tensor, bits: int, shape: tuple[int, int], dim: int = 1) -> torch.Tensor:
-    """Inverse of pack_int32: int32 words -> signed integer codes of `shape`."""
+    """Inverse of pack_int32: int32 words -> signed integer codes of `shape` (row chunks along dim 1)."""
+    if dim == 1 and words.shape[0] > ROWS_PER_CHUNK:
+        return torch.cat([_unpack(words[r:r + ROWS_PER_CHUNK], bits, (min(ROWS_PER_CHUNK, shape[0] - r), shape[1]), 1)
+                          for r in range(0, words.shape[0], ROWS_PER_CHUNK)])
+    return _unpack(words, bits, shape, dim)
+
+
+def _unpack(words: torch.Tensor, bits: int, shape: tuple[int, int], dim: int) -> torch.Tensor:
     w = words.T if dim == 0 else words
     rows = w.shape[0]
     per = 32 // bits
@@ -89,6 +104,20 @@ def quantization_config(model) -> dict[str, Any] | None:
             "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
 
 
+def pack_module(state: dict[str, torch.Tensor], name: str, m: WeightOnlyLinear) -> None:
+    """Replace module `name`'s slimctl buffers in `state` by its pack-quantized tensors."""
+    for k in ("qweight", "weight_scale", "weight_zero_point"):
+        state.pop(f"{name}.{k}", None)
+    codes = m.codes()
+    if not m.symmetric:  # slimctl keeps unsigned codes and zeros; compressed-tensors signed ones
+        codes = codes - (1 << (m.bits - 1))
+        zp = m.weight_zero_point.to(torch.int16) - (1 << (m.bits - 1))
+        state[f"{name}.weight_zero_point"] = pack_int32(zp, m.bits, dim=0)
+    state[f"{name}.weight_packed"] = pack_int32(codes, m.bits)
+    state[f"{name}.weight_scale"] = m.weight_scale.detach().clone()
+    state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
+
+
 def rewrite_folder(model, folder: Path) -> None:
     """Turn the slimctl buffers that save_pretrained wrote into the pack-quantized layout, in place."""
     if not exportable(model):
@@ -100,18 +129,8 @@ def rewrite_folder(model, folder: Path) -> None:
     state = load_file(files[0])
     meta = {"format": "pt"}
     for name, m in model.named_modules():
-        if not isinstance(m, WeightOnlyLinear):
-            continue
-        for k in ("qweight", "weight_scale", "weight_zero_point"):
-            state.pop(f"{name}.{k}", None)
-        codes = m.codes()
-        if not m.symmetric:  # slimctl keeps unsigned codes and zeros; compressed-tensors signed ones
-            codes = codes - (1 << (m.bits - 1))
-            zp = m.weight_zero_point.to(torch.int16) - (1 << (m.bits - 1))
-            state[f"{name}.weight_zero_point"] = pack_int32(zp, m.bits, dim=0)
-        state[f"{name}.weight_packed"] = pack_int32(codes, m.bits)
-        state[f"{name}.weight_scale"] = m.weight_scale.detach().clone()
-        state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
+        if isinstance(m, WeightOnlyLinear):
+            pack_module(state, name, m)
     save_file(state, str(files[0]), metadata=meta)
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -73,6 +73,38 @@ class PeakMemory:
             self.peak_mb = (status_kb("VmHWM") or 0) / 1024
 
 
+class RssSampler:
+    """Peak VmRSS and RssAnon of this process over a long phase, sampled every `every` seconds in a
+    thread (VmHWM cannot serve: the steps inside reset it for their own peaks; add those to `peak_mb`)."""
+
+    def __init__(self, every: float = 0.02):
+        self.every, self.peak_rss_mb, self.peak_anon_mb, self.peak_file_mb, self.samples = every, 0.0, 0.0, 0.0, 0
+        self._stop = threading.Event()
+
+    def _read(self) -> None:
+        rss, anon, file = status_kb("VmRSS"), status_kb("RssAnon"), status_kb("RssFile")
+        self.peak_rss_mb = max(self.peak_rss_mb, (rss or 0) / 1024)
+        self.peak_anon_mb = max(self.peak_anon_mb, (anon or 0) / 1024)
+        self.peak_file_mb = max(self.peak_file_mb, (file or 0) / 1024)
+        self.samples += 1
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.is_set():
+                self._read()
+                self._stop.wait(self.every)
+
+        self._read()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+
 def release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc), so that a peak RSS measures live memory and not
     what loading left behind (e.g. a skeleton whose weights were replaced from disk)."""

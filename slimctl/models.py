@@ -298,7 +298,8 @@ def _normal_permissions(folder: Path) -> None:
             p.chmod(0o666 & ~umask)
 
 
-def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any],
+                  write=None) -> list[dict[str, Any]]:
     """Write an HF folder plus slimctl.json to `target`, whole or not at all; returns file hashes.
 
     The folder is written to a temporary sibling and renamed into place, so a crash leaves either
@@ -313,7 +314,7 @@ def save_artifact(loaded: LoadedModel, model, target: Path, meta: dict[str, Any]
     try:
         from .formats import for_model
 
-        for_model(model).save(model, tmp)
+        (write or for_model(model).save)(model, tmp)  # write: a streamed model's sharded writer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded.tokenizer.save_pretrained(tmp)

@@ -103,6 +103,15 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
         from .evaluate.data import read_file
 
         read_file(recipe.eval.data)
+    if recipe.stream:
+        from .models import resolve
+        from .stream import should_stream
+
+        folder, _ = resolve(model_spec, ui.say)
+        if should_stream(recipe.stream, folder):
+            from .pipeline_streamed import run_streamed
+
+            return run_streamed(recipe, model_spec, folder, out, ui, recipe_source, load_options)
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     ui.say(f"loading {model_spec}")

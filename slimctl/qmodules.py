@@ -334,9 +334,16 @@ def bits_per_weight(model: nn.Module, names: list[str]) -> float:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of module `name`. In a streamed model the replaced module's tensors go back
+    to meta at once: a caller's reference to it (a technique's list of targets) must not keep them."""
+    from .stream import stream_of, to_meta
+
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
     setattr(parent, child, new)
+    if old is not None and old is not new and stream_of(model) is not None:
+        to_meta(old)
 
 
 def build_from_meta(model: nn.Module, qmeta: dict[str, dict[str, Any]]) -> None:

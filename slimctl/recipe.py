@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,6 +50,9 @@ class Recipe(Strict):
     bench: BenchSpec = BenchSpec()
     gates: Gates = Gates()
     export: ExportSpec | None = None  # also write OUT/model.gguf (slimctl export --format gguf)
+    # stream the model block by block from its safetensors files (peak memory about one block);
+    # "auto": when its weights exceed half of the memory available (see stream.should_stream)
+    stream: Union[bool, Literal["auto"]] = False
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -91,9 +94,11 @@ class Recipe(Strict):
         return self
 
     def with_overrides(self, max_samples: int | None = None, skip_eval: bool = False, skip_bench: bool = False,
-                       compile: bool | str | None = None, seed: int | None = None) -> "Recipe":
+                       compile: bool | str | None = None, seed: int | None = None,
+                       stream: bool | str | None = None) -> "Recipe":
         """This recipe with command-line overrides applied (None / False: keep the recipe's value)."""
         return self.model_copy(update={
+            "stream": self.stream if stream is None else stream,
             "eval": self.eval.model_copy(update={"max_samples": max_samples or self.eval.max_samples,
                                                  "skip": self.eval.skip or skip_eval}),
             "bench": self.bench.model_copy(update={"skip": self.bench.skip or skip_bench,
@@ -170,8 +175,8 @@ def load(path: str | Path) -> Recipe:
 
 
 def single_step(method: str, options: dict[str, Any], eval_spec: EvalSpec, bench_spec: BenchSpec,
-                seed: int = 0) -> Recipe:
+                seed: int = 0, stream: bool | str = False) -> Recipe:
     """The one-step recipe behind `slimctl quantize` and `slimctl prune`."""
     step = {"method": method, **{k: v for k, v in options.items() if v is not None}}
-    return from_dict({"version": 1, "name": method, "seed": seed, "steps": [step],
+    return from_dict({"version": 1, "name": method, "seed": seed, "steps": [step], "stream": stream,
                       "eval": eval_spec.model_dump(), "bench": bench_spec.model_dump()}, "options")

@@ -208,6 +208,18 @@ CASES = [
     (["run", "{w}/awq-grid-mismatch.yaml", "--model", "{good}", "--out", "{out}"], "awq's group_size 64 differs from the gptq step's 32"),
     (["quantize", "{good}", "--method", "mixed", "--avg-bits", "4.1", "--group-size", "32", "--out", "{out}", "--skip-bench"],
      "avg_bits 4.1 is below the smallest possible 5.000 bits per weight"),
+    # --stream: what cannot stream says so before any work; a streamed broken checkpoint names its tensor
+    (["quantize", "{good}", "--method", "awq", "--stream", "--out", "{out}", "--skip-bench"], "awq cannot run streamed"),
+    (["prune", "{good}", "--method", "magnitude", "--sparsity", "0.5", "--scope", "global", "--stream", "--skip-eval",
+      "--skip-bench", "--out", "{out}"], "scope: global (one threshold over every layer) needs every weight in memory"),
+    (["quantize", "{good}", "--method", "rtn", "--stream", "--stream-auto", "--out", "{out}"], "--stream and --stream-auto are exclusive"),
+    (["quantize", "{w}/nan-weights", "--method", "rtn", "--stream", "--skip-bench", "--skip-eval",
+      "--out", "{out}"], "model.layers.0.mlp.up_proj.weight holds NaN or Inf"),
+    (["quantize", "{w}/a-file", "--method", "rtn", "--stream", "--out", "{out}"], "is a file; pass the folder"),
+    (["quantize", "{w}/pickle-only", "--method", "rtn", "--stream", "--allow-pickle", "--out", "{out}"], "--stream reads safetensors only"),
+    (["quantize", "{good}", "--method", "rtn", "--stream", "--out", "{out}", "--skip-bench", "--set", "embeddings=true"],
+     "embeddings: true needs every weight in memory"),
+    (["quantize", "{w}/truncated", "--method", "rtn", "--stream", "--out", "{out}"], "is not a safetensors file"),
 ]
 
 

@@ -21,6 +21,10 @@ MAX_SAMPLES_OPT = typer.Option(None, "--max-samples", help="Eval on at most N sa
 INLINE_OPT = typer.Option(False, "--inline", help="Bench in this process instead of a fresh one (debugging).")
 SKIP_EVAL_OPT = typer.Option(False, "--skip-eval", help="Do not evaluate accuracy.")
 SKIP_BENCH_OPT = typer.Option(False, "--skip-bench", help="Do not benchmark speed and memory.")
+STREAM_OPT = typer.Option(False, "--stream", help="Stream the model block by block from its safetensors files: peak "
+                          "memory about one block, sharded artifact (rtn, gptq, smoothquant, magnitude, wanda, sparsegpt).")
+STREAM_AUTO_OPT = typer.Option(False, "--stream-auto", help="Stream only when the model's weights exceed half the "
+                               "available memory.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda.")
 PICKLE_OPT = typer.Option(False, "--allow-pickle", help="Load pickle-only weights (torch.load weights_only=True); refused by default.")
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Run custom modelling code a model folder asks for; off by default.")
@@ -168,6 +172,15 @@ def set_options(pairs: Optional[list[str]]) -> dict:
             raise UsageError(f"--set needs KEY=VALUE, got {p!r}")
         opts[key.strip().replace("-", "_")] = yaml.safe_load(val)
     return opts
+
+
+def stream_flag(stream: bool, auto: bool) -> bool | str | None:
+    """--stream / --stream-auto as a recipe's `stream` (None: keep the recipe's)."""
+    from ..errors import UsageError
+
+    if stream and auto:
+        raise UsageError("--stream and --stream-auto are exclusive: --stream always streams, --stream-auto when the model is large")
+    return True if stream else ("auto" if auto else None)
 
 
 def run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool, as_json: bool, source: str | None,

@@ -15,6 +15,7 @@ def run(
     out_dir: Path = C.OUT_OPT, overwrite: bool = C.OVERWRITE_OPT,
     max_samples: Optional[int] = C.MAX_SAMPLES_OPT, seed: Optional[int] = typer.Option(None, "--seed", help="Override the recipe's seed."),
     skip_eval: bool = C.SKIP_EVAL_OPT, skip_bench: bool = C.SKIP_BENCH_OPT, inline: bool = C.INLINE_OPT, as_json: bool = C.JSON_OPT,
+    stream: bool = C.STREAM_OPT, stream_auto: bool = C.STREAM_AUTO_OPT,
     allow_pickle: bool = C.PICKLE_OPT, trust_remote_code: bool = C.REMOTE_OPT, allow_non_finite: bool = C.NONFINITE_OPT,
     baseline: Optional[Path] = C.BASELINE_OPT, preset: Optional[str] = C.PRESET_OPT, min_quality: Optional[float] = C.MIN_QUALITY_OPT,
     max_latency_increase: Optional[float] = C.MAX_LAT_OPT, max_memory_increase: Optional[float] = C.MAX_MEM_OPT,
@@ -32,7 +33,7 @@ def run(
 
     comp = C.compile_flag(compile_)
     r = recipe_mod.load(recipe).with_overrides(max_samples=max_samples, skip_eval=skip_eval, skip_bench=skip_bench,
-                                               compile=comp, seed=seed)
+                                               compile=comp, seed=seed, stream=C.stream_flag(stream, stream_auto))
     ci = C.ci_options(baseline, preset, min_quality, max_latency_increase, max_memory_increase, max_size_increase, junit, html)
     if (baseline is None) != (not ci.any_limit()):
         raise UsageError("--baseline and the limits (--preset, --min-quality, --max-*-increase) go together")
@@ -50,7 +51,7 @@ def _one_step(method: str, options: dict, kinds: tuple[str, ...], common: dict) 
         raise UsageError(f"'{method}' is not a method of this command; choose one of: {', '.join(names)}")
     ev = C.spec("EvalSpec", max_samples=common["max_samples"], skip=common["skip_eval"])
     be = C.spec("BenchSpec", device=common["device"], skip=common["skip_bench"])
-    r = recipe_mod.single_step(method, options, ev, be, common["seed"])
+    r = recipe_mod.single_step(method, options, ev, be, common["seed"], stream=C.stream_flag(common["stream"], common["stream_auto"]) or False)
     C.run_recipe(r, common["model"], common["out_dir"], common["overwrite"], common["inline"], common["as_json"], None,
                  C.load_opts(common["allow_pickle"], common["trust_remote_code"], common["allow_non_finite"]))
 
@@ -66,12 +67,14 @@ def quantize(
     set_: Optional[List[str]] = C.SET_OPT, ignore: Optional[List[str]] = C.IGNORE_OPT,
     overwrite: bool = C.OVERWRITE_OPT, max_samples: Optional[int] = C.MAX_SAMPLES_OPT, skip_eval: bool = C.SKIP_EVAL_OPT,
     skip_bench: bool = C.SKIP_BENCH_OPT, device: str = C.DEVICE_OPT, seed: int = C.SEED_OPT, inline: bool = C.INLINE_OPT,
+    stream: bool = C.STREAM_OPT, stream_auto: bool = C.STREAM_AUTO_OPT,
     as_json: bool = C.JSON_OPT, allow_pickle: bool = C.PICKLE_OPT, trust_remote_code: bool = C.REMOTE_OPT, allow_non_finite: bool = C.NONFINITE_OPT,
 ):
     """Quantize or cast a model, measure it against the original and save the artifact.
 
     Example: [bold]slimctl quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out runs/smol-gptq[/bold]
     Mixed int4/int8 per Linear: [bold]slimctl quantize smollm2-135m --method mixed --avg-bits 4.5 --out runs/smol-mixed[/bold]
+    A model larger than memory, one block at a time: [bold]slimctl quantize ./big-llama --method gptq --stream --out runs/big-gptq[/bold]
     """
     common = dict(locals())
     opts = C.set_options(set_)
@@ -99,6 +102,7 @@ def prune(
     ignore: Optional[List[str]] = C.IGNORE_OPT,
     overwrite: bool = C.OVERWRITE_OPT, max_samples: Optional[int] = C.MAX_SAMPLES_OPT, skip_eval: bool = C.SKIP_EVAL_OPT,
     skip_bench: bool = C.SKIP_BENCH_OPT, device: str = C.DEVICE_OPT, seed: int = C.SEED_OPT, inline: bool = C.INLINE_OPT,
+    stream: bool = C.STREAM_OPT, stream_auto: bool = C.STREAM_AUTO_OPT,
     as_json: bool = C.JSON_OPT, allow_pickle: bool = C.PICKLE_OPT, trust_remote_code: bool = C.REMOTE_OPT, allow_non_finite: bool = C.NONFINITE_OPT,
 ):
     """Prune a model, measure it against the original and save the artifact.

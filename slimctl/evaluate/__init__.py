@@ -161,7 +161,8 @@ def _windows(n: int, seq_len: int, stride: int):
         begin = min(begin + stride, end - 1)
 
 
-def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
+def perplexity_windows(tok, s, data) -> tuple[list[str], torch.Tensor, int, list]:
+    """The eval texts, their token stream, how many tokens they held, and the scored windows."""
     texts = [e.text for e in (datasets.read_file(data, stream=True) if data else datasets.bbc("eval"))][: s["max_samples"]]
     ids, held = _token_stream(tok, texts, s["max_tokens"])
     if ids.numel() < 2:
@@ -169,26 +170,42 @@ def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
     if data and held < min(s["seq_len"], s["max_tokens"]):
         raise DataError(f"eval data {data} gives {held} tokens, fewer than one eval window ({s['seq_len']} tokens); "
                         f"pass more text, or a smaller --seq-len")
-    wins = list(_windows(ids.numel(), s["seq_len"], s["stride"]))
+    return texts, ids, held, list(_windows(ids.numel(), s["seq_len"], s["stride"]))
+
+
+def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
+    texts, ids, held, wins = perplexity_windows(tok, s, data)
+    dev = _device(model)
+
+    def logits():
+        for begin, end, _ in wins:
+            inp = ids[begin:end].unsqueeze(0).to(dev)
+            yield model(input_ids=inp).logits[0], (reference(input_ids=inp).logits[0] if reference is not None else None)
+
+    return score_windows(s, data, texts, ids, held, wins, logits(), track)
+
+
+def score_windows(s, data, texts, ids, held, wins, logits, track) -> Evaluation:
+    """Perplexity (and, with reference logits, agreement and KL) from each window's logits."""
     nll = ref_nll = kl = 0.0
     agree = scored = 0
-    dev = _device(model)
-    for begin, end, first in track(wins, "perplexity", len(wins)):
-        inp = ids[begin:end].unsqueeze(0).to(dev)
-        tgt = ids[first:end].to(dev)
+    has_ref = False
+    for (begin, end, first), (lg, rlg) in track(zip(wins, logits), "perplexity", len(wins)):
+        tgt = ids[first:end].to(lg.device)
         off = first - begin - 1  # logits[i] predicts token begin+i+1
-        logp = F.log_softmax(model(input_ids=inp).logits[0, off:end - begin - 1].float(), dim=-1)
+        logp = F.log_softmax(lg[off:end - begin - 1].float(), dim=-1)
         nll -= logp.gather(1, tgt[:, None]).sum().item()
         scored += tgt.numel()
-        if reference is not None:
-            rlogp = F.log_softmax(reference(input_ids=inp).logits[0, off:end - begin - 1].float(), dim=-1)
+        if rlg is not None:
+            has_ref = True
+            rlogp = F.log_softmax(rlg[off:end - begin - 1].float(), dim=-1)
             ref_nll -= rlogp.gather(1, tgt[:, None]).sum().item()
             kl += (rlogp.exp() * (rlogp - logp)).sum().item()
             agree += (rlogp.argmax(-1) == logp.argmax(-1)).sum().item()
     s = {**s, "tokens_scored": scored, "windows": len(wins), "documents": len(texts)}
     m = {"perplexity": math.exp(nll / scored), "nll_per_token": nll / scored}
     ev = Evaluation(CAUSAL_LM, s["data"], s, m, warnings=_few_tokens(scored, held > s["max_tokens"], bool(data)))
-    if reference is not None:
+    if has_ref:
         ev.reference = {"perplexity": math.exp(ref_nll / scored), "nll_per_token": ref_nll / scored}
         ev.agreement = {"top1_agreement": agree / scored, "kl_divergence": kl / scored,
                         "perplexity_ratio": m["perplexity"] / ev.reference["perplexity"]}

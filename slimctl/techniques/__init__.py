@@ -113,17 +113,19 @@ class Technique:
     apply: Callable[[Any, TechniqueConfig, StepContext], dict]
     summary: str
     loads_with: str  # what reloads its artifact: "transformers", "slimctl" or "onnxruntime"
+    streams: bool = False  # works on a streamed skeleton (--stream): touches one block at a time
 
 
 REGISTRY: dict[str, Technique] = {}
 _loaded = False
 
 
-def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, loads_with: str = "transformers"):
+def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, loads_with: str = "transformers",
+             streams: bool = False):
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"technique {name} registered twice")
-        REGISTRY[name] = Technique(name, kind, config, fn, summary, loads_with)
+        REGISTRY[name] = Technique(name, kind, config, fn, summary, loads_with, streams)
         return fn
     return deco
 
@@ -153,11 +155,13 @@ def protected_modules(model) -> set[str]:
     names: set[str] = set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    inp_ptr = inp.weight.data_ptr() if inp is not None and hasattr(inp, "weight") else None
+    inp_w = inp.weight if inp is not None and hasattr(inp, "weight") else None
+    # a meta tensor (streamed skeleton) has no storage to compare: tied there means the same Parameter
+    inp_ptr = inp_w.data_ptr() if inp_w is not None and inp_w.device.type != "meta" else None
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        if mod is out or (inp_ptr is not None and mod.weight.data_ptr() == inp_ptr):
+        if mod is out or mod.weight is inp_w or (inp_ptr is not None and mod.weight.data_ptr() == inp_ptr):
             names.add(name)
     return names
 

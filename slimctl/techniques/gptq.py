@@ -66,7 +66,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, group: int,
 
 @register("gptq", "quantize", GPTQConfig,
           "GPTQ weight-only int4/int8 with calibration, block by block; packed, reloads with slimctl",
-          loads_with="slimctl")
+          loads_with="slimctl", streams=True)
 def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
     targets, groups, schemes = plan_schemes(model, cfg, ctx)
     out = gptq_layers(model, targets, schemes, cfg, ctx)
@@ -89,7 +89,7 @@ def gptq_layers(model, targets: dict, schemes: dict[str, QScheme], cfg: GPTQConf
             w = lin.weight.detach().float()
             codes, scale, zero = gptq_quantize(w, stats.hessian[name], sch, sch.group_size, cfg.dampening,
                                                cfg.act_order, cfg.block_size, name, damping)
-            errors[name] = relative_output_error(w, dequantize_groups(codes, scale, zero, sch.group_size), stats.hessian[name])
+            errors[name] = relative_output_error(w, dequantize_groups(codes, scale, zero, sch.group_size), stats.hessian.pop(name))
             set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size))
 
     missed = calibrated(model, targets, batches, quantize, hessian=True, track=ctx.track, leftover="return")

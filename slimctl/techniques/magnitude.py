@@ -8,6 +8,7 @@ from pydantic import model_validator
 
 from ..sparsity import nm_mask
 from .pruning import PruneOptions, account, check_pattern
+from ..stream import refuse, stream_of, visit
 from . import StepContext, register, select_linears
 
 
@@ -22,18 +23,20 @@ class MagnitudeConfig(PruneOptions):
 
 
 @register("magnitude", "prune", MagnitudeConfig,
-          "zero the smallest-magnitude Linear weights (per layer, global, or N:M); reloads with plain transformers")
+          "zero the smallest-magnitude Linear weights (per layer, global, or N:M); reloads with plain transformers", streams=True)
 def apply(model, cfg: MagnitudeConfig, ctx: StepContext) -> dict:
     layers = select_linears(model, cfg.ignore)
     check_pattern(layers, cfg)
-    per_layer = {}
+    per_layer, zeros = {}, {}
     with torch.no_grad():
+        if cfg.scope == "global" and stream_of(model):
+            refuse("scope: global (one threshold over every layer)")
         if cfg.scope == "global" and layers:
             flat = torch.cat([lin.weight.detach().abs().flatten().float() for _, lin in layers])
             k = int(round(cfg.sparsity * flat.numel()))
             threshold = flat.kthvalue(max(k, 1)).values.item() if k > 0 else -1.0
             del flat
-        for name, lin in layers:
+        for name, lin in visit(model, layers):
             w = lin.weight
             score = w.detach().abs().float()
             if cfg.nm:
@@ -48,4 +51,5 @@ def apply(model, cfg: MagnitudeConfig, ctx: StepContext) -> dict:
                 mask = mask.view_as(w)
             w.masked_fill_(mask, 0)  # permanent: no mask reparametrisation is left on the module
             per_layer[name] = float(mask.float().mean())
-    return account(model, per_layer, cfg, {"scope": cfg.scope})
+            zeros[name] = int((w == 0).sum())
+    return account(model, per_layer, cfg, {"scope": cfg.scope}, zeros)

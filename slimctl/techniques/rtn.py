@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ..qmodules import WeightOnlyLinear, set_submodule
 from ..quant import QScheme, dequantize_groups, rtn
+from ..stream import refuse, stream_of, visit
 from . import StepContext, WeightOnlyOptions, plan_groups, register, select_linears
 
 
@@ -23,12 +24,12 @@ class RTNConfig(WeightOnlyOptions):
 
 @register("rtn", "quantize", RTNConfig,
           "weight-only int8/int4 round-to-nearest, per channel or group-wise, packed; reloads with slimctl",
-          loads_with="slimctl")
+          loads_with="slimctl", streams=True)
 def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     layers = select_linears(model, cfg.ignore)
     groups = plan_groups(layers, cfg, ctx)
     err = {}
-    for name, lin in ctx.track(layers, "rtn", len(layers)):
+    for name, lin in ctx.track(visit(model, layers), "rtn", len(layers)):
         g = groups[name]
         scheme = QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales)
         w = lin.weight.detach().float()
@@ -38,13 +39,15 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     out = {"layers": list(err), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
            "relative_weight_error": err}
     if cfg.embeddings:
+        if stream_of(model):
+            refuse("embeddings: true")
         out["embeddings"] = _embeddings(model, ctx)
     return out
 
 
 def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
     """Replace each Linear by its round-to-nearest WeightOnlyLinear (scheme.group_size: the group used)."""
-    for name, lin in layers.items():
+    for name, lin in visit(model, layers.items()):
         sch = schemes[name]
         codes, scale, zero = rtn(lin.weight.detach().float(), sch, sch.group_size)
         set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size))

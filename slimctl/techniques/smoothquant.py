@@ -7,7 +7,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..calibrate import InputStats, find_blocks
+from ..calibrate import InputStats, block_stats, find_blocks, sequential
+from ..stream import visit
 from ..errors import UnsupportedError
 from ..qmodules import Int8Linear, set_submodule
 from . import CalibrationOptions, LayerSelection, StepContext, register, select_linears
@@ -46,34 +47,49 @@ def _mappings(model) -> list[tuple[nn.Module, str, list[str]]]:
 
 @register("smoothquant", "quantize", SmoothQuantConfig,
           "SmoothQuant smoothing (alpha) + int8 weights x per-token int8 activations; reloads with slimctl",
-          loads_with="slimctl")
+          loads_with="slimctl", streams=True)
 def apply(model, cfg: SmoothQuantConfig, ctx: StepContext) -> dict:
+    """Block by block: the float block's input maxima, the smoothing folded in, the (smoothed, still
+    float) block's outputs passed on, then its Linears made int8; so every block is measured on the
+    float model's activations, as a whole-model calibration pass measures them."""
     maps = _mappings(model)
-    consumers = {n: model.get_submodule(n) for _, _, names in maps for n in names}
-    stats = InputStats({n: m for n, m in consumers.items()})
-    with torch.inference_mode():
-        for b in ctx.track(cfg.batches(ctx), "smoothquant calibration", cfg.calib_samples):
-            model(**b)
-    stats.remove()
-    smoothed = {}
-    with torch.no_grad():
-        for prev, how, names in maps:
-            lins = [consumers[n] for n in names]
-            act = stats.absmax[names[0]].clamp(min=1e-5)
-            wmax = torch.stack([l.weight.detach().abs().float().amax(0) for l in lins]).amax(0).clamp(min=1e-5)
-            s = (act.pow(cfg.alpha) / wmax.pow(1 - cfg.alpha)).clamp(min=1e-5)
-            if how == "weight":
-                prev.weight.div_(s.to(prev.weight.dtype))
-            else:
-                prev.weight.div_(s[:, None].to(prev.weight.dtype))
-                if prev.bias is not None:
-                    prev.bias.div_(s.to(prev.bias.dtype))
-            for l in lins:
-                l.weight.mul_(s[None, :].to(l.weight.dtype))
-            for n in names:
-                smoothed[n] = {"max_scale": float(s.max()), "min_scale": float(s.min())}
     layers = select_linears(model, cfg.ignore)
-    for name, lin in layers:
-        set_submodule(model, name, Int8Linear.from_linear(lin, act="dynamic"))
+    smoothed: dict[str, dict[str, float]] = {}
+    done: set[str] = set()
+
+    def on_block(i, name, block, inputs):
+        mine = [(prev, how, names) for prev, how, names in maps if names[0].startswith(name + ".")]
+        consumers = {n: model.get_submodule(n) for _, _, names in mine for n in names}
+        stats = block_stats(block, inputs, consumers)
+        with torch.no_grad():
+            for prev, how, names in mine:
+                smoothed.update(_smooth(prev, how, [consumers[n] for n in names], names, stats, cfg.alpha))
+
+    def to_int8(i, name, block):
+        for n, lin in layers:
+            if n.startswith(name + "."):
+                set_submodule(model, n, Int8Linear.from_linear(model.get_submodule(n), act="dynamic"))
+                done.add(n)
+
+    sequential(model, cfg.batches(ctx), on_block, ctx.track, after_block=to_int8)
+    for n, lin in visit(model, [(n, lin) for n, lin in layers if n not in done]):  # outside the blocks
+        set_submodule(model, n, Int8Linear.from_linear(lin, act="dynamic"))
     return {"layers": [n for n, _ in layers], "alpha": cfg.alpha, "smoothed": smoothed,
             "weight_bits": 8, "activation_bits": 8}
+
+
+def _smooth(prev: nn.Module, how: str, lins: list[nn.Linear], names: list[str], stats: InputStats,
+            alpha: float) -> dict[str, dict[str, float]]:
+    """s = max|X|^α / max|W|^(1-α) per input channel, divided out of `prev` and multiplied into `lins`."""
+    act = stats.absmax[names[0]].clamp(min=1e-5)
+    wmax = torch.stack([l.weight.detach().abs().float().amax(0) for l in lins]).amax(0).clamp(min=1e-5)
+    s = (act.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+    if how == "weight":
+        prev.weight.div_(s.to(prev.weight.dtype))
+    else:
+        prev.weight.div_(s[:, None].to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    for l in lins:
+        l.weight.mul_(s[None, :].to(l.weight.dtype))
+    return {n: {"max_scale": float(s.max()), "min_scale": float(s.min())} for n in names}

@@ -62,12 +62,13 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, cfg: SparseGPTConfig, laye
 
 
 @register("sparsegpt", "prune", SparseGPTConfig,
-          "SparseGPT: Hessian-based mask with OBS weight update, unstructured or N:M, block by block; reloads with plain transformers")
+          "SparseGPT: Hessian-based mask with OBS weight update, unstructured or N:M, block by block; reloads with plain transformers", streams=True)
 def apply(model, cfg: SparseGPTConfig, ctx: StepContext) -> dict:
     targets = dict(select_linears(model, cfg.ignore))
     check_pattern(list(targets.items()), cfg)
     batches = cfg.batches(ctx)
     per_layer: dict[str, float] = {}
+    zeros: dict[str, int] = {}
     errors: dict[str, float] = {}
     damping: dict[str, float] = {}
 
@@ -79,7 +80,8 @@ def apply(model, cfg: SparseGPTConfig, ctx: StepContext) -> dict:
             with torch.no_grad():
                 lin.weight.copy_(new.to(lin.weight.dtype))
             per_layer[name] = float((lin.weight == 0).float().mean())
+            zeros[name] = int((lin.weight == 0).sum())
 
     calibrated(model, targets, batches, prune, hessian=True, track=ctx.track)
     return account(model, per_layer, cfg, {"calibration": summary(batches), "relative_output_error": errors,
-                                           **raised_dampening(damping, cfg.dampening, ctx)})
+                                           **raised_dampening(damping, cfg.dampening, ctx)}, zeros)

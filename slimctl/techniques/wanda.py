@@ -20,12 +20,13 @@ def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, cfg: PruneOptions) -> tor
 
 
 @register("wanda", "prune", WandaConfig,
-          "Wanda: |weight| x input-activation norm, per output row or N:M, calibrated block by block; reloads with plain transformers")
+          "Wanda: |weight| x input-activation norm, per output row or N:M, calibrated block by block; reloads with plain transformers", streams=True)
 def apply(model, cfg: WandaConfig, ctx: StepContext) -> dict:
     targets = dict(select_linears(model, cfg.ignore))
     check_pattern(list(targets.items()), cfg)
     batches = cfg.batches(ctx)
     per_layer: dict[str, float] = {}
+    zeros: dict[str, int] = {}
 
     def prune(mine: dict, stats: InputStats) -> None:
         with torch.no_grad():
@@ -33,6 +34,7 @@ def apply(model, cfg: WandaConfig, ctx: StepContext) -> dict:
                 mask = wanda_mask(lin.weight, stats.sq_norm[name], cfg)
                 lin.weight.masked_fill_(mask, 0)
                 per_layer[name] = float(mask.float().mean())
+                zeros[name] = int((lin.weight == 0).sum())
 
     calibrated(model, targets, batches, prune, track=ctx.track)
-    return account(model, per_layer, cfg, {"calibration": summary(batches)})
+    return account(model, per_layer, cfg, {"calibration": summary(batches)}, zeros)

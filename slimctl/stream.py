@@ -1,0 +1,417 @@
+"""Streaming: a model whose weights stay on disk. The model is a skeleton on the meta device; a unit
+(one repeated block, or one module outside the blocks) is read from the safetensors files when a
+step reaches it and goes back to meta when the step moves on, so peak memory is about one block.
+
+A unit a step changed is written to a spill folder (one safetensors file per unit) and read from
+there afterwards: later steps, the artifact writer and the checks see the slimmed unit. Calibrated
+drivers (calibrate.sequential) and per-layer walks (visit) call load/release; techniques that
+cannot work this way are refused by the pipeline (Technique.streams)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, UnsupportedError
+
+INDEX = "model.safetensors.index.json"
+
+
+def stream_of(model) -> "Streamer | None":
+    """The streamer of a streamed skeleton, or None for a model in memory."""
+    return getattr(model, "_slimctl_stream", None)
+
+
+class TensorFiles:
+    """Which safetensors file holds each tensor of a model folder (one file, or shards + index).
+    Tensors are read with plain file reads (read_tensors), never mapped."""
+
+    def __init__(self, folder: Path, transform: Callable[[dict, str], dict] | None = None):
+        self.folder = Path(folder)
+        self.where: dict[str, Path] = {}
+        self.header: dict[str, dict] = {}
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{folder} has no *.safetensors weights; --stream reads safetensors only")
+        for f in files:
+            for k, info in read_header(f).items():
+                self.where[k] = f
+                self.header[k] = info
+        self.transform = transform  # (tensors of one unit with full names, unit prefix) -> slimctl's names
+
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.where.values()))
+
+    def dtype(self, name: str) -> str:
+        return self.header[name]["dtype"]
+
+    def read(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor under `prefix.` (or named `prefix`), with full names."""
+        names = [k for k in self.where if k.startswith(prefix + ".") or k == prefix]
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted({self.where[k] for k in names}):
+            out.update(read_tensors(f, [k for k in names if self.where[k] == f], self.header))
+        return self.transform(out, prefix) if self.transform else out
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensor table: name -> dtype, shape, absolute byte range."""
+    import struct
+
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size:
+                raise ValueError(f"header length {n} exceeds the file")
+            table = json.loads(f.read(n))
+            table.pop("__metadata__", None)
+            for info in table.values():
+                b, e = info["data_offsets"]
+                info["range"] = (8 + n + b, 8 + n + e)
+        except (struct.error, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"{path} is not a safetensors file ({str(e)[:120]})") from None
+    end = max((info["range"][1] for info in table.values()), default=0)
+    if end > size:
+        raise ModelLoadError(f"{path} is not a safetensors file (truncated: its tensors end at byte {end:,}, the file at {size:,})")
+    return table
+
+
+def read_tensors(path: Path, names: list[str], header: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of one file, each read into its own fresh memory with plain reads: no
+    mapping of the file, so a read costs exactly the tensors' bytes (the file stays in the page cache)."""
+    header = header or read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for k in sorted(names, key=lambda k: header[k]["range"][0]):
+            info = header[k]
+            if info["dtype"] not in DTYPES:
+                raise ModelLoadError(f"{path}: tensor {k} has dtype {info['dtype']}, which slimctl cannot stream")
+            b, e = info["range"]
+            raw = torch.empty(e - b, dtype=torch.uint8)
+            f.seek(b)
+            if e > b and f.readinto(memoryview(raw.numpy()).cast("B")) != e - b:
+                raise ModelLoadError(f"{path} is truncated (tensor {k})")
+            out[k] = raw.view(DTYPES[info["dtype"]]).reshape(info["shape"]) if e > b else \
+                torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+    return out
+
+
+def skeleton(config, kind: str, dtype: torch.dtype) -> nn.Module:
+    """The model built from its config with parameters on the meta device and buffers real (the
+    model's own code computes rotary frequencies and position ids, as for an in-memory load)."""
+    from accelerate import init_empty_weights
+
+    from .kinds import auto_class
+
+    with init_empty_weights(include_buffers=False):
+        model = auto_class(kind).from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def stored_dtype(files: TensorFiles) -> torch.dtype:
+    """The dtype of the first floating-point tensor on disk (what an in-memory load with dtype="auto" gets)."""
+    for name in sorted(files.where):
+        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(files.dtype(name))
+        if dt is not None:
+            return dt
+    return torch.float32
+
+
+class Streamer:
+    """Loads and releases the units of one streamed skeleton; keeps what changed in a spill folder."""
+
+    def __init__(self, model: nn.Module, files: TensorFiles):
+        from .calibrate import find_blocks
+
+        self.model, self.files = model, files
+        self.spill: Path | None = None  # made at the first changed unit, removed by close()
+        self.block_prefix, blocks = find_blocks(model)
+        self.blocks = {f"{self.block_prefix}.{i}": b for i, b in enumerate(blocks)}
+        self.spilled: set[str] = set()
+        self.loaded: set[str] = set()
+        holders = [n for n, m in model.named_modules() if (not n or self.block_prefix.startswith(n + "."))
+                   and any(True for _ in m.parameters(recurse=False))]
+        if holders:  # a parameter on the root or on a module that holds the blocks belongs to no unit
+            raise UnsupportedError(f"{type(model).__name__} keeps parameters directly on {holders[0] or 'the model'}, "
+                                   "outside any block or submodule; it cannot be streamed")
+        self.aliases = _tied_aliases(model)  # a tied tensor's name -> the name it is stored under
+        self.peak_unit_bytes = self.peak_block_bytes = 0
+        self.params = sum(p.numel() for p in model.parameters())  # before any step swaps Linears out
+        self.check_finite = True  # as an in-memory load refuses NaN/Inf weights (--allow-non-finite: False)
+
+    # --- units -------------------------------------------------------------------------------
+    def units(self) -> list[str]:
+        """Every unit in module order: the blocks, and the outermost modules outside them that own tensors."""
+        out: list[str] = []
+        for name, mod in self.model.named_modules():
+            if name in self.blocks:
+                out.append(name)
+            elif not name or any(name.startswith(u + ".") for u in out) or name == self.block_prefix \
+                    or self.block_prefix.startswith(name + "."):
+                continue
+            elif _owns_tensors(mod):
+                out.append(name)
+        return out
+
+    def unit_of(self, name: str) -> str:
+        """The unit that holds module `name`."""
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            p = ".".join(parts[:i])
+            if p in self.blocks or p in self._outside():
+                return p
+        return name
+
+    def _outside(self) -> set[str]:
+        if not hasattr(self, "_outside_units"):
+            self._outside_units = {u for u in self.units() if u not in self.blocks}
+        return self._outside_units
+
+    def module(self, unit: str) -> nn.Module:
+        return self.model.get_submodule(unit)
+
+    # --- load / release ----------------------------------------------------------------------
+    def load(self, unit: str) -> nn.Module:
+        mod = self.module(unit)
+        if unit in self.loaded:
+            return mod
+        if unit in self.spilled:
+            f = self._spill_file(unit)
+            state = read_tensors(f, list(read_header(f)))
+        else:
+            state = self._from_files(unit, mod)
+            if self.check_finite:
+                _refuse_non_finite(unit, state)
+        missing, unexpected = mod.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if _is_meta(mod, k)]
+        if missing or unexpected:
+            raise ModelLoadError(f"streaming {unit}: the files do not match the model (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+        self.loaded.add(unit)
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        self.peak_unit_bytes = max(self.peak_unit_bytes, size)
+        if unit in self.blocks:
+            self.peak_block_bytes = max(self.peak_block_bytes, size)
+        return mod
+
+    def _from_files(self, unit: str, mod: nn.Module) -> dict[str, torch.Tensor]:
+        raw = self.files.read(unit)
+        state = {k[len(unit) + 1:]: v for k, v in raw.items()}
+        for key in mod.state_dict(keep_vars=True):
+            full = f"{unit}.{key}"
+            if key not in state and full in self.aliases:  # a tied weight stored under the other name
+                src = self.aliases[full]
+                state[key] = self.files.read(src)[src]
+        return state
+
+    def release(self, unit: str, changed: bool = True) -> None:
+        """Back to meta; a changed unit is first written to the spill folder."""
+        if unit not in self.loaded:
+            return
+        mod = self.module(unit)
+        if changed:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous() for k, v in mod.state_dict().items() if v.device.type != "meta"}
+            save_file(_unshare(state), str(self._spill_file(unit)))
+            self.spilled.add(unit)
+        to_meta(mod)
+        self.loaded.discard(unit)
+        if unit in self.blocks:
+            from .machine import release_freed_memory
+
+            release_freed_memory()  # hand the block's freed pages back to the OS before the next one
+
+    def _spill_file(self, unit: str) -> Path:
+        if self.spill is None:
+            self.spill = Path(tempfile.mkdtemp(prefix="slimctl-spill-"))
+        return self.spill / f"{unit}.safetensors"
+
+    def release_all(self, changed: bool = False) -> None:
+        for u in list(self.loaded):
+            self.release(u, changed=changed)
+
+    @contextlib.contextmanager
+    def outside_on_demand(self) -> Iterator[None]:
+        """While open, a module outside the blocks is loaded the first time the forward reaches it;
+        on exit every unit loaded this way is released (unchanged)."""
+        hooks = []
+        mine: set[str] = set()
+        for unit in self._outside():
+            def pre(mod, args, unit=unit):
+                if unit not in self.loaded:
+                    self.load(unit)
+                    mine.add(unit)
+            hooks.append(self.module(unit).register_forward_pre_hook(pre))
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for u in mine:
+                self.release(u, changed=False)
+
+    def close(self) -> None:
+        if self.spill is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
+            self.spill = None
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite in slices: on a whole table it allocates temporaries of the table's size."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(chunk))
+
+
+def _refuse_non_finite(unit: str, state: dict[str, torch.Tensor]) -> None:
+    for k, t in state.items():
+        if t.is_floating_point() and not _all_finite(t):
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            raise ModelLoadError(f"{unit}.{k} holds NaN or Inf ({bad:,} of {t.numel():,} values); the checkpoint is "
+                                 "broken (or pass --allow-non-finite to load it anyway)")
+
+
+def _owns_tensors(mod: nn.Module) -> bool:
+    return any(True for _ in mod.parameters(recurse=False)) or any(
+        n not in mod._non_persistent_buffers_set for n, _ in mod.named_buffers(recurse=False))
+
+
+def _is_meta(mod: nn.Module, key: str) -> bool:
+    """Whether state key `key` of `mod` is still a meta tensor (a real buffer need not come from disk)."""
+    t = mod.state_dict(keep_vars=True).get(key)
+    return t is not None and t.device.type == "meta"
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """name -> first name, for parameters registered under more than one name (tied embeddings)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; give each its own copy where they do."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def to_meta(mod: nn.Module) -> None:
+    """Parameters and persistent buffers back to the meta device (the memory is freed); buffers the
+    model computes itself (non-persistent) stay."""
+    for sub in mod.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and name not in sub._non_persistent_buffers_set and b.device.type != "meta":
+                sub._buffers[name] = torch.empty_like(b, device="meta")
+
+
+def visit(model: nn.Module, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Walk (name, module) pairs in order; for a streamed skeleton, the unit holding each module is
+    loaded before it is yielded and released (and spilled) once the walk leaves it."""
+    st = stream_of(model)
+    if st is None:
+        yield from items
+        return
+    current = None
+    try:
+        for name, _ in items:
+            unit = st.unit_of(name)
+            if unit != current:
+                if current is not None:
+                    st.release(current)
+                st.load(unit)
+                current = unit
+            yield name, model.get_submodule(name)
+    finally:
+        if current is not None:
+            st.release(current)
+
+
+def refuse(what: str) -> None:
+    """For a step option that needs the whole model in memory at once."""
+    raise UnsupportedError(f"{what} needs every weight in memory at once; run without --stream")
+
+
+def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -> tuple[nn.Module, Streamer]:
+    """A streamed skeleton of a model folder (a source model, or a slimctl artifact whose quantized
+    modules slimctl.json names), with its streamer attached; spill goes to a temporary folder."""
+    from transformers import AutoConfig
+
+    from .qmodules import build_from_meta
+
+    _large_allocations_unmapped()
+    config = AutoConfig.from_pretrained(folder)
+    qmeta = (meta or {}).get("quantized_modules") or {}
+    transform = None
+    if hasattr(config, "quantization_config") and qmeta:
+        del config.quantization_config
+    if qmeta:
+        from .ctformat import to_slimctl_state
+
+        def transform(state, prefix):
+            return to_slimctl_state(state, {n: s for n, s in qmeta.items() if n.startswith(prefix + ".") or n == prefix})
+    files = TensorFiles(folder, transform)
+    model = skeleton(config, kind, stored_dtype(files))
+    if qmeta:
+        build_from_meta(model, qmeta)
+        to_meta(model)
+    st = Streamer(model, files)
+    model._slimctl_stream = st
+    return model, st
+
+
+def _large_allocations_unmapped() -> None:
+    """glibc serves allocations below a threshold that grows (up to 32 MB) from its heap, where freed
+    blocks of a streamed layer fragment and stay resident; fixing the threshold at 1 MB makes every
+    tensor of a block its own mapping, returned to the OS when freed."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    p = Path(folder) / "slimctl.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def should_stream(setting, folder: Path) -> bool:
+    """A recipe's `stream`: True/False as given; "auto" when the weights on disk exceed half the
+    memory available now (an in-memory run holds them twice: baseline and slimmed)."""
+    if setting != "auto":
+        return bool(setting)
+    import psutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return size > 0.5 * psutil.virtual_memory().available

@@ -1,0 +1,201 @@
+"""--stream: a model slimmed one block at a time from its safetensors shards gives the same artifact,
+bit for bit, as the in-memory path; the sharded artifact reloads with plain transformers; streamed
+perplexity equals the in-memory one; memory is recorded; what cannot stream is refused clearly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+METHODS = {
+    "rtn": {"bits": 4, "group_size": 32},
+    "gptq": {"bits": 4, "group_size": 32, "calib_samples": 6, "calib_seq_len": 64},
+    "smoothquant": {"calib_samples": 6, "calib_seq_len": 64},
+    "magnitude": {"sparsity": 0.5},
+    "wanda": {"sparsity": 0.5, "calib_samples": 6, "calib_seq_len": 64},
+    "sparsegpt": {"pattern": "2:4", "calib_samples": 6, "calib_seq_len": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory) -> Path:
+    """A tiny untied Llama (GQA) written as several safetensors shards + index, as big checkpoints are."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _tokenizer
+
+    torch.manual_seed(1)
+    tok = _tokenizer()
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    path = tmp_path_factory.mktemp("sharded") / "llama"
+    LlamaForCausalLM(cfg).eval().save_pretrained(path, max_shard_size="1MB")
+    tok.save_pretrained(path)
+    assert (path / "model.safetensors.index.json").exists()
+    return path
+
+
+def _recipe(method: str, stream: bool, evaluate: bool = False):
+    from slimctl.recipe import from_dict
+
+    return from_dict({"version": 1, "seed": 0, "stream": stream, "steps": [{"method": method, **METHODS[method]}],
+                      "eval": {"skip": not evaluate, "max_samples": 4, "seq_len": 64, "max_tokens": 256},
+                      "bench": {"skip": True}}, "test")
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_streamed_artifact_is_bit_identical(sharded_llama, tmp_path, method, one_thread):
+    from slimctl import pipeline
+
+    mem = pipeline.run(_recipe(method, False), str(sharded_llama), tmp_path / "mem", isolate=False)
+    st = pipeline.run(_recipe(method, True), str(sharded_llama), tmp_path / "stream", isolate=False)
+    a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "stream" / "model")
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert st["memory"]["streamed"] and st["memory"]["peak_rss_mb"] > 0 and st["memory"]["blocks"] == 3
+    assert st["artifact"]["reload_check"]["max_abs_diff"] <= 1e-5, st["artifact"]["reload_check"]
+    assert st["passed"]
+    assert st["slimmed"]["steps"][0]["layers"] == mem["slimmed"]["steps"][0]["layers"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streamed_tied_embeddings_model_is_bit_identical(tiny_llama, tmp_path, method, one_thread):
+    """A tied LM head (one tensor under two names) streams, and the artifact stores it once, as in memory."""
+    from slimctl import pipeline
+
+    pipeline.run(_recipe(method, False), str(tiny_llama), tmp_path / "mem", isolate=False)
+    pipeline.run(_recipe(method, True), str(tiny_llama), tmp_path / "stream", isolate=False)
+    a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "stream" / "model")
+    assert sorted(a) == sorted(b) and "lm_head.weight" not in b
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_eval_and_plain_transformers_reload(sharded_llama, tmp_path, one_thread, monkeypatch):
+    """Sharded output (several shards + index) reloads with plain transformers; streamed perplexity
+    equals the in-memory path's; the baseline comes from the cache the second time."""
+    from transformers import AutoModelForCausalLM
+
+    import slimctl.formats.sharded as sharded
+    from slimctl import pipeline
+
+    monkeypatch.setattr(sharded, "DEFAULT_SHARD_BYTES", 200_000)  # several shards even for a tiny model
+    st = pipeline.run(_recipe("magnitude", True, evaluate=True), str(sharded_llama), tmp_path / "s", isolate=False)
+    mem = pipeline.run(_recipe("magnitude", False, evaluate=True), str(sharded_llama), tmp_path / "m", isolate=False)
+    art = tmp_path / "s" / "model"
+    index = json.loads((art / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert all((art / f).exists() for f in set(index["weight_map"].values()))
+    for side in ("baseline", "slimmed"):
+        a = st[side]["eval"]["metrics"]["perplexity"]
+        b = mem[side]["eval"]["metrics"]["perplexity"]
+        assert a == pytest.approx(b, rel=1e-6), (side, a, b)
+    assert st["delta"]["quality"]["kl_divergence"] == pytest.approx(mem["delta"]["quality"]["kl_divergence"], rel=1e-4, abs=1e-9) \
+        if "quality" in st["delta"] else True
+    plain = AutoModelForCausalLM.from_pretrained(art).eval()
+    src = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "model").eval()
+    ids = torch.tensor([[5, 9, 200, 7, 31]])
+    with torch.inference_mode():
+        assert torch.equal(plain(ids).logits, src(ids).logits)
+    again = pipeline.run(_recipe("magnitude", True, evaluate=True), str(sharded_llama), tmp_path / "s2", isolate=False)
+    assert again["baseline"]["eval"]["streamed"]["baseline_cached"] is True
+    assert again["baseline"]["eval"]["metrics"]["perplexity"] == st["baseline"]["eval"]["metrics"]["perplexity"]
+
+
+def test_gptq_artifact_loads_in_slimctl_and_matches_streamed_forward(sharded_llama, tmp_path, one_thread):
+    from slimctl import pipeline
+    from slimctl.evaluate.streamed import forward_logits
+    from slimctl.models import load
+    from slimctl.stream import open_streamed, read_meta
+
+    pipeline.run(_recipe("gptq", True), str(sharded_llama), tmp_path / "g", isolate=False)
+    art = tmp_path / "g" / "model"
+    whole = load(str(art)).model
+    streamed, st = open_streamed(art, "causal-lm", read_meta(art))
+    ids = {"input_ids": torch.tensor([[5, 9, 200, 7, 31, 8]])}
+    try:
+        with torch.inference_mode():
+            a = whole(**ids).logits
+        b = forward_logits(streamed, [ids])[0]
+    finally:
+        st.close()
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_stream_refusals(sharded_llama, tmp_path):
+    r = run_cli("quantize", sharded_llama, "--method", "awq", "--stream", "--out", tmp_path / "a", "--skip-bench")
+    assert r.returncode == 2 and r.stderr.strip().startswith("Error:") and "cannot run streamed" in r.stderr
+    r = run_cli("prune", sharded_llama, "--method", "magnitude", "--sparsity", "0.5", "--scope", "global", "--stream",
+                "--out", tmp_path / "b", "--skip-bench", "--skip-eval")
+    assert r.returncode == 2 and "needs every weight in memory" in r.stderr, r.stderr
+    assert not (tmp_path / "b" / "model").exists()
+    r = run_cli("quantize", sharded_llama, "--method", "rtn", "--stream", "--stream-auto", "--out", tmp_path / "c")
+    assert r.returncode == 2 and "exclusive" in r.stderr
+
+
+def _spills() -> set:
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("slimctl-spill-*"))
+
+
+def test_streamed_runs_leave_no_spill_folder(sharded_llama, tmp_path):
+    from slimctl import pipeline
+    from slimctl.errors import UnsupportedError
+
+    before = _spills()
+    pipeline.run(_recipe("wanda", True), str(sharded_llama), tmp_path / "w", isolate=False)
+    from slimctl.recipe import from_dict
+
+    global_scope = from_dict({"version": 1, "stream": True, "bench": {"skip": True}, "eval": {"skip": True},
+                              "steps": [{"method": "magnitude", "sparsity": 0.5, "scope": "global"}]}, "test")
+    with pytest.raises(UnsupportedError):
+        pipeline.run(global_scope, str(sharded_llama), tmp_path / "g", isolate=False)
+    assert _spills() == before
+
+
+def test_stream_refuses_nan_weights(sharded_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded_llama, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.up_proj.weight"
+    f = bad / index["weight_map"][name]
+    state = load_file(f)
+    state[name][0, 0] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+    r = run_cli("quantize", bad, "--method", "rtn", "--stream", "--out", tmp_path / "o", "--skip-bench", "--skip-eval")
+    assert r.returncode == 2 and "model.layers.1.mlp.up_proj.weight holds NaN" in r.stderr, r.stderr
+    assert not (tmp_path / "o" / "model").exists()
+
+
+def test_cli_stream_auto_stays_in_memory_for_a_small_model(sharded_llama, tmp_path):
+    r = run_cli("quantize", sharded_llama, "--method", "rtn", "--stream-auto", "--out", tmp_path / "o", "--skip-bench",
+                "--skip-eval", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "memory" not in json.loads(r.stdout)
