@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import DataError, UnsupportedError
+from .errors import DataError
+from .blocks import find_blocks  # noqa: F401  (techniques import it from here)
 from .kinds import CAUSAL_LM
 
 DEFAULT_SEQ_LEN = {CAUSAL_LM: 256}
@@ -41,26 +42,14 @@ def calibration_batches(tokenizer, kind: str, samples: int, seq_len: int | None,
     return out
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's repeated blocks: the ModuleList holding the most parameters."""
-    best, best_n = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            n = sum(p.numel() for p in mod.parameters())
-            if n > best_n:
-                best, best_n = (name, mod), n
-    if best is None:
-        raise UnsupportedError("found no repeated blocks (an nn.ModuleList of layers) to calibrate block by block")
-    return best
-
-
 class _Stop(Exception):
     pass
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of `block` for every calibration batch, captured by stopping the forward there."""
-    got: list[tuple[tuple, dict]] = []
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict], got=None) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of `block` for every calibration batch, captured by stopping the forward there
+    (appended to `got`: a list, or Activations kept on disk)."""
+    got = [] if got is None else got
 
     def hook(mod, args, kwargs):
         got.append((args, dict(kwargs)))
@@ -114,8 +103,69 @@ def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, s
 
     st = stream_of(model)
     prefix, blocks = find_blocks(model)
-    with st.outside_on_demand() if st else contextlib.nullcontext():
-        inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = Activations(on_disk=st is not None and _too_large(model, batches))
+    try:
+        with st.outside_on_demand() if st else contextlib.nullcontext():
+            capture_block_inputs(model, blocks[0], batches, inputs)
+        return _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
+    finally:
+        inputs.close()
+
+
+ACTIVATIONS_SHARE = 0.25  # streamed: calibration activations above this share of available memory go to disk
+
+
+def _too_large(model: nn.Module, batches: list[dict]) -> bool:
+    import psutil
+
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    width = getattr(model.config, "hidden_size", 0) or 0
+    return tokens * width * 4 > ACTIVATIONS_SHARE * psutil.virtual_memory().available
+
+
+class Activations:
+    """A block's calibration inputs, (args, kwargs) per batch: a list in memory, or, for a streamed model
+    whose activations would not fit, one file per batch in a temporary folder (read back on use; exact)."""
+
+    def __init__(self, on_disk: bool = False):
+        import tempfile
+
+        self.items: list = []
+        self.folder = tempfile.mkdtemp(prefix="slimctl-activations-") if on_disk else None
+
+    def _put(self, i: int, value) -> Any:
+        if self.folder is None:
+            return value
+        path = f"{self.folder}/{i}.pt"
+        torch.save(value, path)
+        return path
+
+    def append(self, value) -> None:
+        self.items.append(self._put(len(self.items), value))
+
+    def __setitem__(self, i: int, value) -> None:
+        self.items[i] = self._put(i, value)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        v = self.items[i]
+        return torch.load(v, weights_only=False) if self.folder is not None else v  # our own files, this run
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        if self.folder is not None:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block) -> list[Any]:
     results = []
     for i in track(range(len(blocks)), "blocks", len(blocks)):
         block = st.load(f"{prefix}.{i}") if st else blocks[i]

@@ -9,6 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from . import delta as delta_mod, gates as gate_mod, report as report_mod
@@ -109,8 +110,6 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
 
         folder, _ = resolve(model_spec, ui.say)
         if should_stream(recipe.stream, folder):
-            from .pipeline_streamed import run_streamed
-
             return run_streamed(recipe, model_spec, folder, out, ui, recipe_source, load_options)
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -142,6 +141,48 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     return report
 
 
+def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: UI, recipe_source: str | None,
+                 load_options: dict) -> dict[str, Any]:
+    """run() with the model streamed from its files one block at a time (pipeline_streamed.py)."""
+    import torch
+
+    from .machine import RssSampler, release_freed_memory, rss_mb
+    from .models import _load_tokenizer, kind_of
+    from .pipeline_streamed import check_streamable, evaluate_streamed_pair, memory_record, save_and_check
+    from .stream_open import open_streamed
+
+    check_streamable(recipe, folder, load_options)
+    kind = kind_of(folder)
+    tok = _load_tokenizer(folder, load_options.get("trust_remote_code", False))
+    t0 = time.perf_counter()
+    release_freed_memory()
+    start_mb = rss_mb()
+    opened = []
+    with RssSampler() as rss:
+        try:
+            ui.say(f"streaming {model_spec}: one block in memory at a time")
+            model, st = open_streamed(folder, kind)
+            opened.append(st)
+            st.check_finite = not load_options.get("allow_non_finite", False)
+            base = SimpleNamespace(model=model, tokenizer=tok, kind=kind, path=str(folder), source=model_spec, meta={})
+            torch.manual_seed(recipe.seed)
+            model, steps, notes = apply_steps(model, tok, recipe, kind, ui)
+            slim = Slimmed(model, steps, notes)
+            artifact, art_model = save_and_check(base, slim, st, out / ARTIFACT_DIR, recipe, model_spec, ui, opened)
+            ev = evaluate_streamed_pair(base, art_model, recipe, ui, opened)
+        finally:
+            for s in opened:
+                s.close()
+    if not recipe.bench.skip:
+        slim.notes.append("speed was not benchmarked: a benchmark loads the whole model, which --stream avoids; "
+                          "bench the artifact with slimctl bench on a machine it fits")
+    report = build_report(recipe, model_spec, base, slim, artifact, ev, None, None, None, recipe_source,
+                          round(time.perf_counter() - t0, 1))
+    report["memory"] = memory_record(st, steps, rss, start_mb, folder)
+    write_report(report, out)
+    return report
+
+
 def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
     """Save the artifact atomically, then load it back and compare its outputs with the model in memory."""
     from .formats import for_model
@@ -162,8 +203,6 @@ def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_sp
 
 def export_gguf(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
     """OUT/model.gguf from the slimmed model in memory (codes packed as they are, see formats/gguf.py)."""
-    from types import SimpleNamespace
-
     from .formats.gguf import GGUFOptions, export
     from .models import file_digest
 

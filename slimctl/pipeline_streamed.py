@@ -1,13 +1,10 @@
-"""One slimming run with the model streamed from disk (--stream, recipe `stream: true`): the steps
-run on a meta skeleton whose blocks are read one at a time (stream.py), the artifact is written
-shard by shard, the reload check and the side-by-side perplexity stream baseline and artifact block
-by block, and the report records the process's peak memory beside the model's size. No whole model
+"""The parts of a streamed run (--stream, recipe `stream: true`; pipeline.run_streamed puts them
+together): what streaming refuses, the sharded artifact and its streamed reload check, the side-by-side
+perplexity streamed from the source and the artifact, and the memory record of the run. No whole model
 is ever in memory; speed benchmarks, which need one, are skipped with a note."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from .errors import ModelLoadError, UnsupportedError
@@ -21,7 +18,7 @@ def check_streamable(recipe: Recipe, folder: Path, load_options: dict) -> None:
     """Everything --stream refuses, before any long work."""
     from . import techniques
     from .kinds import read_config
-    from .stream import read_meta
+    from .stream_open import read_meta
 
     if folder.is_file():
         raise UnsupportedError("--stream reads a folder of safetensors weights, not a single .gguf file")
@@ -41,60 +38,16 @@ def check_streamable(recipe: Recipe, folder: Path, load_options: dict) -> None:
                                "(auto_map) is not streamed")
 
 
-def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: UI, recipe_source: str | None,
-                 load_options: dict) -> dict[str, Any]:
-    import torch
-
-    from .machine import RssSampler, release_freed_memory, rss_mb
-    from .models import _load_tokenizer, kind_of
-    from .pipeline import ARTIFACT_DIR, Slimmed, build_report
-    from .render import write_report
-    from .steps import apply_steps
-    from .stream import open_streamed
-
-    check_streamable(recipe, folder, load_options)
-    kind = kind_of(folder)
-    tok = _load_tokenizer(folder, load_options.get("trust_remote_code", False))
-    t0 = time.perf_counter()
-    release_freed_memory()
-    start_mb = rss_mb()
-    opened = []
-    with RssSampler() as rss:
-        try:
-            ui.say(f"streaming {model_spec}: one block in memory at a time")
-            model, st = open_streamed(folder, kind)
-            opened.append(st)
-            st.check_finite = not load_options.get("allow_non_finite", False)
-            base = SimpleNamespace(model=model, tokenizer=tok, kind=kind, path=str(folder), source=model_spec, meta={})
-            torch.manual_seed(recipe.seed)
-            model, steps, notes = apply_steps(model, tok, recipe, kind, ui)
-            slim = Slimmed(model, steps, notes)
-            artifact, art_model = save_and_check(base, slim, st, out / ARTIFACT_DIR, recipe, model_spec, ui, opened)
-            ev = evaluate_streamed_pair(base, art_model, recipe, ui, opened)
-        finally:
-            for s in opened:
-                s.close()
-    if not recipe.bench.skip:
-        slim.notes.append("speed was not benchmarked: a benchmark loads the whole model, which --stream avoids; "
-                          "bench the artifact with slimctl bench on a machine it fits")
-    report = build_report(recipe, model_spec, base, slim, artifact, ev, None, None, None, recipe_source,
-                          round(time.perf_counter() - t0, 1))
-    report["memory"] = memory_record(st, steps, rss, start_mb, folder)
-    write_report(report, out)
-    return report
-
-
 def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: str, ui: UI, opened: list):
     """The sharded artifact, written atomically, then streamed back and compared with the slimmed
     model (its blocks from the spill folder) on two short texts."""
     from ._version import __version__
-    from .evaluate.streamed import forward_logits
+    from .stream_eval import forward_logits
     from .formats import for_model
     from .formats.sharded import save_streamed
     from .models import save_artifact
-    from .pipeline import RELOAD_TOLERANCE  # noqa: F401  (the gate build_report applies)
     from .qmodules import quantized_modules_meta
-    from .stream import open_streamed
+    from .stream_open import open_streamed
 
     fmt = for_model(slim.model)
     meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind, "format": fmt.name,
@@ -118,8 +71,8 @@ def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: st
 def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list) -> dict[str, Any] | None:
     """Baseline (streamed from the source files, its last hidden states cached) and the artifact
     (streamed from its shards), side by side."""
-    from .evaluate.streamed import evaluate_streamed
-    from .stream import open_streamed
+    from .stream_eval import evaluate_streamed
+    from .stream_open import open_streamed
 
     if recipe.eval.skip:
         return None

@@ -117,7 +117,22 @@ def skeleton(config, kind: str, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = auto_class(kind).from_config(config, dtype=dtype)
+    _tie(model)  # a tied LM head is the embedding's Parameter: stored once, found by identity
     return model.eval()
+
+
+def _tie(model: nn.Module) -> None:
+    """Tie as a loaded model is tied (transformers ties at load time, not on a meta skeleton)."""
+    keys = getattr(model, "_tied_weights_keys", None)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not isinstance(keys, dict) or not getattr(text, "tie_word_embeddings", False):
+        return
+    for target, source in keys.items():
+        owner, _, attr = target.rpartition(".")
+        try:
+            setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+        except AttributeError:  # a key pattern this architecture does not have
+            continue
 
 
 def stored_dtype(files: TensorFiles) -> torch.dtype:
@@ -133,7 +148,7 @@ class Streamer:
     """Loads and releases the units of one streamed skeleton; keeps what changed in a spill folder."""
 
     def __init__(self, model: nn.Module, files: TensorFiles):
-        from .calibrate import find_blocks
+        from .blocks import find_blocks
 
         self.model, self.files = model, files
         self.spill: Path | None = None  # made at the first changed unit, removed by close()
@@ -354,53 +369,6 @@ def visit(model: nn.Module, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[
 def refuse(what: str) -> None:
     """For a step option that needs the whole model in memory at once."""
     raise UnsupportedError(f"{what} needs every weight in memory at once; run without --stream")
-
-
-def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -> tuple[nn.Module, Streamer]:
-    """A streamed skeleton of a model folder (a source model, or a slimctl artifact whose quantized
-    modules slimctl.json names), with its streamer attached; spill goes to a temporary folder."""
-    from transformers import AutoConfig
-
-    from .qmodules import build_from_meta
-
-    _large_allocations_unmapped()
-    config = AutoConfig.from_pretrained(folder)
-    qmeta = (meta or {}).get("quantized_modules") or {}
-    transform = None
-    if hasattr(config, "quantization_config") and qmeta:
-        del config.quantization_config
-    if qmeta:
-        from .ctformat import to_slimctl_state
-
-        def transform(state, prefix):
-            return to_slimctl_state(state, {n: s for n, s in qmeta.items() if n.startswith(prefix + ".") or n == prefix})
-    files = TensorFiles(folder, transform)
-    model = skeleton(config, kind, stored_dtype(files))
-    if qmeta:
-        build_from_meta(model, qmeta)
-        to_meta(model)
-    st = Streamer(model, files)
-    model._slimctl_stream = st
-    return model, st
-
-
-def _large_allocations_unmapped() -> None:
-    """glibc serves allocations below a threshold that grows (up to 32 MB) from its heap, where freed
-    blocks of a streamed layer fragment and stay resident; fixing the threshold at 1 MB makes every
-    tensor of a block its own mapping, returned to the OS when freed."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def read_meta(folder: Path) -> dict[str, Any]:
-    p = Path(folder) / "slimctl.json"
-    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def should_stream(setting, folder: Path) -> bool:

@@ -93,6 +93,31 @@ def test_streamed_tied_embeddings_model_is_bit_identical(tiny_llama, tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_calibration_activations_on_disk_give_the_same_artifact(sharded_llama, tmp_path, one_thread, monkeypatch):
+    """When a streamed model's calibration activations would not fit they go to disk, one file per batch:
+    the result is the same bit for bit, and the folder is gone afterwards."""
+    import tempfile
+
+    import slimctl.calibrate as calibrate
+    from slimctl import pipeline
+
+    made = []
+    real = calibrate.Activations.__init__
+
+    def spy(self, on_disk=False):
+        real(self, on_disk)
+        made.append(self.folder)
+
+    monkeypatch.setattr(calibrate, "ACTIVATIONS_SHARE", 0.0)  # any activations are "too large"
+    monkeypatch.setattr(calibrate.Activations, "__init__", spy)
+    pipeline.run(_recipe("gptq", False), str(sharded_llama), tmp_path / "mem", isolate=False)
+    pipeline.run(_recipe("gptq", True), str(sharded_llama), tmp_path / "disk", isolate=False)
+    assert made[0] is None and made[-1] is not None and not Path(made[-1]).exists()
+    a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "disk" / "model")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(Path(tempfile.gettempdir()).glob("slimctl-activations-*"))
+
+
 def test_streamed_eval_and_plain_transformers_reload(sharded_llama, tmp_path, one_thread, monkeypatch):
     """Sharded output (several shards + index) reloads with plain transformers; streamed perplexity
     equals the in-memory path's; the baseline comes from the cache the second time."""
@@ -126,9 +151,9 @@ def test_streamed_eval_and_plain_transformers_reload(sharded_llama, tmp_path, on
 
 def test_gptq_artifact_loads_in_slimctl_and_matches_streamed_forward(sharded_llama, tmp_path, one_thread):
     from slimctl import pipeline
-    from slimctl.evaluate.streamed import forward_logits
+    from slimctl.stream_eval import forward_logits
     from slimctl.models import load
-    from slimctl.stream import open_streamed, read_meta
+    from slimctl.stream_open import open_streamed, read_meta
 
     pipeline.run(_recipe("gptq", True), str(sharded_llama), tmp_path / "g", isolate=False)
     art = tmp_path / "g" / "model"

@@ -30,7 +30,6 @@ def save_streamed(st, folder: Path, shard_bytes: int | None = None, track=lambda
     drop = set(st.aliases)  # tied copies (the same Parameter under a second name), as save_pretrained drops them
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
-    names: list[list[str]] = [[]]
     units = st.units()
     tmp_names = []
 
