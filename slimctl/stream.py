@@ -20,8 +20,6 @@ from torch import nn
 
 from .errors import ModelLoadError, UnsupportedError
 
-INDEX = "model.safetensors.index.json"
-
 
 def stream_of(model) -> "Streamer | None":
     """The streamer of a streamed skeleton, or None for a model in memory."""
@@ -44,9 +42,6 @@ class TensorFiles:
                 self.where[k] = f
                 self.header[k] = info
         self.transform = transform  # (tensors of one unit with full names, unit prefix) -> slimctl's names
-
-    def bytes(self) -> int:
-        return sum(p.stat().st_size for p in set(self.where.values()))
 
     def dtype(self, name: str) -> str:
         return self.header[name]["dtype"]
@@ -253,10 +248,6 @@ class Streamer:
         if self.spill is None:
             self.spill = Path(tempfile.mkdtemp(prefix="slimctl-spill-"))
         return self.spill / f"{unit}.safetensors"
-
-    def release_all(self, changed: bool = False) -> None:
-        for u in list(self.loaded):
-            self.release(u, changed=changed)
 
     @contextlib.contextmanager
     def outside_on_demand(self) -> Iterator[None]:
