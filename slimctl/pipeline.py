@@ -178,7 +178,7 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
                           "bench the artifact with slimctl bench on a machine it fits")
     report = build_report(recipe, model_spec, base, slim, artifact, ev, None, None, None, recipe_source,
                           round(time.perf_counter() - t0, 1))
-    report["memory"] = memory_record(st, steps, rss, start_mb, folder)
+    report["memory"] = memory_record(st, steps, rss, start_mb)
     write_report(report, out)
     return report
 

@@ -85,7 +85,7 @@ def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list
     return ev
 
 
-def memory_record(st, steps: list[dict], rss, start_mb: float, folder: Path) -> dict[str, Any]:
+def memory_record(st, steps: list[dict], rss, start_mb: float) -> dict[str, Any]:
     """Peak memory of the run beside the model's size: measured, not assumed."""
     n_params = st.params
     blocks = len(st.blocks)

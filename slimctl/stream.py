@@ -156,6 +156,7 @@ class Streamer:
         if holders:  # a parameter on the root or on a module that holds the blocks belongs to no unit
             raise UnsupportedError(f"{type(model).__name__} keeps parameters directly on {holders[0] or 'the model'}, "
                                    "outside any block or submodule; it cannot be streamed")
+        self.outside = {u for u in self.units() if u not in self.blocks}  # units outside the blocks
         self.aliases = _tied_aliases(model)  # a tied tensor's name -> the name it is stored under
         self.peak_unit_bytes = self.peak_block_bytes = 0
         self.params = sum(p.numel() for p in model.parameters())  # before any step swaps Linears out
@@ -180,14 +181,9 @@ class Streamer:
         parts = name.split(".")
         for i in range(len(parts), 0, -1):
             p = ".".join(parts[:i])
-            if p in self.blocks or p in self._outside():
+            if p in self.blocks or p in self.outside:
                 return p
         return name
-
-    def _outside(self) -> set[str]:
-        if not hasattr(self, "_outside_units"):
-            self._outside_units = {u for u in self.units() if u not in self.blocks}
-        return self._outside_units
 
     def module(self, unit: str) -> nn.Module:
         return self.model.get_submodule(unit)
@@ -255,7 +251,7 @@ class Streamer:
         on exit every unit loaded this way is released (unchanged)."""
         hooks = []
         mine: set[str] = set()
-        for unit in self._outside():
+        for unit in self.outside:
             def pre(mod, args, unit=unit):
                 if unit not in self.loaded:
                     self.load(unit)

@@ -63,7 +63,10 @@ def _unit_state(unit: str, mod: torch.nn.Module, packed: bool) -> dict[str, torc
     from ..ctformat import pack_module
     from ..qmodules import WeightOnlyLinear
 
-    state = {f"{unit}.{k}": v.detach().clone().contiguous() for k, v in mod.state_dict().items()}
+    from ..stream import _unshare
+
+    # the tensors themselves (no copy): the unit is released, and safetensors only reads them
+    state = _unshare({f"{unit}.{k}": v.detach().contiguous() for k, v in mod.state_dict().items()})
     if packed:
         for name, m in mod.named_modules():
             if isinstance(m, WeightOnlyLinear):
