@@ -13,8 +13,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   # No GPU here: pin the CPU wheel of torch for every install below.
   CONSTRAINT=(-c scripts/constraints-cpu.txt)
 fi
-# .[tasks] is lm-evaluation-harness (eval --task); .[test] repeats what the tests need.
-"${PIP[@]}" "${CONSTRAINT[@]}" -e ".[test,tasks]"
+# .[tasks] is lm-evaluation-harness (eval --task); .[ray] is Ray (search --engine ray); .[test] repeats what the tests need.
+"${PIP[@]}" "${CONSTRAINT[@]}" -e ".[test,tasks,ray]"
 # llama.cpp (GGUF export checks, `eval`/`bench` of a .gguf) through llama-cpp-python, which has no wheel on
 # the registry: it compiles (a few minutes on 2 cores), once; the wheel is cached, so a second setup (or a
 # fresh clone on the same machine) installs it in seconds. Flags: GGML_NATIVE=OFF with AVX/AVX2/FMA/F16C.

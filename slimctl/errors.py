@@ -42,6 +42,12 @@ class UnsupportedError(SlimctlError):
     """A technique cannot apply to this model, layer shape or device."""
 
 
+class Interrupted(SlimctlError):
+    """Ctrl-C during work whose finished parts are kept (a search's cache): the message says where."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 class GateFailed(SlimctlError):
     """The slimmed model missed one or more gates; the report is still written."""
 

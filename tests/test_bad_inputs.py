@@ -204,6 +204,13 @@ CASES = [
     (["search", "{good}", "--max-drop", "1%", "--objective", "speed", "--out", "{out}"], "--objective: must be one of latency"),
     (["search", "{good}", "--max-drop", "1%", "--metric", "bleu", "--out", "{out}"], "--metric: must be one of ppl"),
     (["search", "{good}", "--max-drop", "1%", "--budget-minutes", "0", "--out", "{out}"], "--budget-minutes: Input should be greater than 0"),
+    # search --engine ray: options checked before any work; a cluster that is not there is said so in a second
+    (["search", "{good}", "--max-drop", "1%", "--engine", "spark", "--out", "{out}"], "--engine: Input should be 'local' or 'ray'"),
+    (["search", "{good}", "--max-drop", "1%", "--task-cpus", "2", "--out", "{out}"], "--address and --task-cpus need --engine ray"),
+    (["search", "{good}", "--max-drop", "1%", "--engine", "ray", "--address", "nowhere", "--out", "{out}"],
+     "--address: takes auto, HOST:PORT or ray://HOST:PORT"),
+    (["search", "{good}", "--max-drop", "1%", "--engine", "ray", "--address", "127.0.0.1:1", "--out", "{out}"],
+     "cannot join the Ray cluster at 127.0.0.1:1"),
     # AWQ and mixed precision: the grid AWQ searches must be the one GPTQ rounds to; a budget below int4's bits
     (["run", "{w}/awq-grid-mismatch.yaml", "--model", "{good}", "--out", "{out}"], "awq's group_size 64 differs from the gptq step's 32"),
     (["quantize", "{good}", "--method", "mixed", "--avg-bits", "4.1", "--group-size", "32", "--out", "{out}", "--skip-bench"],

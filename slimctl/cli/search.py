@@ -21,6 +21,9 @@ def search(
     space: Optional[str] = typer.Option(None, "--space", help="default: the built-in space (also alongside --candidates); none: only --candidates."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop starting new candidates after this long."),
     mixed: int = typer.Option(1, "--mixed", help="1: add mixed-precision candidates from per-block sensitivity; 0: do not."),
+    engine: str = typer.Option("local", "--engine", help="local: full runs here, one after another; ray: each a Ray task (pip install 'slimctl[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: an existing Ray cluster (auto, HOST:PORT, ray://HOST:PORT); default: a local instance slimctl starts and stops."),
+    task_cpus: Optional[float] = typer.Option(None, "--task-cpus", help="With --engine ray: CPUs each candidate declares (default: a whole node, so benchmarks never share cores)."),
     max_samples: Optional[int] = C.MAX_SAMPLES_OPT, device: str = C.DEVICE_OPT, seed: int = C.SEED_OPT, as_json: bool = C.JSON_OPT,
     allow_pickle: bool = C.PICKLE_OPT, trust_remote_code: bool = C.REMOTE_OPT, allow_non_finite: bool = C.NONFINITE_OPT,
 ):
@@ -36,6 +39,9 @@ def search(
     Example: [bold]slimctl search minilm-l6 --max-drop 1% --objective latency --out runs/search-minilm[/bold]
 
     Example: [bold]slimctl search smollm2-135m --max-drop 1% --candidates recipes/*.yaml --space default --out runs/s[/bold]
+
+    Example: [bold]slimctl search minilm-l6 --max-drop 1% --engine ray --address auto --out /shared/runs/s[/bold]
+    (each candidate a Ray task on an existing cluster; --out must be on storage every node sees at the same path)
     """
     from ..errors import GateFailed
     from ..render import text
@@ -46,13 +52,16 @@ def search(
         raise UsageError(f"--space takes default or none, not {space!r}")
     if space == "none" and not candidates:
         raise UsageError("--space none needs --candidates")
+    if engine != "ray" and (address is not None or task_cpus is not None):
+        raise UsageError("--address and --task-cpus need --engine ray")
     if more and not candidates:
         raise UsageError(f"unexpected argument(s) after the model: {' '.join(map(str, more))}")
     opts = C.typed(SearchOptions, model=model, out=out_dir, max_drop=budget, metric=metric, objective=objective,
                    candidates=read_candidates(list(candidates) + list(more or [])) if candidates else None,
                    with_space=space == "default", budget_minutes=budget_minutes, device=device, seed=seed, mixed=bool(mixed),
                    load_options=C.load_opts(allow_pickle, trust_remote_code, allow_non_finite),
-                   eval=C.spec("EvalSpec", max_samples=max_samples), bench=C.spec("BenchSpec", device=device))
+                   eval=C.spec("EvalSpec", max_samples=max_samples), bench=C.spec("BenchSpec", device=device),
+                   engine=engine, address=address, task_cpus=task_cpus)
     res = run_search(opts, C.UI().say)
     C.emit(res, as_json, lambda r: text.search(r, out_dir))
     if not res["winner"]:

@@ -145,13 +145,16 @@ def compare(d: dict[str, Any]) -> str:
 def search(r: dict[str, Any], out_dir: Path) -> str:
     lines = [f"search on {r['model']}: {r['metric']} drop <= {r['max_drop']:.2%}, objective {r['objective']} "
              f"({'lower' if r['lower_is_better'] else 'higher'} is better), {r['seconds'] / 60:.1f} min",
-             f"ranked by {r['ranked_by']}",
+             f"ranked by {r['ranked_by']}" + _engine(r.get("engine")),
              f"{'candidate':<34} {'status':<11} {'pre-drop':>9} {'drop':>9} {r['objective']:>12} {'vs orig':>8}  budget  pareto"]
+    several_nodes = len((r.get("engine") or {}).get("nodes") or []) > 1  # then say where each candidate ran
     for c in r["candidates"]:
         vs = c.get("vs_original")
         why = c["error"] or ""
         if c.get("same_as"):
             why = f"same steps as {c['same_as']}" + (f"; {why}" if why else "")
+        if several_nodes and c.get("node"):
+            why = f"on {c['node'].get('hostname')}" + (f"; {why}" if why else "")
         lines.append(f"{c['name'][:34]:<34} {c['status']:<11} {pct(c.get('prefilter_drop')):>9} {pct(c.get('drop')):>9} "
                      f"{num(c.get('objective')):>12} {('–' if vs is None else f'{vs:.2f}x'):>8}  "
                      f"{'yes' if c.get('meets_budget') else ('no' if 'meets_budget' in c else '–'):<6}  "
@@ -160,6 +163,15 @@ def search(r: dict[str, Any], out_dir: Path) -> str:
     if r["winner"]:
         lines.append(f"winner: {r['winner']} → {out_dir}/winner.yaml, {out_dir}/model, {out_dir}/report.json")
     return "\n".join(lines)
+
+
+def _engine(e: dict[str, Any] | None) -> str:
+    """`; engine ray at HOST:PORT, 2 CPUs per candidate, 3 nodes` (nothing for the local engine)."""
+    if not e or e.get("engine") != "ray":
+        return ""
+    nodes = len(e.get("nodes") or [])
+    return (f"; engine ray at {e['address']}, {e['task_cpus']:g} CPUs" + (f" + {e['task_gpus']} GPU" if e.get("task_gpus") else "")
+            + f" per candidate, {nodes} node{'s' if nodes != 1 else ''}")
 
 
 def export(r: dict[str, Any]) -> str:

@@ -5,9 +5,9 @@ resumes (cache.py), the verdict as pure functions (rank.py), and the files it le
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import recipe as R
 from .rank import METRICS, OBJECTIVES, default_metric, drop, winner_warnings
@@ -35,6 +35,9 @@ class SearchOptions(BaseModel):
     load_options: dict[str, Any] = Field(default_factory=dict)
     eval: R.EvalSpec = Field(default_factory=R.EvalSpec)
     bench: Optional[R.BenchSpec] = None  # None: defaults on `device`
+    engine: Literal["local", "ray"] = "local"  # where full runs execute: here one by one, or as Ray tasks
+    address: Optional[str] = None  # ray: an existing cluster (auto | HOST:PORT | ray://HOST:PORT); None: a local instance
+    task_cpus: Optional[float] = Field(None, gt=0)  # ray: CPUs each candidate's task declares; None: a whole node
 
     @field_validator("objective")
     @classmethod
@@ -42,6 +45,22 @@ class SearchOptions(BaseModel):
         if v not in OBJECTIVES:
             raise ValueError(f"must be one of {', '.join(OBJECTIVES)}")
         return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None or v == "auto":
+            return v
+        host, _, port = v.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"takes auto, HOST:PORT or ray://HOST:PORT, not {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> "SearchOptions":
+        if self.engine != "ray" and (self.address is not None or self.task_cpus is not None):
+            raise ValueError("--address and --task-cpus need --engine ray")
+        return self
 
     @field_validator("metric")
     @classmethod

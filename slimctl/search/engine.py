@@ -1,5 +1,6 @@
-"""The local search engine: candidates in order through the pre-filter, sensitivity and full isolated
-runs (each stage cached), then the verdict. Stages are methods, so each reads at once."""
+"""The search: candidates in order through the pre-filter, sensitivity and full isolated runs (each
+stage cached), then the verdict. Full runs go to a runner: here one by one (runners.LocalRunner) or as
+Ray tasks (ray_runner.RayRunner). Stages are methods, so each reads at once."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import recipe as R
+from ..errors import Interrupted
 from . import output, quick, rank, space
 from .cache import Cache, digest, environment, model_hash
+from .runners import Job, LocalRunner
 from .space import Candidate
 
 
@@ -18,11 +21,27 @@ class Search:
         self.o, self.say = opts, say
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + opts.budget_minutes * 60 if opts.budget_minutes else None
+        self.unshared: list[str] = []
 
     def over_budget(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
     def run(self) -> dict[str, Any]:
+        try:
+            with self.runner_for(self.o) as self.runner:  # a missing Ray or a wrong --address fails before any work
+                return self.search()
+        except KeyboardInterrupt:  # the runner has cancelled what was running and stopped what it started
+            raise Interrupted(f"interrupted; the candidates that finished are kept in {Path(self.o.out) / '.cache'}: "
+                              "the same command resumes from them") from None
+
+    def runner_for(self, o):
+        if o.engine == "ray":
+            from .ray_runner import RayRunner
+
+            return RayRunner(o.address, o.device, o.task_cpus, self.say)
+        return LocalRunner()
+
+    def search(self) -> dict[str, Any]:
         from ..models import load
 
         o = self.o
@@ -110,51 +129,77 @@ class Search:
         return sens
 
     def full_runs(self, todo: list[Candidate]) -> None:
-        """Full, isolated runs of the survivors (cached per model, recipe and environment)."""
-        ran, ran_s = 0, 0.0  # full runs done in this process and their time: the estimate ignores cached ones
+        """Full, isolated runs of the survivors (cached per model, recipe and environment) on the engine's
+        runner; a re-run (after a kill, a Ctrl-C or a spent budget) runs only what is not cached."""
+        pending = []
         for i, c in enumerate(todo):
-            if self.skip(c):
+            cached = self.cache.get(self.cache.run_path(c.steps))
+            if cached is None:
+                pending.append(c)
                 continue
-            path = self.cache.run_path(c.steps)
-            cached = self.cache.get(path)
-            if cached is not None:
-                c.report, c.status = cached, "done"
-                self.say(f"candidate {i + 1}/{len(todo)}: {c.name} (cached)")
-                continue
-            eta = f", about {ran_s / ran * (len(todo) - i) / 60:.0f} min left" if ran else ""
-            self.say(f"candidate {i + 1}/{len(todo)}: {c.name}{eta}")
-            started = time.perf_counter()
-            self.full_run(c, path)
-            if c.status == "done":
-                ran, ran_s = ran + 1, ran_s + time.perf_counter() - started
+            c.report, c.status, c.node = cached, "done", cached.get("node")
+            self.say(f"candidate {i + 1}/{len(todo)}: {c.name} (cached)")
+        by_name, progress = {c.name: c for c in pending}, _Progress(len(todo) - len(pending), len(todo), self.say)
+        self.runner.run([self.job(c) for c in pending], progress.started,
+                        lambda job, outcome: self.finished(by_name[job.name], outcome, progress), self.over_budget)
+        for c in pending:
+            if c.status == "pending":
+                c.status, c.error = "skipped", "the search's time budget was spent before it started"
 
-    def full_run(self, c: Candidate, cache_path: Path) -> None:
-        from .. import pipeline
+    def job(self, c: Candidate) -> Job:
+        recipe = {"version": 1, "name": c.name, "seed": self.o.seed, "steps": copy.deepcopy(c.steps),
+                  "eval": self.o.eval.model_dump(), "bench": self.bench_spec.model_dump()}
+        return Job(c.name, recipe, self.o.model, str(self.out / "candidates" / c.name), dict(self.o.load_options))
 
-        recipe = R.from_dict({"version": 1, "name": c.name, "seed": self.o.seed, "steps": copy.deepcopy(c.steps),
-                              "eval": self.o.eval.model_dump(), "bench": self.bench_spec.model_dump()}, f"candidate {c.name}")
-        try:
-            # a failed gate is judged at the verdict; the report is written either way
-            c.report = pipeline.run(recipe, self.o.model, self.out / "candidates" / c.name, overwrite=True,
-                                    load_options=self.o.load_options)
-            c.status = "done"
-            self.cache.put(cache_path, c.report)
-        except Exception as e:  # noqa: BLE001  a candidate that cannot run on this model is a result
-            c.status, c.error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    def finished(self, c: Candidate, outcome: dict[str, Any], progress: "_Progress") -> None:
+        c.status, c.error, c.node = outcome["status"], outcome["error"], outcome["node"]
+        if c.status == "done" and not (self.out / "candidates" / c.name / "report.json").exists():
+            self.unshared.append(c.name)  # written on a Ray node whose disk this machine does not see
+        if outcome["report"] is not None:
+            c.report = {**outcome["report"], "node": outcome["node"]}
+            self.cache.put(self.cache.run_path(c.steps), c.report)
+        progress.finished(c)
 
     def verdict(self, cands: list[Candidate], sens) -> dict[str, Any]:
         o = self.o
         rows = [rank.row(c, self.metric, o.objective, o.max_drop,
                          str(self.out / "candidates" / (c.same_as or c.name) / "report.json")) for c in cands]
         v = rank.verdict(rows, o.objective, o.max_drop)
+        if self.unshared:
+            v["warnings"].append(f"{self.out} is not on storage shared with the Ray nodes: the artifacts of "
+                                 f"{', '.join(self.unshared)} stay on the nodes that ran them (same path there)")
         winner = v["winner"]
         result = {"model": o.model, "metric": self.metric, "max_drop": o.max_drop, "objective": o.objective,
                   "lower_is_better": rank.OBJECTIVES[o.objective][1], "candidates": rows, "sensitivity": sens,
                   "seconds": round(time.perf_counter() - self.t0, 1), "winner": winner["name"] if winner else None,
-                  "ranked_by": v["ranked_by"], "warnings": v["warnings"], "environment": environment(o.device)}
+                  "ranked_by": v["ranked_by"], "warnings": v["warnings"], "environment": environment(o.device),
+                  "engine": self.runner.describe()}
         if winner:
             result["winner_recipe"] = {"version": 1, "name": winner["name"], "steps": winner["steps"]}
         else:
             result["closest"] = v["closest"]
         output.write(self.out, result, [c.report for c in cands if c.report], winner)
         return result
+
+
+class _Progress:
+    """One line as each full run starts (with the time left, from the runs finished in this process)
+    and one as it ends."""
+
+    def __init__(self, cached: int, total: int, say: Callable[[str], None]):
+        self.n, self.total, self.say = cached, total, say
+        self.ran, self.ran_s, self.begun = 0, 0.0, {}
+
+    def started(self, job: Job) -> None:
+        self.n += 1
+        left = self.total - self.n + 1
+        eta = f", about {self.ran_s / self.ran * left / 60:.0f} min of runs left" if self.ran else ""
+        self.begun[job.name] = time.perf_counter()
+        self.say(f"candidate {self.n}/{self.total}: {job.name}{eta}")
+
+    def finished(self, c: Candidate) -> None:
+        took = time.perf_counter() - self.begun.pop(c.name, time.perf_counter())
+        if c.status == "done":
+            self.ran, self.ran_s = self.ran + 1, self.ran_s + took
+        where = f" on {c.node['hostname']}" if c.node and c.node.get("ray_node_id") else ""
+        self.say(f"  {c.name}: {c.status} in {took:.0f} s{where}" + (f" ({c.error})" if c.error else ""))

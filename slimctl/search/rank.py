@@ -48,7 +48,7 @@ def drop(report: dict[str, Any], metric: str) -> float | None:
 def row(c, metric: str, objective: str, max_drop: float, report_path: str | None) -> dict[str, Any]:
     """One candidate's line of the result: its measurements, whether it meets the budget, and why not."""
     out = {"name": c.name, "origin": c.origin, "steps": c.steps, "status": c.status, "error": c.error,
-           "prefilter_drop": c.prefilter.get("drop"), "prefilter": c.prefilter, "same_as": c.same_as}
+           "prefilter_drop": c.prefilter.get("drop"), "prefilter": c.prefilter, "same_as": c.same_as, "node": c.node}
     if not c.report:
         return out
     d = c.report.get("delta") or {}

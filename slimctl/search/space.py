@@ -37,10 +37,12 @@ class Candidate:
     status: str = "pending"  # pending | dropped | done | failed | skipped
     error: str | None = None
     same_as: str | None = None  # measured once under this other candidate's name (identical steps)
+    node: dict[str, Any] | None = None  # where its full run ran (search --engine ray: a cluster's node)
 
     def follow(self, twin: "Candidate") -> None:
         """Take the measurements of the candidate with the same steps."""
         self.prefilter, self.report, self.status, self.error = twin.prefilter, twin.report, twin.status, twin.error
+        self.node = twin.node
 
 
 def normalize_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
