@@ -152,6 +152,26 @@ def test_mixed_respects_the_budget_and_reloads_bitwise(tiny_llama, fast_recipe, 
     assert bits_per_weight(reloaded, list(alloc)) == step["bits_per_weight"]
 
 
+def test_mixed_chooses_among_several_int4_groups(tiny_llama, fast_recipe, tmp_path):
+    """group_sizes [64, 32]: int4 g64 (4.5 bits), int4 g32 (5 bits) or int8 per Linear under 5.2 bits;
+    each Linear reloads at the width and group it was given, bit for bit."""
+    from slimctl import pipeline, recipe as R
+
+    r = R.load(fast_recipe([{"method": "mixed", "avg_bits": 5.2, "group_sizes": [64, 32], "quantizer": "rtn",
+                             "sensitivity_samples": 2, "sensitivity_seq_len": 32}]))
+    rep = pipeline.run(r, str(tiny_llama), tmp_path / "o", isolate=False)
+    step = rep["slimmed"]["steps"][0]
+    alloc = step["allocation"]
+    assert set(alloc.values()) <= {"int4-g64", "int4-g32", "int8"} and "int4-g64" in set(alloc.values())
+    assert len(set(alloc.values())) >= 2, alloc  # 5.2 bits buy finer groups or int8 for some Linears, not all
+    assert all(set(v) == {"int4-g64", "int4-g32", "int8"} for v in step["sensitivity"].values())
+    assert 4.5 < step["bits_per_weight"] <= 5.2
+    assert rep["artifact"]["reload_check"]["bitwise_equal"]
+    reloaded = load(str(tmp_path / "o" / "model")).model
+    got = {n: (m.bits, m.group_size) for n, m in reloaded.named_modules() if isinstance(m, WeightOnlyLinear)}
+    assert got == {n: (8, step["groups"][n]) if c == "int8" else (4, int(c.split("-g")[1])) for n, c in alloc.items()}
+
+
 def test_sensitivity_replay_gives_the_costs_of_a_full_forward(tiny_llama):
     """Starting at the Linear's block (earlier blocks replaying their float outputs) changes nothing."""
     from slimctl.quant import QScheme, dequantize_groups, rtn

@@ -159,8 +159,11 @@ class _Driver:
     """A CLI process whose stderr lines are collected as they come."""
 
     def __init__(self, cmd):
+        # a job started in the background of a non-interactive shell inherits SIGINT ignored: stand in for
+        # a terminal's foreground process, as a user's is (see tests/test_faults.py)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: [self.lines.append(line.strip()) for line in self.proc.stderr])
         self.reader.start()

@@ -171,7 +171,7 @@ class Search:
         winner = v["winner"]
         result = {"model": o.model, "metric": self.metric, "max_drop": o.max_drop, "objective": o.objective,
                   "lower_is_better": rank.OBJECTIVES[o.objective][1], "candidates": rows, "sensitivity": sens,
-                  "seconds": round(time.perf_counter() - self.t0, 1), "winner": winner["name"] if winner else None,
+                  "seconds": round(time.perf_counter() - self.t0, 1), "winner": winner["name"] if winner else None, "tied": v["tied"],
                   "ranked_by": v["ranked_by"], "warnings": v["warnings"], "environment": environment(o.device),
                   "engine": self.runner.describe()}
         if winner:

@@ -74,13 +74,33 @@ def verdict(rows: list[dict[str, Any]], objective: str, max_drop: float) -> dict
     for r, on_front in zip(done, pareto_front([(r["drop"], key(r)) for r in done])):
         r["pareto"] = on_front
     ok = [r for r in done if r["meets_budget"]]
-    winner = min(ok, key=key) if ok else None
+    fastest = min(ok, key=key) if ok else None
+    ties = tied(ok, fastest, objective) if fastest else []
+    winner = min(ties, key=lambda r: (r["drop"], key(r))) if ties else None
     closest = min(done, key=lambda r: r["drop"]) if done and not winner else None
-    return {"winner": winner,
-            "ranked_by": f"{objective} as a ratio to the original, measured in the same run" if by_ratio else objective,
-            "warnings": winner_warnings(winner, objective, lower) if winner and by_ratio else [],
+    warnings = winner_warnings(winner, objective, lower) if winner and by_ratio else []
+    if len(ties) > 1:
+        warnings.append(f"{', '.join(r['name'] for r in ties if r is not winner)} and {winner['name']} are equally fast "
+                        "within the per-round noise (their per-round latency ranges overlap the fastest one's); the most "
+                        f"accurate of them, {winner['name']}, wins")
+    return {"winner": winner, "tied": [r["name"] for r in ties] if len(ties) > 1 else [],
+            "ranked_by": (f"{objective} as a ratio to the original, measured in the same run" if by_ratio else objective)
+            + ("; candidates as fast as the fastest within the per-round noise by drop" if len(ties) > 1 else ""),
+            "warnings": warnings,
             "closest": None if closest is None else {"name": closest["name"], "drop": closest["drop"],
                                                      "missed_by": closest["drop"] - max_drop}}
+
+
+def tied(ok: list[dict[str, Any]], fastest: dict[str, Any], objective: str) -> list[dict[str, Any]]:
+    """The candidates within the budget as fast as the fastest within the noise: latency ratios whose
+    per-round ranges (alternating rounds beside the original) overlap the fastest one's. Which of them
+    is fastest changes from run to run; the verdict must not."""
+    rng = fastest.get("speedup_range")
+    if objective != "latency" or not rng:
+        return [fastest]
+    lo, hi = min(rng), max(rng)
+    return [r for r in ok if r is fastest or (r.get("speedup_range") and max(r["speedup_range"]) >= lo
+                                               and min(r["speedup_range"]) <= hi)]
 
 
 def winner_warnings(winner: dict[str, Any], objective: str, lower: bool) -> list[str]:

@@ -4,7 +4,7 @@ alone costs (KL of the next-token distribution; hidden-state error for encoders)
 points counted) at or under `avg_bits`, then quantize each Linear at its width with GPTQ or RTN."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
@@ -17,7 +17,9 @@ from . import CalibrationOptions, LayerSelection, StepContext, WeightOnlyOptions
 
 class MixedConfig(LayerSelection, CalibrationOptions):
     avg_bits: float = Field(default=4.5, ge=2, le=32)  # budget over the chosen Linears, scales included
-    group_size: Optional[int] = Field(default=128, ge=8, le=8192)  # of the int4 choice
+    group_size: Optional[int] = Field(default=128, ge=8, le=8192)  # of the int4 choice (an awq step before searches its grid)
+    # several int4 choices, e.g. [256, 128, 64]: each Linear may get any of them (None: group_size alone)
+    group_sizes: Optional[list[Annotated[int, Field(ge=8, le=8192)]]] = Field(default=None, min_length=1, max_length=8)
     group_size_8: Optional[int] = Field(default=None, ge=8, le=8192)  # of the int8 choice (None: per channel)
     allow_float: bool = False  # let a Linear stay in float when that is worth its bits
     symmetric: bool = True
@@ -32,8 +34,9 @@ class MixedConfig(LayerSelection, CalibrationOptions):
 
 
 def _choices(cfg: MixedConfig) -> dict[str, Choice]:
-    out = {f"int4-g{cfg.group_size}" if cfg.group_size else "int4": Choice("int4", QScheme(4, cfg.group_size, cfg.symmetric, cfg.fp16_scales)),
-           f"int8-g{cfg.group_size_8}" if cfg.group_size_8 else "int8": Choice("int8", QScheme(8, cfg.group_size_8, cfg.symmetric, cfg.fp16_scales))}
+    out = {f"int4-g{g}" if g else "int4": Choice("int4", QScheme(4, g, cfg.symmetric, cfg.fp16_scales))
+           for g in dict.fromkeys(cfg.group_sizes or [cfg.group_size])}
+    out[f"int8-g{cfg.group_size_8}" if cfg.group_size_8 else "int8"] = Choice("int8", QScheme(8, cfg.group_size_8, cfg.symmetric, cfg.fp16_scales))
     if cfg.allow_float:
         out["float"] = Choice("float", None)
     return out
@@ -45,9 +48,10 @@ def _choices(cfg: MixedConfig) -> dict[str, Choice]:
 def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
     targets = dict(select_linears(model, cfg.ignore))
     choices = _choices(cfg)
-    g4 = plan_groups(list(targets.items()), WeightOnlyOptions(bits=4, group_size=cfg.group_size, strict=cfg.strict), ctx)
-    groups = {n: {c: (g4[n] if ch.scheme is not None and ch.scheme.bits == 4 else resolve_group(lin.in_features, cfg.group_size_8))
-                  for c, ch in choices.items()} for n, lin in targets.items()}
+    g4 = {c: plan_groups(list(targets.items()), WeightOnlyOptions(bits=4, group_size=ch.scheme.group_size, strict=cfg.strict), ctx)
+          for c, ch in choices.items() if ch.scheme is not None and ch.scheme.bits == 4}
+    groups = {n: {c: g4[c][n] if c in g4 else resolve_group(lin.in_features, cfg.group_size_8) for c in choices}
+              for n, lin in targets.items()}
     bits = {n: {c: ch.bits(targets[n], groups[n][c]) for c, ch in choices.items()} for n in targets}
     weights = {n: lin.in_features * lin.out_features for n, lin in targets.items()}
     check_budget(bits, weights, cfg.avg_bits)  # before any measuring
