@@ -73,9 +73,12 @@ def _ood(model: str, artifact: Path, tweets: Path | None) -> float | None:
 
 
 def run_recipe(model: str, recipe: str, tmp: Path, tweets: Path | None) -> dict:
+    """A shipped recipe by name, or any recipe file by path."""
+    path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else REPO / "recipes" / f"{recipe}.yaml"
+    recipe = path.stem
     dest = tmp / f"{model}-{recipe}"
     print(f"[awq] {model} {recipe}", file=sys.stderr, flush=True)
-    p = _slimctl("run", REPO / "recipes" / f"{recipe}.yaml", "--model", model, "--out", dest, "--skip-bench", "--json")
+    p = _slimctl("run", path, "--model", model, "--out", dest, "--skip-bench", "--json")
     if p.returncode not in (0, 1):
         return {"model": model, "recipe": recipe, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     rep = json.loads(p.stdout)
@@ -131,7 +134,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-results/awq.json")
     ap.add_argument("--peer-python", help="python of a venv with llmcompressor 0.14 (see scripts/peer_awq.py)")
-    ap.add_argument("--recipes", nargs="+", default=RECIPES)
+    ap.add_argument("--recipes", nargs="*", default=RECIPES)
     ap.add_argument("--minilm-recipes", nargs="*", default=MINILM)
     a = ap.parse_args()
     from slimctl.machine import cpu_name

@@ -2,7 +2,7 @@
 declares a whole node's CPUs (and a GPU on cuda), so a benchmark never shares cores with another
 benchmark; a task that raises something unexpected, or whose worker dies, is retried once and then
 reported as failed with its error. Without `--address` slimctl starts a local Ray instance (no
-dashboard, a small object store, on 127.0.0.1) and stops it, leftovers included, when the search ends
+dashboard, a small object store, node address 127.0.0.1, Ray's token authentication) and stops it, leftovers included, when the search ends
 however it ends; with one it joins that cluster and leaves it running. Ctrl-C cancels what is running."""
 from __future__ import annotations
 
