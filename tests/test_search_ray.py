@@ -32,7 +32,7 @@ TIMING = ("objective", "vs_original", "speedup", "speedup_range", "report", "nod
 
 def _search(model, out, engine, **kw):
     opts = SearchOptions(model=str(model), out=out, max_drop=0.005, metric="fidelity", objective="size",
-                         candidates=CANDS, mixed=0, eval=EV, bench=BE, engine=engine, **kw)
+                         candidates=kw.pop("candidates", CANDS), mixed=0, eval=EV, bench=BE, engine=engine, **kw)
     return run_search(opts)
 
 
@@ -146,6 +146,19 @@ def test_resume_after_kill_and_ctrl_c(tiny_llama, tmp_path):
     assert third.said("candidate 1/2: a-bf16 (cached)") and third.said("candidate 2/2: b-int8")
     assert not third.said("candidate 1/2: a-bf16,") and not third.said("a-bf16: done")  # not run again
     assert (out / "search.json").exists() and _ray_left(wait_s=10) == []
+
+
+def test_a_python_caller_s_own_ray_connection_is_used_and_left_open(tiny_llama, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # ray.init sets it in this process; put back after the test
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    try:
+        res = _search(tiny_llama, tmp_path / "s", "ray", candidates=CANDS[:1])
+        assert ray.is_initialized() and res["winner"] == "bf16"
+        assert res["engine"]["address"] == "the caller's ray.init" and res["candidates"][0]["node"]["ray_node_id"]
+    finally:
+        ray.shutdown()
 
 
 def test_without_ray_the_engine_says_how_to_install_it(tiny_llama, tmp_path, monkeypatch):

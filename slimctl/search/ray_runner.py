@@ -70,12 +70,16 @@ class RayRunner:
     def __init__(self, address: str | None, device: str, task_cpus: float | None, say: Callable[[str], None]):
         self.address, self.device, self.task_cpus, self.say = address, device, task_cpus, say
         self.marker = self.temp = self.auth_mode = None
+        self.connects = False
         self.nodes: list[dict[str, Any]] = []
 
     def __enter__(self) -> "RayRunner":
         ray = _ray()
         self.auth_mode = os.environ.get("RAY_AUTH_MODE")  # ray.init sets it for this process; put back on exit
-        if self.address is None:
+        self.connects = not ray.is_initialized()  # False: a Python caller already connected; use that, leave it
+        if not self.connects:
+            self.address = self.address or "the caller's ray.init"
+        elif self.address is None:
             self._start_local(ray)
         else:
             _reachable(self.address)
@@ -129,7 +133,7 @@ class RayRunner:
 
     def __exit__(self, *exc) -> None:
         ray = _ray()
-        if ray.is_initialized():
+        if self.connects and ray.is_initialized():
             ray.shutdown()
         if self.marker is not None:
             self.marker.close()
