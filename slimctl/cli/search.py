@@ -21,7 +21,7 @@ def search(
     space: Optional[str] = typer.Option(None, "--space", help="default: the built-in space (also alongside --candidates); none: only --candidates."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop starting new candidates after this long."),
     mixed: int = typer.Option(1, "--mixed", help="1: add mixed-precision candidates from per-block sensitivity; 0: do not."),
-    engine: str = typer.Option("local", "--engine", help="local: full runs here, one after another; ray: each a Ray task (pip install 'slimctl[ray]')."),
+    engine: str = typer.Option("local", "--engine", help="local: full runs here, one after another; ray: each a Ray task (the ray extra; scripts/setup.sh installs it)."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: an existing Ray cluster (auto, HOST:PORT, ray://HOST:PORT); default: a local instance slimctl starts and stops."),
     task_cpus: Optional[float] = typer.Option(None, "--task-cpus", help="With --engine ray: CPUs each candidate declares (default: a whole node, so benchmarks never share cores)."),
     max_samples: Optional[int] = C.MAX_SAMPLES_OPT, device: str = C.DEVICE_OPT, seed: int = C.SEED_OPT, as_json: bool = C.JSON_OPT,
