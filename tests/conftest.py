@@ -37,17 +37,23 @@ def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_dir) -> Path:
+def tiny_llama_model(tok, seed: int, **overrides):
+    """A tiny random Llama (GQA 4/2 heads, hidden 64, 2 blocks, tied) on the test tokenizer; `overrides`
+    change its config (tests/test_stream.py: 3 blocks, untied)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               tie_word_embeddings=True, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dir) -> Path:
     tok = _tokenizer()
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
-    return _save(LlamaForCausalLM(cfg).eval(), tok, tiny_dir / "llama")
+    return _save(tiny_llama_model(tok, seed=0), tok, tiny_dir / "llama")
 
 
 @pytest.fixture(scope="session")

@@ -24,17 +24,11 @@ METHODS = {
 @pytest.fixture(scope="module")
 def sharded_llama(tmp_path_factory) -> Path:
     """A tiny untied Llama (GQA) written as several safetensors shards + index, as big checkpoints are."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import _tokenizer, tiny_llama_model
 
-    from conftest import _tokenizer
-
-    torch.manual_seed(1)
     tok = _tokenizer()
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
     path = tmp_path_factory.mktemp("sharded") / "llama"
-    LlamaForCausalLM(cfg).eval().save_pretrained(path, max_shard_size="1MB")
+    tiny_llama_model(tok, seed=1, num_hidden_layers=3, tie_word_embeddings=False).save_pretrained(path, max_shard_size="1MB")
     tok.save_pretrained(path)
     assert (path / "model.safetensors.index.json").exists()
     return path

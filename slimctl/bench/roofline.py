@@ -13,7 +13,7 @@ import torch
 from ..models import cache_dir, state_bytes
 from ..kinds import CAUSAL_LM
 from ..report import floor_percentages
-from .measure import cpu_name
+from .measure import cpu_name, physical_cpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +72,7 @@ def _busy(device: str, first: tuple[float, float], second: tuple[float, float]) 
     import os
 
     if device == "cpu" and hasattr(os, "getloadavg"):
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = physical_cpus()
         load = os.getloadavg()[0]
         if load > cpus + 0.5:  # this process accounts for about one
             return f"load average {load:.1f} on {cpus} CPUs: other work was running"

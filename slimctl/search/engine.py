@@ -16,6 +16,9 @@ from .runners import Job, LocalRunner
 from .space import Candidate
 
 
+BUDGET_SPENT = "the search's time budget was spent before it started"
+
+
 class Search:
     def __init__(self, opts, say: Callable[[str], None]):
         self.o, self.say = opts, say
@@ -66,7 +69,7 @@ class Search:
 
     def skip(self, c: Candidate) -> bool:
         if self.over_budget():
-            c.status, c.error = "skipped", "the search's time budget was spent before it started"
+            c.status, c.error = "skipped", BUDGET_SPENT
             return True
         return False
 
@@ -144,7 +147,7 @@ class Search:
                         lambda job, outcome: self.finished(by_name[job.name], outcome, progress), self.over_budget)
         for c in pending:
             if c.status == "pending":
-                c.status, c.error = "skipped", "the search's time budget was spent before it started"
+                c.status, c.error = "skipped", BUDGET_SPENT
 
     def job(self, c: Candidate) -> Job:
         recipe = {"version": 1, "name": c.name, "seed": self.o.seed, "steps": copy.deepcopy(c.steps),

@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import recipe as R
 from .rank import drop
+from .runners import error_text
 
 # The pre-filter calibrates on at most this many texts (GPTQ, SparseGPT… cost scales with them); a
 # quick drop may differ a little from the full run's, which is why the cut-off sits at 3x the budget
@@ -69,7 +70,7 @@ def prefilter(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpec,
         return {"prefilter": {"drop": d, "samples": quick.max_samples, **{k: qd[k] for k in QUICK_KEYS if qd.get(k) is not None}},
                 "error": None}
     except Exception as e:  # noqa: BLE001
-        return {"prefilter": {}, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return {"prefilter": {}, "error": error_text(e)}
 
 
 def sensitivity(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpec, seed: int, say,

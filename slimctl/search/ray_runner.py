@@ -65,8 +65,6 @@ def task(job: Job) -> Outcome:
 
 
 class RayRunner:
-    name = "ray"
-
     def __init__(self, address: str | None, device: str, task_cpus: float | None, say: Callable[[str], None]):
         self.address, self.device, self.task_cpus, self.say = address, device, task_cpus, say
         self.marker = self.temp = self.auth_mode = None
@@ -98,11 +96,12 @@ class RayRunner:
         return self
 
     def _start_local(self, ray) -> None:
+        from ..machine import physical_cpus
         from .reaper import Marker
 
         self.marker = Marker()  # set before Ray starts, so every process of the instance carries it
         self.temp = tempfile.mkdtemp(prefix="slimctl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cpus = physical_cpus()
         self.say(f"starting a local Ray instance ({cpus} CPUs)")
         try:
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,

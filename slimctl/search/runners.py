@@ -5,7 +5,6 @@ task. The engine, the cache and the verdict see the same outcomes either way."""
 from __future__ import annotations
 
 import copy
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,9 @@ class Job:
 
 def node() -> dict[str, Any]:
     """The machine a job ran on: speed figures compare only between identical nodes."""
-    from ..machine import cpu_name
+    from ..machine import cpu_name, physical_cpus
 
-    info = {"hostname": platform.node(), "cpu": cpu_name(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    info = {"hostname": platform.node(), "cpu": cpu_name(), "cpus": physical_cpus()}
     try:
         import ray
 
@@ -65,8 +63,6 @@ def run_job(job: Job, catch: tuple[type[BaseException], ...] = (Exception,)) -> 
 
 class LocalRunner:
     """Jobs in this process, one after another, in order (the default engine)."""
-
-    name = "local"
 
     def __enter__(self) -> "LocalRunner":
         return self
