@@ -86,6 +86,25 @@ def test_awq_beats_rtn_at_the_same_group_on_calibration_loss(tiny_llama):
     assert stats["bits_per_weight"] == pytest.approx(4 + 32 / 32)  # int4 codes + a float32 scale per 32
 
 
+@pytest.mark.parametrize("propagate", ["float", "quantized"])
+def test_awq_calibrates_each_block_on_what_propagate_names(tiny_llama, propagate):
+    """propagate: float (llm-compressor's way) feeds block 1 the float model's block-0 output; quantized feeds
+    it block 0's output after clipping and rounding."""
+    m, ctx = _ctx(tiny_llama)
+    cfg = T.get("awq").config(bits=4, group_size=32, calib_samples=2, calib_seq_len=32, propagate=propagate)
+    batches = cfg.batches(ctx)
+    with torch.inference_mode():
+        want = [m.model(**b, output_hidden_states=True).hidden_states[1] for b in batches]
+    seen = []
+    hook = m.model.model.layers[1].register_forward_pre_hook(
+        lambda mod, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+    T.get("awq").apply(m.model, cfg, ctx)
+    hook.remove()
+    # block 1's first call is awq_block's reference run on the first batch
+    assert seen[0].shape == want[0].shape
+    assert torch.allclose(seen[0], want[0], atol=1e-5) == (propagate == "float")
+
+
 def test_awq_then_gptq_composes_and_checks_the_grid(tiny_llama, fast_recipe, tmp_path):
     from slimctl import pipeline, recipe as R
 

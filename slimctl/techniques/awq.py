@@ -1,13 +1,16 @@
 """AWQ (Lin et al. 2023): activation-aware weight quantization. Per block, for each group of Linears
 reading one output (a norm's, or another Linear's), grid-search per-input-channel scales
-s = mean|x|^α / mean|ŵ|^(1-α) (α in [0, 1), 20 steps, as AutoAWQ and llm-compressor do) on the loss of
-the module they feed, fold s exactly into the producer (÷s) and the Linears' columns (×s), then
-search a clipping range per weight group, then round to nearest in groups (int4/int8). With
+s = mean|x|^α / mean|ŵ|^(1-α) (α in [0, 1), 20 steps, as AutoAWQ does, plus s = 1 as llm-compressor
+adds) on the loss of the module they feed, fold s exactly into the producer (÷s) and the Linears'
+columns (×s), then search a clipping range per weight group, then round to nearest in groups
+(int4/int8). The next block is calibrated on this block's float outputs (`propagate: float`, as
+llm-compressor's sequential pipeline does) or on its quantized ones (`propagate: quantized`). With
 `quantize: false` (set for you when a `gptq` or `mixed` step follows) the scaled, clipped float
 weights are left for that step to quantize."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +35,9 @@ class AWQConfig(WeightOnlyOptions, CalibrationOptions):
     # calibration texts whose outputs score each α (mean |x| and clipping use all of them): the grid
     # runs each layer group 20 times, so this bounds AWQ's time on a CPU
     search_samples: int = Field(default=8, ge=1, le=100_000)
+    # what the next block is calibrated on: this block's float outputs (scaled: the same function), or
+    # its outputs after clipping and rounding
+    propagate: Literal["float", "quantized"] = "float"
 
 
 @dataclass
@@ -149,7 +155,8 @@ def _loss(block, fold: Fold, cap: _Capture, samples: int) -> float:
 
 
 def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], cfg: AWQConfig):
-    """The α (and its scale s per prev channel) with the least loss; α = 0 is plain round-to-nearest."""
+    """The α (None: s = 1) and its scale s per prev channel with the least loss, the loss at s = 1 and
+    the least loss."""
     lins = [block.get_submodule(n) for n in fold.linears]
     originals = [l.weight.detach().clone() for l in lins]
     x_mean = _reduce(cap.first_input(fold.linears[0]).abs().mean(0), fold)
@@ -161,10 +168,12 @@ def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], 
         w_mean = _reduce((wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0), fold)
     best = (float("inf"), 0.0, None)
     losses = []
+    # s = 1 first (plain rounding), then the α grid
+    duo = w_mean is not None
+    grid = [(0.0, False)] * duo + [(k / cfg.grid, duo) for k in range(cfg.grid)]
     try:
-        for step in range(cfg.grid):
-            alpha = step / cfg.grid
-            s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if w_mean is not None else x_mean.pow(alpha)
+        for alpha, duo in grid:
+            s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo else x_mean.pow(alpha)
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             s[~torch.isfinite(s)] = 1
@@ -177,7 +186,7 @@ def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], 
             loss = _loss(block, fold, cap, cfg.search_samples)
             losses.append(loss)
             if loss < best[0]:
-                best = (loss, alpha, s.clone())
+                best = (loss, alpha if duo or alpha else None, s.clone())
     finally:
         with torch.no_grad():
             for lin, w0 in zip(lins, originals):
@@ -243,8 +252,10 @@ def _clip(block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) ->
     return shrink
 
 
-def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> dict:
-    """Scale search and folds, then clipping, for one block (names in `mine` are relative to it)."""
+def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> tuple[dict, dict]:
+    """Scale search and folds, then clipping, for one block (names in `mine` are relative to it).
+    Returns the record and, with `propagate: float`, the clipped weights (the block keeps the folded,
+    unclipped ones, the same function as before, until the next block's inputs are computed)."""
     chosen, skipped = folds(model, block)
     ref = [run_block(block, a, k) for a, k in inputs[:1]]
     rec = {"folds": {}, "skipped": list(skipped)}
@@ -261,9 +272,15 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
             rec["skipped"].append(f"{fold.prev} -> {', '.join(fold.linears)} (the fold changed the block's output)")
             continue
         rec["folds"][fold.prev] = {"alpha": alpha, "loss_rtn": rtn_loss, "loss_awq": loss}
+    later = {}
     if cfg.clip:
+        folded = {n: m.weight.detach().clone() for n, m in mine.items()} if cfg.propagate == "float" else {}
         rec["clip_mean_range"] = _clip(block, mine, schemes, inputs, cfg)
-    return rec
+        with torch.no_grad():
+            for n, w in folded.items():
+                later[n] = mine[n].weight.detach().clone()
+                mine[n].weight.copy_(w)
+    return rec, later
 
 
 @register("awq", "quantize", AWQConfig,
@@ -274,6 +291,14 @@ def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
     batches = cfg.batches(ctx)
     per_block: dict[str, dict] = {}
     done: set[str] = set()
+    pending: dict[str, tuple[dict, dict]] = {}  # block -> (its Linears, clipped weights) to set after propagation
+
+    def finish(prefix: str, mine: dict[str, nn.Linear], clipped: dict) -> None:
+        with torch.no_grad():
+            for n, w in clipped.items():
+                mine[n].weight.copy_(w)
+        if cfg.quantize:
+            round_layers(model, {f"{prefix}.{n}": m for n, m in mine.items()}, schemes)
 
     def on_block(i, prefix, block, inputs):
         mine = {n[len(prefix) + 1:]: m for n, m in targets.items() if n.startswith(prefix + ".")}
@@ -281,12 +306,18 @@ def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
             return
         local = {n[len(prefix) + 1:]: v for n, v in schemes.items() if n.startswith(prefix + ".")}
         with torch.no_grad():
-            per_block[prefix] = awq_block(model, block, mine, local, inputs, cfg)
+            per_block[prefix], clipped = awq_block(model, block, mine, local, inputs, cfg)
         done.update(f"{prefix}.{n}" for n in mine)
-        if cfg.quantize:
-            round_layers(model, {f"{prefix}.{n}": m for n, m in mine.items()}, schemes)
+        if cfg.propagate == "float":
+            pending[prefix] = (mine, clipped)
+        else:
+            finish(prefix, mine, clipped)
 
-    sequential(model, batches, on_block, ctx.track)
+    def after_block(i, prefix, block):
+        if prefix in pending:
+            finish(prefix, *pending.pop(prefix))
+
+    sequential(model, batches, on_block, ctx.track, after_block)
     rest = {n: m for n, m in targets.items() if n not in done}
     if cfg.quantize and rest:
         round_layers(model, rest, schemes)
@@ -297,8 +328,8 @@ def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
         ctx.notes.append(f"AWQ found no exact fold for: {'; '.join(skipped)}; those groups kept scale 1 "
                          "(clipping and rounding still apply)")
     out = {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
-           "quantized": cfg.quantize, "calibration": summary(batches), "blocks": per_block,
-           "folds_skipped": skipped}
+           "quantized": cfg.quantize, "propagate": cfg.propagate, "calibration": summary(batches),
+           "blocks": per_block, "folds_skipped": skipped}
     if cfg.quantize:
         out["bits_per_weight"] = bits_per_weight(model, list(targets))
     return out
