@@ -70,7 +70,8 @@ def _scheme(m: WeightOnlyLinear) -> dict[str, Any]:
     per_channel = m.group_size >= m.in_features
     return {"num_bits": m.bits, "type": "int", "symmetric": m.symmetric,
             "strategy": "channel" if per_channel else "group", "group_size": None if per_channel else m.group_size,
-            "dynamic": False, "actorder": None, "block_structure": None, "observer": None, "observer_kwargs": {}}
+            "dynamic": False, "actorder": None, "block_structure": None, "observer": None, "observer_kwargs": {},
+            **({"scale_dtype": "torch.float16"} if m.weight_scale.dtype == torch.float16 else {})}
 
 
 def exportable(model) -> bool:

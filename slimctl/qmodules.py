@@ -93,13 +93,14 @@ class WeightOnlyLinear(nn.Module):
     """nn.Linear with int4 or int8 weights in groups along the input dimension (see slimctl.quant).
 
     Stored: `qweight` (int4: uint8 [out, in/2], two codes per byte; int8: int8 or uint8 [out, in]),
-    `weight_scale` float32 [out, in/group] and, when asymmetric, `weight_zero_point` uint8.
+    `weight_scale` float32 [out, in/group] (float16 when the scales were rounded to fp16: `fp16_scales`, then
+    16 bits per group, as GGUF's Q4_0 stores them) and, when asymmetric, `weight_zero_point` uint8.
     The forward dequantizes to the activation dtype and runs a dense matmul: this saves memory and
     disk, not compute.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
-                 symmetric: bool, device=None, dtype=torch.float32):
+                 symmetric: bool, device=None, dtype=torch.float32, scale_dtype=torch.float32):
         super().__init__()
         if bits not in (4, 8) or in_features % group_size:
             raise ValueError(f"bits must be 4 or 8 and group_size must divide {in_features}")
@@ -111,7 +112,7 @@ class WeightOnlyLinear(nn.Module):
         else:
             qw = torch.empty(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8, device=device)
         self.register_buffer("qweight", qw)
-        self.register_buffer("weight_scale", torch.empty(out_features, ng, dtype=torch.float32, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, ng, dtype=scale_dtype, device=device))
         if not symmetric:
             self.register_buffer("weight_zero_point", torch.empty(out_features, ng, dtype=torch.uint8, device=device))
         else:
@@ -120,13 +121,14 @@ class WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_codes(cls, lin: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                   bits: int, group_size: int) -> "WeightOnlyLinear":
-        """Build from integer codes [out, in] (as returned by quant.rtn or GPTQ) and group params."""
+                   bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32) -> "WeightOnlyLinear":
+        """Build from integer codes [out, in] (as returned by quant.rtn or GPTQ) and group params
+        (scale_dtype float16 only for scales already rounded to fp16: the copy must be exact)."""
         from .quant import QScheme, pack_int4
 
         sym = zero is None
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size, sym,
-                device=lin.weight.device, dtype=lin.weight.dtype)
+                device=lin.weight.device, dtype=lin.weight.dtype, scale_dtype=scale_dtype)
         if bits == 4:
             m.qweight.copy_(pack_int4(codes, QScheme(4, group_size, sym)))
         else:
@@ -148,7 +150,7 @@ class WeightOnlyLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         from .quant import dequantize_groups
 
-        return dequantize_groups(self.codes(), self.weight_scale, self.weight_zero_point, self.group_size).to(dtype)
+        return dequantize_groups(self.codes(), self.weight_scale.float(), self.weight_zero_point, self.group_size).to(dtype)
 
     _kernel: str | None = None  # set by slimctl.kernels: a fused kernel, its packed weights, its forward
     _fused: dict | None = None
@@ -172,13 +174,16 @@ class WeightOnlyLinear(nn.Module):
                 f"symmetric={self.symmetric}, bias={self.bias is not None}, kernel={self._kernel or 'dequantize'}")
 
     def meta(self) -> dict[str, Any]:
-        return {"format": "weight-only", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+        spec = {"format": "weight-only", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
                 "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+        if self.weight_scale.dtype == torch.float16:
+            spec["scale_dtype"] = "float16"
+        return spec
 
     @classmethod
     def from_meta(cls, spec: dict[str, Any], dtype) -> "WeightOnlyLinear":
         return cls(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"], spec["group_size"],
-                   spec["symmetric"], dtype=dtype)
+                   spec["symmetric"], dtype=dtype, scale_dtype=getattr(torch, spec.get("scale_dtype", "float32")))
 
 
 class Int8Embedding(nn.Module):

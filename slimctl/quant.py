@@ -25,6 +25,11 @@ class QScheme:
     fp16_scales: bool = False  # scales rounded to fp16 before the codes are chosen (GGUF stores fp16 scales)
 
     @property
+    def scale_dtype(self) -> torch.dtype:
+        """What the saved artifact stores the scales in: fp16-rounded scales take 16 bits, not 32."""
+        return torch.float16 if self.fp16_scales else torch.float32
+
+    @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
@@ -97,7 +102,7 @@ def rtn(w: torch.Tensor, scheme: QScheme, group: int) -> tuple[torch.Tensor, tor
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
     out_f, in_f = q.shape
-    s = scale.repeat_interleave(group, dim=1)
+    s = scale.float().repeat_interleave(group, dim=1)
     if zero is not None:
         return (q.float() - zero.float().repeat_interleave(group, dim=1)) * s
     return q.float() * s

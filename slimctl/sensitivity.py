@@ -25,7 +25,7 @@ class Choice:
         out_f, in_f = lin.out_features, lin.in_features
         if self.scheme is None:
             return out_f * in_f * lin.weight.element_size() * 8
-        per_group = 32 + (0 if self.scheme.symmetric else 8)  # float32 scale (+ uint8 zero point)
+        per_group = (16 if self.scheme.fp16_scales else 32) + (0 if self.scheme.symmetric else 8)  # scale (+ uint8 zero)
         return out_f * in_f * self.scheme.bits + out_f * (in_f // group) * per_group
 
 

@@ -8,7 +8,7 @@ from slimctl import quant as Q
 from slimctl import techniques as T
 from slimctl.errors import UnsupportedError
 from slimctl.models import load
-from slimctl.qmodules import WeightOnlyLinear
+from slimctl.qmodules import WeightOnlyLinear, bits_per_weight
 from slimctl.techniques.gptq import gptq_quantize
 
 
@@ -147,7 +147,8 @@ with torch.inference_mode():
 """
 
 
-@pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": None}], ids=["int4", "int8-channel"])
+@pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": None},
+                                  {"bits": 4, "group_size": 32, "fp16_scales": True}], ids=["int4", "int8-channel", "int4-fp16-scales"])
 def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensors(opts, tiny_llama, tmp_path, fast_recipe):
     """The artifact is compressed-tensors pack-quantized: transformers + compressed-tensors load it
     without slimctl and give exactly the logits slimctl's own loader gives."""
@@ -170,6 +171,9 @@ def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensor
     with torch.inference_mode():
         mine = ours(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2000, 3000]])).logits.float().flatten()
     assert torch.allclose(theirs, mine, atol=1e-5), (theirs - mine).abs().max()
+    if opts["bits"] == 4:  # fp16-rounded scales are stored in 16 bits: 4 + 16/32 = 4.5 bits per weight, else 5
+        names = [n for n, m in ours.named_modules() if isinstance(m, WeightOnlyLinear)]
+        assert bits_per_weight(ours, names) == pytest.approx(4 + (16 if opts.get("fp16_scales") else 32) / 32)
 
 
 def test_asymmetric_artifact_keeps_slimctl_layout_and_reloads_bitwise(tiny_llama, tmp_path, fast_recipe):

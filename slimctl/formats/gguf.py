@@ -153,6 +153,7 @@ def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
 
 def _quantized(layer, name: str, heads: int | None, opts: GGUFOptions, res: ExportResult):
     import gguf
+    import torch
 
     codes = layer.codes().numpy()
     scale = layer.weight_scale.detach().float().numpy()
@@ -168,7 +169,7 @@ def _quantized(layer, name: str, heads: int | None, opts: GGUFOptions, res: Expo
         raise UnsupportedError(f"{name} cannot be written exactly as {qtype.name}: {why}; quantize with "
                                "symmetric groups of 32/64/128 and fp16_scales: true, or export with --requantize")
     res.requantized.append(name)
-    w = layer.dequantized(layer.weight_scale.dtype).detach().float().numpy()
+    w = layer.dequantized(torch.float32).detach().numpy()
     if heads:
         w = permute_rows(w, heads)
     if w.shape[1] % BLOCK:

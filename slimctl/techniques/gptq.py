@@ -90,7 +90,8 @@ def gptq_layers(model, targets: dict, schemes: dict[str, QScheme], cfg: GPTQConf
             codes, scale, zero = gptq_quantize(w, stats.hessian[name], sch, sch.group_size, cfg.dampening,
                                                cfg.act_order, cfg.block_size, name, damping)
             errors[name] = relative_output_error(w, dequantize_groups(codes, scale, zero, sch.group_size), stats.hessian.pop(name))
-            set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size))
+            set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size,
+                                                                      sch.scale_dtype))
 
     missed = calibrated(model, targets, batches, quantize, hessian=True, track=ctx.track, leftover="return")
     if missed:  # layers outside the repeated blocks get round-to-nearest

@@ -35,7 +35,7 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
         w = lin.weight.detach().float()
         codes, scale, zero = rtn(w, scheme, g)
         err[name] = float((dequantize_groups(codes, scale, zero, g) - w).norm() / w.norm().clamp(min=1e-12))
-        set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, cfg.bits, g))
+        set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, cfg.bits, g, scheme.scale_dtype))
     out = {"layers": list(err), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
            "relative_weight_error": err}
     if cfg.embeddings:
@@ -50,7 +50,7 @@ def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
     for name, lin in visit(model, layers.items()):
         sch = schemes[name]
         codes, scale, zero = rtn(lin.weight.detach().float(), sch, sch.group_size)
-        set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size))
+        set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size, sch.scale_dtype))
 
 
 def _embeddings(model, ctx: StepContext) -> dict:
