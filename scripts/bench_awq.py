@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_recipes import ood_file  # noqa: E402
 
-RECIPES = ["int4-rtn-g64", "int4-gptq-g64", "int4-awq-g64", "int4-awq-gptq-g64", "mixed-4.5bit"]
-MINILM = ["int4-gptq-g128", "int4-awq-g64", "int4-awq-gptq-g64", "mixed-4.5bit"]
+RECIPES = ["int4-rtn-g64", "int4-gptq-g64", "int4-gptq-g32", "int4-awq-g64", "int4-awq-gptq-g64", "int4-awq-gptq-g32",
+           "mixed-4.5bit"]
+MINILM = ["int4-gptq-g128", "int4-gptq-g32", "int4-awq-g64", "int4-awq-gptq-g64", "int4-awq-gptq-g32", "mixed-4.5bit"]
 PEER_SAMPLES, PEER_SEQ_LEN = 32, 256  # the calibration of the recipes' awq step
 
 
