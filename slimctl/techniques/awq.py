@@ -155,8 +155,8 @@ def _loss(block, fold: Fold, cap: _Capture, samples: int) -> float:
 
 
 def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], cfg: AWQConfig):
-    """The α (None: s = 1) and its scale s per prev channel with the least loss, the loss at s = 1 and
-    the least loss."""
+    """The α with the least loss, whether its s divides by the weights' mean too (α = 0 without: s = 1),
+    its scale s per prev channel, the loss at s = 1 and the least loss."""
     lins = [block.get_submodule(n) for n in fold.linears]
     originals = [l.weight.detach().clone() for l in lins]
     x_mean = _reduce(cap.first_input(fold.linears[0]).abs().mean(0), fold)
@@ -166,11 +166,11 @@ def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], 
         w = torch.cat([o.float() for o in originals])
         wg = w.abs().reshape(-1, g)
         w_mean = _reduce((wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0), fold)
-    best = (float("inf"), 0.0, None)
+    best = (float("inf"), 0.0, False, None)
     losses = []
     # s = 1 first (plain rounding), then the α grid
-    duo = w_mean is not None
-    grid = [(0.0, False)] * duo + [(k / cfg.grid, duo) for k in range(cfg.grid)]
+    has_w = w_mean is not None
+    grid = [(0.0, False)] * has_w + [(k / cfg.grid, has_w) for k in range(cfg.grid)]
     try:
         for alpha, duo in grid:
             s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo else x_mean.pow(alpha)
@@ -186,12 +186,12 @@ def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], 
             loss = _loss(block, fold, cap, cfg.search_samples)
             losses.append(loss)
             if loss < best[0]:
-                best = (loss, alpha if duo or alpha else None, s.clone())
+                best = (loss, alpha, duo, s.clone())
     finally:
         with torch.no_grad():
             for lin, w0 in zip(lins, originals):
                 lin.weight.copy_(w0)
-    return best[1], best[2], losses[0], best[0]
+    return best[1], best[2], best[3], losses[0], best[0]
 
 
 def apply_fold(block, fold: Fold, s: torch.Tensor, inverse: bool = False) -> None:
@@ -263,7 +263,7 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
         if not any(n in schemes for n in fold.linears):
             continue
         cap = _Capture(block, [fold.inspect, fold.linears[0]]).run(block, inputs)
-        alpha, s, rtn_loss, loss = search_scale(block, fold, cap, schemes, cfg)
+        alpha, duo, s, rtn_loss, loss = search_scale(block, fold, cap, schemes, cfg)
         apply_fold(block, fold, s)
         with torch.inference_mode():
             now = [run_block(block, a, k) for a, k in inputs[:1]]
@@ -271,7 +271,7 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
             apply_fold(block, fold, s, inverse=True)
             rec["skipped"].append(f"{fold.prev} -> {', '.join(fold.linears)} (the fold changed the block's output)")
             continue
-        rec["folds"][fold.prev] = {"alpha": alpha, "loss_rtn": rtn_loss, "loss_awq": loss}
+        rec["folds"][fold.prev] = {"alpha": alpha, "duo_scaling": duo, "loss_rtn": rtn_loss, "loss_awq": loss}
     later = {}
     if cfg.clip:
         folded = {n: m.weight.detach().clone() for n, m in mine.items()} if cfg.propagate == "float" else {}
