@@ -73,6 +73,11 @@ def _ood(model: str, artifact: Path, tweets: Path | None) -> float | None:
     return json.loads(e.stdout)["vs_reference"]["perplexity_ratio"] if e.returncode == 0 else None
 
 
+def _mb(folder: Path) -> float:
+    """The artifact folder's bytes on disk (weights, config, tokenizer), in MB."""
+    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 1)
+
+
 def run_recipe(model: str, recipe: str, tmp: Path, tweets: Path | None) -> dict:
     """A shipped recipe by name, or any recipe file by path."""
     path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else REPO / "recipes" / f"{recipe}.yaml"
@@ -87,7 +92,7 @@ def run_recipe(model: str, recipe: str, tmp: Path, tweets: Path | None) -> dict:
     steps = rep["slimmed"]["steps"]
     row = {"model": model, "recipe": recipe, "seconds": round(sum(s["seconds"] for s in steps), 1),
            "steps": [{"method": s["method"], "seconds": s["seconds"], "peak_rss_mb": s.get("peak_rss_mb")} for s in steps],
-           "size_ratio": d.get("size_ratio"), **stored_bits(dest / "model")}
+           "size_ratio": d.get("size_ratio"), "artifact_mb": _mb(dest / "model"), **stored_bits(dest / "model")}
     for k in ("perplexity_ratio", "kl_divergence", "top1_agreement", "mean_cosine", "topic_accuracy_change"):
         if d.get(k) is not None:
             row[k] = d[k]
