@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_recipes import ood_file  # noqa: E402
+from slimctl.formats import weight_file_bytes  # noqa: E402
 
 RECIPES = ["int4-rtn-g64", "int4-gptq-g64", "int4-gptq-g32", "int4-awq-g64", "int4-awq-gptq-g64", "int4-awq-gptq-g32",
            "mixed-4.5bit"]
@@ -73,11 +74,6 @@ def _ood(model: str, artifact: Path, tweets: Path | None) -> float | None:
     return json.loads(e.stdout)["vs_reference"]["perplexity_ratio"] if e.returncode == 0 else None
 
 
-def _mb(folder: Path) -> float:
-    """The artifact folder's bytes on disk (weights, config, tokenizer), in MB."""
-    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 1)
-
-
 def run_recipe(model: str, recipe: str, tmp: Path, tweets: Path | None) -> dict:
     """A shipped recipe by name, or any recipe file by path."""
     path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else REPO / "recipes" / f"{recipe}.yaml"
@@ -92,7 +88,7 @@ def run_recipe(model: str, recipe: str, tmp: Path, tweets: Path | None) -> dict:
     steps = rep["slimmed"]["steps"]
     row = {"model": model, "recipe": recipe, "seconds": round(sum(s["seconds"] for s in steps), 1),
            "steps": [{"method": s["method"], "seconds": s["seconds"], "peak_rss_mb": s.get("peak_rss_mb")} for s in steps],
-           "size_ratio": d.get("size_ratio"), "artifact_mb": _mb(dest / "model"), **stored_bits(dest / "model")}
+           "size_ratio": d.get("size_ratio"), "weights_mb": round((weight_file_bytes(dest / "model") or 0) / 1e6, 1), **stored_bits(dest / "model")}
     for k in ("perplexity_ratio", "kl_divergence", "top1_agreement", "mean_cosine", "topic_accuracy_change"):
         if d.get(k) is not None:
             row[k] = d[k]

@@ -235,27 +235,35 @@ def clip_range(w: torch.Tensor, x: torch.Tensor, scheme: QScheme, grid: int, max
     return best
 
 
-def _clip(block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> dict[str, float]:
+def _clip(block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> tuple[dict[str, float], dict]:
+    """The clipping range per (row, group) of each clipped Linear, searched on the block's current inputs
+    (the weights are not changed here: `clip_weights` applies them), and its mean share of max |w|."""
     names = [n for n in mine if not any(t in n.rsplit(".", 1)[-1] for t in _NO_CLIP)]
     cap = _Capture(block, names).run(block, inputs)
-    shrink = {}
+    shrink, bounds = {}, {}
     for n in names:
         x = cap.first_input(n)
         x = x[:: max(1, x.shape[0] // cfg.clip_tokens)]
         lin, grp = mine[n], schemes[n].group_size
         amax = lin.weight.detach().float().abs().reshape(lin.out_features, -1, grp).amax(-1).clamp(min=1e-12)
-        mx = clip_range(lin.weight.detach(), x, schemes[n], cfg.clip_grid, cfg.max_shrink)
-        g = mx.repeat_interleave(grp, dim=1).to(lin.weight.dtype)
+        bounds[n] = clip_range(lin.weight.detach(), x, schemes[n], cfg.clip_grid, cfg.max_shrink)
+        shrink[n] = round(float((bounds[n] / amax).mean()), 4)
+    return shrink, bounds
+
+
+def clip_weights(mine: dict[str, nn.Linear], bounds: dict[str, torch.Tensor]) -> None:
+    """Clamp each Linear's weights to its range per (row, group)."""
+    for n, mx in bounds.items():
+        lin = mine[n]
+        g = mx.repeat_interleave(lin.in_features // mx.shape[1], dim=1).to(lin.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(torch.maximum(torch.minimum(lin.weight, g), -g))
-        shrink[n] = round(float((mx / amax).mean()), 4)
-    return shrink
 
 
 def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> tuple[dict, dict]:
-    """Scale search and folds, then clipping, for one block (names in `mine` are relative to it).
-    Returns the record and, with `propagate: float`, the clipped weights (the block keeps the folded,
-    unclipped ones, the same function as before, until the next block's inputs are computed)."""
+    """Scale search and folds, then the clipping search, for one block (names in `mine` are relative to it).
+    Returns the record and the clipping ranges, which the caller applies (`clip_weights`): with
+    `propagate: float` only after the next block's inputs are computed from the folded float block."""
     chosen, skipped = folds(model, block)
     ref = [run_block(block, a, k) for a, k in inputs[:1]]
     rec = {"folds": {}, "skipped": list(skipped)}
@@ -272,15 +280,10 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
             rec["skipped"].append(f"{fold.prev} -> {', '.join(fold.linears)} (the fold changed the block's output)")
             continue
         rec["folds"][fold.prev] = {"alpha": alpha, "duo_scaling": duo, "loss_rtn": rtn_loss, "loss_awq": loss}
-    later = {}
+    bounds = {}
     if cfg.clip:
-        folded = {n: m.weight.detach().clone() for n, m in mine.items()} if cfg.propagate == "float" else {}
-        rec["clip_mean_range"] = _clip(block, mine, schemes, inputs, cfg)
-        with torch.no_grad():
-            for n, w in folded.items():
-                later[n] = mine[n].weight.detach().clone()
-                mine[n].weight.copy_(w)
-    return rec, later
+        rec["clip_mean_range"], bounds = _clip(block, mine, schemes, inputs, cfg)
+    return rec, bounds
 
 
 @register("awq", "quantize", AWQConfig,
@@ -291,12 +294,10 @@ def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
     batches = cfg.batches(ctx)
     per_block: dict[str, dict] = {}
     done: set[str] = set()
-    pending: dict[str, tuple[dict, dict]] = {}  # block -> (its Linears, clipped weights) to set after propagation
+    pending: dict[str, tuple[dict, dict]] = {}  # block -> (its Linears, clipping ranges) to apply after propagation
 
-    def finish(prefix: str, mine: dict[str, nn.Linear], clipped: dict) -> None:
-        with torch.no_grad():
-            for n, w in clipped.items():
-                mine[n].weight.copy_(w)
+    def finish(prefix: str, mine: dict[str, nn.Linear], bounds: dict) -> None:
+        clip_weights(mine, bounds)
         if cfg.quantize:
             round_layers(model, {f"{prefix}.{n}": m for n, m in mine.items()}, schemes)
 
@@ -306,12 +307,12 @@ def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
             return
         local = {n[len(prefix) + 1:]: v for n, v in schemes.items() if n.startswith(prefix + ".")}
         with torch.no_grad():
-            per_block[prefix], clipped = awq_block(model, block, mine, local, inputs, cfg)
+            per_block[prefix], bounds = awq_block(model, block, mine, local, inputs, cfg)
         done.update(f"{prefix}.{n}" for n in mine)
         if cfg.propagate == "float":
-            pending[prefix] = (mine, clipped)
+            pending[prefix] = (mine, bounds)
         else:
-            finish(prefix, mine, clipped)
+            finish(prefix, mine, bounds)
 
     def after_block(i, prefix, block):
         if prefix in pending:

@@ -31,11 +31,8 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     err = {}
     for name, lin in ctx.track(visit(model, layers), "rtn", len(layers)):
         g = groups[name]
-        scheme = QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales)
-        w = lin.weight.detach().float()
-        codes, scale, zero = rtn(w, scheme, g)
+        w, (codes, scale, zero) = round_layer(model, name, lin, QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales))
         err[name] = float((dequantize_groups(codes, scale, zero, g) - w).norm() / w.norm().clamp(min=1e-12))
-        set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, cfg.bits, g, scheme.scale_dtype))
     out = {"layers": list(err), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
            "relative_weight_error": err}
     if cfg.embeddings:
@@ -45,12 +42,19 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     return out
 
 
+def round_layer(model, name: str, lin, sch: QScheme) -> tuple[torch.Tensor, tuple]:
+    """Replace one Linear by its round-to-nearest WeightOnlyLinear (sch.group_size: the group used);
+    returns its float32 weight and the (codes, scale, zero) it was stored as."""
+    w = lin.weight.detach().float()
+    q = rtn(w, sch, sch.group_size)
+    set_submodule(model, name, WeightOnlyLinear.from_codes(lin, *q, sch.bits, sch.group_size, sch.scale_dtype))
+    return w, q
+
+
 def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
     """Replace each Linear by its round-to-nearest WeightOnlyLinear (scheme.group_size: the group used)."""
     for name, lin in visit(model, layers.items()):
-        sch = schemes[name]
-        codes, scale, zero = rtn(lin.weight.detach().float(), sch, sch.group_size)
-        set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size, sch.scale_dtype))
+        round_layer(model, name, lin, schemes[name])
 
 
 def _embeddings(model, ctx: StepContext) -> dict:
