@@ -227,18 +227,25 @@ def block_stats(block: nn.Module, inputs: list, layers: dict[str, nn.Linear], he
 
 def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[dict],
                slim_layers: Callable[[dict[str, nn.Linear], "InputStats"], None], hessian: bool = False,
-               track=lambda it, desc, total: it, leftover: str = "full-pass") -> list[str]:
+               track=lambda it, desc, total: it, leftover: str = "full-pass",
+               unseen: Callable[[dict[str, nn.Linear]], None] | None = None) -> list[str]:
     """The calibrated driver of Wanda, SparseGPT and GPTQ: block by block, `slim_layers(layers, stats)`
     on the targets inside the block, from their input statistics; the block's outputs (after slimming)
     feed the next block. Targets outside the repeated blocks (an LM head, a pooler) follow `leftover`:
     "full-pass" gathers their statistics in one pass of the whole slimmed model and slims them too;
-    "return" leaves them to the caller. Returns the targets left over (empty under "full-pass")."""
+    "return" leaves them to the caller. Layers that saw no calibration token (an expert the router never
+    chose) go to `unseen`, the caller's data-free fallback, when given. Returns the targets left over."""
     done: set[str] = set()
 
     def on_block(i, prefix, block, inputs):
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if mine:
-            slim_layers(mine, block_stats(block, inputs, mine, hessian=hessian))
+            stats = block_stats(block, inputs, mine, hessian=hessian)
+            blind = {n: m for n, m in mine.items() if stats.n[n] == 0} if unseen else {}
+            if blind:
+                unseen(blind)
+            if len(blind) < len(mine):
+                slim_layers({n: m for n, m in mine.items() if n not in blind}, stats)
             done.update(mine)
 
     sequential(model, batches, on_block, track)
@@ -256,6 +263,13 @@ def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[di
         stats.remove()
     slim_layers(rest, stats)
     return []
+
+
+def unseen_note(method: str, names: list[str], instead: str) -> str:
+    """The note for layers that saw no calibration token and what was done with them instead."""
+    return (f"{method}: {len(names)} layers saw no calibration token ({', '.join(names[:3])}"
+            f"{', …' if len(names) > 3 else ''}; experts the router never chose on this text); {instead}; "
+            "more calibration text (calib_samples, calib_seq_len) reaches more of them")
 
 
 def raised_dampening(used: dict[str, float], asked: float, ctx) -> dict[str, dict[str, float]]:

@@ -80,8 +80,11 @@ def exportable(model) -> bool:
     Asymmetric schemes are left out: compressed-tensors 0.19 packs their zero points along the
     output dimension, while transformers 5.24 registers them unpacked and refuses the file, so such
     an artifact would load nowhere but in slimctl. They keep slimctl's own layout instead."""
+    from .families.convert import PREPARED
     from .qmodules import QUANTIZED_TYPES
 
+    if getattr(model, PREPARED, None):  # Conv1D or fused experts unfused by slimctl: transformers' layout differs
+        return False
     mods = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     others = [m for m in model.modules() if isinstance(m, QUANTIZED_TYPES) and not isinstance(m, WeightOnlyLinear)]
     return bool(mods) and all(m.symmetric for m in mods) and not others  # e.g. int8 embeddings: slimctl's layout

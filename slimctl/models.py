@@ -240,6 +240,12 @@ def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelLoadError(f"could not load weights from {folder} ({type(e).__name__}: {first[:300]})") from None
     model.eval()
+    from .families.convert import prepare
+
+    converted = prepare(model)  # GPT-2's Conv1D and fused experts as Linears every technique reads
+    if converted and progress:
+        progress(f"note: {len(converted)} modules converted to Linears for slimming ({converted[0]}, …); "
+                 "saved back in transformers' layout when they stay float")
     if not allow_non_finite:
         bad, count = non_finite(model)
         if bad:

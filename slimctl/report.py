@@ -97,6 +97,7 @@ class StepRecord(_Open):
     peak_rss_mb: Optional[float] = None
     added_rss_mb: Optional[float] = None
     loads_with: Optional[str] = None
+    layers_changed: Optional[int] = None  # weight-holding modules the step replaced or changed in place
 
 
 class Side(_Open):

@@ -29,11 +29,53 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
         release_freed_memory()
         before = rss_mb()  # the process already holds the baseline (for side-by-side eval) and this model
         t0 = time.perf_counter()
+        census = layer_census(model)
         with PeakMemory("cpu") as mem:
             stats = tech.apply(model, step.config, ctx)
+        changed = None if ctx.replacement is not None else changed_layers(census, model)
+        if changed is not None:
+            check_changed(model, step.method, tech.kind, changed, census, ctx.notes)
         results.append({"method": step.method, "options": step.options(), "seconds": round(time.perf_counter() - t0, 3),
                         "peak_rss_mb": round(mem.peak_mb, 1), "added_rss_mb": round(max(mem.peak_mb - before, 0.0), 1),
-                        "loads_with": tech.loads_with, **stats})
+                        "loads_with": tech.loads_with, **stats,
+                        **({"layers_changed": len(changed)} if changed is not None else {})})
         if ctx.replacement is not None:
             model, ctx.replacement = ctx.replacement, None
     return model, results, ctx.notes
+
+
+def layer_census(model) -> dict[str, tuple]:
+    """Per module that owns a weight matrix (2-D or more): its identity, its weight's identity and version
+    counter. Cheap (no copies); an in-place change bumps the version, a replaced module changes identity."""
+    out = {}
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                out[name] = (id(mod), type(mod).__name__, pname, id(p), p._version, tuple(p.shape))
+                break
+    return out
+
+
+def changed_layers(before: dict[str, tuple], model) -> list[str]:
+    after = layer_census(model)
+    return sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+
+
+def check_changed(model, method: str, kind: str, changed: list[str], before: dict[str, tuple], notes: list[str]) -> None:
+    """A quantize or prune step that changed no layer is an error (the model would come back unchanged,
+    labelled slimmed); weight matrices of kinds no Linear technique reads are named in a note."""
+    from .errors import UnsupportedError
+    from .families import model_type
+
+    if kind not in ("quantize", "prune"):
+        return
+    if not changed:
+        raise UnsupportedError(f"{method} changed no layer of {type(model).__name__} (model type '{model_type(model)}'): "
+                               "it has no layers of a kind the method handles, or all were ignored; nothing to save")
+    odd = sorted({v[1] for n, v in before.items() if n not in changed and v[1] not in _KEPT_TYPES
+                  and not v[1].endswith(("Embedding", "Router", "Gate", "Norm", "Linear"))})
+    if odd:
+        notes.append(f"{method} left weights of these module kinds as they were: {', '.join(odd)}")
+
+
+_KEPT_TYPES = ("Embedding", "Linear", "LayerNorm")

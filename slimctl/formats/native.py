@@ -30,6 +30,7 @@ class Native(Transformers):
         from transformers import AutoConfig
 
         from ..ctformat import to_slimctl_state
+        from ..families.convert import prepare
         from ..kinds import auto_class
         from ..qmodules import build_from_meta
 
@@ -39,6 +40,7 @@ class Native(Transformers):
         # Built on CPU rather than the meta device so that non-persistent buffers (position ids, rotary
         # frequencies) are computed by the model's own code; the weights are then replaced from disk.
         model = auto_class(kind).from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        prepare(model)  # the layout the artifact was quantized in (Conv1D as Linear, one Linear per expert)
         build_from_meta(model, meta["quantized_modules"])
         state: dict[str, Any] = {}
         for f in sorted(folder.glob("*.safetensors")):

@@ -27,6 +27,25 @@ def dense_state_bytes(model) -> int:
     return total
 
 
+def save_as_is(model, folder: Path) -> None:
+    """The state dict under its in-memory names (tied copies once) and the config: what slimctl's loader
+    reads back after converting the same layers. save_pretrained would rename keys for transformers'
+    checkpoint conversions (MoE experts), which do not apply to slimctl's unfused layout."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    state, seen = {}, set()
+    for k, t in model.state_dict().items():  # a tied tensor once, under its first name (the input embedding)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        state[k] = t.contiguous()
+    save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+
 class Transformers:
     name = "transformers"
     loads_with = "transformers"
@@ -43,7 +62,11 @@ class Transformers:
         return True
 
     def save(self, model, folder: Path) -> None:
-        with warnings.catch_warnings():
+        from ..families.convert import convertible_back, transformers_layout
+
+        if not convertible_back(model):  # quantized experts / Conv1D: slimctl's layout, keys as in memory
+            return save_as_is(model, folder)
+        with warnings.catch_warnings(), transformers_layout(model):  # Conv1D / fused experts as transformers has them
             warnings.simplefilter("ignore")
             model.save_pretrained(folder, safe_serialization=True)
 

@@ -9,7 +9,6 @@ llm-compressor's sequential pipeline does) or on its quantized ones (`propagate:
 weights are left for that step to quantize."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,6 +16,8 @@ from pydantic import Field
 from torch import nn
 
 from ..calibrate import run_block, sequential, summary
+from ..families import of
+from ..families.folding import BlockFold, block_folds, expand, fold_scale, reduce
 from ..quant import QScheme, dequantize_groups, rtn
 from ..qmodules import bits_per_weight
 from .rtn import round_layers
@@ -38,49 +39,6 @@ class AWQConfig(WeightOnlyOptions, CalibrationOptions):
     # what the next block is calibrated on: this block's float outputs (scaled: the same function), or
     # its outputs after clipping and rounding
     propagate: Literal["float", "quantized"] = "float"
-
-
-@dataclass
-class Fold:
-    """Linears whose common input is the output of `prev`: dividing that output by s and multiplying
-    the Linears' input columns by s leaves the block's function unchanged."""
-
-    prev: str  # module name inside the block
-    how: str  # "weight": a norm's elementwise weight; "rows": a Linear's output rows (and bias)
-    linears: list[str]
-    inspect: str  # module whose output measures the loss of a candidate s
-    repeat: int = 1  # grouped-query attention: each of prev's channels feeds `repeat` heads of the Linears
-    head_dim: int = 0
-
-
-_NO_CLIP = ("q_proj", "k_proj", "query", "key")  # as AutoAWQ: clipping these distorts attention scores
-
-
-def folds(model, block: nn.Module) -> tuple[list[Fold], list[str]]:
-    """The exact folds of one block, and the groups left without one (with the reason)."""
-    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-    if attn is not None and hasattr(block, "input_layernorm") and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
-        out = [Fold("input_layernorm", "weight", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn")]
-        skipped = []
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None) or heads
-        if hasattr(attn, "o_proj") and attn.v_proj.out_features * (heads // kv) == attn.o_proj.in_features:
-            out.append(Fold("self_attn.v_proj", "rows", ["self_attn.o_proj"], "self_attn.o_proj",
-                            repeat=heads // kv, head_dim=attn.v_proj.out_features // kv))
-        else:
-            skipped.append("v_proj -> o_proj (head layout not recognised)")
-        if mlp is not None and hasattr(block, "post_attention_layernorm") and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            out.append(Fold("post_attention_layernorm", "weight", ["mlp.gate_proj", "mlp.up_proj"], "mlp"))
-            out.append(Fold("mlp.up_proj", "rows", ["mlp.down_proj"], "mlp.down_proj"))
-        else:
-            skipped.append("MLP (no post_attention_layernorm with gate/up/down projections)")
-        return out, skipped
-    if hasattr(block, "attention") and hasattr(getattr(block.attention, "self", None), "value"):
-        return ([Fold("attention.self.value", "rows", ["attention.output.dense"], "attention.output.dense")],
-                ["LayerNorm -> query/key/value (post-norm: the norm's output is also the residual)",
-                 "intermediate.dense -> output.dense (a GELU sits between them)"])
-    return [], [f"{type(block).__name__} (no known exact fold; clipping only)"]
 
 
 class _Capture:
@@ -126,23 +84,7 @@ def _pseudo(w: torch.Tensor, scheme: QScheme) -> torch.Tensor:
     return dequantize_groups(*rtn(w, scheme, scheme.group_size), scheme.group_size)
 
 
-def _expand(s: torch.Tensor, fold: Fold) -> torch.Tensor:
-    """Scale per prev channel -> scale per Linear input column (GQA: each kv head feeds `repeat` heads)."""
-    if fold.repeat == 1:
-        return s
-    kv = s.numel() // fold.head_dim
-    return s.view(kv, 1, fold.head_dim).expand(kv, fold.repeat, fold.head_dim).reshape(-1)
-
-
-def _reduce(v: torch.Tensor, fold: Fold) -> torch.Tensor:
-    """Per Linear input column -> per prev channel (mean over the heads sharing a kv head)."""
-    if fold.repeat == 1:
-        return v
-    kv = v.numel() // (fold.head_dim * fold.repeat)
-    return v.view(kv, fold.repeat, fold.head_dim).mean(1).reshape(-1)
-
-
-def _loss(block, fold: Fold, cap: _Capture, samples: int) -> float:
+def _loss(block, fold: BlockFold, cap: _Capture, samples: int) -> float:
     mod = block.get_submodule(fold.inspect)
     err, n = 0.0, 0
     with torch.inference_mode():
@@ -154,18 +96,18 @@ def _loss(block, fold: Fold, cap: _Capture, samples: int) -> float:
     return err / max(n, 1)
 
 
-def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], cfg: AWQConfig):
+def search_scale(block, fold: BlockFold, cap: _Capture, schemes: dict[str, QScheme], cfg: AWQConfig):
     """The α with the least loss, whether its s divides by the weights' mean too (α = 0 without: s = 1),
     its scale s per prev channel, the loss at s = 1 and the least loss."""
     lins = [block.get_submodule(n) for n in fold.linears]
     originals = [l.weight.detach().clone() for l in lins]
-    x_mean = _reduce(cap.first_input(fold.linears[0]).abs().mean(0), fold)
+    x_mean = reduce(cap.first_input(fold.linears[0]).abs().mean(0), fold)
     w_mean = None
     if cfg.duo_scaling:
-        g = min(s.group_size for s in schemes.values()) if schemes else lins[0].in_features
+        g = min(s.group_size for s in schemes.values()) if schemes else lins[0].weight.shape[1]
         w = torch.cat([o.float() for o in originals])
         wg = w.abs().reshape(-1, g)
-        w_mean = _reduce((wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0), fold)
+        w_mean = reduce((wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0), fold)
     best = (float("inf"), 0.0, False, None)
     losses = []
     # s = 1 first (plain rounding), then the α grid
@@ -177,7 +119,7 @@ def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], 
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             s[~torch.isfinite(s)] = 1
-            cols = _expand(s, fold)[None, :]
+            cols = expand(s, fold)[None, :]
             with torch.no_grad():
                 for name, lin, w0 in zip(fold.linears, lins, originals):
                     if name in schemes:
@@ -194,21 +136,9 @@ def search_scale(block, fold: Fold, cap: _Capture, schemes: dict[str, QScheme], 
     return best[1], best[2], best[3], losses[0], best[0]
 
 
-def apply_fold(block, fold: Fold, s: torch.Tensor, inverse: bool = False) -> None:
+def apply_fold(block, fold: BlockFold, s: torch.Tensor, inverse: bool = False) -> None:
     """prev ÷ s, Linear columns × s (inverse=True undoes it)."""
-    s = 1 / s if inverse else s
-    prev = block.get_submodule(fold.prev)
-    cols = _expand(s, fold)
-    with torch.no_grad():
-        if fold.how == "weight":
-            prev.weight.div_(s.to(prev.weight.dtype))
-        else:
-            prev.weight.div_(s[:, None].to(prev.weight.dtype))
-            if getattr(prev, "bias", None) is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
-        for n in fold.linears:
-            lin = block.get_submodule(n)
-            lin.weight.mul_(cols[None, :].to(lin.weight.dtype))
+    fold_scale(block, fold, s, inverse)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -235,13 +165,17 @@ def clip_range(w: torch.Tensor, x: torch.Tensor, scheme: QScheme, grid: int, max
     return best
 
 
-def _clip(block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> tuple[dict[str, float], dict]:
+def _clip(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> tuple[dict[str, float], dict]:
     """The clipping range per (row, group) of each clipped Linear, searched on the block's current inputs
     (the weights are not changed here: `clip_weights` applies them), and its mean share of max |w|."""
-    names = [n for n in mine if not any(t in n.rsplit(".", 1)[-1] for t in _NO_CLIP)]
+    fam = of(model)
+    no_clip = fam.no_clip if fam else ("q_proj", "k_proj", "query", "key")
+    names = [n for n in mine if not any(t in n.rsplit(".", 1)[-1] for t in no_clip)]
     cap = _Capture(block, names).run(block, inputs)
     shrink, bounds = {}, {}
     for n in names:
+        if not cap.calls[n]:  # no calibration token reached it: rounded without a clipping search
+            continue
         x = cap.first_input(n)
         x = x[:: max(1, x.shape[0] // cfg.clip_tokens)]
         lin, grp = mine[n], schemes[n].group_size
@@ -264,13 +198,16 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
     """Scale search and folds, then the clipping search, for one block (names in `mine` are relative to it).
     Returns the record and the clipping ranges, which the caller applies (`clip_weights`): with
     `propagate: float` only after the next block's inputs are computed from the folded float block."""
-    chosen, skipped = folds(model, block)
+    chosen, skipped = block_folds(model, block)
     ref = [run_block(block, a, k) for a, k in inputs[:1]]
     rec = {"folds": {}, "skipped": list(skipped)}
     for fold in chosen:
         if not any(n in schemes for n in fold.linears):
             continue
         cap = _Capture(block, [fold.inspect, fold.linears[0]]).run(block, inputs)
+        if not cap.calls[fold.linears[0]]:  # an expert the router never chose on this text
+            rec["skipped"].append(f"{fold.prev} -> {', '.join(fold.linears)} (no calibration token reached it)")
+            continue
         alpha, duo, s, rtn_loss, loss = search_scale(block, fold, cap, schemes, cfg)
         apply_fold(block, fold, s)
         with torch.inference_mode():
@@ -282,7 +219,7 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
         rec["folds"][fold.prev] = {"alpha": alpha, "duo_scaling": duo, "loss_rtn": rtn_loss, "loss_awq": loss}
     bounds = {}
     if cfg.clip:
-        rec["clip_mean_range"], bounds = _clip(block, mine, schemes, inputs, cfg)
+        rec["clip_mean_range"], bounds = _clip(model, block, mine, schemes, inputs, cfg)
     return rec, bounds
 
 

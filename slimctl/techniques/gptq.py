@@ -93,7 +93,15 @@ def gptq_layers(model, targets: dict, schemes: dict[str, QScheme], cfg: GPTQConf
             set_submodule(model, name, WeightOnlyLinear.from_codes(lin, codes, scale, zero, sch.bits, sch.group_size,
                                                                       sch.scale_dtype))
 
-    missed = calibrated(model, targets, batches, quantize, hessian=True, track=ctx.track, leftover="return")
+    def blind(layers: dict) -> None:
+        from ..calibrate import unseen_note
+        from .rtn import round_layers
+
+        round_layers(model, layers, schemes)
+        ctx.notes.append(unseen_note("gptq", list(layers), "rounded to nearest (RTN) instead"))
+
+    missed = calibrated(model, targets, batches, quantize, hessian=True, track=ctx.track, leftover="return",
+                        unseen=blind)
     if missed:  # layers outside the repeated blocks get round-to-nearest
         from .rtn import round_layers
 

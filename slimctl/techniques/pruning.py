@@ -88,3 +88,23 @@ def account(model, pruned: dict[str, float], cfg: PruneOptions, extra: dict | No
     if streamed:
         out["model_sparsity_counts"] = "zeros of the pruned layers (streamed: other weights were not read)"
     return out
+
+
+def prune_unseen(cfg: PruneOptions, per_layer: dict, zeros: dict, ctx, method: str):
+    """The fallback for layers that saw no calibration token: magnitude pruning at the same sparsity or
+    pattern (a calibrated score of zero everywhere would pick weights arbitrarily), with a note."""
+    import torch
+
+    from ..calibrate import unseen_note
+    from ..sparsity import nm_mask, row_mask
+
+    def fn(layers: dict) -> None:
+        with torch.no_grad():
+            for name, lin in layers.items():
+                score = lin.weight.detach().abs().float()
+                mask = nm_mask(score, *cfg.nm) if cfg.nm else row_mask(score, cfg.sparsity)
+                lin.weight.masked_fill_(mask, 0)
+                per_layer[name] = float(mask.float().mean())
+                zeros[name] = int((lin.weight == 0).sum())
+        ctx.notes.append(unseen_note(method, list(layers), "pruned by magnitude instead"))
+    return fn

@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from ..calibrate import InputStats, block_stats, find_blocks, sequential
+from ..families.folding import BlockFold, block_folds, fold_scale, reduce
 from ..stream import visit
 from ..errors import UnsupportedError
 from ..qmodules import Int8Linear, set_submodule
@@ -19,29 +20,17 @@ class SmoothQuantConfig(LayerSelection, CalibrationOptions):
     calib_samples: int = Field(default=32, ge=1, le=100_000)
 
 
-def _mappings(model) -> list[tuple[nn.Module, str, list[str]]]:
-    """(previous module, its attribute holding the scale, names of the linears reading its output).
-
-    Only folds that are exact: a norm whose output feeds nothing but the listed linears (pre-norm
-    blocks), or v_proj -> o_proj when every query head has its own value head."""
+def _mappings(model) -> list[tuple[str, BlockFold]]:
+    """(block prefix, fold) for every exact fold the model's family file declares (families.folding)."""
     prefix, blocks = find_blocks(model)
-    out = []
+    out, skipped = [], set()
     for i, b in enumerate(blocks):
-        p = f"{prefix}.{i}"
-        attn, mlp = getattr(b, "self_attn", None), getattr(b, "mlp", None)
-        if attn is not None and hasattr(b, "input_layernorm") and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
-            out.append((b.input_layernorm, "weight", [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]))
-            if mlp is not None and hasattr(b, "post_attention_layernorm") and hasattr(mlp, "gate_proj"):
-                out.append((b.post_attention_layernorm, "weight", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]))
-            cfg = model.config
-            if getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) == cfg.num_attention_heads and hasattr(attn, "o_proj"):
-                out.append((attn.v_proj, "rows", [f"{p}.self_attn.o_proj"]))
-        elif hasattr(b, "attention") and hasattr(b.attention, "self") and hasattr(b.attention.self, "value"):
-            # BERT-style post-norm: the LayerNorm output is also the residual, so only value -> output.dense folds
-            out.append((b.attention.self.value, "rows", [f"{p}.attention.output.dense"]))
+        folds, why = block_folds(model, b)
+        out += [(f"{prefix}.{i}", f) for f in folds]
+        skipped.update(why)
     if not out:
-        raise UnsupportedError("SmoothQuant knows Llama-style (input_layernorm/q,k,v_proj) and BERT-style blocks; "
-                               f"{type(model).__name__} has neither")
+        raise UnsupportedError(f"SmoothQuant found no exact fold in {type(model).__name__} "
+                               f"({'; '.join(sorted(skipped)) or 'no blocks'}); nothing would be smoothed")
     return out
 
 
@@ -58,12 +47,13 @@ def apply(model, cfg: SmoothQuantConfig, ctx: StepContext) -> dict:
     done: set[str] = set()
 
     def on_block(i, name, block, inputs):
-        mine = [(prev, how, names) for prev, how, names in maps if names[0].startswith(name + ".")]
-        consumers = {n: model.get_submodule(n) for _, _, names in mine for n in names}
+        mine = [f for p, f in maps if p == name]
+        consumers = {n: block.get_submodule(n) for f in mine for n in f.linears
+                     if isinstance(block.get_submodule(n), nn.Linear)}  # a router is scaled, not measured
         stats = block_stats(block, inputs, consumers)
         with torch.no_grad():
-            for prev, how, names in mine:
-                smoothed.update(_smooth(prev, how, [consumers[n] for n in names], names, stats, cfg.alpha))
+            for f in mine:
+                smoothed.update({f"{name}.{k}": v for k, v in _smooth(block, f, stats, cfg.alpha).items()})
 
     def to_int8(i, name, block):
         for n, lin in layers:
@@ -78,18 +68,12 @@ def apply(model, cfg: SmoothQuantConfig, ctx: StepContext) -> dict:
             "weight_bits": 8, "activation_bits": 8}
 
 
-def _smooth(prev: nn.Module, how: str, lins: list[nn.Linear], names: list[str], stats: InputStats,
-            alpha: float) -> dict[str, dict[str, float]]:
-    """s = max|X|^α / max|W|^(1-α) per input channel, divided out of `prev` and multiplied into `lins`."""
-    act = stats.absmax[names[0]].clamp(min=1e-5)
-    wmax = torch.stack([l.weight.detach().abs().float().amax(0) for l in lins]).amax(0).clamp(min=1e-5)
+def _smooth(block: nn.Module, fold: BlockFold, stats: InputStats, alpha: float) -> dict[str, dict[str, float]]:
+    """s = max|X|^α / max|W|^(1-α) per input channel, divided out of the producer and multiplied into the readers."""
+    first = next(n for n in fold.linears if n in stats.absmax)
+    act = reduce(stats.absmax[first], fold, "max").clamp(min=1e-5)
+    wmax = torch.stack([block.get_submodule(n).weight.detach().abs().float().amax(0) for n in fold.linears]).amax(0)
+    wmax = reduce(wmax, fold, "max").clamp(min=1e-5)
     s = (act.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
-    if how == "weight":
-        prev.weight.div_(s.to(prev.weight.dtype))
-    else:
-        prev.weight.div_(s[:, None].to(prev.weight.dtype))
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-    for l in lins:
-        l.weight.mul_(s[None, :].to(l.weight.dtype))
-    return {n: {"max_scale": float(s.max()), "min_scale": float(s.min())} for n in names}
+    fold_scale(block, fold, s)
+    return {n: {"max_scale": float(s.max()), "min_scale": float(s.min())} for n in fold.linears}

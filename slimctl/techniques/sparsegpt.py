@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from ..calibrate import (InputStats, calibrated, hessian_start, inverse_hessian_factor, raised_dampening,
                          relative_output_error, summary)
-from .pruning import PruneOptions, account, check_pattern
+from .pruning import PruneOptions, account, check_pattern, prune_unseen
 from . import CalibrationOptions, StepContext, register, select_linears
 
 
@@ -82,6 +82,7 @@ def apply(model, cfg: SparseGPTConfig, ctx: StepContext) -> dict:
             per_layer[name] = float((lin.weight == 0).float().mean())
             zeros[name] = int((lin.weight == 0).sum())
 
-    calibrated(model, targets, batches, prune, hessian=True, track=ctx.track)
+    calibrated(model, targets, batches, prune, hessian=True, track=ctx.track,
+               unseen=prune_unseen(cfg, per_layer, zeros, ctx, "sparsegpt"))
     return account(model, per_layer, cfg, {"calibration": summary(batches), "relative_output_error": errors,
                                            **raised_dampening(damping, cfg.dampening, ctx)}, zeros)

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..calibrate import block_stats, find_blocks, sequential, summary
+from .. import families
 from ..errors import UnsupportedError
 from . import CalibrationOptions, StepContext, register
 
@@ -24,22 +25,35 @@ class StructuredConfig(CalibrationOptions):
         return self
 
 
-def _ffn(block: nn.Module) -> tuple[list[nn.Linear], nn.Linear, list[str], str] | None:
-    """(producers whose output rows are the channels, consumer whose input columns are), names."""
-    mlp = getattr(block, "mlp", None)
-    if mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-        return [mlp.gate_proj, mlp.up_proj], mlp.down_proj, ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"
-    inter, out = getattr(block, "intermediate", None), getattr(block, "output", None)
-    if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear):
-        return [inter.dense], out.dense, ["intermediate.dense"], "output.dense"
-    return None
+def _ffn(model, block: nn.Module) -> tuple[list[nn.Linear], nn.Linear, list[str], str] | None:
+    """(producers whose output rows are the channels, consumer whose input columns are), names: from the
+    model's family file."""
+    fam = families.of(model)
+    if fam is None or fam.ffn is None or not all(_linear_at(block, n) for n in (*fam.ffn.producers, fam.ffn.consumer)):
+        return None
+    return ([block.get_submodule(n) for n in fam.ffn.producers], block.get_submodule(fam.ffn.consumer),
+            list(fam.ffn.producers), fam.ffn.consumer)
 
 
-def _attn(block: nn.Module):
-    att = getattr(block, "self_attn", None)
-    if att is not None and all(isinstance(getattr(att, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return att
-    return None
+def _attn(model, block: nn.Module) -> dict[str, str] | None:
+    """The block's q/k/v/o paths when its family declares separate projections."""
+    fam = families.of(model)
+    a = fam.attention if fam else None
+    if a is None or not a.resizable or not all(_linear_at(block, n) for n in (a.q, a.k, a.v, a.o)):
+        return None
+    return {"q": a.q, "k": a.k, "v": a.v, "o": a.o}
+
+
+def _linear_at(block: nn.Module, path: str) -> bool:
+    try:
+        return type(block.get_submodule(path)) is nn.Linear
+    except AttributeError:
+        return False
+
+
+def _family_name(model) -> str:
+    fam = families.of(model)
+    return f"family '{fam.name}'" if fam else f"model type '{families.model_type(model)}' (no family file)"
 
 
 def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
@@ -70,11 +84,13 @@ def _channel_score(consumer: nn.Linear, sq_norm: torch.Tensor) -> torch.Tensor:
     return sq_norm.sqrt() * consumer.weight.detach().float().norm(dim=0)
 
 
-def _ffn_plan(cfg: StructuredConfig, conf, ffns: list, ctx: StepContext) -> tuple[int, int]:
+def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tuple[int, int]:
     """(FFN width, channels kept), rounded to cfg.multiple_of."""
-    if not all(ffns) or not hasattr(conf, "intermediate_size"):
-        raise UnsupportedError("FFN pruning supports Llama-style (gate/up/down_proj) and BERT-style "
-                               "(intermediate/output.dense) blocks with config.intermediate_size; this model has neither")
+    if not all(ffns):
+        fam = families.of(model)
+        what = ("its FFN is fused (gate_up_proj) or made of experts" if fam and (fam.fused or fam.experts)
+                else "its family file declares no separate FFN producer/consumer Linears")
+        raise UnsupportedError(f"FFN pruning is not available for {_family_name(model)}: {what}")
     width = ffns[0][1].in_features
     keep = width - int(round(cfg.ffn * width))
     keep = max(cfg.multiple_of, keep - keep % cfg.multiple_of)
@@ -83,18 +99,16 @@ def _ffn_plan(cfg: StructuredConfig, conf, ffns: list, ctx: StepContext) -> tupl
     return width, min(keep, width)
 
 
-def _heads_plan(cfg: StructuredConfig, conf, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
+def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
     """(query heads, key/value heads, head size, key/value heads kept); None when heads stay (noted)."""
-    why = ("head pruning supports Llama-style attention (q/k/v/o_proj, num_key_value_heads); this model's "
-           "attention is not (BERT's config, for one, ties head size to hidden_size)")
+    why = (f"head pruning needs separate q/k/v/o projections and a config that states the head size; "
+           f"{_family_name(model)} has not both")
     if not all(atts):
         if not cfg.ffn:
             raise UnsupportedError(why + "; prune ffn instead")
         ctx.notes.append(why + ": heads left as they are, FFN channels pruned")
         return None
-    n_heads = conf.num_attention_heads
-    n_kv = getattr(conf, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // n_heads
+    n_heads, n_kv, head_dim = families.head_counts(model.config)
     keep_kv = n_kv - int(round(cfg.heads * n_kv))
     if keep_kv < 1:
         raise UnsupportedError(f"heads {cfg.heads} would remove all {n_kv} key/value heads")
@@ -114,28 +128,28 @@ def _prune_ffn(block, ffn, keep: int, sq_norm: torch.Tensor) -> None:
     _set(block, cname, _keep_cols(consumer, idx))
 
 
-def _prune_heads(att, heads: tuple[int, int, int, int], sq_norm: torch.Tensor) -> list[int]:
+def _prune_heads(block, att: dict[str, str], heads: tuple[int, int, int, int], sq_norm: torch.Tensor) -> list[int]:
     """Keep the key/value heads (with their query groups) whose o_proj inputs matter most; returns the removed ones."""
     n_heads, n_kv, hd, keep_kv = heads
-    per_col = _channel_score(att.o_proj, sq_norm)  # o_proj input = concat of query heads
+    per_col = _channel_score(block.get_submodule(att["o"]), sq_norm)  # o_proj input = concat of query heads
     group = n_heads // n_kv
     kv_keep = torch.topk(per_col.view(n_kv, group * hd).sum(1), keep_kv).indices.sort().values
     q_heads = (kv_keep[:, None] * group + torch.arange(group)[None, :]).flatten()
     q_idx = (q_heads[:, None] * hd + torch.arange(hd)[None, :]).flatten()
     kv_idx = (kv_keep[:, None] * hd + torch.arange(hd)[None, :]).flatten()
-    att.q_proj = _keep_rows(att.q_proj, q_idx)
-    att.k_proj = _keep_rows(att.k_proj, kv_idx)
-    att.v_proj = _keep_rows(att.v_proj, kv_idx)
-    att.o_proj = _keep_cols(att.o_proj, q_idx)
+    for part, idx in (("q", q_idx), ("k", kv_idx), ("v", kv_idx)):
+        _set(block, att[part], _keep_rows(block.get_submodule(att[part]), idx))
+    _set(block, att["o"], _keep_cols(block.get_submodule(att["o"]), q_idx))
     return sorted(set(range(n_kv)) - set(kv_keep.tolist()))
 
 
-def _update_config(conf, plan: dict) -> dict:
+def _update_config(model, plan: dict) -> dict:
     """The config's new sizes; returns the old ones."""
-    before = {}
+    conf, before = model.config, {}
     if "ffn" in plan:
-        before["intermediate_size"] = conf.intermediate_size
-        conf.intermediate_size = plan["ffn"][1]
+        key = families.of(model).ffn.size_key
+        before[key] = getattr(conf, key, None)
+        setattr(conf, key, plan["ffn"][1])
     if "heads" in plan:
         n_heads, n_kv, hd, keep_kv = plan["heads"]
         before.update(num_attention_heads=n_heads, num_key_value_heads=n_kv)
@@ -151,29 +165,29 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     conf = model.config
     params_before = sum(p.numel() for p in model.parameters())
     prefix, blocks = find_blocks(model)
-    ffns, atts = [_ffn(b) for b in blocks], [_attn(b) for b in blocks]
+    ffns, atts = [_ffn(model, b) for b in blocks], [_attn(model, b) for b in blocks]
     plan: dict = {}
     if cfg.ffn:
-        plan["ffn"] = _ffn_plan(cfg, conf, ffns, ctx)
-    heads = _heads_plan(cfg, conf, atts, ctx) if cfg.heads else None
+        plan["ffn"] = _ffn_plan(cfg, model, ffns, ctx)
+    heads = _heads_plan(cfg, model, atts, ctx) if cfg.heads else None
     if heads:
         plan["heads"] = heads
     batches = cfg.batches(ctx)
     removed: dict[str, dict] = {}
 
     def on_block(i, name, block, inputs):
-        consumers = {**({"ffn": ffns[i][1]} if "ffn" in plan else {}), **({"heads": atts[i].o_proj} if "heads" in plan else {})}
+        consumers = {**({"ffn": ffns[i][1]} if "ffn" in plan else {}), **({"heads": block.get_submodule(atts[i]["o"])} if "heads" in plan else {})}
         stats = block_stats(block, inputs, consumers)
         rec = {}
         if "ffn" in plan and plan["ffn"][1] < plan["ffn"][0]:
             _prune_ffn(block, ffns[i], plan["ffn"][1], stats.sq_norm["ffn"])
             rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1]
         if "heads" in plan and plan["heads"][3] < plan["heads"][1]:
-            rec["kv_heads_removed"] = _prune_heads(atts[i], plan["heads"], stats.sq_norm["heads"])
+            rec["kv_heads_removed"] = _prune_heads(block, atts[i], plan["heads"], stats.sq_norm["heads"])
         removed[name] = rec
 
     sequential(model, batches, on_block, ctx.track)
-    before = _update_config(conf, plan)
+    before = _update_config(model, plan)
     try:  # an architecture that reads head counts from elsewhere fails here, not in a user's hands
         with torch.inference_mode():
             model(**batches[0])

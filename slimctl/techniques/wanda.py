@@ -6,7 +6,7 @@ import torch
 
 from ..calibrate import InputStats, calibrated, summary
 from ..sparsity import nm_mask, row_mask
-from .pruning import PruneOptions, account, check_pattern
+from .pruning import PruneOptions, account, check_pattern, prune_unseen
 from . import CalibrationOptions, StepContext, register, select_linears
 
 
@@ -36,5 +36,5 @@ def apply(model, cfg: WandaConfig, ctx: StepContext) -> dict:
                 per_layer[name] = float(mask.float().mean())
                 zeros[name] = int((lin.weight == 0).sum())
 
-    calibrated(model, targets, batches, prune, track=ctx.track)
+    calibrated(model, targets, batches, prune, track=ctx.track, unseen=prune_unseen(cfg, per_layer, zeros, ctx, "wanda"))
     return account(model, per_layer, cfg, {"calibration": summary(batches)}, zeros)

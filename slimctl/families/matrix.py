@@ -1,0 +1,79 @@
+"""One cell of the family x method matrix: a tiny model of a family slimmed by one method through the
+same steps, artifact save and reload check a user's run takes, with its quality against the base
+(KL and top-1 agreement of next-token distributions, or cosine of encoder states). Used by
+tests/test_families.py and scripts/bench_families.py."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+_CALIB = dict(calib_samples=4, calib_seq_len=32)
+METHODS: dict[str, dict[str, Any]] = {
+    "rtn": dict(method="rtn", bits=4, group_size=32),
+    "gptq": dict(method="gptq", bits=4, group_size=32, **_CALIB),
+    "awq": dict(method="awq", bits=4, group_size=32, grid=5, clip_grid=5, **_CALIB),
+    "smoothquant": dict(method="smoothquant", **_CALIB),
+    "mixed": dict(method="mixed", avg_bits=6.0, group_size=32, **_CALIB),
+    "wanda": dict(method="wanda", sparsity=0.5, **_CALIB),
+    "sparsegpt": dict(method="sparsegpt", sparsity=0.5, **_CALIB),
+    "magnitude": dict(method="magnitude", sparsity=0.5),
+    "structured": dict(method="structured", ffn=0.25, **_CALIB),
+}
+TEXTS = ["The central bank raised interest rates again on Thursday, citing persistent inflation.",
+         "Shares of the company fell after it warned that profits would be lower this year."]
+
+
+def _outputs(model, enc):
+    import torch
+
+    with torch.inference_mode():
+        out = model(**enc)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def quality(base, slim, tokenizer, causal: bool) -> dict[str, float]:
+    """KL(base || slim) per token and top-1 agreement (causal LM), or mean cosine of hidden states."""
+    import torch
+    import torch.nn.functional as F
+
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    a, b = _outputs(base, enc).float(), _outputs(slim, enc).float()
+    mask = enc["attention_mask"].bool()
+    if not causal:
+        return {"cosine": round(float(F.cosine_similarity(a[mask], b[mask], dim=-1).mean()), 5)}
+    pa, pb = F.log_softmax(a[mask], -1), F.log_softmax(b[mask], -1)
+    kl = float((pa.exp() * (pa - pb)).sum(-1).mean())
+    top1 = float((a[mask].argmax(-1) == b[mask].argmax(-1)).float().mean())
+    return {"kl": round(kl, 6), "top1": round(top1, 4)}
+
+
+def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) -> dict[str, Any]:
+    """Slim a tiny `family` model with `method`; the cell's result: "ok" with quality, layers changed and
+    the reload check, or "refused" with the one-line message a user would see."""
+    from .. import recipe as R
+    from ..errors import SlimctlError
+    from ..models import load
+    from ..pipeline import Slimmed, save_and_verify
+    from ..steps import UI, apply_steps
+    from . import tiny
+
+    base_dir = workdir / f"{family}-base"
+    if not (base_dir / "config.json").exists():
+        m = tiny.build(family, tokenizer, seed)
+        m.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+    base = load(str(base_dir))
+    recipe = R.from_dict({"version": 1, "name": f"{family}-{method}", "steps": [METHODS[method]]}, "matrix")
+    t0 = time.perf_counter()
+    try:
+        model, steps, notes = apply_steps(copy.deepcopy(base.model), base.tokenizer, recipe, base.kind, UI())
+        art = save_and_verify(base, Slimmed(model, steps, notes), workdir / f"{family}-{method}", recipe, str(base_dir), UI())
+    except SlimctlError as e:
+        return {"family": family, "method": method, "status": "refused", "message": str(e)}
+    check = art["reload_check"]
+    return {"family": family, "method": method, "status": "ok", "seconds": round(time.perf_counter() - t0, 2),
+            "layers_changed": steps[0].get("layers_changed"), "loads_with": art["loads_with"],
+            "reload_max_abs_diff": check["max_abs_diff"], "notes": notes,
+            **quality(base.model, model, base.tokenizer, base.kind != "encoder")}

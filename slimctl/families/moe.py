@@ -1,0 +1,32 @@
+"""Mixture-of-experts decoders with a Llama attention: Mixtral, Qwen2-MoE (plus a shared expert and its
+gate), Qwen3-MoE. transformers 5 keeps each layer's experts as two fused 3-D parameters; slimctl unfuses
+them on load into one gate/up/down Linear per expert (`convert.LinearExperts`, same function), so every
+Linear technique quantizes or prunes each expert, and calibration sees which tokens each expert gets."""
+from . import LLAMA_ATTENTION, Family, Fold, register
+
+
+def _folds(block, config) -> list[Fold]:
+    mlp = block.mlp
+    experts = mlp.experts
+    n = len(experts) if hasattr(experts, "__len__") else 0
+    readers = ["mlp.gate"] + [f"mlp.experts.{i}.{p}" for i in range(n) for p in ("gate_proj", "up_proj")]
+    if hasattr(mlp, "shared_expert"):
+        readers += ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"]
+    if hasattr(mlp, "shared_expert_gate"):
+        readers.append("mlp.shared_expert_gate")
+    out = [Fold("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+           Fold("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", how="rows", heads=True),
+           Fold("post_attention_layernorm", tuple(readers), "mlp")]
+    out += [Fold(f"mlp.experts.{i}.up_proj", (f"mlp.experts.{i}.down_proj",), f"mlp.experts.{i}.down_proj", how="rows")
+            for i in range(n)]
+    if hasattr(mlp, "shared_expert"):
+        out.append(Fold("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj",
+                        how="rows"))
+    return out
+
+
+register(Family("mixtral", ("mixtral",), "Mixtral (top-k experts)", _folds, attention=LLAMA_ATTENTION, experts=True))
+register(Family("qwen2_moe", ("qwen2_moe",), "Qwen1.5/Qwen2-MoE (experts + a gated shared expert)", _folds,
+                attention=LLAMA_ATTENTION, experts=True))
+register(Family("qwen3_moe", ("qwen3_moe",), "Qwen3-MoE (top-k experts, per-head q/k norms)", _folds,
+                attention=LLAMA_ATTENTION, experts=True))
