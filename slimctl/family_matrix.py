@@ -52,12 +52,12 @@ def quality(base, slim, tokenizer, causal: bool) -> dict[str, float]:
 def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) -> dict[str, Any]:
     """Slim a tiny `family` model with `method`; the cell's result: "ok" with quality, layers changed and
     the reload check, or "refused" with the one-line message a user would see."""
-    from .. import recipe as R
-    from ..errors import SlimctlError
-    from ..models import load
-    from ..pipeline import Slimmed, save_and_verify
-    from ..steps import UI, apply_steps
-    from . import tiny
+    from . import recipe as R
+    from .errors import SlimctlError
+    from .models import load
+    from .pipeline import Slimmed, save_and_verify
+    from .steps import UI, apply_steps
+    from .families import tiny
 
     base_dir = workdir / f"{family}-base"
     if not (base_dir / "config.json").exists():
