@@ -34,19 +34,23 @@ def _outputs(model, enc):
 
 
 def quality(base, slim, tokenizer, causal: bool) -> dict[str, float]:
-    """KL(base || slim) per token and top-1 agreement (causal LM), or mean cosine of hidden states."""
+    """KL(base || slim) per token and top-1 agreement (causal LM), or mean cosine of hidden states; and the
+    relative output error ‖slim − base‖ / ‖base − its mean‖ (about 1 for a model that lost its function,
+    whatever its weights: the one figure that also means something on random-weight tiny models)."""
     import torch
     import torch.nn.functional as F
 
     enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
     a, b = _outputs(base, enc).float(), _outputs(slim, enc).float()
     mask = enc["attention_mask"].bool()
+    centred = a[mask] - a[mask].mean(-1, keepdim=True)
+    rel = {"rel_err": round(float((b[mask] - a[mask]).norm() / centred.norm().clamp(min=1e-12)), 5)}
     if not causal:
-        return {"cosine": round(float(F.cosine_similarity(a[mask], b[mask], dim=-1).mean()), 5)}
+        return {"cosine": round(float(F.cosine_similarity(a[mask], b[mask], dim=-1).mean()), 5), **rel}
     pa, pb = F.log_softmax(a[mask], -1), F.log_softmax(b[mask], -1)
     kl = float((pa.exp() * (pa - pb)).sum(-1).mean())
     top1 = float((a[mask].argmax(-1) == b[mask].argmax(-1)).float().mean())
-    return {"kl": round(kl, 6), "top1": round(top1, 4)}
+    return {"kl": round(kl, 6), "top1": round(top1, 4), **rel}
 
 
 def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) -> dict[str, Any]:

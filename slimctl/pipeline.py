@@ -160,6 +160,10 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
     opened = []
     with RssSampler() as rss:
         try:
+            from .families import refuse_streaming
+            from .kinds import read_config
+
+            refuse_streaming(read_config(folder))
             ui.say(f"streaming {model_spec}: one block in memory at a time")
             model, st = open_streamed(folder, kind)
             opened.append(st)
@@ -169,7 +173,7 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
             model, steps, notes = apply_steps(model, tok, recipe, kind, ui)
             slim = Slimmed(model, steps, notes)
             artifact, art_model = save_and_check(base, slim, st, out / ARTIFACT_DIR, recipe, model_spec, ui, opened)
-            ev = evaluate_streamed_pair(base, art_model, recipe, ui, opened)
+            ev = evaluate_streamed_pair(base, art_model, recipe, ui, opened, slim.notes)
         finally:
             for s in opened:
                 s.close()

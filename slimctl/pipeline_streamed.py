@@ -47,6 +47,7 @@ def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: st
     from .formats.sharded import save_streamed
     from .models import save_artifact
     from .qmodules import quantized_modules_meta
+    from .kinds import CAUSAL_LM
     from .stream_open import open_streamed
 
     fmt = for_model(slim.model)
@@ -64,17 +65,24 @@ def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: st
     import torch
 
     check = {"bitwise_equal": bool(torch.equal(a, b)), "max_abs_diff": (a.float() - b.float()).abs().max().item(),
-             "dtype": str(b.dtype).replace("torch.", ""), "compared": "logits", "causal": True, "streamed": True}
+             "dtype": str(b.dtype).replace("torch.", ""), "streamed": True,
+             "compared": "logits" if base.kind != "encoder" else "last_hidden_state", "causal": base.kind == CAUSAL_LM}
     return {"path": str(art_dir), "loads_with": fmt.loads_with, "files": files, "reload_check": check}, art_model
 
 
-def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list) -> dict[str, Any] | None:
+def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list, notes: list[str]) -> dict[str, Any] | None:
     """Baseline (streamed from the source files, its last hidden states cached) and the artifact
     (streamed from its shards), side by side."""
     from .stream_eval import evaluate_streamed
     from .stream_open import open_streamed
 
+    from .kinds import CAUSAL_LM
+
     if recipe.eval.skip:
+        return None
+    if base.kind != CAUSAL_LM:  # streamed evaluation is perplexity; the reload check above still compared states
+        notes.append(f"accuracy was not evaluated: streamed evaluation covers causal LMs, this is a {base.kind} model; "
+                     "run slimctl eval on the artifact with --against the source where it fits in memory")
         return None
     ui.say("evaluating baseline and artifact side by side, streamed")
     ref, ref_st = open_streamed(Path(base.path), base.kind)

@@ -78,7 +78,8 @@ def tail(model: nn.Module):
         try:  # the tail's modules are read for this call only: two models' LM heads are never held together
             embeds = torch.zeros(hidden.shape[0], hidden.shape[1], width, dtype=hidden.dtype)
             with st.outside_on_demand():
-                return model(inputs_embeds=embeds, use_cache=False).logits
+                out = model(inputs_embeds=embeds, use_cache=False)
+            return out.logits if hasattr(out, "logits") else out.last_hidden_state  # an encoder: its states
         finally:
             setattr(parent, attr, original)
 

@@ -92,6 +92,9 @@ def load_all() -> dict[str, Family]:
 
 
 def model_type(model_or_config) -> str:
+    """The model type of a model, its config, or a config.json read as a dict."""
+    if isinstance(model_or_config, dict):
+        return model_or_config.get("model_type") or "unknown"
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "model_type", None) or type(model_or_config).__name__
 
@@ -111,6 +114,15 @@ def require(model, what: str) -> Family:
                                f"family registry does not have (known: {', '.join(sorted(_BY_TYPE))}); "
                                "see docs/development.md, 'Adding a model family'")
     return fam
+
+
+def refuse_streaming(config: dict) -> None:
+    """--stream reads each block's tensors from the files by the in-memory names: families whose layers
+    slimctl converts on load (Conv1D, fused experts stored per expert) are refused up front, by name."""
+    fam = of(config)
+    if fam is not None and (fam.conv1d or fam.experts):
+        what = "GPT-2's Conv1D layers" if fam.conv1d else "mixture-of-experts blocks (experts converted on load)"
+        raise UnsupportedError(f"--stream does not handle {what} yet (family '{fam.name}'); slim it without --stream")
 
 
 def text_config(config):
