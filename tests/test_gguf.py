@@ -168,7 +168,7 @@ def test_exports_that_cannot_be_exact_are_refused_without_a_partial_file(smol_ti
                 "--skip-eval", "--skip-bench", "--out", tmp_path / "asym")
     assert q.returncode == 0, q.stderr[-1500:]
     for args, msg in (((tmp_path / "asym" / "model",), "cannot be written exactly as Q4_0: asymmetric zero points"),
-                      ((tiny_bert,), "GGUF export supports LlamaForCausalLM, MistralForCausalLM; this model is BertModel"),
+                      ((tiny_bert,), "GGUF export is not available for family 'bert' yet"),
                       ((smol_tiny, "--embeddings", "q3"), "--embeddings: Input should be 'q8_0', 'f16' or 'f32'")):
         p = run_cli("export", *args, "--out", tmp_path / "x.gguf")
         errors = [l for l in p.stderr.splitlines() if l.startswith("Error:")]
@@ -176,3 +176,51 @@ def test_exports_that_cannot_be_exact_are_refused_without_a_partial_file(smol_ti
         assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".x.gguf*"))
     ok = run_cli("export", tmp_path / "asym" / "model", "--requantize", "--out", tmp_path / "x.gguf", "--json")
     assert ok.returncode == 0 and "quantized again" in ok.stderr and (tmp_path / "x.gguf").exists()
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_other_families_export_exactly_and_llama_cpp_gives_torchs_logits(family, tmp_path):
+    """Qwen2 (q/k/v biases, NEOX RoPE: no row permutation) and Qwen3 (per-head q/k norms) through GPTQ g32
+    and GGUF: llama.cpp's next-token logits equal torch's within the tolerance the Llama export meets."""
+    import llama_cpp
+    import transformers
+
+    from slimctl.models import load, resolve
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
+    torch.manual_seed(0)
+    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    cfg = cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    p = run_cli("quantize", tmp_path / "src", "--method", "gptq", "--bits", "4", "--group-size", "32", "--set", "fp16_scales=true",
+                "--set", "calib_samples=4", "--set", "calib_seq_len=64", "--out", tmp_path / "q", "--skip-eval", "--skip-bench")
+    assert p.returncode == 0, p.stderr[-1500:]
+    p = run_cli("export", tmp_path / "q/model", "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert p.returncode == 0, p.stderr[-1500:]
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == family
+    names = {t.name for t in reader.tensors}
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2") and ("blk.0.attn_q_norm.weight" in names) == (family == "qwen3")
+    m = load(str(tmp_path / "q/model"))
+    ids = m.tokenizer("The BBC reported that markets rose on Monday, 3 percent in 2024.", add_special_tokens=False)["input_ids"][:12]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    got = torch.from_numpy(llm.scores[len(ids) - 1].copy())
+    with torch.inference_mode():
+        ref = m.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    assert int(got.argmax()) == int(ref.argmax())
+    assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item()), (got - ref).abs().max()
+
+
+def test_gguf_refuses_families_it_does_not_export_by_name():
+    from transformers import GPT2Config
+
+    from slimctl.errors import UnsupportedError
+    from slimctl.formats.gguf import check_architecture
+
+    with pytest.raises(UnsupportedError, match="not available for family 'gpt2' yet; it supports the families llama, mistral, qwen2, qwen3"):
+        check_architecture(GPT2Config())

@@ -2,8 +2,8 @@
 from . import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
 
 register(Family("qwen2", ("qwen2",), "Qwen2 / Qwen2.5 (biases on q/k/v)", llama_folds,
-                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION))
+                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, gguf_arch="qwen2"))
 # q_norm/k_norm act per head after q_proj/k_proj: they do not sit between the input norm and the
 # projections, so the input-norm fold stays exact.
 register(Family("qwen3", ("qwen3",), "Qwen3 (per-head q/k norms)", llama_folds,
-                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION))
+                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, gguf_arch="qwen3"))

@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp: a slimctl artifact of a Llama-family model written as one .gguf file.
+"""GGUF export for llama.cpp: a slimctl artifact of a decoder whose family file names a llama.cpp
+architecture (llama, mistral, qwen2, qwen3 today), written as one .gguf file.
 
 Weight-only int4/int8 layers are **packed from slimctl's integer codes, never re-quantized**:
 symmetric int4 with a scale per group of a multiple of 32 input columns is exactly Q4_0
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..errors import OutputError, UnsupportedError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}  # HF class -> llama.cpp arch
+ROPE_PERMUTED = ("llama",)  # archs whose RoPE pairs rows (i, i + d/2) llama.cpp-style: q/k rows permuted per head
 BLOCK = 32  # Q4_0 and Q8_0 block size
 
 
@@ -125,8 +126,10 @@ def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
 
     from ..qmodules import WeightOnlyLinear
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch = check_architecture(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    permuted = arch in ROPE_PERMUTED
     tied = bool(getattr(config, "tie_word_embeddings", False))
     modules = dict(model.named_modules())
     for key, value in model.state_dict().items():
@@ -134,15 +137,16 @@ def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
             continue  # llama.cpp uses token_embd for a tied head
         mod_name, _, leaf = key.rpartition(".")
         mod = modules.get(mod_name)
-        if isinstance(mod, WeightOnlyLinear) and leaf != "qweight":
-            if leaf == "bias":
-                raise UnsupportedError(f"{mod_name} has a bias, which the llama architecture in GGUF does not hold")
+        if isinstance(mod, WeightOnlyLinear) and leaf not in ("qweight", "bias"):
             continue  # weight_scale / zero points: written with the codes
-        name = names.get_name(mod_name + ".weight" if isinstance(mod, WeightOnlyLinear) else key, try_suffixes=(".weight", ".bias"))
+        if isinstance(mod, WeightOnlyLinear) and leaf == "bias" and permuted:
+            raise UnsupportedError(f"{mod_name} has a bias, which the {arch} architecture in GGUF does not hold")
+        quantized = isinstance(mod, WeightOnlyLinear) and leaf == "qweight"
+        name = names.get_name(mod_name + ".weight" if quantized else key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UnsupportedError(f"no GGUF name for tensor {key}")
-        heads = n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
-        if isinstance(mod, WeightOnlyLinear):
+        heads = (n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None) if permuted else None
+        if quantized:
             yield (name, *_quantized(mod, mod_name, heads, opts, res))
             continue
         data = value.detach().to(torch.float32).numpy()
@@ -192,16 +196,20 @@ def _float(name: str, data: np.ndarray, opts: GGUFOptions):
 
 
 def check_architecture(config) -> str:
-    """The llama.cpp architecture of a transformers config, or an UnsupportedError saying what is supported."""
-    archs = getattr(config, "architectures", None) or []
-    if not archs or archs[0] not in ARCHITECTURES:
-        raise UnsupportedError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; this model is "
-                               f"{archs[0] if archs else getattr(config, 'model_type', 'unknown')}")
-    return ARCHITECTURES[archs[0]]
+    """The llama.cpp architecture of a transformers config (its family file's gguf_arch), or an
+    UnsupportedError naming the family and the families that export."""
+    from .. import families
+
+    fam = families.of(config)
+    if fam is None or not fam.gguf_arch:
+        ok = sorted(f.name for f in families.load_all().values() if f.gguf_arch)
+        what = f"family '{fam.name}'" if fam else f"model type '{families.model_type(config)}'"
+        raise UnsupportedError(f"GGUF export is not available for {what} yet; it supports the families {', '.join(ok)}")
+    return fam.gguf_arch
 
 
 def export(loaded, path: str | Path, opts: GGUFOptions | None = None) -> ExportResult:
-    """Write `loaded` (a slimctl LoadedModel of a Llama-family causal LM) to `path` as GGUF, atomically:
+    """Write `loaded` (a slimctl LoadedModel of a causal LM whose family exports) to `path` as GGUF, atomically:
     a temporary sibling renamed into place, so a failure leaves the previous file or none."""
     import gguf
 

@@ -16,6 +16,8 @@ from ..errors import UnsupportedError
 GPT2_REGEX_DIGITS = r"\p{N}"  # a Digits(individual_digits) step in front of GPT-2's regex: llama.cpp's "smollm"
 LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/2.5/3: digits one by one (llama.cpp's "qwen2")
+
 
 def pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
     """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, read from its structure."""
@@ -28,8 +30,10 @@ def pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT:
         return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == QWEN2_SPLIT:
+        return "qwen2"
     raise UnsupportedError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) has no llama.cpp "
-                           "name slimctl knows (GPT-2 byte-level, SmolLM digits + byte-level, Llama 3 split)")
+                           "name slimctl knows (GPT-2 byte-level, SmolLM digits + byte-level, Llama 3 split, Qwen2 split)")
 
 
 def _bpe_tokens(tokenizer) -> tuple[list[str], list[int]]:
