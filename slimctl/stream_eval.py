@@ -117,7 +117,7 @@ def evaluate_streamed(model: nn.Module, reference: nn.Module, ref_folder: Path, 
 
     if kind != CAUSAL_LM:
         raise UnsupportedError(f"--stream evaluates causal LMs (perplexity); this is a {kind} model: "
-                               "slim it without --stream, or pass --no-eval")
+                               "slim it without --stream, or pass --skip-eval")
     if spec.tasks:
         raise UnsupportedError("lm-eval tasks need the whole model in memory; run them without --stream")
     torch.manual_seed(seed)

@@ -5,6 +5,7 @@ structured pruning, the loaders and the GGUF exporter read it here. A model whos
 registered is named in a warning or refused by name, never skipped in silence."""
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -70,7 +71,6 @@ class Family:
 
 REGISTRY: dict[str, Family] = {}
 _BY_TYPE: dict[str, Family] = {}
-_loaded = False
 
 
 def register(family: Family) -> Family:
@@ -82,12 +82,14 @@ def register(family: Family) -> Family:
     return family
 
 
+@functools.cache
+def _import_family_files() -> None:
+    for m in _MODULES:  # each file registers its families on import
+        importlib.import_module(f".{m}", __name__)
+
+
 def load_all() -> dict[str, Family]:
-    global _loaded
-    if not _loaded:
-        for m in _MODULES:
-            importlib.import_module(f".{m}", __name__)
-        _loaded = True
+    _import_family_files()
     return REGISTRY
 
 
