@@ -10,7 +10,7 @@ from . import _common as C
 
 def export(
     model: str = typer.Argument(..., help="A slimctl artifact (runs/x/model), a local HF folder, a built-in name or hub id."),
-    format_: str = typer.Option("gguf", "--format", help="gguf: one file for llama.cpp (families llama, mistral, qwen2, qwen3; `slimctl models` lists them)."),
+    format_: str = typer.Option("gguf", "--format", help="gguf: one file for llama.cpp (the families with a gguf column in `slimctl models --families`)."),
     out: Path = typer.Option(..., "--out", "-o", help="The file to write, e.g. model.gguf."),
     embeddings: str = typer.Option("q8_0", "--embeddings", help="Token embedding type: q8_0 (llama.cpp's default), f16 or f32."),
     float_type: str = typer.Option("f16", "--float-type", help="Float Linear layers (all of them in a float model): f16, f32 or bf16."),

@@ -66,6 +66,7 @@ class Family:
     conv1d: bool = False  # GPT-2's transposed Conv1D layers: turned into nn.Linear on load, back on save
     experts: bool = False  # transformers 5 fused 3-D experts: unfused into one Linear per expert on load
     gguf_arch: str | None = None  # llama.cpp's name for the architecture, when slimctl exports it
+    gguf_meta: Callable[[Any, Any], None] | None = None  # (GGUFWriter, config): the family's own keys
     encoder: bool = False
 
 

@@ -14,4 +14,5 @@ def _folds(block, config) -> list[Fold]:
 register(Family("gpt2", ("gpt2",), "GPT-2 / DistilGPT-2 (Conv1D, fused c_attn)", _folds,
                 no_fold=("mlp.c_fc -> mlp.c_proj (a GELU sits between them)",),
                 ffn=FFN(("mlp.c_fc",), "mlp.c_proj", "n_inner"),
-                fused={"attn.c_attn": ("q", "k", "v")}, no_clip=("c_attn",), conv1d=True))
+                fused={"attn.c_attn": ("q", "k", "v")}, no_clip=("c_attn",), conv1d=True,
+                gguf_arch="gpt2"))

@@ -13,4 +13,5 @@ def _folds(block, config) -> list[Fold]:
 register(Family("phi", ("phi",), "Phi-1 / 1.5 / 2 (parallel attention and MLP, LayerNorm with bias)", _folds,
                 no_fold=("mlp.fc1 -> mlp.fc2 (a GELU sits between them)",),
                 ffn=FFN(("mlp.fc1",), "mlp.fc2", "intermediate_size"),
-                attention=Attention("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense")))
+                attention=Attention("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+                gguf_arch="phi2"))

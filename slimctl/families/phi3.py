@@ -12,7 +12,15 @@ def _folds(block, config) -> list[Fold]:
     ]
 
 
+def _gguf(writer, config) -> None:
+    """As llama.cpp's converter (conversion/phi.py): the original context and the sliding window (0: none)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    orig = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    writer.add_rope_scaling_orig_ctx_len(orig or config.max_position_embeddings)
+    writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+
+
 register(Family("phi3", ("phi3",), "Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv_proj and gate_up_proj)", _folds,
                 ffn=None, attention=None,
                 fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")},
-                no_clip=("qkv_proj",)))
+                no_clip=("qkv_proj",), gguf_arch="phi3", gguf_meta=_gguf))

@@ -1,5 +1,5 @@
 """GGUF export for llama.cpp: a slimctl artifact of a decoder whose family file names a llama.cpp
-architecture (llama, mistral, qwen2, qwen3 today), written as one .gguf file.
+architecture (`gguf_arch`), written as one .gguf file with the keys llama.cpp's converter writes for it.
 
 Weight-only int4/int8 layers are **packed from slimctl's integer codes, never re-quantized**:
 symmetric int4 with a scale per group of a multiple of 32 input columns is exactly Q4_0
@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import OutputError, UnsupportedError
 
-ROPE_PERMUTED = ("llama",)  # archs whose RoPE pairs rows (i, i + d/2) llama.cpp-style: q/k rows permuted per head
+ROPE_PERMUTED = ("llama", "granite")  # archs whose RoPE pairs rows (i, i + d/2) llama.cpp-style: q/k rows permuted per head
 BLOCK = 32  # Q4_0 and Q8_0 block size
 
 
@@ -97,26 +97,47 @@ def exact_reason(layer) -> str | None:
 
 # --- the model -------------------------------------------------------------------------------------
 
-def _config_metadata(writer, config, n_vocab: int) -> None:
-    n_head = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+def hparam(config, *keys, default=None):
+    """The first of `keys` the config sets (families name the same size differently: n_embd, hidden_size)."""
+    return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)
+
+
+def rope_parameters(config) -> dict:
+    """The RoPE parameters of full-attention layers (Gemma 3 keeps one set per layer type)."""
     rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
-    if rope.get("rope_type") not in (None, "default"):
-        raise UnsupportedError(f"RoPE scaling '{rope.get('rope_type')}' is not exported to GGUF by slimctl yet")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    return rope.get("full_attention", rope)
+
+
+def _config_metadata(writer, config, n_vocab: int, fam) -> None:
+    """The keys llama.cpp's converter writes for every family, then the family's own (its gguf_meta)."""
+    n_embd, n_head = hparam(config, "hidden_size", "n_embd"), hparam(config, "num_attention_heads", "n_head")
+    head_dim = hparam(config, "head_dim", default=n_embd // n_head)
+    writer.add_context_length(hparam(config, "max_position_embeddings", "n_positions"))
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(hparam(config, "num_hidden_layers", "n_layer"))
+    writer.add_feed_forward_length(hparam(config, "intermediate_size", "n_inner", default=4 * n_embd))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_head)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_head_count_kv(hparam(config, "num_key_value_heads", default=n_head))
+    if getattr(config, "rms_norm_eps", None) is not None:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    else:
+        writer.add_layer_norm_eps(float(hparam(config, "layer_norm_eps", "layer_norm_epsilon")))
+    rope = rope_parameters(config)
+    if rope or getattr(config, "rope_theta", None):
+        for params in (getattr(config, "rope_parameters", None) or {}).values():
+            kind = params.get("rope_type") if isinstance(params, dict) else None
+            if kind not in (None, "default"):
+                raise UnsupportedError(f"RoPE scaling '{kind}' is not exported to GGUF by slimctl yet")
+        if rope.get("rope_type") not in (None, "default"):
+            raise UnsupportedError(f"RoPE scaling '{rope.get('rope_type')}' is not exported to GGUF by slimctl yet")
+        writer.add_rope_freq_base(float(rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0))
+        partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+        writer.add_rope_dimension_count(int(head_dim * partial))
     writer.add_vocab_size(n_vocab)
-    if getattr(config, "head_dim", None) and config.head_dim != config.hidden_size // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    if fam.gguf_meta is not None:
+        fam.gguf_meta(writer, config)
 
 
 def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
@@ -124,12 +145,15 @@ def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
     import gguf
     import torch
 
+    from .. import families
     from ..qmodules import WeightOnlyLinear
 
     arch = check_architecture(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hparam(config, "num_hidden_layers", "n_layer"))
+    n_head = hparam(config, "num_attention_heads", "n_head")
+    n_kv = hparam(config, "num_key_value_heads", default=n_head)
     permuted = arch in ROPE_PERMUTED
+    shift = families.of(config).norm_offset  # Gemma's norms compute x̂ · (1 + w): llama.cpp stores 1 + w
     tied = bool(getattr(config, "tie_word_embeddings", False))
     modules = dict(model.named_modules())
     for key, value in model.state_dict().items():
@@ -150,6 +174,8 @@ def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
             yield (name, *_quantized(mod, mod_name, heads, opts, res))
             continue
         data = value.detach().to(torch.float32).numpy()
+        if shift and name.endswith("_norm.weight"):
+            data = data + np.float32(shift)
         if heads:
             data = permute_rows(data, heads)
         yield (name, *_float(name, data, opts))
@@ -215,6 +241,8 @@ def export(loaded, path: str | Path, opts: GGUFOptions | None = None) -> ExportR
 
     from .gguf_vocab import add_vocab
 
+    from .. import families
+
     opts = opts or GGUFOptions()
     config = loaded.model.config
     arch = check_architecture(config)
@@ -228,7 +256,7 @@ def export(loaded, path: str | Path, opts: GGUFOptions | None = None) -> ExportR
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(Path(loaded.source).name or "model")
         res.tokenizer = add_vocab(writer, loaded.path, loaded.tokenizer)
-        _config_metadata(writer, config, res.tokenizer["n_vocab"])
+        _config_metadata(writer, config, res.tokenizer["n_vocab"], families.of(config))
         for name, data, raw in _tensors(loaded.model, config, opts, res):
             writer.add_tensor(name, data, raw_dtype=raw)
             res.tensors[name] = raw.name if raw is not None else str(data.dtype)
