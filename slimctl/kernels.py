@@ -79,6 +79,8 @@ def choose(layer, device_type: str) -> tuple[str | None, str]:
             return "int4-tinygemm", ""
         if layer.in_features % 2:
             return None, f"odd input width {layer.in_features}"
+        if layer.out_features % 16:  # _convert_weight_to_int4pack_for_cpu refuses it (e.g. Qwen2-MoE's 1-wide gate)
+            return None, f"output width {layer.out_features} (the CPU int4 kernel needs a multiple of 16)"
         return "int4-cpu", ""
     if layer.bits == 8:
         if not layer.symmetric or layer.group_size != layer.in_features:

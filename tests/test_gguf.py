@@ -190,7 +190,8 @@ def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp
     """Each family whose file names a llama.cpp architecture: its tiny model (SmolLM2's BPE tokenizer) through
     GPTQ g32 and GGUF; llama.cpp's next-token logits equal torch's argmax and lie within 5 % of the largest logit
     (the Llama export's tolerance). Covers RoPE row order (llama/granite permuted, NEOX not), biases (Qwen2,
-    Phi-2, GPT-2), Gemma's 1 + w norms, fused qkv/gate_up (Phi-3), Conv1D turned Linear (GPT-2)."""
+    Phi-2, GPT-2), Gemma's 1 + w norms, fused qkv/gate_up (Phi-3), Conv1D turned Linear (GPT-2), experts stacked
+    per layer (Mixtral as llama, Qwen2-MoE with its shared expert, Qwen3-MoE)."""
     import llama_cpp
     import transformers
 
@@ -210,8 +211,11 @@ def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert reader.fields["general.architecture"].contents() == families.REGISTRY[family].gguf_arch
     names = {t.name for t in reader.tensors}
-    assert ("blk.0.attn_q.bias" in names) == (family in ("qwen2", "phi"))  # separate q/k/v with biases
-    assert ("blk.0.attn_q_norm.weight" in names) == (family in ("qwen3", "gemma3"))
+    assert ("blk.0.attn_q.bias" in names) == (family in ("qwen2", "phi", "qwen2_moe"))  # separate q/k/v with biases
+    assert ("blk.0.attn_q_norm.weight" in names) == (family in ("qwen3", "gemma3", "qwen3_moe"))
+    if families.REGISTRY[family].experts:  # one Linear per expert in slimctl, stacked [experts, rows, cols] here
+        t = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight")
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0 and int(t.shape[-1]) == 4
     m = load(str(tmp_path / "q/model"))
     ids = m.tokenizer("The BBC reported that markets rose on Monday, 3 percent in 2024.", add_special_tokens=False)["input_ids"][:12]
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
@@ -227,7 +231,7 @@ def test_gguf_refuses_families_it_does_not_export_by_name():
     from slimctl.errors import UnsupportedError
     from slimctl.formats.gguf import check_architecture
 
-    from transformers import MixtralConfig
+    from transformers import OPTConfig
 
-    with pytest.raises(UnsupportedError, match="not available for family 'mixtral' yet; it supports the families gemma, "):
-        check_architecture(MixtralConfig())
+    with pytest.raises(UnsupportedError, match="not available for family 'opt' yet; it supports the families gemma, "):
+        check_architecture(OPTConfig())

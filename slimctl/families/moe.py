@@ -25,8 +25,21 @@ def _folds(block, config) -> list[Fold]:
     return out
 
 
-register(Family("mixtral", ("mixtral",), "Mixtral (top-k experts)", _folds, attention=LLAMA_ATTENTION, experts=True))
+def _gguf(writer, config) -> None:
+    """Expert counts (llama.cpp's TextModel writes them for every MoE) and, for Qwen, the expert and shared
+    expert widths (conversion/qwen.py); the experts themselves are stacked per layer by the exporter."""
+    writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+
+
+# llama.cpp runs Mixtral as its llama architecture with experts (conversion/llama.py)
+register(Family("mixtral", ("mixtral",), "Mixtral (top-k experts)", _folds, attention=LLAMA_ATTENTION, experts=True,
+                gguf_arch="llama", gguf_meta=_gguf))
 register(Family("qwen2_moe", ("qwen2_moe",), "Qwen1.5/Qwen2-MoE (experts + a gated shared expert)", _folds,
-                attention=LLAMA_ATTENTION, experts=True))
+                attention=LLAMA_ATTENTION, experts=True, gguf_arch="qwen2moe", gguf_meta=_gguf))
 register(Family("qwen3_moe", ("qwen3_moe",), "Qwen3-MoE (top-k experts, per-head q/k norms)", _folds,
-                attention=LLAMA_ATTENTION, experts=True))
+                attention=LLAMA_ATTENTION, experts=True, gguf_arch="qwen3moe", gguf_meta=_gguf))

@@ -14,6 +14,7 @@ permuted alike (groups run along the input dimension, so they stay whole)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -141,7 +142,29 @@ def _config_metadata(writer, config, n_vocab: int, fam) -> None:
 
 
 def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
-    """(gguf name, data, raw type or None) for every tensor, with q/k rows permuted."""
+    """(gguf name, data, raw type or None) for every tensor: q/k rows permuted where the arch wants it, each
+    layer's experts (one Linear each in slimctl) stacked into the 3-D tensor llama.cpp reads (ffn_*_exps)."""
+    n_experts = hparam(config, "num_local_experts", "num_experts")
+    pending: dict[str, dict[int, tuple]] = {}
+    for name, data, raw, expert in _each_tensor(model, config, opts, res):
+        if expert is None:
+            yield name, data, raw
+            continue
+        got = pending.setdefault(name, {})
+        got[expert] = (data, raw)
+        if len(got) == n_experts:
+            parts = [got.pop(e) for e in range(n_experts)]
+            yield name, np.stack([d for d, _ in parts]), parts[0][1]
+            del pending[name]
+    if pending:
+        raise UnsupportedError(f"experts of {', '.join(pending)} are incomplete; cannot stack them for GGUF")
+
+
+_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(.*)")
+
+
+def _each_tensor(model, config, opts: GGUFOptions, res: ExportResult):
+    """(gguf name, data, raw type or None, expert index or None) per tensor of the model."""
     import gguf
     import torch
 
@@ -166,19 +189,21 @@ def _tensors(model, config, opts: GGUFOptions, res: ExportResult):
         if isinstance(mod, WeightOnlyLinear) and leaf == "bias" and permuted:
             raise UnsupportedError(f"{mod_name} has a bias, which the {arch} architecture in GGUF does not hold")
         quantized = isinstance(mod, WeightOnlyLinear) and leaf == "qweight"
-        name = names.get_name(mod_name + ".weight" if quantized else key, try_suffixes=(".weight", ".bias"))
+        m = _EXPERT.match(mod_name)  # experts.3.gate_proj -> experts.gate_proj (gguf-py's stacked name)
+        expert, lookup = (int(m[2]), f"{m[1]}.{m[3]}") if m else (None, mod_name)
+        name = names.get_name(f"{lookup}.{'weight' if quantized else leaf}", try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UnsupportedError(f"no GGUF name for tensor {key}")
         heads = (n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None) if permuted else None
         if quantized:
-            yield (name, *_quantized(mod, mod_name, heads, opts, res))
+            yield (name, *_quantized(mod, mod_name, heads, opts, res), expert)
             continue
         data = value.detach().to(torch.float32).numpy()
         if shift and name.endswith("_norm.weight"):
             data = data + np.float32(shift)
         if heads:
             data = permute_rows(data, heads)
-        yield (name, *_float(name, data, opts))
+        yield (name, *_float(name, data, opts), expert)
 
 
 def _quantized(layer, name: str, heads: int | None, opts: GGUFOptions, res: ExportResult):
