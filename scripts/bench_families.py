@@ -4,7 +4,7 @@ family's real transformers architecture. Writes bench-results/families.json and 
 
     .venv/bin/python scripts/bench_families.py [--families llama,gpt2] [--methods rtn,awq] [--no-stream] [--no-gguf]
 
-A cell is "ok" (the artifact was saved, reloaded and compared with the model in memory; quality vs the base:
+The `kernels` column: the int4 RTN artifact on slimctl's fused kernels vs its dequantize path. A cell is "ok" (the artifact was saved, reloaded and compared with the model in memory; quality vs the base:
 relative output error, KL and top-1 agreement for decoders, cosine for encoders; layers the step changed) or
 "refused" with the one-line message a user sees. Two more columns run the CLI as a user would:
 `quantize --method rtn --stream` and GGUF (`quantize --method gptq --group-size 32 --set fp16_scales=true`,
@@ -79,7 +79,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default=",".join(tiny.CONFIGS))
-    ap.add_argument("--methods", default=",".join(matrix.METHODS))
+    ap.add_argument("--methods", default=",".join([*matrix.METHODS, *matrix.EXTRA]))
     ap.add_argument("--no-stream", action="store_true")
     ap.add_argument("--no-gguf", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench-results/families.json"))
@@ -94,6 +94,7 @@ def main() -> None:
             r = matrix.run_cell(fam, method, toks[head], work)
             cells.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "notes"}), file=sys.stderr, flush=True)
+        cells.append(matrix.kernel_cell(fam, toks[head], work))
         src = work / f"{fam}-base"
         if not args.no_stream:
             cells.append({"family": fam, "method": "rtn --stream", **stream_cell(src, work)})
@@ -114,6 +115,8 @@ def main() -> None:
 def _cell_text(c: dict) -> str:
     if c["status"] != "ok":
         return f"{c['status']}"
+    if c["method"] == "kernels":
+        return f"ok {c['fused']} fused, {len(c['fallback'])} not, err {c['rel_err']:.3f}"
     if "llama_cpp_max_abs_diff" in c:
         return f"ok (Δ {c['llama_cpp_max_abs_diff']:.3g} of {c['logit_scale']:.3g}{', same argmax' if c['same_argmax'] else ', ARGMAX DIFFERS'})"
     q = f"err {c['rel_err']:.3f}" if "rel_err" in c else f"reload Δ {c['reload_max_abs_diff']:.2g}"

@@ -21,6 +21,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "magnitude": dict(method="magnitude", sparsity=0.5),
     "structured": dict(method="structured", ffn=0.25, **_CALIB),
 }
+# bench-only (scripts/bench_families.py): an ONNX export per family takes seconds each
+EXTRA: dict[str, dict[str, Any]] = {"onnx": dict(method="onnx", quantization="dynamic")}
 TEXTS = ["The central bank raised interest rates again on Thursday, citing persistent inflation.",
          "Shares of the company fell after it warned that profits would be lower this year."]
 
@@ -69,7 +71,7 @@ def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) 
         m.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
     base = load(str(base_dir))
-    recipe = R.from_dict({"version": 1, "name": f"{family}-{method}", "steps": [METHODS[method]]}, "matrix")
+    recipe = R.from_dict({"version": 1, "name": f"{family}-{method}", "steps": [{**METHODS, **EXTRA}[method]]}, "matrix")
     t0 = time.perf_counter()
     try:
         model, steps, notes = apply_steps(copy.deepcopy(base.model), base.tokenizer, recipe, base.kind, UI())
@@ -81,3 +83,21 @@ def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) 
             "layers_changed": steps[0].get("layers_changed"), "loads_with": art["loads_with"],
             "reload_max_abs_diff": check["max_abs_diff"], "notes": notes,
             **quality(base.model, model, base.tokenizer, base.kind != "encoder")}
+
+
+def kernel_cell(family: str, tokenizer, workdir: Path, seed: int = 0) -> dict[str, Any]:
+    """The int4 RTN g32 artifact of a tiny `family` model on slimctl's fused kernels (bf16 activations, as
+    `bench` and `eval` run it): how many layers got a fused kernel, which kept the dequantize path and why,
+    and the output error against the same artifact on the dequantize path."""
+    from .kernels import accelerate
+    from .models import load
+
+    r = run_cell(family, "rtn", tokenizer, workdir, seed)
+    if r["status"] != "ok":
+        return {**r, "method": "kernels"}
+    art = load(str(workdir / f"{family}-rtn"))
+    fused = copy.deepcopy(art.model)
+    plan = accelerate(fused, "cpu", batch=art.kind == "encoder")
+    q = quality(art.model, fused, art.tokenizer, art.kind != "encoder")
+    return {"family": family, "method": "kernels", "status": "ok", "fused": len(plan.fused), "fallback": plan.fallback,
+            "act_dtype": plan.act_dtype, **q}

@@ -179,3 +179,17 @@ def test_streaming_refuses_converted_families_by_name():
     with pytest.raises(UnsupportedError, match="mixture-of-experts.*family 'qwen3_moe'"):
         families.refuse_streaming({"model_type": "qwen3_moe"})
     families.refuse_streaming({"model_type": "qwen2"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int4_artifact_runs_on_the_fused_kernels(family, tok, tmp_path):
+    """Every family's int4 artifact puts its Linears on slimctl's fused kernels (bf16 activations), the layers
+    that cannot be fused named with the reason, and computes what the dequantize path computes."""
+    from slimctl.kernels import bf16_fast
+
+    r = matrix.kernel_cell(family, tok, tmp_path)
+    assert r["status"] == "ok", r
+    if bf16_fast("cpu")[0]:
+        assert r["fused"] > 0 and r["act_dtype"] == "bfloat16", r
+    assert all(r["fallback"].values()), r  # every layer left on the dequantize path says why
+    assert r["rel_err"] < 0.05, r
