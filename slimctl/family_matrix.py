@@ -43,6 +43,8 @@ def quality(base, slim, tokenizer, causal: bool) -> dict[str, float]:
     import torch.nn.functional as F
 
     enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # a WordPiece tokenizer's token_type_ids mean
+    # nothing to a decoder (GPT-2 would add wte[0] to every position) and an ONNX graph takes only these two
     a, b = _outputs(base, enc).float(), _outputs(slim, enc).float()
     mask = enc["attention_mask"].bool()
     centred = a[mask] - a[mask].mean(-1, keepdim=True)

@@ -4,6 +4,7 @@ onnxruntime-backed stand-in that eval, bench, save and reload treat like any oth
 from __future__ import annotations
 
 import io
+import re
 import logging
 import os
 import tempfile
@@ -62,10 +63,28 @@ def export(model: nn.Module, kind: str, path: Path, opset: int = 18) -> None:
                               output_names=[output_name(kind)], dynamic_shapes=dyn, dynamo=True, opset_version=opset,
                               external_data=False)
         except Exception as e:  # noqa: BLE001  the exporter raises many types; all mean "this model does not export"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
             raise UnsupportedError(f"torch.onnx.export could not export this model ({type(e).__name__}: {first})") from None
         finally:
             log.setLevel(level)
+
+
+def check_export(model: nn.Module, kind: str, path: Path) -> float:
+    """Run the float graph on a probe of another shape than the traced one and compare it with the model:
+    a graph that computes something else is refused, not quantized and shipped. Returns max |Δ| / max |ref|."""
+    import onnxruntime as ort
+
+    ids = torch.tensor([[101, 7592, 2088, 2003, 2019, 2742, 1997, 102, 2000, 2001, 2013]])
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        ref = _Export(model, kind).eval()(ids, mask).float()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]).float()
+    rel = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+    if rel > 1e-3:
+        raise UnsupportedError(f"the exported ONNX graph does not compute what {type(model).__name__} computes "
+                               f"(max |Δ| {rel:.3g} of the largest output on a probe); its ONNX export is not supported")
+    return rel
 
 
 def quantize_dynamic(src: Path, dst: Path) -> None:

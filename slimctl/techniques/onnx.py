@@ -39,6 +39,7 @@ def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
         t0 = time.perf_counter()
         onnxrt.export(model, ctx.kind, fp32, cfg.opset)
         export_s = time.perf_counter() - t0
+        export_error = onnxrt.check_export(model, ctx.kind, fp32)
         final, calib = fp32, None
         if cfg.quantization == "dynamic":
             final = Path(d) / "int8.onnx"
@@ -53,6 +54,7 @@ def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
         fp32_mb = fp32.stat().st_size / 2**20
     ctx.replacement = onnxrt.OrtModel(data, model.config, ctx.kind)
     return {"quantization": cfg.quantization, "opset": cfg.opset, "export_seconds": round(export_s, 1),
+            "export_max_rel_error": export_error,
             "onnx_fp32_mb": round(fp32_mb, 2), "onnx_mb": round(len(data) / 2**20, 2), "ops": onnxrt.op_counts(data),
             **({"calibration": calib} if calib else {}),
             "note": "the graph has no KV cache: each decode step re-runs the whole sequence"}
