@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -104,12 +105,19 @@ def main() -> None:
     import torch
     import transformers
 
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+    out = {"machine": {"cpu": cpu_name(), "python": platform.python_version(),
                        "torch": torch.__version__, "transformers": transformers.__version__},
            "seconds": round(time.perf_counter() - t0, 1), "cells": cells}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     write_markdown(out, REPO / "docs/results/families.md")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} vCPUs"
+    return platform.processor() or platform.machine()
 
 
 def _cell_text(c: dict) -> str:
@@ -120,7 +128,8 @@ def _cell_text(c: dict) -> str:
     if "llama_cpp_max_abs_diff" in c:
         return f"ok (Δ {c['llama_cpp_max_abs_diff']:.3g} of {c['logit_scale']:.3g}{', same argmax' if c['same_argmax'] else ', ARGMAX DIFFERS'})"
     q = f"err {c['rel_err']:.3f}" if "rel_err" in c else f"reload Δ {c['reload_max_abs_diff']:.2g}"
-    return f"ok {c.get('layers_changed', '')}L, {q}"
+    layers = f"{c['layers_changed']}L, " if c.get("layers_changed") is not None else ""
+    return f"ok {layers}{q}"
 
 
 def write_markdown(out: dict, path: Path) -> None:

@@ -24,9 +24,13 @@ from .kinds import CAUSAL_LM
 class _Emit(nn.Module):
     """Stands in for the blocks in the tail pass: returns the recorded last hidden state."""
 
-    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool, like: nn.Module | None = None):
         super().__init__()
         self.hidden, self.as_tuple = hidden, as_tuple
+        # plain attributes the model's loop reads off each block (ModernBERT, Gemma: `attention_type`)
+        for k, v in (vars(like) if like is not None else {}).items():
+            if not k.startswith("_") and k not in ("training", "hidden", "as_tuple") and isinstance(v, (str, int, float, bool)):
+                setattr(self, k, v)
 
     def forward(self, *args, **kwargs):
         return (self.hidden,) if self.as_tuple else self.hidden
@@ -74,7 +78,7 @@ def tail(model: nn.Module):
     width = model.config.hidden_size
 
     def logits(hidden: torch.Tensor, as_tuple: bool) -> torch.Tensor:
-        setattr(parent, attr, nn.ModuleList([_Emit(hidden, as_tuple)]))
+        setattr(parent, attr, nn.ModuleList([_Emit(hidden, as_tuple, original[-1])]))
         try:  # the tail's modules are read for this call only: two models' LM heads are never held together
             embeds = torch.zeros(hidden.shape[0], hidden.shape[1], width, dtype=hidden.dtype)
             with st.outside_on_demand():

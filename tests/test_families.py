@@ -193,3 +193,30 @@ def test_int4_artifact_runs_on_the_fused_kernels(family, tok, tmp_path):
         assert r["fused"] > 0 and r["act_dtype"] == "bfloat16", r
     assert all(r["fallback"].values()), r  # every layer left on the dequantize path says why
     assert r["rel_err"] < 0.05, r
+
+
+@pytest.mark.parametrize("family", ["modernbert", "gemma2", "phi"])
+def test_streamed_rtn_runs_on_other_layouts(family, tok, tmp_path):
+    """--stream on layouts unlike Llama's (ModernBERT's per-layer attention types read by the model's loop,
+    Gemma 2's sandwich norms, Phi-2's parallel block): the sharded artifact streams back equal."""
+    import json
+
+    from conftest import run_cli
+
+    src = tmp_path / "src"
+    tiny.build(family, tok).save_pretrained(src)
+    tok.save_pretrained(src)
+    p = run_cli("quantize", src, "--method", "rtn", "--stream", "--out", tmp_path / "o", "--skip-eval", "--json")
+    assert p.returncode == 0, p.stderr[-1500:]
+    rep = json.loads(p.stdout)
+    assert rep["artifact"]["reload_check"]["max_abs_diff"] == 0.0 and rep["slimmed"]["steps"][0]["layers_changed"] > 0
+
+
+def test_onnx_refuses_mixture_of_experts_by_name(tok):
+    from slimctl.techniques import StepContext, get
+
+    model = tiny.build("qwen3_moe", tok)
+    prepare(model)
+    tech = get("onnx")
+    with pytest.raises(UnsupportedError, match="ONNX export of mixture-of-experts blocks is not supported .family 'qwen3_moe'"):
+        tech.apply(model, tech.config(), StepContext(kind="causal-lm", tokenizer=tok))

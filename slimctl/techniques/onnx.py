@@ -25,8 +25,14 @@ class OnnxConfig(CalibrationOptions):
           "export to ONNX; onnxruntime int8 dynamic or static (QDQ, calibrated), or fp32; model.onnx runs in plain onnxruntime",
           loads_with="onnxruntime")
 def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
-    from .. import onnxrt
+    from .. import families, onnxrt
+    from ..errors import UnsupportedError
     from ..kinds import CAUSAL_LM
+
+    fam = families.of(model)
+    if fam is not None and fam.experts:  # said before torch.export's multi-page trace error
+        raise UnsupportedError(f"ONNX export of mixture-of-experts blocks is not supported (family '{fam.name}': the "
+                               "router's data-dependent choice of experts does not trace to a static graph)")
 
     if ctx.kind == CAUSAL_LM:  # said at once, in the report's warnings: the graph is for encoders
         ctx.notes.append("ONNX Runtime here is for encoders: the exported causal-LM graph has no KV cache, so every "
