@@ -36,6 +36,7 @@ class FFN:
     producers: tuple[str, ...]
     consumer: str
     size_key: str  # the config key holding the intermediate width
+    parts: int = 1  # a fused producer stacks this many blocks of channel rows (Phi-3 gate_up: gate rows, then up rows)
 
 
 @dataclass(frozen=True)

@@ -34,4 +34,5 @@ register(Family("distilbert", ("distilbert",), "DistilBERT", _distilbert, no_fol
                 attention=Attention("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", resizable=False),
                 no_clip=("q_lin", "k_lin"), encoder=True))
 register(Family("modernbert", ("modernbert",), "ModernBERT (pre-norm, fused Wqkv, gated Wi)", _modernbert,
+                ffn=FFN(("mlp.Wi",), "mlp.Wo", "intermediate_size", parts=2),
                 fused={"attn.Wqkv": ("q", "k", "v"), "mlp.Wi": ("input", "gate")}, no_clip=("Wqkv",), encoder=True))

@@ -21,6 +21,6 @@ def _gguf(writer, config) -> None:
 
 
 register(Family("phi3", ("phi3",), "Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv_proj and gate_up_proj)", _folds,
-                ffn=None, attention=None,
+                ffn=FFN(("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size", parts=2), attention=None,
                 fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")},
                 no_clip=("qkv_proj",), gguf_arch="phi3", gguf_meta=_gguf))

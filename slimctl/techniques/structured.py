@@ -25,14 +25,14 @@ class StructuredConfig(CalibrationOptions):
         return self
 
 
-def _ffn(model, block: nn.Module) -> tuple[list[nn.Linear], nn.Linear, list[str], str] | None:
+def _ffn(model, block: nn.Module) -> tuple[list[nn.Linear], nn.Linear, list[str], str, int] | None:
     """(producers whose output rows are the channels, consumer whose input columns are), names: from the
     model's family file."""
     fam = families.of(model)
     if fam is None or fam.ffn is None or not all(_linear_at(block, n) for n in (*fam.ffn.producers, fam.ffn.consumer)):
         return None
     return ([block.get_submodule(n) for n in fam.ffn.producers], block.get_submodule(fam.ffn.consumer),
-            list(fam.ffn.producers), fam.ffn.consumer)
+            list(fam.ffn.producers), fam.ffn.consumer, fam.ffn.parts)
 
 
 def _attn(model, block: nn.Module) -> dict[str, str] | None:
@@ -88,8 +88,8 @@ def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tup
     """(FFN width, channels kept), rounded to cfg.multiple_of."""
     if not all(ffns):
         fam = families.of(model)
-        what = ("its FFN is fused (gate_up_proj) or made of experts" if fam and (fam.fused or fam.experts)
-                else "its family file declares no separate FFN producer/consumer Linears")
+        what = ("its FFN is made of experts (per-expert widths are not pruned yet)" if fam and fam.experts
+                else "its family file declares no FFN producer/consumer Linears")
         raise UnsupportedError(f"FFN pruning is not available for {_family_name(model)}: {what}")
     width = ffns[0][1].in_features
     keep = width - int(round(cfg.ffn * width))
@@ -121,10 +121,12 @@ def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> t
 
 
 def _prune_ffn(block, ffn, keep: int, sq_norm: torch.Tensor) -> None:
-    producers, consumer, pnames, cname = ffn
+    producers, consumer, pnames, cname, parts = ffn
     idx = torch.topk(_channel_score(consumer, sq_norm), keep).indices.sort().values
+    width = consumer.in_features
+    rows = torch.cat([idx + k * width for k in range(parts)])  # a fused producer: the channel in every part
     for p, pn in zip(producers, pnames):
-        _set(block, pn, _keep_rows(p, idx))
+        _set(block, pn, _keep_rows(p, rows))
     _set(block, cname, _keep_cols(consumer, idx))
 
 
