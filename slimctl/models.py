@@ -244,7 +244,8 @@ def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle
 
     converted = prepare(model)  # GPT-2's Conv1D and fused experts as Linears every technique reads
     if converted and progress:
-        progress(f"note: {len(converted)} modules converted to Linears for slimming ({converted[0]}, …); "
+        first, kind = next(iter(converted.items()))
+        progress(f"note: {len(converted)} modules converted to Linears for slimming ({first}: {kind}, …); "
                  "saved back in transformers' layout when they stay float")
     if not allow_non_finite:
         bad, count = non_finite(model)

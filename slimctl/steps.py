@@ -72,10 +72,7 @@ def check_changed(model, method: str, kind: str, changed: list[str], before: dic
     if not changed:
         raise UnsupportedError(f"{method} changed no layer of {type(model).__name__} (model type '{model_type(model)}'): "
                                "it has no layers of a kind the method handles, or all were ignored; nothing to save")
-    odd = sorted({v[1] for n, v in before.items() if n not in changed and v[1] not in _KEPT_TYPES
+    odd = sorted({v[1] for n, v in before.items() if n not in changed
                   and not v[1].endswith(("Embedding", "Router", "Gate", "Norm", "Linear"))})
     if odd:
         notes.append(f"{method} left weights of these module kinds as they were: {', '.join(odd)}")
-
-
-_KEPT_TYPES = ("Embedding", "Linear", "LayerNorm")

@@ -8,9 +8,10 @@ import contextlib
 import torch
 from torch import nn
 
+from ..qmodules import set_submodule
 from . import of
 
-PREPARED = "_slimctl_prepared"  # attribute on the model: what prepare() converted
+PREPARED = "_slimctl_prepared"  # attribute on the model: {module name: "conv1d" | "experts"} prepare() converted
 
 
 class LinearExperts(nn.ModuleList):
@@ -74,27 +75,22 @@ def _conv1d_type():
     return Conv1D
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def prepare(model: nn.Module) -> list[str]:
-    """Convert the model's Conv1D layers and fused experts in place (once); returns what was converted."""
+def prepare(model: nn.Module) -> dict[str, str]:
+    """Convert the model's Conv1D layers and fused experts in place (once); returns {module name: kind}."""
     fam = of(model)
     if fam is None or getattr(model, PREPARED, None) is not None:
-        return getattr(model, PREPARED, None) or []
-    done: list[str] = []
+        return getattr(model, PREPARED, None) or {}
+    done: dict[str, str] = {}
     conv = _conv1d_type()
     for name, mod in list(model.named_modules()):
         if fam.conv1d and conv is not None and isinstance(mod, conv) and mod.weight.device.type != "meta":
-            _replace(model, name, _linear(mod.weight.detach().T, mod.bias.detach() if mod.bias is not None else None))
-            done.append(f"{name}: Conv1D -> Linear")
+            set_submodule(model, name, _linear(mod.weight.detach().T, mod.bias.detach() if mod.bias is not None else None))
+            done[name] = "conv1d"
         elif fam.experts and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and mod.gate_up_proj.dim() == 3:
             if mod.gate_up_proj.device.type == "meta":
                 continue
-            _replace(model, name, LinearExperts(mod))
-            done.append(f"{name}: {mod.gate_up_proj.shape[0]} fused experts -> Linears")
+            set_submodule(model, name, LinearExperts(mod))
+            done[name] = "experts"
     setattr(model, PREPARED, done)
     return done
 
@@ -107,34 +103,33 @@ def _conv_back(lin: nn.Linear) -> nn.Module:
     return conv
 
 
+def _float_layout(mod: nn.Module, kind: str) -> bool:
+    """Whether a converted module is still float, so transformers' own layout can hold it."""
+    return mod.plain() if kind == "experts" else type(mod) is nn.Linear
+
+
 def convertible_back(model: nn.Module) -> bool:
     """Whether prepare()'s layers are all still float (so transformers' own layout can hold the model)."""
-    if not getattr(model, PREPARED, None):
-        return True
-    return all(m.plain() for m in model.modules() if isinstance(m, LinearExperts)) and all(
-        type(model.get_submodule(n.split(":")[0])) is nn.Linear for n in model.__dict__[PREPARED] if "Conv1D" in n)
+    done = getattr(model, PREPARED, None) or {}
+    return all(_float_layout(model.get_submodule(n), k) for n, k in done.items())
 
 
 @contextlib.contextmanager
 def transformers_layout(model: nn.Module):
     """Within the block, the converted layers are transformers' own again (for save_pretrained)."""
-    done = getattr(model, PREPARED, None) or []
+    done = getattr(model, PREPARED, None) or {}
     swapped: list[tuple[str, nn.Module]] = []
     try:
-        for entry in done:
-            name = entry.split(":")[0]
+        for name, kind in done.items():
             mod = model.get_submodule(name)
-            if isinstance(mod, LinearExperts) and mod.plain():
-                _replace(model, name, mod.fused())
-            elif "Conv1D" in entry and type(mod) is nn.Linear:
-                _replace(model, name, _conv_back(mod))
-            else:
+            if not _float_layout(mod, kind):
                 continue
+            set_submodule(model, name, mod.fused() if kind == "experts" else _conv_back(mod))
             swapped.append((name, mod))
         yield
     finally:
         for name, mod in swapped:
-            _replace(model, name, mod)
+            set_submodule(model, name, mod)
             if isinstance(mod, LinearExperts):  # the stacked copies are not needed once saved
                 fused = mod.__dict__["_fused_init"]
                 fused.gate_up_proj = nn.Parameter(torch.empty(0))

@@ -111,26 +111,26 @@ def rope_parameters(config) -> dict:
 
 def _config_metadata(writer, config, n_vocab: int, fam) -> None:
     """The keys llama.cpp's converter writes for every family, then the family's own (its gguf_meta)."""
-    n_embd, n_head = hparam(config, "hidden_size", "n_embd"), hparam(config, "num_attention_heads", "n_head")
-    head_dim = hparam(config, "head_dim", default=n_embd // n_head)
+    from ..families import head_counts
+
+    n_head, n_kv, head_dim = head_counts(config)
+    n_embd = hparam(config, "hidden_size", "n_embd")
     writer.add_context_length(hparam(config, "max_position_embeddings", "n_positions"))
     writer.add_embedding_length(n_embd)
     writer.add_block_count(hparam(config, "num_hidden_layers", "n_layer"))
     writer.add_feed_forward_length(hparam(config, "intermediate_size", "n_inner", default=4 * n_embd))
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(hparam(config, "num_key_value_heads", default=n_head))
+    writer.add_head_count_kv(n_kv)
     if getattr(config, "rms_norm_eps", None) is not None:
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     else:
         writer.add_layer_norm_eps(float(hparam(config, "layer_norm_eps", "layer_norm_epsilon")))
     rope = rope_parameters(config)
     if rope or getattr(config, "rope_theta", None):
-        for params in (getattr(config, "rope_parameters", None) or {}).values():
-            kind = params.get("rope_type") if isinstance(params, dict) else None
-            if kind not in (None, "default"):
-                raise UnsupportedError(f"RoPE scaling '{kind}' is not exported to GGUF by slimctl yet")
-        if rope.get("rope_type") not in (None, "default"):
-            raise UnsupportedError(f"RoPE scaling '{rope.get('rope_type')}' is not exported to GGUF by slimctl yet")
+        every = getattr(config, "rope_parameters", None) or {}
+        for params in [v for v in every.values() if isinstance(v, dict)] or [every]:  # one set, or one per layer type
+            if params.get("rope_type") not in (None, "default"):
+                raise UnsupportedError(f"RoPE scaling '{params['rope_type']}' is not exported to GGUF by slimctl yet")
         writer.add_rope_freq_base(float(rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0))
         partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
         writer.add_rope_dimension_count(int(head_dim * partial))
@@ -173,8 +173,7 @@ def _each_tensor(model, config, opts: GGUFOptions, res: ExportResult):
 
     arch = check_architecture(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hparam(config, "num_hidden_layers", "n_layer"))
-    n_head = hparam(config, "num_attention_heads", "n_head")
-    n_kv = hparam(config, "num_key_value_heads", default=n_head)
+    n_head, n_kv, _ = families.head_counts(config)
     permuted = arch in ROPE_PERMUTED
     shift = families.of(config).norm_offset  # Gemma's norms compute x̂ · (1 + w): llama.cpp stores 1 + w
     tied = bool(getattr(config, "tie_word_embeddings", False))
