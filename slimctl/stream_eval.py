@@ -116,7 +116,7 @@ def baseline_key(folder: Path, settings: dict[str, Any], data: str | None) -> st
 def evaluate_streamed(model: nn.Module, reference: nn.Module, ref_folder: Path, tokenizer, kind: str, spec,
                       seed: int = 0, track=lambda it, desc, total: it, say=lambda m: None):
     """Perplexity of a streamed slimmed model beside its streamed reference (causal LMs)."""
-    from .evaluate import perplexity_windows, score_windows, settings_for
+    from .evaluate import bos_prefix, perplexity_windows, score_windows, settings_for, window_input
     from .models import cache_dir
 
     if kind != CAUSAL_LM:
@@ -128,7 +128,10 @@ def evaluate_streamed(model: nn.Module, reference: nn.Module, ref_folder: Path, 
     s = settings_for(kind, spec)
     t0 = time.perf_counter()
     texts, ids, held, wins = perplexity_windows(tokenizer, s, spec.data)
-    batches = [{"input_ids": ids[b:e].unsqueeze(0)} for b, e, _ in wins]
+    pre = bos_prefix(tokenizer)
+    if pre:
+        s = {**s, "bos_each_window": True}
+    batches = [{"input_ids": window_input(ids, b, e, pre)} for b, e, _ in wins]
     cache = cache_dir() / "streamed-baseline" / f"{baseline_key(ref_folder, s, spec.data)}.pt"
     cached = _read_cache(cache)
     if cached is None:
@@ -139,7 +142,8 @@ def evaluate_streamed(model: nn.Module, reference: nn.Module, ref_folder: Path, 
         ref_hidden, ref_tuple = cached
     hidden, as_tuple = last_hidden(model, batches, track, "slimmed, streamed")
     with tail(model) as logits, tail(reference) as ref_logits:
-        pairs = ((logits(h, as_tuple)[0], ref_logits(r, ref_tuple)[0]) for h, r in zip(hidden, ref_hidden))
+        pairs = ((logits(h, as_tuple)[0, len(pre):], ref_logits(r, ref_tuple)[0, len(pre):])
+                 for h, r in zip(hidden, ref_hidden))
         ev = score_windows(s, spec.data, texts, ids, held, wins, pairs, track)
     ev.seconds = time.perf_counter() - t0
     ev.extra["streamed"] = {"baseline_cached": cached is not None, "cache": str(cache)}

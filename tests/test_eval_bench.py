@@ -140,3 +140,31 @@ def test_bench_cuda(tiny_llama):
     m = load(str(tiny_llama))
     r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(device="cuda", decode_tokens=4, **FAST), m.path)
     assert r["device"] == "cuda" and r["peak_memory_mb"] > 0
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_it(tiny_llama):
+    """Gemma/Llama-3-style tokenizers start every input with BOS: each perplexity window gets it too,
+    and the scored logits are the window's own (the BOS position is not scored)."""
+    import torch.nn.functional as F
+
+    from slimctl.evaluate import bos_prefix, perplexity_windows, settings_for
+
+    m = load(str(tiny_llama))
+    tok = m.tokenizer
+    assert bos_prefix(tok) == []
+    tok.bos_token = tok.cls_token  # the BERT test tokenizer already starts every input with [CLS]
+    bos = tok.bos_token_id
+    assert bos_prefix(tok) == [bos]
+    spec = EvalSpec(max_samples=2, seq_len=32, max_tokens=64)
+    ev = evaluate(m.model, m.tokenizer, m.kind, spec)
+    assert ev.settings["bos_each_window"] is True
+    _, ids, _, wins = perplexity_windows(tok, settings_for(m.kind, spec), None)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for begin, end, first in wins:
+            lg = m.model(input_ids=torch.cat([torch.tensor([bos]), ids[begin:end]])[None]).logits[0, 1:]
+            logp = F.log_softmax(lg[first - begin - 1:end - begin - 1], -1)
+            nll -= logp.gather(1, ids[first:end, None]).sum().item()
+            n += end - first
+    assert ev.settings["tokens_scored"] == n
+    assert ev.model["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
