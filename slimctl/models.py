@@ -101,7 +101,7 @@ def _builtin_folder(name: str, progress=None) -> Path:
     return target
 
 
-def _gguf_source(b: BuiltinModel, pkg: Path, tmp: Path) -> Path:
+def gguf_source(b: BuiltinModel, pkg: Path, tmp: Path) -> Path:
     """The folder holding the built-in's GGUF: the package itself, or `tmp` where its chunks are joined."""
     if not b.parts:
         return pkg
@@ -135,7 +135,7 @@ def _convert_gguf(b: BuiltinModel, pkg: Path, target: Path, progress=None) -> No
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     joined = Path(tempfile.mkdtemp(prefix=f".{target.name}.gguf-", dir=target.parent))
     try:
-        src = _gguf_source(b, pkg, joined)
+        src = gguf_source(b, pkg, joined)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=b.gguf)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=b.gguf, dtype=torch.float32)
         # The weights are plain floats already; the GGUF quantizer only blocks save_pretrained.

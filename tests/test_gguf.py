@@ -235,3 +235,58 @@ def test_gguf_refuses_families_it_does_not_export_by_name():
 
     with pytest.raises(UnsupportedError, match="not available for family 'opt' yet; it supports the families gemma, "):
         check_architecture(OPTConfig())
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    """Gemma 3's real SentencePiece-style tokenizer (262,144 tokens, byte fallback, no space prefix, BOS on
+    every input), read once from the built-in's GGUF and cached without converting its weights."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from slimctl.models import BUILTINS, cache_dir, gguf_source, package_dir
+
+    b = BUILTINS["gemma3-270m"]
+    converted = cache_dir() / "models" / b.name
+    if (converted / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(converted)
+    folder = cache_dir() / "tokenizers" / b.name
+    if not (folder / "tokenizer.json").exists():
+        pkg = package_dir(b.package)
+        if pkg is None:
+            pytest.skip(f"{b.pip} is not installed (run scripts/setup.sh)")
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            AutoTokenizer.from_pretrained(gguf_source(b, pkg, tmp), gguf_file=b.gguf).save_pretrained(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@NEEDS_LLAMA_CPP
+def test_a_sentencepiece_style_tokenizer_tokenizes_in_llama_cpp_as_in_hf(gemma_tokenizer, tmp_path):
+    """The "llama" (SPM) tokenizer path: scores from BPE merge ranks, no space prefix where the tokenizer adds
+    none, BOS as the tokenizer adds it, added tokens ('<b>') matched in raw text. Before: every BBC article
+    split differently from its first word."""
+    import llama_cpp
+
+    from slimctl.evaluate import data
+    from slimctl.families import tiny
+
+    tok = gemma_tokenizer
+    tiny.build("gemma3", tok).save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    p = run_cli("export", tmp_path / "src", "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert p.returncode == 0, p.stderr[-1500:]
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    texts = [e.text for e in data.bbc("eval")[:40]] + [
+        "Hello  world!\n\n  tabs\there   ünïcödé 日本語 🤖 1234567 x=y+z; <b>html</b>", " leading space", "don't", "a\n\n\nb"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text[:60]

@@ -76,8 +76,9 @@ def add_vocab(writer, folder: str | Path, tokenizer) -> dict[str, Any]:
         tokens, scores, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model("llama")
         writer.add_token_list(list(tokens))
-        writer.add_token_scores(list(scores))
-        writer.add_token_types(list(types))
+        writer.add_token_scores(merge_scores(model, [t.decode("utf-8") for t in tokens], scores))
+        writer.add_token_types(_added_types(tokenizer, list(types)))
+        writer.add_add_space_prefix(_adds_space_prefix(tokenizer))  # Llama 2 does, Gemma does not
         info = {"model": "llama", "pre": "default", "n_vocab": len(tokens)}
     else:
         pre = pre_tokenizer_name(tok_json)
@@ -87,5 +88,47 @@ def add_vocab(writer, folder: str | Path, tokenizer) -> dict[str, Any]:
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         info = {"model": "gpt2", "pre": pre, "n_vocab": len(tokens)}
-    gguf.SpecialVocab(folder, load_merges=info["model"] == "gpt2", n_vocab=info["n_vocab"]).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=info["model"] == "gpt2", n_vocab=info["n_vocab"])
+    special.add_special_token.update(_adds_special(tokenizer))
+    special.add_to_gguf(writer, quiet=True)
     return info
+
+
+def merge_scores(model: dict[str, Any], tokens: list[str], default: tuple[float, ...]) -> list[float]:
+    """SentencePiece scores from BPE merge ranks. llama.cpp's SPM tokenizer merges the adjacent pair whose
+    result has the highest score; the BPE tokenizer applies the lowest-ranked merge. Scoring each token
+    -(rank of the first merge that makes it) gives llama.cpp the same order (gguf's LlamaHfVocab writes
+    -1000 for every token, under which llama.cpp merges left to right and splits words differently)."""
+    made: dict[str, int] = {}
+    for rank, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        made.setdefault(a + b, rank)
+    return [-float(made[t]) if t in made else float(d) for t, d in zip(tokens, default)]
+
+
+def _added_types(tokenizer, types: list[int]) -> list[int]:
+    """Added tokens inside the base vocabulary (Gemma's '<b>', '<unused0>'…) as llama.cpp must see them:
+    special ones CONTROL, the rest USER_DEFINED, which llama.cpp matches in raw text as the HF tokenizer does."""
+    import gguf
+
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if i < len(types) and types[i] != gguf.TokenType.BYTE:
+            types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    return types
+
+
+def _adds_space_prefix(tokenizer) -> bool:
+    """Whether the SentencePiece-style tokenizer starts text with '▁' (llama.cpp's add_space_prefix)."""
+    first = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"][:1])
+    return bool(first) and first[0].startswith("\u2581")
+
+
+def _adds_special(tokenizer) -> dict[str, bool]:
+    """Whether the tokenizer puts BOS first / EOS last on every input, as it behaves (not as configured)."""
+    ids = tokenizer("a")["input_ids"]
+    out = {}
+    if tokenizer.bos_token_id is not None:
+        out["bos"] = ids[:1] == [tokenizer.bos_token_id]
+    if tokenizer.eos_token_id is not None:
+        out["eos"] = ids[-1:] == [tokenizer.eos_token_id]
+    return out
