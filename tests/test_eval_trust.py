@@ -147,3 +147,22 @@ def test_task_drop_is_gateable_in_a_run(tiny_llama, tmp_path, fast_recipe):
 
 # Bad tasks (unparsable YAML, missing data file, a hub task offline, an unknown name) are cases of the
 # bad-input matrix in test_bad_inputs.py: one Error: line each, exit 2, nothing written.
+
+
+def test_a_task_template_failing_on_one_document_is_one_error_line_exit_2(tiny_llama, tmp_path):
+    """doc_to_target maps a label through a list the data does not fit ('sports' is not in it): bad input,
+    named with the task file, the template and the document, before any model is scored (was exit 3)."""
+    from conftest import run_cli
+
+    rows = [{"text": "Shares fell.", "topic": "business"}, {"text": "A late goal won it.", "topic": "sports"}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"task": "topic_index", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "docs.jsonl"}},
+           "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{text}}\nTopic:",
+           "doc_to_target": "{{ ['business', 'sport'].index(topic) }}", "doc_to_choice": ["business", "sport"],
+           "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(cfg))
+    p = run_cli("eval", tiny_llama, "--task", tmp_path / "task.yaml", "--max-samples", "2")
+    assert p.returncode == 2, p.stderr[-800:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: task 'topic_index'") and "task.yaml" in last
+    assert "doc_to_target" in last and "document 1" in last and "'sports' is not in list" in last

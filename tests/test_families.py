@@ -195,6 +195,19 @@ def test_int4_artifact_runs_on_the_fused_kernels(family, tok, tmp_path):
     assert r["rel_err"] < 0.05, r
 
 
+@pytest.mark.parametrize("family", ["gemma2", "qwen2_moe"])
+def test_compiled_decode_gives_the_eager_tokens_on_other_layouts(family, tok, tmp_path):
+    """`bench --compile`'s decoder (static KV cache, torch.compile'd step) on the fused int4 kernels of layouts
+    unlike Llama's: Gemma 2's soft-caps, sliding window and 1 + w norms; routed experts. Every decoder family
+    is in scripts/bench_families.py's `compiled` column."""
+    from slimctl.bench.decode import can_compile
+
+    if not can_compile("cpu")[0]:
+        pytest.skip(can_compile("cpu")[1])
+    r = matrix.compiled_cell(family, tok, tmp_path)
+    assert r["status"] == "ok" and r["same_tokens"] and r["compile_seconds"] > 0, r
+
+
 @pytest.mark.parametrize("family", ["modernbert", "gemma2", "phi"])
 def test_streamed_rtn_runs_on_other_layouts(family, tok, tmp_path):
     """--stream on layouts unlike Llama's (ModernBERT's per-layer attention types read by the model's loop,
@@ -220,3 +233,34 @@ def test_onnx_refuses_mixture_of_experts_by_name(tok):
     tech = get("onnx")
     with pytest.raises(UnsupportedError, match="ONNX export of mixture-of-experts blocks is not supported .family 'qwen3_moe'"):
         tech.apply(model, tech.config(), StepContext(kind="causal-lm", tokenizer=tok))
+
+
+def test_gemma_norms_keep_float32_weights_under_bf16_activations(tok):
+    """Gemma's norms compute x̂ · (1 + w); after an AWQ fold w sits near -1, where bf16 keeps ~2 digits of
+    1 + w. The bf16 activation path keeps those weights float32 (Llama's x̂ · w norms are cast as before)."""
+    import copy
+
+    from slimctl.families import tiny
+    from slimctl.kernels import _cast_float
+
+    def norms(m):
+        return [x for x in m.modules() if "Norm" in type(x).__name__ and getattr(x, "weight", None) is not None]
+
+    m = tiny.build("gemma2", tok)
+    with torch.no_grad():
+        for n in norms(m):
+            n.weight.uniform_(-0.995, -0.98)  # 1 + w between 0.005 and 0.02, as folds leave it
+    ref, cast_all = copy.deepcopy(m), copy.deepcopy(m)
+    _cast_float(m, torch.bfloat16)
+    assert all(n.weight.dtype == torch.float32 for n in norms(m))
+    assert m.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    for p in cast_all.parameters():  # what the bf16 path did before: every weight in bf16
+        p.data = p.data.to(torch.bfloat16)
+    enc = tok(["The central bank raised interest rates."], return_tensors="pt")
+    ids = {"input_ids": enc["input_ids"]}
+    want = _out(ref, ids)
+    err = (_out(m, ids) - want).norm() / want.norm()
+    assert err < 0.5 * (_out(cast_all, ids) - want).norm() / want.norm()
+    llama = tiny.build("llama", tok)
+    _cast_float(llama, torch.bfloat16)
+    assert all(n.weight.dtype == torch.bfloat16 for n in norms(llama))

@@ -41,11 +41,13 @@ def _start(args, hold=False):
 
 
 def _wait_for_save(p):
-    deadline = time.time() + 120
+    deadline = time.time() + scaled(120)
     for line in p.stdout:
-        if "SAVING" in line or time.time() > deadline:
+        if "SAVING" in line:
             return
-    pytest.fail("the run never reached the save")
+        if time.time() > deadline:
+            pytest.fail("the run did not reach the save in time")
+    pytest.fail(f"the run ended (exit {p.wait()}) without reaching the save")
 
 
 @pytest.mark.parametrize("previous", [False, True], ids=["fresh", "over-previous"])

@@ -149,8 +149,9 @@ def test_bench_compile_reports_both_paths_and_keeps_compile_time_apart(tiny_llam
     assert b["decode_mode"] == "compiled" and set(b["modes"]) == {"eager", "compiled"}
     assert b["modes"]["compiled"]["compile_seconds"] > 0 and "compile_seconds" not in b["modes"]["eager"]
     assert len(b["rounds_p50_ms"]) == 2 and b["latency_ms"] == b["modes"]["compiled"]["latency_ms"]
-    # compile time is never a latency sample: every request is far shorter than the compile
-    assert max(b["modes"]["compiled"]["phases"]["request"]["latency_ms"]["values"]) < 1000 * b["modes"]["compiled"]["compile_seconds"]
+    # compile time is never a latency sample: the compiled path times as many requests as the eager one
+    eager, compiled = (b["modes"][m]["phases"]["request"]["latency_ms"] for m in ("eager", "compiled"))
+    assert compiled["count"] == eager["count"] == len(compiled["values"])
 
 
 @pytest.mark.parametrize("setting, code, text", [("true", 2, "Error: bench.compile is true but torch.compile's Inductor needs a "
@@ -181,6 +182,8 @@ def test_int8_encoder_recipe_shrinks_the_embeddings_and_runs_dense(tiny_bert, tm
     p = run_cli("run", tmp_path / "enc.yaml", "--model", tiny_bert, "--out", tmp_path / "o", "--json", "--max-samples", "10")
     assert p.returncode in (0, 1), p.stderr
     rep = json.loads(p.stdout)
+    failed = {g["name"] for g in rep["gates"] if g["passed"] is False}
+    assert p.returncode == (0 if rep["passed"] else 1) and failed <= {"min_fidelity"}  # set for minilm, not random weights
     step = rep["slimmed"]["steps"][0]
     assert step["embeddings"]["module"] == "embeddings.word_embeddings" and step["embeddings"]["relative_weight_error"] < 0.01
     assert rep["artifact"]["loads_with"] == "slimctl" and rep["artifact"]["reload_check"]["bitwise_equal"]

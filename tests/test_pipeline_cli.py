@@ -95,11 +95,16 @@ def test_quantized_artifact_reloads_bitwise_with_slimctl(tiny_bert, tmp_path, fa
     from slimctl.models import load
     from slimctl.qmodules import Int8Linear
 
-    rep = pipeline.run(R.load(fast_recipe([{"method": "int8-dynamic"}])), str(tiny_bert), tmp_path / "o", isolate=False)
+    from slimctl.evaluate import evaluate
+
+    recipe = R.load(fast_recipe([{"method": "int8-dynamic"}]))
+    rep = pipeline.run(recipe, str(tiny_bert), tmp_path / "o", isolate=False)
     assert rep["artifact"]["reload_check"]["bitwise_equal"] is True
-    m = load(str(tmp_path / "o" / "model")).model
-    assert any(isinstance(x, Int8Linear) and x.qweight.dtype == torch.int8 for x in m.modules())
-    assert rep["baseline"]["eval"]["metrics"]["topic_accuracy"] >= 0
+    art = load(str(tmp_path / "o" / "model"))
+    assert any(isinstance(x, Int8Linear) and x.qweight.dtype == torch.int8 for x in art.model.modules())
+    base = load(str(tiny_bert))  # the report's accuracies are those of the two models, evaluated as the recipe says
+    ev = evaluate(base.model, base.tokenizer, base.kind, recipe.eval, reference=None)
+    assert rep["baseline"]["eval"]["metrics"]["topic_accuracy"] == ev.model["topic_accuracy"]
 
 
 def test_gate_failure_exits_1_and_still_writes_the_report(tiny_llama, tmp_path, fast_recipe):
@@ -117,7 +122,8 @@ def test_run_json_passing_isolated(tiny_bert, tmp_path, fast_recipe):
     p = run_cli("run", r, "--model", tiny_bert, "--out", tmp_path / "o", "--json")
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
-    assert rep["passed"] and rep["delta"]["speedup"] > 0
+    b, s = rep["baseline"]["bench"], rep["slimmed"]["bench"]
+    assert rep["passed"] and rep["delta"]["speedup"] == pytest.approx(b["latency_ms"]["p50"] / s["latency_ms"]["p50"])
     ppl_gate = next(g for g in rep["gates"] if g["name"] == "max_ppl_increase_pct")
     assert ppl_gate["passed"] is None and "not applicable" in ppl_gate["note"]
     v = run_cli("verify", tmp_path / "o")
@@ -135,11 +141,6 @@ def test_help_has_an_example_for_every_command():
     for name in cmd.commands:
         p = run_cli(name, "--help")
         assert p.returncode == 0 and ("Example:" in p.stdout or "Examples:" in p.stdout), name
-
-
-def test_import_and_help_do_not_import_torch():
-    code = "import sys, slimctl, slimctl.cli; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _pickle_only(tmp_path, tiny_llama):

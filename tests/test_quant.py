@@ -85,9 +85,19 @@ def test_group_fallback_is_recorded_and_strict_refuses():
 
 
 def test_rtn_records_groups_per_layer(tiny_llama):
+    from slimctl.qmodules import WeightOnlyLinear
+
     m, ctx = _ctx(tiny_llama)
+    ref = copy.deepcopy(m.model)
     stats = T.get("rtn").apply(m.model, T.get("rtn").config(bits=4, group_size=32), ctx)
     assert set(stats["groups"].values()) == {32} and not ctx.notes
+    for name, group in stats["groups"].items():  # the layers say what the stats say, and hold RTN's codes
+        q, w = m.model.get_submodule(name), ref.get_submodule(name).weight.detach()
+        assert isinstance(q, WeightOnlyLinear) and q.bits == 4 and q.group_size == group
+        assert q.weight_scale.shape == (w.shape[0], w.shape[1] // group)
+        scale = w.reshape(w.shape[0], -1, group).abs().amax(-1, keepdim=True) / 7  # symmetric int4: codes -8..7
+        rtn = (w.reshape(w.shape[0], -1, group) / scale).round().clamp(-8, 7) * scale
+        assert torch.allclose(q.dequantized(torch.float32), rtn.reshape(w.shape), atol=1e-6)
 
 
 def test_gptq_on_tiny_llama_runs_block_by_block(tiny_llama):

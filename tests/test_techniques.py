@@ -51,8 +51,15 @@ def test_magnitude_hits_the_sparsity_and_spares_embeddings(llama, scope):
 
 
 def test_magnitude_ignore_pattern(llama):
+    before = copy.deepcopy(llama.model)
     stats = _apply(llama.model, "magnitude", sparsity=0.3, ignore=["*.mlp.*"])
     assert stats["layers"] and not any(".mlp." in n for n in stats["layers"])
+    for name, lin in T.select_linears(llama.model, []):  # the weights, not only the stats: ignored ones untouched
+        w, w0 = lin.weight, before.get_submodule(name).weight
+        if ".mlp." in name:
+            assert torch.equal(w, w0)
+        else:
+            assert abs((w == 0).float().mean().item() - 0.3) < 0.01 and torch.equal(w[w != 0], w0[w != 0])
 
 
 def test_magnitude_zeroes_the_smallest(llama):

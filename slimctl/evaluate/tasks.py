@@ -158,11 +158,34 @@ def prepare(specs: list[str]) -> TaskSet:
             raise
         except Exception as e:  # noqa: BLE001  lm-eval and datasets raise many kinds; one clear line each
             raise DataError(_describe_load_error(spec, e)) from None
-        for name in loaded["tasks"]:
+        for name, task in loaded["tasks"].items():
+            _check_docs(task, name, src)
             names.append(name)
             sources[name] = src
         resolved.append(spec)
     return TaskSet(resolved, names, sources, manager)
+
+
+_TEMPLATES = ("doc_to_text", "doc_to_target", "doc_to_choice")
+
+
+def _check_docs(task: Any, name: str, src: str) -> None:
+    """Apply the task's templates to every document it will score, so that a template failing on one
+    (a label missing from its list, a field absent) is bad input named here, not an internal error
+    halfway through the evaluation."""
+    docs = getattr(task, "eval_docs", None)
+    config = getattr(task, "config", None)
+    if docs is None or config is None:  # a group: its member tasks are listed and checked on their own
+        return
+    used = [t for t in _TEMPLATES if getattr(config, t, None) is not None]
+    for i, doc in enumerate(docs):
+        for t in used:
+            try:
+                getattr(task, t)(doc)
+            except Exception as e:  # noqa: BLE001  jinja, a !function or a missing field: the user's template
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise DataError(f"task {name!r} ({src}): {t} {str(getattr(config, t))[:120]!r} fails on document {i} "
+                                f"({type(e).__name__}: {first})") from None
 
 
 def _add_bos(tokenizer) -> bool | None:
