@@ -151,7 +151,7 @@ def write_markdown(out: dict, path: Path) -> None:
              "E = ‖slim − base‖ / ‖base − mean‖ on the outputs (about 1 means the function was lost). The GGUF column: "
              "llama.cpp's next-token logits vs torch's on the quantized artifact (max |Δ| of the largest logit). "
              "Random weights: these cells show that each method handles the family's layout, not how much accuracy "
-             "it keeps on a trained model.", "",
+             "it keeps on a trained model; a real Gemma 3 270M is in [gemma3.md](gemma3.md).", "",
              "| family | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for f in fams:
         lines.append(f"| {f} | " + " | ".join(_cell_text(by[f, m]) if (f, m) in by else "n/a" for m in methods) + " |")

@@ -259,6 +259,6 @@ def test_eval_and_bench_commands_json(tiny_llama, tiny_bert):
 def test_models_and_methods_list(tmp_path):
     p = run_cli("models", "--json")
     names = {r["name"] for r in json.loads(p.stdout)}
-    assert names == {"smollm2-135m", "minilm-l6"}
+    assert names == {"smollm2-135m", "minilm-l6", "gemma3-270m"}
     p = run_cli("methods", "--json")
     assert "int8-dynamic" in {r["name"] for r in json.loads(p.stdout)}
