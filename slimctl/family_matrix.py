@@ -92,12 +92,10 @@ def kernel_cell(family: str, tokenizer, workdir: Path, seed: int = 0) -> dict[st
     `bench` and `eval` run it): how many layers got a fused kernel, which kept the dequantize path and why,
     and the output error against the same artifact on the dequantize path."""
     from .kernels import accelerate
-    from .models import load
 
-    r = run_cell(family, "rtn", tokenizer, workdir, seed)
-    if r["status"] != "ok":
-        return {**r, "method": "kernels"}
-    art = load(str(workdir / f"{family}-rtn"))
+    art, failed = _rtn_artifact(family, tokenizer, workdir, seed)
+    if art is None:
+        return {**failed, "method": "kernels"}
     fused = copy.deepcopy(art.model)
     plan = accelerate(fused, "cpu", batch=art.kind == "encoder")
     q = quality(art.model, fused, art.tokenizer, art.kind != "encoder")
@@ -113,14 +111,10 @@ def compiled_cell(family: str, tokenizer, workdir: Path, steps: int = 8) -> dict
     from .bench.decode import CompiledDecoder, EagerDecoder, greedy
     from .errors import SlimctlError
     from .kernels import accelerate
-    from .models import load
 
-    art_dir = workdir / f"{family}-rtn"
-    if not (art_dir / "config.json").exists():
-        r = run_cell(family, "rtn", tokenizer, workdir)
-        if r["status"] != "ok":
-            return {**r, "method": "compiled"}
-    art = load(str(art_dir))
+    art, failed = _rtn_artifact(family, tokenizer, workdir)
+    if art is None:
+        return {**failed, "method": "compiled"}
     if art.kind != "causal-lm":
         return {"family": family, "method": "compiled", "status": "n/a", "message": "decode applies to causal LMs"}
     accelerate(art.model, "cpu", batch=False)
@@ -137,4 +131,17 @@ def compiled_cell(family: str, tokenizer, workdir: Path, steps: int = 8) -> dict
     if not dec.compile_seconds or dec.compile_seconds < 0.2:  # no compile happened: the check would be vacuous
         return {"family": family, "method": "compiled", "status": "not compiled", "message": f"{dec.compile_seconds} s"}
     return {"family": family, "method": "compiled", "status": "ok" if got == want else "differs",
-            "same_tokens": got == want, "compile_seconds": round(dec.compile_seconds or 0.0, 1)}
+            "same_tokens": got == want, "compile_seconds": round(dec.compile_seconds, 1)}
+
+
+def _rtn_artifact(family: str, tokenizer, workdir: Path, seed: int = 0):
+    """(the family's int4 RTN artifact, None), made once per workdir (the matrix's rtn cell made it already),
+    or (None, the failed cell)."""
+    from .models import load
+
+    art_dir = workdir / f"{family}-rtn"
+    if not (art_dir / "config.json").exists():
+        r = run_cell(family, "rtn", tokenizer, workdir, seed)
+        if r["status"] != "ok":
+            return None, r
+    return load(str(art_dir)), None
