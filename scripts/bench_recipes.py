@@ -28,7 +28,8 @@ KEYS = ("speedup", "speedup_range", "speedup_within_noise", "decode_speedup", "p
         "fidelity", "top1_agreement", "kl_divergence", "mean_cosine", "topic_accuracy_change", "size_ratio",
         "peak_memory_ratio")
 STEP_KEYS = ("method", "seconds", "peak_rss_mb", "added_rss_mb", "sparsity", "model_sparsity", "pattern", "params_before",
-             "params_after", "params_removed_fraction", "config_after")
+             "params_after", "params_removed_fraction", "config_after", "blocks_removed", "tokens", "steps", "stopped",
+             "train_seconds", "held_out_kl_before", "held_out_kl_after", "loss_curve")
 
 
 def ood_file(tmp: Path, n: int = 400, seed: int = 0) -> Path | None:

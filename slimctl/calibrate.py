@@ -183,13 +183,15 @@ def _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
 class InputStats:
     """Forward hooks on Linear layers that accumulate what calibration needs from their inputs:
     the Hessian proxy H = 2/n Σ x xᵀ (GPTQ, SparseGPT), the squared L2 norm per input feature
-    (Wanda) and the max |x| per input feature (SmoothQuant)."""
+    (Wanda), the max |x| per input feature (SmoothQuant) and the sum per input feature (structured
+    pruning's bias compensation)."""
 
     def __init__(self, layers: dict[str, nn.Linear], hessian: bool = False):
         self.n: dict[str, int] = {k: 0 for k in layers}
         self.hessian = {k: torch.zeros(l.in_features, l.in_features) for k, l in layers.items()} if hessian else {}
         self.sq_norm = {k: torch.zeros(l.in_features) for k, l in layers.items()}
         self.absmax = {k: torch.zeros(l.in_features) for k, l in layers.items()}
+        self.sum = {k: torch.zeros(l.in_features, dtype=torch.float64) for k, l in layers.items()}
         self._hooks = [l.register_forward_hook(self._hook(k)) for k, l in layers.items()]
 
     def _hook(self, name: str):
@@ -197,6 +199,7 @@ class InputStats:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             m = x.shape[0]
             self.sq_norm[name] += (x * x).sum(0)
+            self.sum[name] += x.sum(0, dtype=torch.float64)
             self.absmax[name] = torch.maximum(self.absmax[name], x.abs().amax(0))
             if self.hessian:
                 n = self.n[name]

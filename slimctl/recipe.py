@@ -84,9 +84,13 @@ class Recipe(Strict):
                              "(the one pairing allowed: an awq step directly before gptq or mixed)")
         if "quantize" in kinds:
             q = kinds.index("quantize")
-            later = [self.steps[i].method for i in range(q + 1, len(kinds)) if kinds[i] in ("cast", "prune")]
+            later = [self.steps[i].method for i in range(q + 1, len(kinds)) if kinds[i] in ("cast", "prune", "train")]
             if later:
-                raise ValueError(f"'{later[0]}' comes after quantization; cast and prune steps must come before it")
+                raise ValueError(f"'{later[0]}' comes after quantization; cast, prune and distill steps must come before it")
+        for i, k in enumerate(kinds):
+            if k == "train" and self.steps[i].config.teacher is None and not any(x == "prune" for x in kinds[:i]):
+                raise ValueError(f"steps[{i}]: {self.steps[i].method} needs a teacher: put it after a prune step (the "
+                                 "teacher is then the model before the recipe's steps) or name one with teacher:")
         if kinds.count("cast") > 1:
             raise ValueError("at most one cast step (bf16 or fp16)")
         if self.export is not None:  # GGUF stores fp16 scales: choose the codes with them, so the export is exact

@@ -22,6 +22,7 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
     from .machine import PeakMemory, release_freed_memory, rss_mb
 
     ctx = techniques.StepContext(kind=kind, seed=recipe.seed, progress=ui.say, tokenizer=tokenizer, track=ui.track)
+    ctx.teacher = _teacher_copy(model, recipe, ui)
     results = []
     for step in recipe.steps:
         tech = techniques.get(step.method)
@@ -41,7 +42,20 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
                         **({"layers_changed": len(changed)} if changed is not None else {})})
         if ctx.replacement is not None:
             model, ctx.replacement = ctx.replacement, None
+    ctx.teacher = None
     return model, results, ctx.notes
+
+
+def _teacher_copy(model, recipe: Recipe, ui: UI):
+    """A copy of the model before any step, when a train step (distill) will need it as its teacher."""
+    import copy
+
+    from . import techniques
+
+    if not any(techniques.get(s.method).kind == "train" and s.config.teacher is None for s in recipe.steps):
+        return None
+    ui.say("keeping a copy of the model as the distillation teacher")
+    return copy.deepcopy(model).eval()
 
 
 def layer_census(model) -> dict[str, tuple]:

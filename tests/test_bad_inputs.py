@@ -69,6 +69,8 @@ def world(tiny_llama, tmp_path_factory):
     recipe("no-steps", {"version": 1})
     recipe("unknown-method", {**base, "steps": [{"method": "awq-9000"}]})
     recipe("bad-data", {**base, "eval": {"data": str(w / "empty.jsonl")}})
+    recipe("distill-first", {**base, "steps": [{"method": "distill"}]})
+    recipe("distill-after-int4", {**base, "steps": [{"method": "depth", "blocks": 1}, {"method": "rtn"}, {"method": "distill"}]})
     recipe("absurd-batch", {**base, "bench": {"batch_size": 1_000_000}})
     (w / "recipe-dir").mkdir()
 
@@ -186,6 +188,11 @@ CASES = [
     (["prune", "{good}", "--method", "sparsegpt", "--pattern", "3:48", "--out", "{out}"], "block_size 128 must be a multiple of M=48"),
     (["prune", "{good}", "--method", "structured", "--out", "{out}"], "set ffn and/or heads"),
     (["prune", "{good}", "--method", "structured", "--set", "heads=0.99", "--out", "{out}"], "would remove all 2 key/value heads"),
+    (["prune", "{good}", "--method", "structured", "--set", "ffn=1.0", "--out", "{out}"], "ffn: Input should be less than 1"),
+    (["prune", "{good}", "--method", "depth", "--set", "blocks=2", "--out", "{out}"], "at most 0 can go"),
+    (["prune", "{good}", "--method", "depth", "--out", "{out}"], "set exactly one of blocks"),
+    (["run", "{w}/distill-first.yaml", "--model", "{good}", "--out", "{out}"], "needs a teacher"),
+    (["run", "{w}/distill-after-int4.yaml", "--model", "{good}", "--out", "{out}"], "comes after quantization"),
     (Q + ["--bits", "3"], "bits: Input should be 4 or 8"),
     (Q + ["--bits", "4", "--group-size", "100"], "group_size must be a power of two"),
     (Q + ["--set", "nonsense"], "--set needs KEY=VALUE"),

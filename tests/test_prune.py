@@ -161,14 +161,116 @@ def test_structured_llama_shrinks_and_reloads_in_plain_transformers(llama, tmp_p
     assert torch.allclose(torch.tensor(got["out"]), mine, atol=1e-5)
 
 
-def test_structured_keeps_the_most_important_ffn_channels(llama):
-    """Channels whose down_proj column is zero contribute nothing: they must be the ones removed."""
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_structured_keeps_the_most_important_ffn_channels(llama, reconstruct):
+    """Channels whose down_proj column is zero contribute nothing: they must be the ones removed (by the
+    score, or at zero cost by OBS, which then has nothing to compensate: the rest stays as it was)."""
     mlp = llama.model.model.layers[0].mlp
     with torch.no_grad():
         mlp.down_proj.weight[:, :32] = 0
     keep_cols = mlp.down_proj.weight[:, 32:].clone()
-    _apply(llama, "structured", ffn=0.25, **CAL)
-    assert torch.equal(llama.model.model.layers[0].mlp.down_proj.weight, keep_cols)
+    _apply(llama, "structured", ffn=0.25, reconstruct=reconstruct, **CAL)
+    got = llama.model.model.layers[0].mlp.down_proj.weight
+    assert got.shape == keep_cols.shape and torch.allclose(got, keep_cols, atol=1e-5)
+
+
+def _rel_error(w, w_hat, h):
+    d = (w - w_hat).double()
+    return float(torch.trace(d @ h.double() @ d.T) / torch.trace(w.double() @ h.double() @ w.double().T))
+
+
+def test_obs_removal_is_the_least_squares_refit_and_beats_plain_removal():
+    from slimctl.techniques.reconstruct import remove_groups
+
+    x = _correlated_inputs(n=2048, d=64)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    h = _hessian(x)
+    r = remove_groups(w, h, torch.arange(64)[:, None], 16, dampening=1e-6)
+    k = r.kept
+    hd = h.double().clone()
+    hd.diagonal().add_(1e-6 * hd.diagonal().mean())
+    refit = (w.double() @ hd[:, k] @ torch.linalg.inv(hd[k][:, k])).float()  # least squares on the kept columns
+    assert len(k) == 48 and torch.allclose(r.weight, refit, atol=1e-4)
+    full = torch.zeros_like(w)
+    full[:, k] = r.weight
+    assert abs(r.error - _rel_error(w, full, h)) < 1e-6
+    true_err = r.error * float(torch.trace(w.double() @ h.double() @ w.double().T))
+    assert true_err <= r.path[-1][1] < 1.02 * true_err  # the path is measured on the damped H
+    score = h.diagonal().sqrt() * w.norm(dim=0)  # plain removal: the score's top columns kept as they were
+    sliced = torch.zeros_like(w)
+    top = torch.topk(score, 48).indices
+    sliced[:, top] = w[:, top]
+    assert r.error < 0.5 * _rel_error(w, sliced, h)
+
+
+def test_obs_removal_moves_a_constant_channel_into_the_bias():
+    """FLAP's bias compensation: a removed input that is constant adds its mean contribution to the bias."""
+    from slimctl.techniques.reconstruct import remove_groups
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([_correlated_inputs(n=1024, d=16), torch.full((1024, 1), 3.0)], 1)
+    w, b = torch.randn(8, 17, generator=g), torch.randn(8, generator=g)  # every channel matters; only the
+    r = remove_groups(w, _hessian(x), torch.arange(17)[:, None], 1, 1e-9, bias=b, mean=x.mean(0))  # constant one is free
+    assert 16 not in r.kept.tolist() and r.error < 1e-6
+    assert torch.allclose(r.bias, b + 3.0 * w[:, 16], atol=1e-4)
+
+
+def test_obs_removal_of_head_groups_removes_whole_groups():
+    from slimctl.techniques.reconstruct import remove_groups
+
+    x = _correlated_inputs(n=1024, d=64)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    w[:, 8:16] *= 1e-3  # group 1 is nearly silent
+    r = remove_groups(w, _hessian(x), torch.arange(64).view(8, 8), 1, 1e-6)
+    assert r.kept.tolist() == [0, 2, 3, 4, 5, 6, 7] and r.weight.shape == (16, 56)
+
+
+def test_structured_reconstruction_brings_the_pruned_model_closer_to_the_original(tiny_llama):
+    """Model level: the KL of the pruned model's next-token distribution to the original's, on text the
+    calibration did not see, is lower with the refit than with plain removal."""
+    ref = load(str(tiny_llama))
+    ids = ref.tokenizer("an unrelated sentence about rivers, trains and the weather in spring", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        p = ref.model(input_ids=ids).logits.log_softmax(-1)
+    kl = {}
+    for reconstruct in (False, True):
+        m = load(str(tiny_llama))
+        _apply(m, "structured", ffn=0.5, heads=0.5, reconstruct=reconstruct, calib_samples=16, calib_seq_len=64)
+        with torch.inference_mode():
+            q = m.model(input_ids=ids).logits.log_softmax(-1)
+        kl[reconstruct] = float((p.exp() * (p - q)).sum(-1).mean())
+    assert kl[True] < kl[False]
+
+
+def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(tiny_llama, tmp_path):
+    from slimctl.formats.transformers import Transformers
+
+    m = load(str(tiny_llama))
+    with torch.no_grad():  # layer 1's FFN hardly reaches the residual stream: global allocation takes from it
+        m.model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    stats = _apply(m, "structured", ffn=0.25, allocation="global", **CAL)
+    widths = [layer.mlp.down_proj.in_features for layer in m.model.model.layers]
+    assert sum(widths) == 2 * 96 and widths[1] < widths[0]
+    assert m.model.config.slimctl_layer_sizes == {"intermediate_size": widths} and stats["config_after"] == {"intermediate_size": max(widths)}
+    Transformers().save(m.model, tmp_path / "g")
+    m.tokenizer.save_pretrained(tmp_path / "g")
+    back = load(str(tmp_path / "g")).model
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.inference_mode():
+        assert torch.equal(back(input_ids=ids).logits, m.model(input_ids=ids).logits)
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(Exception):  # plain transformers refuses the shapes instead of loading them wrongly
+        AutoModelForCausalLM.from_pretrained(tmp_path / "g")
+
+
+def test_allocate_takes_the_cheapest_channels_in_each_layers_order():
+    from slimctl.techniques.structured import allocate
+
+    paths = [[(2, 1.0), (4, 10.0)], [(2, 0.2), (4, 0.6), (6, 5.0)]]  # per-channel marginals: 0.5, 4.5 | 0.1, 0.2, 2.2
+    assert allocate(paths, 4) == [0, 4]
+    assert allocate(paths, 6) == [2, 4]
+    assert allocate([[(2, 5.0), (4, 5.0)]], 3) == [3]  # a later, cheaper-looking step is never taken before its prefix
 
 
 def test_structured_bert_prunes_ffn_and_keeps_heads_with_a_note(tiny_bert, tmp_path):
@@ -223,3 +325,54 @@ def test_semi_structured_matches_dense_on_cuda():
     model = torch.nn.Sequential(lin)
     assert S.to_semi_structured(model) == 1
     assert torch.allclose(model(x), ref, atol=1e-2, rtol=1e-2)
+
+
+def _deep_llama(tiny_dir, n=5):
+    """A tiny Llama with `n` blocks whose block 2 barely changes the residual stream."""
+    from conftest import _save, _tokenizer, tiny_llama_model
+
+    tok = _tokenizer()
+    m = tiny_llama_model(tok, seed=4, num_hidden_layers=n)
+    with torch.no_grad():
+        m.model.layers[2].self_attn.o_proj.weight.mul_(1e-3)
+        m.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
+    return _save(m, tok, tiny_dir / f"deep{n}")
+
+
+@pytest.mark.parametrize("score", ["skip", "influence"])
+def test_depth_removes_the_block_the_score_names_and_reloads(tmp_path, score):
+    m = load(str(_deep_llama(tmp_path)))
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    stats = _apply(m, "depth", blocks=1, score=score, calib_samples=4, calib_seq_len=32)
+    assert stats["blocks_removed"] == [2] and len(stats["block_scores"]) == 5
+    assert min(range(1, 4), key=lambda i: stats["block_scores"][i]) == 2
+    assert m.model.config.num_hidden_layers == 4 and len(m.model.model.layers) == 4
+    assert [layer.self_attn.layer_idx for layer in m.model.model.layers] == [0, 1, 2, 3]
+    m.model.save_pretrained(tmp_path / "d")
+    got = _plain_reload(tmp_path / "d", "lm")
+    assert got["params"] == stats["params_after"] < stats["params_before"]
+    with torch.inference_mode():
+        mine = m.model(input_ids=ids).logits.flatten()
+        # the KV cache follows the renumbered layers: cached decoding gives the uncached tokens
+        gen = [m.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=c) for c in (True, False)]
+    assert torch.allclose(torch.tensor(got["out"]), mine, atol=1e-5)
+    assert gen[0].shape[1] == 10 and torch.equal(gen[0], gen[1])
+
+
+def test_depth_shrinks_per_layer_config_lists(tmp_path):
+    from conftest import _save, _tokenizer, tiny_llama_model
+
+    from slimctl.techniques.depth import remove_blocks
+
+    m = tiny_llama_model(_tokenizer(), seed=0, num_hidden_layers=4)
+    m.config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    remove_blocks(m, [1, 2])
+    assert m.config.layer_types == ["full_attention", "sliding_attention"] and m.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("opts,msg", [({"blocks": 4}, "at most 3 can go"), ({"fraction": 0.01}, "rounds to no block"),
+                                      ({}, "set exactly one of blocks"), ({"blocks": 1, "fraction": 0.2}, "set exactly one")])
+def test_depth_bad_amounts(tmp_path, opts, msg):
+    m = load(str(_deep_llama(tmp_path)))
+    with pytest.raises(Exception, match=msg):
+        _apply(m, "depth", **opts, calib_samples=2, calib_seq_len=16)

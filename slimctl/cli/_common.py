@@ -56,17 +56,28 @@ class UI:
         if not self.quiet:
             err.print(f"[dim]• {msg}[/dim]")
 
-    def track(self, it: Iterable, desc: str, total: int) -> Iterable:
+    def track(self, it: Iterable, desc, total: int) -> Iterable:
+        """A bar over `it`; `desc` is text, or a callable read after each item (a live figure: loss, tokens/s)."""
         if self.quiet or not err.is_terminal:
             return it
-        from rich.progress import track
+        from rich.progress import Progress, track
 
-        return track(it, description=desc, total=total, console=err, transient=True)
+        if not callable(desc):
+            return track(it, description=desc, total=total, console=err, transient=True)
+        return _live(it, desc, total, Progress(*Progress.get_default_columns(), console=err, transient=True))
 
     def pipeline_ui(self):
         from ..steps import UI as PipelineUI
 
         return PipelineUI(say=self.say, track=self.track)
+
+
+def _live(it: Iterable, desc: Callable[[], str], total: int, progress) -> Iterable:
+    with progress:
+        task = progress.add_task(desc(), total=total)
+        for item in it:
+            yield item
+            progress.update(task, advance=1, description=desc())
 
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:

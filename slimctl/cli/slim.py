@@ -93,7 +93,7 @@ def quantize(
 
 def prune(
     model: str = C.MODEL_ARG,
-    method: str = typer.Option("magnitude", "--method", help="magnitude, wanda, sparsegpt, structured (see `slimctl methods`)."),
+    method: str = typer.Option("magnitude", "--method", help="magnitude, wanda, sparsegpt, structured, depth (see `slimctl methods`)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Unstructured: fraction of weights to zero, in (0, 1)."),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured instead, e.g. 2:4 (N non-zeros kept per M)."),
     scope: Optional[str] = typer.Option(None, "--scope", help="magnitude: layer (default, same sparsity per layer) or global (one threshold)."),
@@ -111,6 +111,7 @@ def prune(
     [bold]slimctl prune smollm2-135m --method wanda --sparsity 0.5 --out runs/smol-wanda50[/bold]
     [bold]slimctl prune smollm2-135m --method sparsegpt --pattern 2:4 --out runs/smol-sgpt24[/bold]
     [bold]slimctl prune smollm2-135m --method structured --set ffn=0.25 --out runs/smol-ffn25[/bold]
+    [bold]slimctl prune smollm2-135m --method depth --set blocks=6 --out runs/smol-depth6[/bold]
     """
     common = dict(locals())
     opts = C.set_options(set_)

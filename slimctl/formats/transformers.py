@@ -46,6 +46,48 @@ def save_as_is(model, folder: Path) -> None:
     save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
 
 
+def skeleton_and_state(folder: Path, kind: str, swap=lambda model: None):
+    """A model built from the folder's config in slimctl's layout (Conv1D as Linear, one Linear per
+    expert), FFNs shrunk to per-layer widths, `swap(model)` applied, then the folder's safetensors
+    loaded into it: how slimctl reads artifacts whose shapes the config alone does not give."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from ..ctformat import to_slimctl_state
+    from ..errors import ModelLoadError
+    from ..families.convert import prepare
+    from ..families.layer_sizes import apply_layer_sizes
+    from ..kinds import auto_class
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):  # describes the files, not a quantizer to run here
+        del config.quantization_config
+    # Built on CPU rather than the meta device so that non-persistent buffers (position ids, rotary
+    # frequencies) are computed by the model's own code; the weights are then replaced from disk.
+    model = auto_class(kind).from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    prepare(model)
+    apply_layer_sizes(model)
+    qmeta = swap(model)
+    state: dict[str, Any] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    if qmeta:
+        state = to_slimctl_state(state, qmeta)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(tied_keys(model))
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelLoadError(f"{folder}: weights do not match its config / slimctl.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
+def tied_keys(model) -> list[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    return list(keys.keys()) if isinstance(keys, dict) else list(keys)
+
+
 class Transformers:
     name = "transformers"
     loads_with = "transformers"
@@ -54,8 +96,13 @@ class Transformers:
         return True
 
     def load(self, folder: Path, kind: str, meta: dict[str, Any], safe: bool, trust_remote_code: bool):
+        import json
+
+        from ..families.layer_sizes import has_layer_sizes
         from ..kinds import auto_class
 
+        if safe and has_layer_sizes(json.loads((Path(folder) / "config.json").read_text())):
+            return skeleton_and_state(folder, kind)  # per-layer FFN widths: slimctl's loader
         return auto_class(kind).from_pretrained(folder, dtype="auto", use_safetensors=safe, trust_remote_code=trust_remote_code)
 
     def holds(self, model) -> bool:
@@ -63,8 +110,9 @@ class Transformers:
 
     def save(self, model, folder: Path) -> None:
         from ..families.convert import convertible_back, transformers_layout
+        from ..families.layer_sizes import has_layer_sizes
 
-        if not convertible_back(model):  # quantized experts / Conv1D: slimctl's layout, keys as in memory
+        if not convertible_back(model) or has_layer_sizes(model.config):  # quantized experts / Conv1D: slimctl's layout, keys as in memory
             return save_as_is(model, folder)
         with warnings.catch_warnings(), transformers_layout(model):  # Conv1D / fused experts as transformers has them
             warnings.simplefilter("ignore")

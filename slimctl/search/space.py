@@ -14,7 +14,8 @@ from ..kinds import CAUSAL_LM
 
 
 def default_space(kind: str) -> list[dict[str, Any]]:
-    """Candidate recipes (name, steps) every model kind can take; GPTQ only for causal LMs."""
+    """Candidate recipes (name, steps) every model kind can take; GPTQ, depth pruning and loss-weighted
+    global FFN pruning only for causal LMs."""
     space = [("bf16", [{"method": "bf16"}]),
              ("int8-dynamic", [{"method": "int8-dynamic"}]),
              ("w8a8-smoothquant", [{"method": "smoothquant", "alpha": 0.5}]),
@@ -24,6 +25,8 @@ def default_space(kind: str) -> list[dict[str, Any]]:
              ("structured-ffn-25", [{"method": "structured", "ffn": 0.25}])]
     if kind == CAUSAL_LM:
         space.insert(5, ("int4-gptq-g64", [{"method": "gptq", "bits": 4, "group_size": 64, "act_order": True}]))
+        space += [("structured-ffn-25-global", [{"method": "structured", "ffn": 0.25, "allocation": "global"}]),
+                  ("depth-12", [{"method": "depth", "fraction": 0.125}])]
     return [{"name": n, "steps": s} for n, s in space]
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import RecipeError, UnsupportedError
 
 # Explicit list: a technique that fails to import is an error, not a silently missing method.
-_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured",
+_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured", "depth", "distill",
             "onnx", "fp8", "bnb")
 
 
@@ -103,12 +103,13 @@ class StepContext:
     progress: Callable[[str], None] = lambda msg: None
     notes: list[str] = field(default_factory=list)
     replacement: Any = None  # set by a technique whose result is a different model object (e.g. ONNX Runtime)
+    teacher: Any = None  # the model before the recipe's steps, kept when a later step trains (distill)
 
 
 @dataclass(frozen=True)
 class Technique:
     name: str
-    kind: str  # "cast" | "quantize" | "prune"
+    kind: str  # "cast" | "quantize" | "prune" | "train"
     config: type[TechniqueConfig]
     apply: Callable[[Any, TechniqueConfig, StepContext], dict]
     summary: str

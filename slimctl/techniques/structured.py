@@ -1,22 +1,38 @@
 """Structured pruning: remove whole FFN channels and attention heads (key/value heads together with
-their query group) by a calibration importance score, slicing the weights and updating the config so
-plain `from_pretrained` loads the smaller model. Uniform per layer: HF configs describe one size."""
+their query group), slicing the weights and updating the config so plain `from_pretrained` loads the
+smaller model. By default the channels/heads are chosen and the consumer Linear (down_proj, o_proj)
+refit in closed form on calibration inputs (reconstruct.py: OBS over column groups, bias compensation);
+`reconstruct: false` keeps the plain ‖x‖·‖w‖ score and slice. Uniform per layer: HF configs describe one size."""
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import Field, model_validator
 from torch import nn
 
 from ..calibrate import block_stats, find_blocks, sequential, summary
 from .. import families
 from ..errors import UnsupportedError
+from ..kinds import CAUSAL_LM
 from . import CalibrationOptions, StepContext, register
+from ..families.layer_sizes import set_layer_sizes
+from .reconstruct import remove_groups
 
 
 class StructuredConfig(CalibrationOptions):
     ffn: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of FFN intermediate channels to remove
     heads: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of key/value heads (with their query heads) to remove
     multiple_of: int = Field(default=1, ge=1, le=1024)  # keep the intermediate width a multiple of this
+    # choose what to remove by least output error and refit down_proj/o_proj on calibration inputs
+    # (ZipLM/SlimGPT-style OBS, FLAP bias compensation); false: score ‖x_j‖·‖W[:, j]‖ and slice
+    reconstruct: bool = True
+    dampening: float = Field(default=0.01, gt=0.0, le=1.0)  # of mean(diag H), for the refit
+    # uniform: every layer loses the same share (plain transformers reloads it); global: one FFN budget
+    # shared by all layers by measured cost (a calibration pass first); per-layer widths are stored in
+    # the config's slimctl_layer_sizes and reloaded by slimctl (plain from_pretrained refuses the shapes)
+    allocation: Literal["uniform", "global"] = "uniform"
+    max_layer_share: float = Field(default=0.9, gt=0.0, lt=1.0)  # global: at most this share of a layer's channels
 
     @model_validator(mode="after")
     def _something(self):
@@ -99,6 +115,95 @@ def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tup
     return width, min(keep, width)
 
 
+def output_fisher(model, batches: list[dict]) -> list[torch.Tensor]:
+    """Per block: the diagonal empirical Fisher of the next-token loss w.r.t. the block's output (mean g²
+    per hidden feature over calibration tokens). An FFN or o_proj adds to that residual stream, so
+    Σ_o F_o ‖ΔW_o X‖² estimates the loss a change of those Linears costs (K-FAC style)."""
+    _, blocks = find_blocks(model)
+    outs: list = [None] * len(blocks)
+    fisher = [torch.zeros(0)] * len(blocks)
+
+    def keep(i):
+        def hook(mod, args, out):
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            h.retain_grad()
+            outs[i] = h
+        return hook
+
+    def grad_in(mod, args, out):
+        return out.requires_grad_(True)
+
+    hooks = [b.register_forward_hook(keep(i)) for i, b in enumerate(blocks)]
+    hooks.append(model.get_input_embeddings().register_forward_hook(grad_in))
+    wanted = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in wanted:  # gradients w.r.t. activations only: no weight gradients computed or stored
+        p.requires_grad_(False)
+    tokens = 0
+    try:
+        with torch.enable_grad():
+            for b in batches:
+                ids = b["input_ids"]
+                loss = model(**b, labels=ids, use_cache=False).loss * (ids.numel() - ids.shape[0])  # a sum over tokens
+                loss.backward()
+                for i, h in enumerate(outs):
+                    g = h.grad.detach().float().reshape(-1, h.shape[-1])
+                    fisher[i] = fisher[i] + (g * g).sum(0) if fisher[i].numel() else (g * g).sum(0)
+                tokens += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in wanted:
+            p.requires_grad_(flag)
+    return [f / max(tokens, 1) for f in fisher]
+
+
+def _global_widths(model, batches, ffns: list, width: int, keep: int, fisher: list, cfg: StructuredConfig,
+                   ctx: StepContext) -> list[int]:
+    """Per-layer FFN widths under one budget (as many channels as uniform removal takes): a pass that
+    records each layer's greedy OBS path (reconstruct.remove_groups) with its error weighted by the
+    Fisher of the loss w.r.t. the block output (an estimate of the loss each removal costs), then the
+    cheapest channels model-wide, in each layer's order."""
+    cap = min(width - cfg.multiple_of, int(cfg.max_layer_share * width))
+    paths = []
+
+    def on_block(i, name, block, inputs):
+        stats = block_stats(block, inputs, {"ffn": ffns[i][1]}, hessian=True)
+        lin = ffns[i][1]
+        r = remove_groups(lin.weight, stats.hessian["ffn"], torch.arange(width)[:, None], cap, cfg.dampening,
+                          lin.bias, stats.sum["ffn"] / max(stats.n["ffn"], 1), fisher[i])
+        paths.append(r.path)
+
+    ctx.progress("structured: measuring each layer's cost of losing FFN channels")
+    sequential(model, batches, on_block, ctx.track)
+    removed = allocate(paths, (width - keep) * len(ffns))
+    return [_round_width(width - r, width, cfg.multiple_of) for r in removed]
+
+
+def allocate(paths: list[list[tuple[int, float]]], budget: int) -> list[int]:
+    """Channels removed per layer: the cheapest marginal costs model-wide (each layer's marginal costs made
+    non-decreasing along its path, so a layer's removals are taken in its own order) until `budget`."""
+    segs = []
+    for layer, path in enumerate(paths):
+        prev_k, prev_e, worst = 0, 0.0, 0.0
+        for k, e in path:
+            worst = max(worst, (e - prev_e) / max(k - prev_k, 1))
+            segs.append((worst, layer, k - prev_k))
+            prev_k, prev_e = k, e
+    out = [0] * len(paths)
+    for _, layer, n in sorted(segs):
+        take = min(n, budget)
+        out[layer] += take
+        budget -= take
+        if budget <= 0:
+            break
+    return out
+
+
+def _round_width(keep: int, width: int, multiple: int) -> int:
+    return min(width, max(multiple, int(round(keep / multiple)) * multiple))
+
+
+
 def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
     """(query heads, key/value heads, head size, key/value heads kept); None when heads stay (noted)."""
     why = (f"head pruning needs separate q/k/v/o projections and a config that states the head size; "
@@ -120,38 +225,62 @@ def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> t
     return n_heads, n_kv, head_dim, keep_kv
 
 
-def _prune_ffn(block, ffn, keep: int, sq_norm: torch.Tensor) -> None:
+def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: str, cfg: StructuredConfig) -> tuple[torch.Tensor, float | None]:
+    """The column groups of `consumer` to keep (ascending); with reconstruct the consumer's weight and
+    bias are refit in place on the kept columns first. Returns (kept, relative output error or None)."""
+    if not cfg.reconstruct:
+        score = _channel_score(consumer, stats.sq_norm[key])[groups].sum(1)
+        return torch.topk(score, keep).indices.sort().values, None
+    n = max(stats.n[key], 1)
+    r = remove_groups(consumer.weight, stats.hessian[key], groups, len(groups) - keep, cfg.dampening,
+                      consumer.bias, stats.sum[key] / n)
+    with torch.no_grad():
+        consumer.weight[:, groups[r.kept].flatten()] = r.weight.to(consumer.weight.dtype)
+        if r.bias is not None:
+            consumer.bias.copy_(r.bias.to(consumer.bias.dtype))
+    return r.kept, r.error
+
+
+def _prune_ffn(block, ffn, keep: int, stats, cfg: StructuredConfig) -> float | None:
     producers, consumer, pnames, cname, parts = ffn
-    idx = torch.topk(_channel_score(consumer, sq_norm), keep).indices.sort().values
     width = consumer.in_features
+    idx, err = _choose(consumer, torch.arange(width)[:, None], keep, stats, "ffn", cfg)
     rows = torch.cat([idx + k * width for k in range(parts)])  # a fused producer: the channel in every part
     for p, pn in zip(producers, pnames):
         _set(block, pn, _keep_rows(p, rows))
     _set(block, cname, _keep_cols(consumer, idx))
+    return err
 
 
-def _prune_heads(block, att: dict[str, str], heads: tuple[int, int, int, int], sq_norm: torch.Tensor) -> list[int]:
+def _prune_heads(block, att: dict[str, str], heads: tuple[int, int, int, int], stats, cfg: StructuredConfig) -> tuple[list[int], float | None]:
     """Keep the key/value heads (with their query groups) whose o_proj inputs matter most; returns the removed ones."""
     n_heads, n_kv, hd, keep_kv = heads
-    per_col = _channel_score(block.get_submodule(att["o"]), sq_norm)  # o_proj input = concat of query heads
     group = n_heads // n_kv
-    kv_keep = torch.topk(per_col.view(n_kv, group * hd).sum(1), keep_kv).indices.sort().values
+    cols = torch.arange(n_heads * hd).view(n_kv, group * hd)  # o_proj input = concat of query heads, by kv group
+    kv_keep, err = _choose(block.get_submodule(att["o"]), cols, keep_kv, stats, "heads", cfg)
     q_heads = (kv_keep[:, None] * group + torch.arange(group)[None, :]).flatten()
     q_idx = (q_heads[:, None] * hd + torch.arange(hd)[None, :]).flatten()
     kv_idx = (kv_keep[:, None] * hd + torch.arange(hd)[None, :]).flatten()
     for part, idx in (("q", q_idx), ("k", kv_idx), ("v", kv_idx)):
         _set(block, att[part], _keep_rows(block.get_submodule(att[part]), idx))
     _set(block, att["o"], _keep_cols(block.get_submodule(att["o"]), q_idx))
-    return sorted(set(range(n_kv)) - set(kv_keep.tolist()))
+    return sorted(set(range(n_kv)) - set(kv_keep.tolist())), err
+
+
+def _record(rec: dict, key: str, err: float | None) -> None:
+    if err is not None:
+        rec[key] = round(err, 6)
 
 
 def _update_config(model, plan: dict) -> dict:
     """The config's new sizes; returns the old ones."""
     conf, before = model.config, {}
     if "ffn" in plan:
-        key = families.of(model).ffn.size_key
+        key, widths = families.of(model).ffn.size_key, plan["ffn"][1]
         before[key] = getattr(conf, key, None)
-        setattr(conf, key, plan["ffn"][1])
+        setattr(conf, key, max(widths))
+        if len(set(widths)) > 1:
+            set_layer_sizes(conf, key, widths)
     if "heads" in plan:
         n_heads, n_kv, hd, keep_kv = plan["heads"]
         before.update(num_attention_heads=n_heads, num_key_value_heads=n_kv)
@@ -169,23 +298,31 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     prefix, blocks = find_blocks(model)
     ffns, atts = [_ffn(model, b) for b in blocks], [_attn(model, b) for b in blocks]
     plan: dict = {}
+    batches = cfg.batches(ctx)
+    if cfg.allocation == "global" and (ctx.kind != CAUSAL_LM or not cfg.reconstruct):
+        raise UnsupportedError("allocation global weighs errors by the next-token loss: causal language models, with reconstruct on")
     if cfg.ffn:
-        plan["ffn"] = _ffn_plan(cfg, model, ffns, ctx)
+        width, keep = _ffn_plan(cfg, model, ffns, ctx)
+        widths = [keep] * len(blocks)
+        if cfg.allocation == "global" and keep < width:
+            ctx.progress("structured: Fisher of the loss w.r.t. each block's output")
+            widths = _global_widths(model, batches, ffns, width, keep, output_fisher(model, batches), cfg, ctx)
+        plan["ffn"] = (width, widths)
     heads = _heads_plan(cfg, model, atts, ctx) if cfg.heads else None
     if heads:
         plan["heads"] = heads
-    batches = cfg.batches(ctx)
     removed: dict[str, dict] = {}
 
     def on_block(i, name, block, inputs):
-        consumers = {**({"ffn": ffns[i][1]} if "ffn" in plan else {}), **({"heads": block.get_submodule(atts[i]["o"])} if "heads" in plan else {})}
-        stats = block_stats(block, inputs, consumers)
         rec = {}
-        if "ffn" in plan and plan["ffn"][1] < plan["ffn"][0]:
-            _prune_ffn(block, ffns[i], plan["ffn"][1], stats.sq_norm["ffn"])
-            rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1]
-        if "heads" in plan and plan["heads"][3] < plan["heads"][1]:
-            rec["kv_heads_removed"] = _prune_heads(block, atts[i], plan["heads"], stats.sq_norm["heads"])
+        if "heads" in plan and plan["heads"][3] < plan["heads"][1]:  # heads first: the FFN then sees their refit output
+            stats = block_stats(block, inputs, {"heads": block.get_submodule(atts[i]["o"])}, hessian=cfg.reconstruct)
+            rec["kv_heads_removed"], err = _prune_heads(block, atts[i], plan["heads"], stats, cfg)
+            _record(rec, "o_proj_error", err)
+        if "ffn" in plan and plan["ffn"][1][i] < plan["ffn"][0]:
+            stats = block_stats(block, inputs, {"ffn": ffns[i][1]}, hessian=cfg.reconstruct)
+            _record(rec, "ffn_error", _prune_ffn(block, ffns[i], plan["ffn"][1][i], stats, cfg))
+            rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1][i]
         removed[name] = rec
 
     sequential(model, batches, on_block, ctx.track)

@@ -1,0 +1,50 @@
+"""Per-layer FFN widths (non-uniform structured pruning): transformers configs state one intermediate
+width, so the config keeps the largest and `slimctl_layer_sizes` lists every layer's; slimctl's loaders
+shrink a freshly built skeleton to those widths before reading the weights. Plain `from_pretrained`
+refuses such a folder (its weights do not have the config's shapes) rather than loading it wrongly."""
+from __future__ import annotations
+
+from typing import Any
+
+KEY = "slimctl_layer_sizes"
+
+
+def set_layer_sizes(config, size_key: str, widths: list[int]) -> None:
+    setattr(config, KEY, {size_key: list(widths)})
+
+
+def has_layer_sizes(config: Any) -> bool:
+    sizes = config.get(KEY) if isinstance(config, dict) else getattr(config, KEY, None)
+    return bool(sizes)
+
+
+def apply_layer_sizes(model) -> None:
+    """Shrink each block's FFN of a freshly built model to the widths its config lists (weights are
+    left uninitialised: the caller loads them)."""
+    from torch import nn
+
+    from . import of
+    from ..blocks import find_blocks
+    from ..errors import ModelLoadError
+
+    sizes = getattr(model.config, KEY, None)
+    if not sizes:
+        return
+    fam = of(model)
+    if fam is None or fam.ffn is None or fam.ffn.size_key not in sizes:
+        raise ModelLoadError(f"config.json lists {KEY} {list(sizes)} that slimctl cannot apply to this model")
+    _, blocks = find_blocks(model)
+    widths = sizes[fam.ffn.size_key]
+    if len(widths) != len(blocks):
+        raise ModelLoadError(f"config.json lists {len(widths)} FFN widths for {len(blocks)} layers")
+    for block, w in zip(blocks, widths):
+        for name in fam.ffn.producers:
+            old = block.get_submodule(name)
+            _put(block, name, nn.Linear(old.in_features, w * fam.ffn.parts, bias=old.bias is not None, dtype=old.weight.dtype))
+        old = block.get_submodule(fam.ffn.consumer)
+        _put(block, fam.ffn.consumer, nn.Linear(w, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype))
+
+
+def _put(block, path: str, mod) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, leaf, mod)

@@ -1,0 +1,175 @@
+"""Recovery by distillation (Minitron): after pruning, train the smaller model to match the teacher's
+next-token distribution (forward KL on logits at temperature 1) on calibration text or a user file,
+with AdamW, a linear warm-up and cosine decay from `lr` to `min_lr`, under a token budget. The teacher
+is the model before the recipe's steps (or `teacher:`). Deterministic under the recipe's seed; a first
+Ctrl-C ends training early and keeps the weights reached (said in the report), never a half-written model."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+
+from ..errors import DataError, RecipeError, UnsupportedError
+from ..kinds import CAUSAL_LM
+from . import StepContext, TechniqueConfig, register
+
+
+class DistillConfig(TechniqueConfig):
+    tokens: int = Field(default=65_536, ge=64, le=10_000_000_000)  # training tokens: the budget
+    seq_len: int = Field(default=256, ge=16, le=32_768)
+    batch_size: int = Field(default=4, ge=1, le=4096)  # sequences per optimiser step
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    min_lr: float = Field(default=1e-5, ge=0.0, le=1.0)
+    warmup: float = Field(default=0.05, ge=0.0, lt=1.0)  # share of the steps
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    data: Optional[str] = None  # .txt / .jsonl; default: the BBC calibration split (disjoint from eval)
+    held_out: int = Field(default=8, ge=1, le=10_000)  # sequences never trained on: KL before/after
+    teacher: Optional[str] = None  # built-in name, folder or hub id; default: the model before the recipe
+    device: Literal["cpu", "cuda"] = "cpu"
+    train: Literal["blocks", "all"] = "blocks"  # blocks: embeddings, LM head and final norm stay as they are
+    max_minutes: Optional[float] = Field(default=None, gt=0.0)  # stop at this wall time (tokens used: reported)
+
+
+def sequences(tokenizer, data: str | None, seq_len: int, seed: int) -> torch.Tensor:
+    """The text as one token stream (each document as the tokenizer encodes it alone), cut into
+    seq_len rows, in a seeded order."""
+    from ..evaluate import data as datasets
+
+    texts = [e.text for e in (datasets.read_file(data) if data else datasets.bbc("calib"))]
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t)["input_ids"]
+    rows = len(ids) // seq_len
+    if rows < 2:
+        raise DataError(f"distill needs at least {2 * seq_len} tokens of text; {data or 'the calibration split'} has {len(ids)}")
+    seqs = torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+    order = list(range(rows))
+    random.Random(seed).shuffle(order)
+    return seqs[order]
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Forward KL(teacher ‖ student) per token, averaged, at `temperature` (× T², as Hinton et al.)."""
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    p_log = t.log_softmax(-1)
+    return (p_log.exp() * (p_log - s.log_softmax(-1))).sum(-1).mean() * temperature ** 2
+
+
+def lr_at(step: int, steps: int, cfg: DistillConfig) -> float:
+    warm = int(cfg.warmup * steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    done = (step - warm) / max(steps - warm - 1, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def held_out_kl(student, teacher, rows: torch.Tensor, device, temperature: float) -> float:
+    total = 0.0
+    with torch.inference_mode():
+        for r in rows:
+            x = r[None].to(device)
+            total += float(kl_loss(student(input_ids=x).logits, teacher(input_ids=x).logits, temperature))
+    return total / len(rows)
+
+
+def _teacher(cfg: DistillConfig, ctx: StepContext):
+    if cfg.teacher is not None:
+        from ..models import load
+
+        return load(cfg.teacher).model
+    if ctx.teacher is None:
+        raise RecipeError("distill needs a teacher: put it after a prune step (the teacher is then the model before "
+                          "the recipe's steps) or name one with teacher:")
+    return ctx.teacher
+
+
+def _trainable(model, cfg: DistillConfig) -> list[torch.nn.Parameter]:
+    from ..blocks import find_blocks
+
+    if cfg.train == "all":
+        params = list(model.parameters())
+    else:
+        params = list(find_blocks(model)[1].parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepContext, device) -> dict:
+    """The optimiser loop; returns steps done, tokens, loss curve, stop reason."""
+    params = _trainable(model, cfg)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
+    curve, state = [], {"loss": float("nan"), "tok_s": 0.0}
+    t0, stop, done = time.perf_counter(), "budget", 0
+    every = max(1, steps // 50)
+    model.train(False)  # no dropout: the teacher's and the student's forwards must be comparable
+    try:
+        for step in ctx.track(range(steps), lambda: f"distill loss {state['loss']:.4f} · {state['tok_s']:.0f} tok/s", steps):
+            rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % len(train)
+            x = train[rows].to(device)
+            with torch.no_grad():
+                target = teacher(input_ids=x).logits
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, cfg)
+            with torch.enable_grad():
+                loss = kl_loss(model(input_ids=x).logits, target, cfg.temperature)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            state["loss"] = float(loss.detach())
+            state["tok_s"] = done * x.numel() / (time.perf_counter() - t0)
+            if step % every == 0 or done == steps:
+                curve.append([done * x.numel(), round(state["loss"], 5)])
+            if cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                stop = "max_minutes"
+                break
+    except KeyboardInterrupt:  # the first Ctrl-C ends training; the weights reached are kept and reported
+        stop = "interrupted"
+        ctx.notes.append(f"distill interrupted after {done} of {steps} steps; the model keeps the weights it reached")
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return {"steps": done, "steps_planned": steps, "tokens": done * cfg.batch_size * cfg.seq_len, "stopped": stop,
+            "train_seconds": round(time.perf_counter() - t0, 1), "loss_curve": curve}
+
+
+@register("distill", "train", DistillConfig,
+          "recover a pruned model by distilling the model before the recipe into it (forward KL on logits, Minitron); a token budget")
+def apply(model, cfg: DistillConfig, ctx: StepContext) -> dict:
+    from ..stream import refuse, stream_of
+
+    if ctx.kind != CAUSAL_LM:
+        raise UnsupportedError("distill trains causal language models (next-token logits); this model is not one")
+    if stream_of(model):
+        refuse("distillation (it trains the whole model in memory)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedError("distill device cuda: no CUDA GPU is visible to torch")
+    teacher = _teacher(cfg, ctx)
+    device = torch.device(cfg.device)
+    torch.manual_seed(ctx.seed)
+    seqs = sequences(ctx.tokenizer, cfg.data, cfg.seq_len, ctx.seed)
+    held = min(cfg.held_out, len(seqs) // 2)
+    train, test = seqs[held:], seqs[:held]
+    model.to(device)
+    teacher.to(device)
+    try:
+        before = held_out_kl(model, teacher, test, device, cfg.temperature)
+        run = _loop(model, teacher, train, cfg, ctx, device)
+        after = held_out_kl(model, teacher, test, device, cfg.temperature)
+    finally:
+        model.to("cpu")
+        teacher.to("cpu")
+    if run["tokens"] > train.numel():
+        ctx.notes.append(f"distill saw its {train.numel()} training tokens {run['tokens'] / train.numel():.1f} times (give more text with data:)")
+    return {**run, "held_out_kl_before": round(before, 5), "held_out_kl_after": round(after, 5),
+            "held_out_tokens": test.numel(), "train_tokens_available": train.numel(), "teacher": cfg.teacher or "the model before the recipe"}

@@ -1,0 +1,63 @@
+"""Distillation after pruning: the student moves toward the teacher on text it did not train on,
+deterministically, and a recipe without a teacher is refused before any work."""
+import pytest
+import torch
+
+from slimctl import recipe as R, techniques as T
+from slimctl.errors import RecipeError
+from slimctl.models import load
+from slimctl.steps import UI, apply_steps
+
+PRUNE = {"method": "structured", "ffn": 0.5, "heads": 0.5, "calib_samples": 4, "calib_seq_len": 32}
+DISTILL = {"method": "distill", "tokens": 4096, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "held_out": 4}
+
+
+def _slim(tiny_llama, steps, seed=0):
+    m = load(str(tiny_llama))
+    recipe = R.from_dict({"version": 1, "steps": steps, "seed": seed}, "recipe")
+    model, stats, notes = apply_steps(m.model, m.tokenizer, recipe, m.kind, UI())
+    return model, stats
+
+
+def test_distillation_lowers_kl_on_held_out_text_and_is_deterministic(tiny_llama):
+    model, stats = _slim(tiny_llama, [PRUNE, DISTILL])
+    d = stats[1]
+    assert d["steps"] == d["steps_planned"] == 32 and d["tokens"] == 4096 and d["stopped"] == "budget"
+    assert d["held_out_kl_after"] < 0.8 * d["held_out_kl_before"]
+    assert len(d["loss_curve"]) >= 2 and all(not p.requires_grad for p in model.parameters())
+    again, stats2 = _slim(tiny_llama, [PRUNE, DISTILL])
+    assert stats2[1]["held_out_kl_after"] == d["held_out_kl_after"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_distillation_trains_only_the_blocks_by_default(tiny_llama):
+    before = load(str(tiny_llama)).model
+    model, _ = _slim(tiny_llama, [PRUNE, {**DISTILL, "tokens": 256}])
+    assert torch.equal(model.get_input_embeddings().weight, before.get_input_embeddings().weight)
+    assert torch.equal(model.model.norm.weight, before.model.norm.weight)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight[: model.config.intermediate_size])
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    from slimctl.techniques.distill import DistillConfig, lr_at
+
+    cfg = DistillConfig(lr=1e-4, min_lr=1e-5, warmup=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert lrs[-1] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.parametrize("steps,msg", [([DISTILL], "needs a teacher"),
+                                       ([PRUNE, {"method": "rtn"}, DISTILL], "comes after quantization")])
+def test_distill_without_teacher_or_after_quantization_is_refused(steps, msg):
+    with pytest.raises(RecipeError, match=msg):
+        R.from_dict({"version": 1, "steps": steps}, "recipe")
+
+
+def test_distill_kl_loss_is_zero_for_the_same_logits_and_positive_otherwise():
+    from slimctl.techniques.distill import kl_loss
+
+    x = torch.randn(2, 5, 11)
+    assert float(kl_loss(x, x, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_loss(x + torch.randn(2, 5, 11), x, 1.0)) > 0
+    assert T.get("distill").kind == "train"
