@@ -193,8 +193,10 @@ def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_sp
     from .models import save_artifact
     from .qmodules import quantized_modules_meta
 
+    from .families.layer_sizes import has_layer_sizes
+
     fmt = for_model(slim.model)
-    loads_with = fmt.loads_with
+    loads_with = "slimctl (per-layer FFN widths)" if has_layer_sizes(slim.model.config) else fmt.loads_with
     meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind, "format": fmt.name,
             "recipe": recipe.to_dict(), "steps": [{k: v for k, v in s.items() if k in ("method", "options")} for s in slim.steps],
             "loads_with": loads_with, "quantized_modules": quantized_modules_meta(slim.model)}

@@ -20,6 +20,9 @@ def _fast_copy(path: Path, tmp: Path) -> Path:
     doc["eval"] = {**doc.get("eval", {}), "max_samples": 4, "seq_len": 64, "max_tokens": 256}
     doc["bench"] = {**doc.get("bench", {}), "min_iters": 2, "min_seconds": 0, "warmup": 1, "decode_tokens": 4, "seq_len": 16, "batch_size": 2}
     doc["gates"] = {}
+    for st in doc["steps"]:  # a distillation budget for a tiny model
+        if st["method"] == "distill":
+            st.update(tokens=512, seq_len=32, held_out=2)
     p = tmp / path.name
     p.write_text(yaml.safe_dump(doc))
     return p

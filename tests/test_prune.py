@@ -248,7 +248,7 @@ def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(
     m = load(str(tiny_llama))
     with torch.no_grad():  # layer 1's FFN hardly reaches the residual stream: global allocation takes from it
         m.model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
-    stats = _apply(m, "structured", ffn=0.25, allocation="global", **CAL)
+    stats = _apply(m, "structured", ffn=0.25, allocation="global", multiple_of=1, **CAL)
     widths = [layer.mlp.down_proj.in_features for layer in m.model.model.layers]
     assert sum(widths) == 2 * 96 and widths[1] < widths[0]
     assert m.model.config.slimctl_layer_sizes == {"intermediate_size": widths} and stats["config_after"] == {"intermediate_size": max(widths)}
@@ -376,3 +376,33 @@ def test_depth_bad_amounts(tmp_path, opts, msg):
     m = load(str(_deep_llama(tmp_path)))
     with pytest.raises(Exception, match=msg):
         _apply(m, "depth", **opts, calib_samples=2, calib_seq_len=16)
+
+
+def test_global_allocation_then_int4_reloads_bit_for_bit(tiny_llama, tmp_path, fast_recipe):
+    """Per-layer widths under quantized layers: the artifact slimctl writes reloads with the same outputs."""
+    from slimctl import pipeline, recipe as R
+
+    steps = [{"method": "structured", "ffn": 0.25, "allocation": "global", **CAL}, {"method": "rtn", "bits": 4, "group_size": 32}]
+    rep = pipeline.run(R.load(fast_recipe(steps)), str(tiny_llama), tmp_path / "o", isolate=False)
+    assert rep["artifact"]["reload_check"]["bitwise_equal"] is True and rep["artifact"]["loads_with"].startswith("slimctl")
+    m = load(str(tmp_path / "o" / "model")).model
+    assert m.config.slimctl_layer_sizes["intermediate_size"] == [layer.mlp.down_proj.in_features for layer in m.model.layers]
+
+
+def test_output_fisher_is_the_mean_squared_loss_gradient_at_each_block_output(tiny_llama):
+    from slimctl.techniques.structured import output_fisher
+
+    m = load(str(tiny_llama))
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2023, 2003]])
+    fisher = output_fisher(m.model, [{"input_ids": ids}])
+    outs = []
+    hooks = [layer.register_forward_hook(lambda mod, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in m.model.model.layers]
+    h = m.model.model.embed_tokens(ids).detach().requires_grad_(True)
+    loss = m.model(inputs_embeds=h, labels=ids).loss * (ids.numel() - 1)
+    grads = torch.autograd.grad(loss, outs)
+    for hk in hooks:
+        hk.remove()
+    for f, g in zip(fisher, grads):
+        assert torch.allclose(f, (g[0] ** 2).mean(0), rtol=1e-4, atol=1e-12)
+    assert all(p.requires_grad for p in m.model.parameters())  # left as it found them

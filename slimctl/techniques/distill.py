@@ -36,7 +36,7 @@ class DistillConfig(TechniqueConfig):
 
 def sequences(tokenizer, data: str | None, seq_len: int, seed: int) -> torch.Tensor:
     """The text as one token stream (each document as the tokenizer encodes it alone), cut into
-    seq_len rows, in a seeded order."""
+    seq_len rows, in a seeded order (held-out rows are then a sample of the whole text, like the rest)."""
     from ..evaluate import data as datasets
 
     texts = [e.text for e in (datasets.read_file(data) if data else datasets.bbc("calib"))]

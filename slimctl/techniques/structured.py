@@ -6,7 +6,7 @@ refit in closed form on calibration inputs (reconstruct.py: OBS over column grou
 from __future__ import annotations
 
 import torch
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 from torch import nn
@@ -23,7 +23,9 @@ from .reconstruct import remove_groups
 class StructuredConfig(CalibrationOptions):
     ffn: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of FFN intermediate channels to remove
     heads: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of key/value heads (with their query heads) to remove
-    multiple_of: int = Field(default=1, ge=1, le=1024)  # keep the intermediate width a multiple of this
+    # keep the intermediate width a multiple of this; default 1 (uniform) or 32 (global: every layer's width
+    # then suits int4 groups of 32 and the fused kernels when a quantization step follows)
+    multiple_of: Optional[int] = Field(default=None, ge=1, le=1024)
     # choose what to remove by least output error and refit down_proj/o_proj on calibration inputs
     # (ZipLM/SlimGPT-style OBS, FLAP bias compensation); false: score ‖x_j‖·‖W[:, j]‖ and slice
     reconstruct: bool = True
@@ -109,7 +111,8 @@ def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tup
         raise UnsupportedError(f"FFN pruning is not available for {_family_name(model)}: {what}")
     width = ffns[0][1].in_features
     keep = width - int(round(cfg.ffn * width))
-    keep = max(cfg.multiple_of, keep - keep % cfg.multiple_of)
+    mult = _multiple(cfg)
+    keep = max(mult, keep - keep % mult)
     if keep >= width:
         ctx.notes.append(f"ffn {cfg.ffn} of {width} channels rounds to nothing to remove")
     return width, min(keep, width)
@@ -163,7 +166,7 @@ def _global_widths(model, batches, ffns: list, width: int, keep: int, fisher: li
     records each layer's greedy OBS path (reconstruct.remove_groups) with its error weighted by the
     Fisher of the loss w.r.t. the block output (an estimate of the loss each removal costs), then the
     cheapest channels model-wide, in each layer's order."""
-    cap = min(width - cfg.multiple_of, int(cfg.max_layer_share * width))
+    cap = min(width - _multiple(cfg), int(cfg.max_layer_share * width))
     paths = []
 
     def on_block(i, name, block, inputs):
@@ -176,7 +179,11 @@ def _global_widths(model, batches, ffns: list, width: int, keep: int, fisher: li
     ctx.progress("structured: measuring each layer's cost of losing FFN channels")
     sequential(model, batches, on_block, ctx.track)
     removed = allocate(paths, (width - keep) * len(ffns))
-    return [_round_width(width - r, width, cfg.multiple_of) for r in removed]
+    return [_round_width(width - r, width, _multiple(cfg)) for r in removed]
+
+
+def _multiple(cfg: StructuredConfig) -> int:
+    return cfg.multiple_of or (32 if cfg.allocation == "global" else 1)
 
 
 def allocate(paths: list[list[tuple[int, float]]], budget: int) -> list[int]:
@@ -291,22 +298,25 @@ def _update_config(model, plan: dict) -> dict:
 
 
 @register("structured", "prune", StructuredConfig,
-          "remove FFN channels and attention heads (GQA-aware) by calibrated importance; smaller config, reloads with plain transformers")
+          "remove FFN channels and attention heads (GQA-aware), consumers refit by least squares (OBS); uniform reloads with plain transformers, global (per-layer widths) with slimctl")
 def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     conf = model.config
     params_before = sum(p.numel() for p in model.parameters())
     prefix, blocks = find_blocks(model)
     ffns, atts = [_ffn(model, b) for b in blocks], [_attn(model, b) for b in blocks]
     plan: dict = {}
-    batches = cfg.batches(ctx)
     if cfg.allocation == "global" and (ctx.kind != CAUSAL_LM or not cfg.reconstruct):
         raise UnsupportedError("allocation global weighs errors by the next-token loss: causal language models, with reconstruct on")
+    batches = cfg.batches(ctx)
     if cfg.ffn:
         width, keep = _ffn_plan(cfg, model, ffns, ctx)
         widths = [keep] * len(blocks)
         if cfg.allocation == "global" and keep < width:
             ctx.progress("structured: Fisher of the loss w.r.t. each block's output")
             widths = _global_widths(model, batches, ffns, width, keep, output_fisher(model, batches), cfg, ctx)
+            if len(set(widths)) > 1:
+                ctx.notes.append(f"structured: per-layer FFN widths {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): "
+                                 "slimctl reloads this artifact; plain from_pretrained refuses its shapes")
         plan["ffn"] = (width, widths)
     heads = _heads_plan(cfg, model, atts, ctx) if cfg.heads else None
     if heads:
@@ -336,5 +346,6 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     params_after = sum(p.numel() for p in model.parameters())
     after = {k: getattr(conf, k) for k in before}
     return {"layers": removed, "config_before": before, "config_after": after, "params_before": params_before,
+            **({"ffn_widths": plan["ffn"][1]} if "ffn" in plan else {}),
             "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
             "calibration": summary(batches)}
