@@ -88,6 +88,7 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                                    capture_output=True, text=True)
                 if p.returncode not in (0, 1):
                     rows.append({"model": model, "recipe": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1]})
+                    _write(out, env, ood, rows)
                     continue
                 rep = json.loads(p.stdout)
                 env = rep["environment"]

@@ -378,11 +378,14 @@ def test_depth_bad_amounts(tmp_path, opts, msg):
         _apply(m, "depth", **opts, calib_samples=2, calib_seq_len=16)
 
 
-def test_global_allocation_then_int4_reloads_bit_for_bit(tiny_llama, tmp_path, fast_recipe):
+def test_global_allocation_then_int4_reloads_bit_for_bit(tiny_llama, tmp_path, fast_recipe, monkeypatch):
     """Per-layer widths under quantized layers: the artifact slimctl writes reloads with the same outputs."""
     from slimctl import pipeline, recipe as R
+    from slimctl.techniques import structured
 
-    steps = [{"method": "structured", "ffn": 0.25, "allocation": "global", **CAL}, {"method": "rtn", "bits": 4, "group_size": 32}]
+    monkeypatch.setattr(structured, "allocate", lambda paths, budget: [16, 48])  # widths 112 and 80 (multiples of 8)
+
+    steps = [{"method": "structured", "ffn": 0.25, "allocation": "global", "multiple_of": 8, **CAL}, {"method": "rtn", "bits": 4, "group_size": 32}]
     rep = pipeline.run(R.load(fast_recipe(steps)), str(tiny_llama), tmp_path / "o", isolate=False)
     assert rep["artifact"]["reload_check"]["bitwise_equal"] is True and rep["artifact"]["loads_with"].startswith("slimctl")
     m = load(str(tmp_path / "o" / "model")).model
