@@ -26,6 +26,7 @@ def apply_layer_sizes(model) -> None:
     from . import of
     from ..blocks import find_blocks
     from ..errors import ModelLoadError
+    from ..qmodules import set_submodule
 
     sizes = getattr(model.config, KEY, None)
     if not sizes:
@@ -40,11 +41,7 @@ def apply_layer_sizes(model) -> None:
     for block, w in zip(blocks, widths):
         for name in fam.ffn.producers:
             old = block.get_submodule(name)
-            _put(block, name, nn.Linear(old.in_features, w * fam.ffn.parts, bias=old.bias is not None, dtype=old.weight.dtype))
+            set_submodule(block, name, nn.Linear(old.in_features, w * fam.ffn.parts, bias=old.bias is not None, dtype=old.weight.dtype))
         old = block.get_submodule(fam.ffn.consumer)
-        _put(block, fam.ffn.consumer, nn.Linear(w, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype))
+        set_submodule(block, fam.ffn.consumer, nn.Linear(w, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype))
 
-
-def _put(block, path: str, mod) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, leaf, mod)
