@@ -31,10 +31,32 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     return _pack(codes, bits, dim)
 
 
+def _bitstream(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [rows, cols] -> [rows, cols·bits] bits, each code's lowest bit first."""
+    return ((v.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int64)) & 1).reshape(v.shape[0], -1)
+
+
+def _pack_dense(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Widths that do not divide 32 (int3): compressed-tensors packs densely, a code may straddle two words."""
+    stream = _bitstream(v, bits)
+    stream = torch.nn.functional.pad(stream, (0, -stream.shape[1] % 32)).reshape(v.shape[0], -1, 32)
+    words = (stream << torch.arange(32, dtype=torch.int64)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_dense(w: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    stream = ((w.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1
+    stream = stream.reshape(w.shape[0], -1)[:, : cols * bits].reshape(w.shape[0], cols, bits)
+    return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
+
+
 def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     v = codes.to(torch.int64) + (1 << (bits - 1))
     if dim == 0:
         v = v.T
+    if 32 % bits:
+        words = _pack_dense(v, bits)
+        return words.T.contiguous() if dim == 0 else words
     rows, cols = v.shape
     per = 32 // bits  # 4 and 8 bits fill words exactly
     padded = math.ceil(cols / per) * per
@@ -58,6 +80,10 @@ def unpack_int32(words: torch.Tensor, bits: int, shape: tuple[int, int], dim: in
 def _unpack(words: torch.Tensor, bits: int, shape: tuple[int, int], dim: int) -> torch.Tensor:
     w = words.T if dim == 0 else words
     rows = w.shape[0]
+    cols = shape[0] if dim == 0 else shape[1]
+    if 32 % bits:
+        v = _unpack_dense(w, bits, cols) - (1 << (bits - 1))
+        return (v.T if dim == 0 else v).to(torch.int16).contiguous()
     per = 32 // bits
     v = (w.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> (torch.arange(per, dtype=torch.int64) * bits)
     v = (v & ((1 << bits) - 1)).reshape(rows, -1) - (1 << (bits - 1))
@@ -144,7 +170,7 @@ def rewrite_folder(model, folder: Path) -> None:
 
 def to_slimctl_state(state: dict[str, torch.Tensor], qmeta: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of an artifact -> the buffers of slimctl's WeightOnlyLinear."""
-    from .quant import QScheme, pack_int4
+    from .quant import QScheme, pack_int3, pack_int4
 
     out = dict(state)
     for name, spec in qmeta.items():
@@ -159,8 +185,8 @@ def to_slimctl_state(state: dict[str, torch.Tensor], qmeta: dict[str, dict[str, 
             ng = spec["in_features"] // spec["group_size"]
             zp = unpack_int32(out.pop(f"{name}.weight_zero_point"), bits, (spec["out_features"], ng), dim=0)
             out[f"{name}.weight_zero_point"] = (zp + (1 << (bits - 1))).to(torch.uint8)
-        if bits == 4:
-            out[f"{name}.qweight"] = pack_int4(codes, QScheme(4, spec["group_size"], sym))
+        if bits in (3, 4):
+            out[f"{name}.qweight"] = (pack_int4 if bits == 4 else pack_int3)(codes, QScheme(bits, spec["group_size"], sym))
         else:
             out[f"{name}.qweight"] = codes.to(torch.int8 if sym else torch.uint8)
     return out

@@ -70,9 +70,9 @@ def choose(layer, device_type: str) -> tuple[str | None, str]:
     """(kernel, "") for a WeightOnlyLinear on this device, or (None, why it keeps the dequantize path)."""
     if not bf16_fast(device_type)[0]:
         return None, f"bf16 is not native here ({bf16_fast(device_type)[1]})"
-    if layer.bits == 4:
+    if layer.bits in (3, 4):  # int3 codes are a subset of int4's: the int4 kernels run them (4 bits in memory)
         if layer.group_size not in INT4_GROUPS:
-            return None, f"int4 group {layer.group_size} (the kernels take {', '.join(map(str, INT4_GROUPS))})"
+            return None, f"int{layer.bits} group {layer.group_size} (the kernels take {', '.join(map(str, INT4_GROUPS))})"
         if device_type == "cuda":
             if layer.out_features % 8 or _inner_k_tiles(layer.in_features) is None:
                 return None, f"shape {layer.out_features}x{layer.in_features} (tinygemm needs N % 8 and K % 32)"
@@ -96,7 +96,10 @@ def _int4_params(layer, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     Symmetric: stored codes c = q - 8, so z = 0. Asymmetric: w = (q - zp) * s, so z = (8 - zp) * s."""
     from .quant import unpack_int4
 
-    q = unpack_int4(layer.qweight, symmetric=False).to(torch.int32)  # the stored unsigned nibbles
+    if layer.bits == 3:  # w = c·s (c in −4..3) or (u − zp)·s (u in 0..7): the same values as int4 codes c + 8 / u
+        q = (layer.codes() + (8 if layer.symmetric else 0)).to(torch.int32)
+    else:
+        q = unpack_int4(layer.qweight, symmetric=False).to(torch.int32)  # the stored unsigned nibbles
     s = layer.weight_scale.float()
     z = torch.zeros_like(s) if layer.symmetric else (8.0 - layer.weight_zero_point.float()) * s
     sz = torch.stack([s, z], dim=2).transpose(0, 1).contiguous().to(act_dtype)

@@ -243,10 +243,12 @@ def bench_pair(base, slim: Slimmed, art_dir: Path, recipe: Recipe, isolate: bool
     process, for debugging)."""
     from .bench import bench_model, pair_isolated
 
+    base_spec = recipe.bench.model_copy(update={"kv_cache": "fp"})  # kv_cache is how the slimmed model decodes
     if isolate:
-        return pair_isolated(str(base.path), str(art_dir), recipe.bench, recipe.bench.repeats, ui.say, load_options)
+        return pair_isolated(str(base.path), str(art_dir), recipe.bench, recipe.bench.repeats, ui.say, load_options,
+                             base_spec=base_spec)
     ui.say("benchmarking baseline (inline)")
-    bb = bench_model(base.model, base.tokenizer, base.kind, recipe.bench, base.path, ui.say)
+    bb = bench_model(base.model, base.tokenizer, base.kind, base_spec, base.path, ui.say)
     ui.say("benchmarking slimmed (inline)")
     return bb, bench_model(slim.model, base.tokenizer, base.kind, recipe.bench, str(art_dir), ui.say)
 

@@ -90,9 +90,10 @@ class Int8Linear(nn.Module):
 
 
 class WeightOnlyLinear(nn.Module):
-    """nn.Linear with int4 or int8 weights in groups along the input dimension (see slimctl.quant).
+    """nn.Linear with int3, int4 or int8 weights in groups along the input dimension (see slimctl.quant).
 
-    Stored: `qweight` (int4: uint8 [out, in/2], two codes per byte; int8: int8 or uint8 [out, in]),
+    Stored: `qweight` (int4: uint8 [out, in/2], two codes per byte; int3: uint8 [out, 3·in/8], eight codes in
+    three bytes; int8: int8 or uint8 [out, in]),
     `weight_scale` float32 [out, in/group] (float16 when the scales were rounded to fp16: `fp16_scales`, then
     16 bits per group, as GGUF's Q4_0 stores them) and, when asymmetric, `weight_zero_point` uint8.
     The forward dequantizes to the activation dtype and runs a dense matmul: this saves memory and
@@ -102,13 +103,15 @@ class WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  symmetric: bool, device=None, dtype=torch.float32, scale_dtype=torch.float32):
         super().__init__()
-        if bits not in (4, 8) or in_features % group_size:
-            raise ValueError(f"bits must be 4 or 8 and group_size must divide {in_features}")
+        if bits not in (3, 4, 8) or in_features % group_size or (bits == 3 and in_features % 8):
+            raise ValueError(f"bits must be 3, 4 or 8, group_size must divide {in_features} (int3: a multiple of 8)")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         ng = in_features // group_size
         if bits == 4:
             qw = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        elif bits == 3:
+            qw = torch.empty(out_features, in_features * 3 // 8, dtype=torch.uint8, device=device)
         else:
             qw = torch.empty(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8, device=device)
         self.register_buffer("qweight", qw)
@@ -124,13 +127,13 @@ class WeightOnlyLinear(nn.Module):
                    bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32) -> "WeightOnlyLinear":
         """Build from integer codes [out, in] (as returned by quant.rtn or GPTQ) and group params
         (scale_dtype float16 only for scales already rounded to fp16: the copy must be exact)."""
-        from .quant import QScheme, pack_int4
+        from .quant import QScheme, pack_int3, pack_int4
 
         sym = zero is None
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size, sym,
                 device=lin.weight.device, dtype=lin.weight.dtype, scale_dtype=scale_dtype)
-        if bits == 4:
-            m.qweight.copy_(pack_int4(codes, QScheme(4, group_size, sym)))
+        if bits in (3, 4):
+            m.qweight.copy_((pack_int4 if bits == 4 else pack_int3)(codes, QScheme(bits, group_size, sym)))
         else:
             m.qweight.copy_(codes.to(m.qweight.dtype))
         m.weight_scale.copy_(scale)
@@ -141,10 +144,12 @@ class WeightOnlyLinear(nn.Module):
         return m
 
     def codes(self) -> torch.Tensor:
-        from .quant import unpack_int4
+        from .quant import unpack_int3, unpack_int4
 
         if self.bits == 4:
             return unpack_int4(self.qweight, self.symmetric)
+        if self.bits == 3:
+            return unpack_int3(self.qweight, self.symmetric)
         return self.qweight.to(torch.int16)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:

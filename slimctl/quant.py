@@ -121,3 +121,20 @@ def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
     hi = (packed >> 4).to(torch.int16)
     u = torch.stack((lo, hi), dim=2).reshape(packed.shape[0], packed.shape[1] * 2)
     return u - 8 if symmetric else u
+
+
+def pack_int3(codes: torch.Tensor, scheme: QScheme) -> torch.Tensor:
+    """[out, in] integer codes -> [out, 3·in/8] uint8: eight unsigned 3-bit codes in three bytes, the first
+    code in the lowest bits (little-endian 24-bit words): 3.0 bits per weight as stored."""
+    if codes.shape[1] % 8:
+        raise UnsupportedError(f"int3 packing needs an input width that is a multiple of 8, got {codes.shape[1]}")
+    u = (codes + (4 if scheme.symmetric else 0)).to(torch.int32).view(codes.shape[0], -1, 8)
+    word = (u << (torch.arange(8, dtype=torch.int32) * 3)).sum(-1)
+    return torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], -1).to(torch.uint8).view(codes.shape[0], -1)
+
+
+def unpack_int3(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    b = packed.to(torch.int32).view(packed.shape[0], -1, 3)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    u = ((word[..., None] >> (torch.arange(8, dtype=torch.int32) * 3)) & 7).view(packed.shape[0], -1).to(torch.int16)
+    return u - 4 if symmetric else u

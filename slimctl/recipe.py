@@ -84,9 +84,9 @@ class Recipe(Strict):
                              "(the one pairing allowed: an awq step directly before gptq or mixed)")
         if "quantize" in kinds:
             q = kinds.index("quantize")
-            later = [self.steps[i].method for i in range(q + 1, len(kinds)) if kinds[i] in ("cast", "prune", "train")]
+            later = [self.steps[i].method for i in range(q + 1, len(kinds)) if kinds[i] in ("cast", "transform", "prune", "train")]
             if later:
-                raise ValueError(f"'{later[0]}' comes after quantization; cast, prune and distill steps must come before it")
+                raise ValueError(f"'{later[0]}' comes after quantization; cast, rotate, prune and distill steps must come before it")
         for i, k in enumerate(kinds):
             if k == "train" and self.steps[i].config.teacher is None and not any(x == "prune" for x in kinds[:i]):
                 raise ValueError(f"steps[{i}]: {self.steps[i].method} needs a teacher: put it after a prune step (the "

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# the KV cache a causal LM decodes with: fp (the model's dtype), int8 / int4 in blocks of 32 with an fp16 scale
+# (slimctl.kvcache; llama.cpp's q8_0 / q4_0 for a GGUF, whose names are accepted too)
+KV_NAMES = {"fp": "fp", "f16": "fp", "int8": "int8", "q8_0": "int8", "int4": "int4", "q4_0": "int4"}
+
+
+def _kv(v: str) -> str:
+    if v not in KV_NAMES:
+        raise ValueError(f"kv_cache must be fp, int8 or int4 (llama.cpp names f16, q8_0, q4_0), not {v!r}")
+    return KV_NAMES[v]
 
 
 class EvalSpec(Strict):
@@ -22,7 +33,13 @@ class EvalSpec(Strict):
     tasks: list[str] | None = None  # lm-evaluation-harness tasks: names, task YAML paths, or bbc-topic (built in)
     task_limit: int | None = Field(default=None, gt=0)  # documents per task at most (default: all)
     task_batch_size: int = Field(default=8, ge=1, le=1024)
+    kv_cache: str = "fp"  # causal LM: perplexity with the KV cache quantized (each window's keys/values)
     skip: bool = False
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _kv_name(cls, v: str) -> str:
+        return _kv(v)
 
 
 class BenchSpec(Strict):
@@ -45,7 +62,13 @@ class BenchSpec(Strict):
     # on GPU). true: report the compiled path; auto: the faster of eager and compiled; both are kept.
     # Off by default: compiling costs about a minute per fresh process on a 2-core CPU.
     compile: bool | Literal["auto"] = False
+    kv_cache: str = "fp"  # causal LM: decode with an int8 / int4 KV cache (eager decode only)
     skip: bool = False
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _kv_name(cls, v: str) -> str:
+        return _kv(v)
 
 
 class Gates(Strict):

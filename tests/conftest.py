@@ -57,6 +57,28 @@ def tiny_llama(tiny_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_smol(tiny_dir) -> Path:
+    """A tiny random Llama (tied head) with SmolLM2's real byte-level BPE tokenizer, which GGUF export needs;
+    its norms are not 1, so folds and rotations that ignore them show."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slimctl.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if "RMSNorm" in type(m).__name__:
+                m.weight.add_(torch.randn_like(m.weight) * 0.1)
+    return _save(model, tok, tiny_dir / "smol")
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tiny_dir) -> Path:
     import torch
     from transformers import BertConfig, BertModel

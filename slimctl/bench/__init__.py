@@ -113,6 +113,7 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
     meta.update(for_model(model).bench_meta(model))  # e.g. onnxruntime and its CPU fallback on a CUDA EP
     if kind == CAUSAL_LM:
         meta["decode_tokens"] = spec.decode_tokens
+        meta.update(_kv_facts(model, decoders[0], tuple(ids.shape), spec))
     if notes:
         meta["notes"] = notes
     modes = {}
@@ -181,6 +182,23 @@ def _bench_forward(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[
     return {"forward": Phase("forward", Latency.from_values(samples_all), mem.peak_mb, b, b * l)}
 
 
+def _kv_facts(model, eager, shape, spec: BenchSpec) -> dict[str, Any]:
+    """The KV cache the decode used and its bytes per token: measured on the cache the last request left (a torch
+    model), or from llama.cpp's layout (f16 2 bytes, q8_0 34/32, q4_0 18/32) for a GGUF."""
+    from ..kvcache import LLAMA_CPP, bytes_per_token
+    from .decode import cache_bytes
+
+    tokens = shape[0] * (shape[1] + spec.decode_tokens)
+    if getattr(model, "artifact_format", None) == "gguf":
+        per = bytes_per_token(model.config, spec.kv_cache, 2)
+        return {"kv_cache": LLAMA_CPP[spec.kv_cache], "kv_bytes_per_token": round(per, 1), "kv_bytes_measured": False}
+    held = cache_bytes(getattr(eager, "past", None))
+    if held is None:
+        return {"kv_cache": spec.kv_cache}
+    return {"kv_cache": spec.kv_cache, "kv_bytes_per_token": round(held / tokens, 1), "kv_bytes_measured": True,
+            "kv_cache_mb": round(held / 2**20, 2)}
+
+
 def _bench_causal(model, ids, mask, spec: BenchSpec, device: str, say, decoder) -> dict[str, Phase]:
     b, l = ids.shape
     n = spec.decode_tokens
@@ -225,9 +243,14 @@ def _decoders(model, spec: BenchSpec, shape, device: str) -> tuple[list, list[st
     """The decode loops to measure for `spec.compile`, and notes (auto without a compiler)."""
     from .decode import CompiledDecoder, EagerDecoder, can_compile
 
-    out, notes = [EagerDecoder(model)], []
+    out, notes = [EagerDecoder(model, spec.kv_cache)], []
     if spec.compile is False:
         return out, notes
+    if spec.kv_cache != "fp":
+        if spec.compile is True:
+            raise UnsupportedError(f"kv_cache {spec.kv_cache} runs on the eager decode only (the compiled decode uses a "
+                                   "static fp cache); use --compile false or auto")
+        return out, [f"compile auto: decode runs eager (kv_cache {spec.kv_cache} has no compiled path)"]
     ok, why = can_compile(device)
     if not ok and spec.compile == "auto":
         return out, [f"compile auto: decode runs eager ({why})"]
@@ -307,10 +330,10 @@ def alternate(first: Callable[[int], dict], second: Callable[[int], dict], repea
 
 
 def pair_isolated(base_folder: str, slim_folder: str, spec: BenchSpec, repeats: int, say=lambda m: None,
-                  load_options: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  load_options: dict | None = None, base_spec: BenchSpec | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Baseline and slimmed artifact in alternating fresh-process rounds; each side's rounds pooled
-    (every round's p50 kept for the noise-aware gates)."""
-    rb, rs = alternate(lambda i: bench_isolated(base_folder, spec, load_options=load_options),
+    (every round's p50 kept for the noise-aware gates). `base_spec`: the baseline's, when it differs."""
+    rb, rs = alternate(lambda i: bench_isolated(base_folder, base_spec or spec, load_options=load_options),
                        lambda i: bench_isolated(slim_folder, spec, load_options=load_options), repeats, say)
     return pool(rb), pool(rs)
 

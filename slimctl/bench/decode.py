@@ -32,7 +32,7 @@ def can_compile(device: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _cache_arg(model) -> str:
+def cache_arg(model) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
 
@@ -42,14 +42,26 @@ class EagerDecoder:
 
     mode = "eager"
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, kv_cache: str = "fp"):
+        self.model, self.kv_cache = model, kv_cache
         params = inspect.signature(model.forward).parameters
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.cache_arg = _cache_arg(model)
+        self.cache_arg = cache_arg(model)
+        if kv_cache != "fp" and getattr(model, "artifact_format", None) == "gguf":
+            model.set_kv_cache(kv_cache)  # llama.cpp's own q8_0 / q4_0 cache
+            self.kv_cache = "fp"
+        elif kv_cache != "fp":
+            from ..kvcache import QuantizedKVCache
+
+            QuantizedKVCache(model.config, kv_cache)  # an unsupported layout is refused before any timing
+
+    def _fresh_cache(self) -> dict:
+        from ..kvcache import QuantizedKVCache
+
+        return {} if self.kv_cache == "fp" else {self.cache_arg: QuantizedKVCache(self.model.config, self.kv_cache)}
 
     def prefill(self, ids, mask):
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **self.keep)
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **self.keep, **self._fresh_cache())
         self.past, self.mask = cache_of(out), mask
         return out.logits[:, -1:].argmax(-1)
 
@@ -72,7 +84,7 @@ class CompiledDecoder:
         if not ok:
             raise UnsupportedError(why)
         self.model, self.device = model, device
-        self.cache_arg = _cache_arg(model)
+        self.cache_arg = cache_arg(model)
         try:
             self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         except Exception as e:  # noqa: BLE001  architectures without a static-cache layout
@@ -101,6 +113,16 @@ class CompiledDecoder:
             self.compile_seconds = time.perf_counter() - t0
         self.pos += 1
         return logits[:, -1:].argmax(-1)
+
+
+def cache_bytes(cache) -> int | None:
+    """Bytes a transformers cache holds (codes and scales for a quantized one), or None for another kind."""
+    if cache is None or not hasattr(cache, "layers"):
+        return None
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (getattr(layer, "keys", None),
+               getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 def cache_of(out):

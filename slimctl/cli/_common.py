@@ -29,6 +29,8 @@ DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda.")
 PICKLE_OPT = typer.Option(False, "--allow-pickle", help="Load pickle-only weights (torch.load weights_only=True); refused by default.")
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Run custom modelling code a model folder asks for; off by default.")
 NONFINITE_OPT = typer.Option(False, "--allow-non-finite", help="Load weights that hold NaN or Inf (refused by default: a broken checkpoint).")
+KV_OPT = typer.Option("fp", "--kv-cache", "--kv-type", help="Causal LMs: the KV cache: fp, int8 or int4 (blocks of 32 with an "
+                      "fp16 scale; for a GGUF llama.cpp's own f16 / q8_0 / q4_0, names accepted either way).")
 COMPILE_OPT = typer.Option(None, "--compile", help="Causal LMs: also decode on a static KV cache under torch.compile (CUDA "
                            "graphs on GPU). true: report it; auto: the faster of eager and compiled; false: eager only.")
 RUNTIME_OPT = typer.Option("auto", "--runtime", help="auto: llama.cpp for a .gguf file, torch otherwise; torch; or llamacpp "

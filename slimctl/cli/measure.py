@@ -22,6 +22,7 @@ def eval_cmd(
     task_limit: Optional[int] = typer.Option(None, "--task-limit", help="At most N documents per task."),
     kernels: str = typer.Option("auto", "--kernels", help="auto: weight-only int4/int8 layers on fused kernels with bf16 "
                                 "activations where the CPU has them (as `bench` runs them); off: the dequantize path."),
+    kv_cache: str = C.KV_OPT,
     runtime: str = C.RUNTIME_OPT,
     seed: int = C.SEED_OPT, as_json: bool = C.JSON_OPT, allow_pickle: bool = C.PICKLE_OPT, trust_remote_code: bool = C.REMOTE_OPT, allow_non_finite: bool = C.NONFINITE_OPT,
 ):
@@ -35,6 +36,8 @@ def eval_cmd(
     Example: [bold]slimctl eval runs/smol-int4/model --against smollm2-135m --task bbc-topic --task my-task.yaml[/bold]
 
     Example: [bold]slimctl eval runs/g32/model.gguf --against smollm2-135m[/bold]   (llama.cpp, the same windows)
+
+    Example: [bold]slimctl eval smollm2-135m --kv-cache int8 --seq-len 2048[/bold]   (vs the same model's fp KV cache)
     """
     from .. import api
     from ..errors import UsageError
@@ -42,7 +45,7 @@ def eval_cmd(
 
     C.check_runtime(runtime, model)
     spec = C.spec("EvalSpec", data=str(data) if data else None, max_samples=max_samples, seq_len=seq_len,
-                  max_tokens=max_tokens, tasks=task or None, task_limit=task_limit)
+                  max_tokens=max_tokens, tasks=task or None, task_limit=task_limit, kv_cache=kv_cache)
     if kernels not in ("auto", "off"):
         raise UsageError(f"--kernels takes auto or off, not {kernels!r}")
     ui = C.UI()
@@ -72,6 +75,7 @@ def bench(
     kernels: str = typer.Option("auto", "--kernels", help="auto: weight-only int4/int8 layers on fused kernels (bf16 activations) "
                                 "where the device has them; off: the dequantize path."),
     compile_: Optional[str] = C.COMPILE_OPT,
+    kv_cache: str = C.KV_OPT,
     runtime: str = C.RUNTIME_OPT,
     remeasure_peaks: bool = typer.Option(False, "--remeasure-peaks", help="Measure the machine's bandwidth and GEMM peaks "
                                          "again (run alone on the machine) instead of the cached ones."),
@@ -87,6 +91,7 @@ def bench(
     [bold]slimctl bench --config llama-1b --device cpu,cuda --slo-p95-ms 2000 --hourly-cost cpu=0.68,cuda=3.50[/bold]
     [bold]slimctl bench --config llama-8b --recipe recipes/int4-rtn-g128.yaml --seq-len 32 --decode-tokens 8 --repeats 1[/bold]
     [bold]slimctl bench runs/g32/model.gguf[/bold]   (llama.cpp: prefill and decode, batch 1)
+    [bold]slimctl bench smollm2-135m --kv-cache int8 --seq-len 8192 --decode-tokens 16[/bold]   (KV bytes per token, peak memory)
     """
     from .. import api
     from ..render import text
@@ -95,7 +100,7 @@ def bench(
     devices, study = _bench_study(model, config, device, batch_sizes, dtypes, repeats, recipe, max_memory, slo_p95_ms, inline)
     specs = {dev: C.spec("BenchSpec", device=dev, batch_size=batch_size, seq_len=seq_len, decode_tokens=decode_tokens,
                          min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured,
-                         kernels=kernels, compile=C.compile_flag(compile_) or False,
+                         kernels=kernels, compile=C.compile_flag(compile_) or False, kv_cache=kv_cache,
                          remeasure_peaks=remeasure_peaks, repeats=repeats) for dev in devices}  # checks --repeats too
     from ..bench.sweep import parse_hourly
 

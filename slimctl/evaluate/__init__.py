@@ -76,6 +76,8 @@ def settings_for(kind: str, spec: EvalSpec) -> dict[str, Any]:
         if getattr(spec, k, None) is not None and k in d:
             d[k] = getattr(spec, k)
     if kind == CAUSAL_LM:
+        if spec.kv_cache != "fp":
+            d["kv_cache"] = spec.kv_cache
         d["stride"] = spec.stride or d["seq_len"]
         if d["stride"] > d["seq_len"]:
             raise DataError(f"eval stride {d['stride']} is larger than seq_len {d['seq_len']}")
@@ -191,13 +193,32 @@ def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
     if pre:
         s = {**s, "bos_each_window": True}
 
+    kv = kv_call(model, s.get("kv_cache", "fp"))
+
     def logits():
         for begin, end, _ in wins:
             inp = window_input(ids, begin, end, pre).to(dev)
             ref = reference(input_ids=inp).logits[0, len(pre):] if reference is not None else None
-            yield model(input_ids=inp).logits[0, len(pre):], ref
+            yield model(input_ids=inp, **kv()).logits[0, len(pre):], ref
 
     return score_windows(s, data, texts, ids, held, wins, logits(), track)
+
+
+def kv_call(model, kind: str):
+    """Keyword arguments for one window's forward with the KV cache `kind`: a fresh quantized cache per
+    window for a torch model (every position attends to quantized keys and values), nothing for fp; a GGUF
+    run by llama.cpp takes the type when its context is made."""
+    if kind == "fp":
+        return lambda: {}
+    if getattr(model, "artifact_format", None) == "gguf":
+        model.set_kv_cache(kind)
+        return lambda: {}
+    from ..bench.decode import cache_arg
+    from ..kvcache import QuantizedKVCache
+
+    QuantizedKVCache(model.config, kind)  # an unsupported layout fails here, before any window
+    arg = cache_arg(model)
+    return lambda: {arg: QuantizedKVCache(model.config, kind), "use_cache": True}
 
 
 def score_windows(s, data, texts, ids, held, wins, logits, track) -> Evaluation:
@@ -364,9 +385,13 @@ def evaluate_model(model: str, against: str | None = None, spec: EvalSpec | None
     m = load(model, progress=say, **opts)
     taskset = prepare_tasks(m.kind, spec)
     ref = load(against, progress=say, **opts) if against else None
+    if ref is None and spec.kv_cache != "fp" and m.kind == CAUSAL_LM:
+        # the cost of the quantized KV cache: the same model with its fp cache is the reference
+        ref = load(model, progress=say, **opts) if m.meta.get("format") == "gguf" else m
+        against = f"{model} (fp KV cache)"
     if ref is not None and ref.kind != m.kind:
         raise UsageError(f"the baseline {against} is a {ref.kind} model but {model} is a {m.kind} model")
-    plans = [maybe_accelerate(x.model, kernels, kind=x.kind) for x in (m, ref) if x is not None]
+    plans = [maybe_accelerate(x.model, kernels, kind=x.kind) for x in (m, ref if ref is not m else None) if x is not None]
     # a GGUF against its source: one token stream, the source's own tokenizer (llama.cpp's is built from it)
     tok = ref.tokenizer if ref is not None and m.meta.get("format") == "gguf" else m.tokenizer
     ev = evaluate(m.model, tok, m.kind, spec, reference=ref.model if ref else None, seed=seed,

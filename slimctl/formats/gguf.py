@@ -213,11 +213,15 @@ def _quantized(layer, name: str, heads: int | None, opts: GGUFOptions, res: Expo
     scale = layer.weight_scale.detach().float().numpy()
     if heads:
         codes, scale = permute_rows(codes, heads), permute_rows(scale, heads)
-    qtype = gguf.GGMLQuantizationType.Q4_0 if layer.bits == 4 else gguf.GGMLQuantizationType.Q8_0
+    small = layer.bits in (3, 4)  # int3 codes (−4..3) are Q4_0 codes: exact, at Q4_0's 4.5 bits per weight
+    qtype = gguf.GGMLQuantizationType.Q4_0 if small else gguf.GGMLQuantizationType.Q8_0
     why = exact_reason(layer)
     if why is None:
         res.exact_layers += 1
-        packed = (pack_q4_0 if layer.bits == 4 else pack_q8_0)(codes, scale, layer.group_size)
+        if layer.bits == 3 and not any(n.startswith("int3") for n in res.notes):
+            res.notes.append("int3 layers are written as Q4_0, exactly (llama.cpp has no 3-bit block type with one fp16 "
+                             "scale per 32; its Q3_K re-rounds the scales): the GGUF holds 4.5 bits per weight there")
+        packed = (pack_q4_0 if small else pack_q8_0)(codes, scale, layer.group_size)
         return packed, qtype
     if not opts.requantize:
         raise UnsupportedError(f"{name} cannot be written exactly as {qtype.name}: {why}; quantize with "

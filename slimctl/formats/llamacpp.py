@@ -40,6 +40,18 @@ class LlamaCppModel(nn.Module):
         super().__init__()
         self.path, self.config, self.n_ctx = Path(path), config, n_ctx
         self._llm = None
+        self.kv_cache = "fp"
+
+    def set_kv_cache(self, kind: str) -> None:
+        """The KV cache type llama.cpp's context stores (fp: f16, int8: q8_0, int4: q4_0); made anew if it changes."""
+        if kind != self.kv_cache:
+            self.kv_cache, self._llm = kind, None
+
+    def _kv_args(self, mod) -> dict:
+        if self.kv_cache == "fp":
+            return {}
+        t = {"int8": mod.GGML_TYPE_Q8_0, "int4": mod.GGML_TYPE_Q4_0}[self.kv_cache]
+        return {"type_k": t, "type_v": t, "flash_attn": True}  # a quantized V cache needs flash attention
 
     def llm(self):
         if self._llm is None:
@@ -47,7 +59,7 @@ class LlamaCppModel(nn.Module):
             try:
                 self._llm = mod.Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=min(self.n_ctx, 512),
                                       n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
-                                      logits_all=True, verbose=False)
+                                      logits_all=True, verbose=False, **self._kv_args(mod))
             except Exception as e:  # noqa: BLE001  llama-cpp-python raises ValueError for a file it cannot load
                 raise ModelLoadError(f"llama.cpp could not load {self.path}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
         return self._llm
@@ -65,11 +77,14 @@ class LlamaCppModel(nn.Module):
         if input_ids.shape[0] != 1:
             raise UnsupportedError("llama.cpp runs one sequence at a time here: use --batch-size 1")
         state = cache if cache is not None else past_key_values
+        ids = input_ids[0].tolist()
+        fresh = not isinstance(state, _State) or self._llm is None or state.n != self._llm.n_tokens
+        if fresh and len(ids) > self.n_ctx:
+            self._grow(len(ids))
         llm = self.llm()
-        if not isinstance(state, _State) or state.n != llm.n_tokens:
+        if fresh:
             llm.reset()  # a fresh sequence (a perplexity window, a new request)
         start = llm.n_tokens
-        ids = input_ids[0].tolist()
         if start + len(ids) > self.n_ctx:
             raise UnsupportedError(f"{start + len(ids)} tokens exceed the llama.cpp context of {self.n_ctx}")
         llm.eval(ids)
@@ -77,6 +92,12 @@ class LlamaCppModel(nn.Module):
         logits = torch.from_numpy(llm.scores[first:llm.n_tokens].copy())[None]
         field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(logits=logits, **{field: _State(llm.n_tokens) if use_cache else None})
+
+    def _grow(self, need: int) -> None:
+        """A longer sequence than the context holds: a new context, up to the model's positions (with room to decode)."""
+        limit = getattr(self.config, "max_position_embeddings", None) or need
+        if need <= limit:
+            self.n_ctx, self._llm = min(limit, max(2 * self.n_ctx, need + 256)), None
 
     def weight_bytes(self) -> int:
         return self.path.stat().st_size

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import RecipeError, UnsupportedError
 
 # Explicit list: a technique that fails to import is an error, not a silently missing method.
-_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured", "depth", "distill",
+_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured", "depth", "distill", "rotate",
             "onnx", "fp8", "bnb")
 
 
@@ -32,7 +32,7 @@ class LayerSelection(TechniqueConfig):
 class WeightOnlyOptions(LayerSelection):
     """Integer weight-only quantization options shared by RTN and GPTQ."""
 
-    bits: Literal[4, 8] = 4
+    bits: Literal[3, 4, 8] = 4  # 3: eight codes in three bytes; runs on the int4 kernels (or dequantizes)
     group_size: Optional[int] = Field(default=128, ge=8, le=8192)  # None: one group per output channel
     symmetric: bool = True
     strict: bool = False  # refuse layers whose width the group size does not divide, instead of adapting
@@ -77,10 +77,12 @@ def plan_groups(layers: list[tuple[str, Any]], cfg: WeightOnlyOptions, ctx: "Ste
         used = sorted(set(odd.values()))
         ctx.notes.append(f"group_size {cfg.group_size} does not divide the input width of {len(names)} layers; "
                          f"used group {'/'.join(map(str, used))} there (see the step's groups)")
-    if cfg.bits == 4:
-        bad = [n for n, w in width.items() if w % 2]
+    if cfg.bits in (3, 4):
+        need = 2 if cfg.bits == 4 else 8
+        bad = [n for n, w in width.items() if w % need]
         if bad:
-            raise UnsupportedError(f"int4 packing needs an even input width; {bad[0]} has {width[bad[0]]}")
+            raise UnsupportedError(f"int{cfg.bits} packing needs an input width that is a multiple of {need}; "
+                                   f"{bad[0]} has {width[bad[0]]}")
     return groups
 
 
@@ -109,7 +111,7 @@ class StepContext:
 @dataclass(frozen=True)
 class Technique:
     name: str
-    kind: str  # "cast" | "quantize" | "prune" | "train"
+    kind: str  # "cast" | "transform" | "quantize" | "prune" | "train"
     config: type[TechniqueConfig]
     apply: Callable[[Any, TechniqueConfig, StepContext], dict]
     summary: str

@@ -15,7 +15,7 @@ from . import StepContext, WeightOnlyOptions, plan_groups, register, select_line
 class RTNConfig(WeightOnlyOptions):
     """Defaults to int8 per output channel; `bits: 4, group_size: 128` is the usual int4."""
 
-    bits: Literal[4, 8] = 8
+    bits: Literal[3, 4, 8] = 8
     group_size: Optional[int] = Field(default=None, ge=8, le=8192)
     # also store the input (word) embedding table as int8 rows with a scale per row; refused for a
     # table tied to the LM head (its rows are the head's weights too)

@@ -1,0 +1,132 @@
+"""A quantized KV cache for slimctl's torch decode and eval paths: keys and values stored as int8 or int4 codes
+in blocks of 32 along the head dimension with one fp16 scale per block (the layout of llama.cpp's q8_0 / q4_0
+KV cache types), appended token by token without re-quantizing what is stored, dequantized per layer when
+attention reads it. A transformers `Cache`, so any causal LM that takes `past_key_values` uses it."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .errors import UnsupportedError
+
+KVCache = Literal["fp", "int8", "int4"]
+BLOCK = 32
+# llama.cpp's names for the same layouts (`--kv-type`), and back
+LLAMA_CPP = {"fp": "f16", "int8": "q8_0", "int4": "q4_0"}
+ALIASES = {"f16": "fp", "f32": "fp", "q8_0": "int8", "q4_0": "int4", "fp": "fp", "int8": "int8", "int4": "int4"}
+
+
+def normalise(name: str) -> str:
+    if name not in ALIASES:
+        raise UnsupportedError(f"unknown KV cache type '{name}'; use fp, int8 or int4 (llama.cpp names: f16, q8_0, q4_0)")
+    return ALIASES[name]
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] -> (codes, fp16 scales [..., D/32]). int8: d = amax/127 (q8_0); int4: d = v/−8 with v the
+    element of largest magnitude (q4_0), codes −8..7 packed two per byte, low nibble first."""
+    g = x.float().unflatten(-1, (-1, BLOCK))
+    if bits == 8:
+        d = (g.abs().amax(-1, keepdim=True) / 127).half()
+        q = torch.round(g / d.float().clamp_min(1e-30)).clamp(-127, 127).to(torch.int8)
+        return q.flatten(-2), d.squeeze(-1)
+    idx = g.abs().argmax(-1, keepdim=True)
+    d = (g.gather(-1, idx) / -8).half()
+    q = (torch.round(g / d.float().where(d != 0, 1e-30)) + 8).clamp(0, 15).to(torch.uint8).flatten(-2)
+    return q[..., 0::2] | (q[..., 1::2] << 4), d.squeeze(-1)
+
+
+def dequantize(q: torch.Tensor, d: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    if bits == 4:
+        q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
+    x = q.float().unflatten(-1, (-1, BLOCK)) * d.float().unsqueeze(-1)
+    return x.flatten(-2).to(dtype)
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One layer's keys and values as codes + scales; `update` appends the new tokens and returns all of them
+    dequantized (a temporary the attention reads, freed after the layer)."""
+
+    is_croppable = False
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.length = 0
+        self._k = self._v = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype
+
+    def _append(self, stored, new):
+        q, d = quantize(new, self.bits)
+        return (q, d) if stored is None else (torch.cat([stored[0], q], -2), torch.cat([stored[1], d], -2))
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._k, self._v = self._append(self._k, key_states), self._append(self._v, value_states)
+        self.length += key_states.shape[-2]
+        return (dequantize(*self._k, self.bits, self.dtype), dequantize(*self._v, self.bits, self.dtype))
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in (self._k, self._v) if pair for t in pair)
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self.length = 0
+        super().reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._k is not None:
+            self._k = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self._k)
+            self._v = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self._v)
+
+
+class QuantizedKVCache(Cache):
+    """A dynamic cache whose every layer is a QuantizedKVLayer (full-attention decoders only)."""
+
+    def __init__(self, config, kind: str):
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        kind = normalise(kind)
+        if kind == "fp":
+            raise ValueError("QuantizedKVCache is for int8/int4; fp is transformers' DynamicCache")
+        text = config.get_text_config(decoder=True)
+        types, _ = get_layer_types_and_kwargs(text)
+        odd = sorted(set(types) - {"full_attention"})
+        if odd:
+            raise UnsupportedError(f"a quantized KV cache handles full-attention layers only; this model has {', '.join(odd)} "
+                                   "layers (sliding-window or chunked attention): use kv_cache fp")
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head_dim % BLOCK:
+            raise UnsupportedError(f"a quantized KV cache stores blocks of {BLOCK} along the head size; head_dim {head_dim} "
+                                   "is not a multiple of it")
+        self.kind, self.bits = kind, 8 if kind == "int8" else 4
+        super().__init__(layers=[QuantizedKVLayer(self.bits) for _ in range(text.num_hidden_layers)])
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def make_cache(model, kind: str):
+    """A fresh cache for one request: None for fp (the model builds its own), else a QuantizedKVCache."""
+    kind = normalise(kind)
+    return None if kind == "fp" else QuantizedKVCache(model.config, kind)
+
+
+def bytes_per_token(config, kind: str, fp_bytes: int) -> float:
+    """KV bytes one token takes over all layers: 2 (K, V) x layers x kv heads x head_dim x bytes per element
+    (fp: the model's dtype; int8: 1 + 2/32 for the fp16 scale; int4: 0.5 + 2/32)."""
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per = {"fp": fp_bytes, "int8": 1 + 2 / BLOCK, "int4": 0.5 + 2 / BLOCK}[normalise(kind)]
+    return 2 * text.num_hidden_layers * kv * head_dim * per
