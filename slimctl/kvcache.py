@@ -1,7 +1,8 @@
-"""A quantized KV cache for slimctl's torch decode and eval paths: keys and values stored as int8 or int4 codes
-in blocks of 32 along the head dimension with one fp16 scale per block (the layout of llama.cpp's q8_0 / q4_0
-KV cache types), appended token by token without re-quantizing what is stored, dequantized per layer when
-attention reads it. A transformers `Cache`, so any causal LM that takes `past_key_values` uses it."""
+"""A quantized KV cache for slimctl's torch decode and eval paths: int8 or int4 codes in blocks of 32 with one
+fp16 scale per block (the bytes of llama.cpp's q8_0 / q4_0 KV cache types: 1.0625 and 0.5625 per value), keys
+per channel over groups of 32 tokens and values per token after a Hadamard rotation (see QuantizedKVLayer),
+appended without re-quantizing what is stored, dequantized per layer when attention reads it. A transformers
+`Cache`, so any causal LM that takes a cache argument uses it."""
 from __future__ import annotations
 
 from typing import Literal
@@ -13,6 +14,7 @@ from .errors import UnsupportedError
 
 KVCache = Literal["fp", "int8", "int4"]
 BLOCK = 32
+SINK_TOKENS = 1  # kept in the model's dtype (measured: the first token's keys are what int4 rounds worst)
 # llama.cpp's names for the same layouts (`--kv-type`), and back
 LLAMA_CPP = {"fp": "f16", "int8": "q8_0", "int4": "q4_0"}
 ALIASES = {"f16": "fp", "f32": "fp", "q8_0": "int8", "q4_0": "int4", "fp": "fp", "int8": "int8", "int4": "int4"}
@@ -46,8 +48,17 @@ def dequantize(q: torch.Tensor, d: torch.Tensor, bits: int, dtype: torch.dtype) 
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One layer's keys and values as codes + scales; `update` appends the new tokens and returns all of them
-    dequantized (a temporary the attention reads, freed after the layer)."""
+    """One layer's keys and values, quantized as the measurements on smollm2-135m favoured (docs/results/lowbit.md):
+
+    - the first token (the attention sink, whose key carries the largest values) stays in the model's dtype,
+      as IntactKV and KVQuant keep it;
+    - keys are quantized per channel over groups of 32 tokens (KIVI: key outliers sit in fixed channels), so up
+      to 31 newest keys wait in the model's dtype until their group is full;
+    - values are quantized per token in blocks of 32 along the head, after a randomised Hadamard rotation of each
+      head (QuaRot's online rotation, undone on reading: exact but for the rounding, which it spreads).
+
+    `update` appends the new tokens (what is stored is never re-quantized) and returns all of them dequantized, a
+    temporary the attention reads and frees after the layer."""
 
     is_croppable = False
 
@@ -55,38 +66,67 @@ class QuantizedKVLayer(DynamicLayer):
         super().__init__()
         self.bits = bits
         self.length = 0
-        self._k = self._v = None
+        self._k = self._v = None  # (codes, scales): keys [B, H, D, T'] per channel; values [B, H, T', D] rotated
+        self._sk = self._sv = self._pk = None  # sink key/value, keys waiting for a full group
+        self._h = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
+        from .hadamard import rotation
+
         super().lazy_initialization(key_states, value_states)
         self.dtype = key_states.dtype
+        self._h = rotation(value_states.shape[-1], "hadamard", 0)[0].to(torch.float32).to(value_states.device)
+        self._sk, self._sv = key_states[..., :0, :], value_states[..., :0, :]
+        self._pk = key_states[..., :0, :]
 
-    def _append(self, stored, new):
-        q, d = quantize(new, self.bits)
-        return (q, d) if stored is None else (torch.cat([stored[0], q], -2), torch.cat([stored[1], d], -2))
+    @staticmethod
+    def _append(stored, q, d, dim: int):
+        return (q, d) if stored is None else (torch.cat([stored[0], q], dim), torch.cat([stored[1], d], dim))
+
+    def _store(self, key_states, value_states) -> None:
+        take = max(0, SINK_TOKENS - self._sk.shape[-2])
+        if take:
+            self._sk = torch.cat([self._sk, key_states[..., :take, :]], -2)
+            self._sv = torch.cat([self._sv, value_states[..., :take, :]], -2)
+            key_states, value_states = key_states[..., take:, :], value_states[..., take:, :]
+        if value_states.shape[-2]:
+            self._v = self._append(self._v, *quantize(value_states.float() @ self._h, self.bits), -2)
+        self._pk = torch.cat([self._pk, key_states], -2)
+        full = self._pk.shape[-2] - self._pk.shape[-2] % BLOCK
+        if full:
+            self._k = self._append(self._k, *quantize(self._pk[..., :full, :].transpose(-1, -2), self.bits), -1)
+            self._pk = self._pk[..., full:, :]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._k, self._v = self._append(self._k, key_states), self._append(self._v, value_states)
+        self._store(key_states, value_states)
         self.length += key_states.shape[-2]
-        return (dequantize(*self._k, self.bits, self.dtype), dequantize(*self._v, self.bits, self.dtype))
+        keys = [self._sk] + ([dequantize(*self._k, self.bits, self.dtype).transpose(-1, -2)] if self._k else []) + [self._pk]
+        values = [self._sv] + ([(dequantize(*self._v, self.bits, torch.float32) @ self._h.T).to(self.dtype)]
+                               if self._v else [])
+        return torch.cat(keys, -2), torch.cat(values, -2)
 
     def get_seq_length(self) -> int:
         return self.length
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in (self._k, self._v) if pair for t in pair)
+        held = [t for pair in (self._k, self._v) if pair for t in pair] + [t for t in (self._sk, self._sv, self._pk) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def reset(self) -> None:
-        self._k = self._v = None
+        self._k = self._v = self._sk = self._sv = self._pk = None
         self.length = 0
         super().reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        pick = lambda t: t.index_select(0, beam_idx.to(t.device))  # noqa: E731
         if self._k is not None:
-            self._k = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self._k)
-            self._v = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self._v)
+            self._k = tuple(map(pick, self._k))
+        if self._v is not None:
+            self._v = tuple(map(pick, self._v))
+        if self._sk is not None:
+            self._sk, self._sv, self._pk = pick(self._sk), pick(self._sv), pick(self._pk)
 
 
 class QuantizedKVCache(Cache):

@@ -117,9 +117,10 @@ class Recipe(Strict):
 
 def _awq_before(awq: Step, nxt: Step, index: int) -> Step:
     """AWQ directly before GPTQ or mixed: AWQ scales and clips for the grid the next step rounds to
-    (int4 for mixed), and leaves float weights for it to quantize."""
+    (for mixed its lowest width: int3 when it offers one, else int4), and leaves float weights for it to quantize."""
     c, n = awq.config, nxt.config
-    grid = {"bits": 4 if nxt.method == "mixed" else n.bits, "group_size": n.group_size,
+    low3 = nxt.method == "mixed" and n.group_size_3
+    grid = {"bits": 3 if low3 else 4 if nxt.method == "mixed" else n.bits, "group_size": n.group_size_3 if low3 else n.group_size,
             "symmetric": n.symmetric, "fp16_scales": n.fp16_scales}
     for key, value in grid.items():
         if key in c.model_fields_set and getattr(c, key) != value:

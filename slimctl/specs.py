@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -69,6 +69,13 @@ class BenchSpec(Strict):
     @classmethod
     def _kv_name(cls, v: str) -> str:
         return _kv(v)
+
+    @model_validator(mode="after")
+    def _kv_eager(self):
+        if self.kv_cache != "fp" and self.compile is True:
+            raise ValueError(f"kv_cache {self.kv_cache} runs on the eager decode only (the compiled decode uses a static "
+                             "fp cache); use compile false or auto")
+        return self
 
 
 class Gates(Strict):

@@ -61,7 +61,9 @@ def world(tiny_llama, tmp_path_factory):
     recipe("awq-grid-mismatch", {**base, "steps": [{"method": "awq", "group_size": 64}, {"method": "gptq", "group_size": 32}]})
     recipe("wrong-type", {**base, "steps": [{"method": "magnitude", "sparsity": "half"}]})
     recipe("sparsity-1.5", {**base, "steps": [{"method": "magnitude", "sparsity": 1.5}]})
-    recipe("bits-3", {**base, "steps": [{"method": "rtn", "bits": 3}]})
+    recipe("bits-5", {**base, "steps": [{"method": "rtn", "bits": 5}]})
+    recipe("rotate-after-int4", {**base, "steps": [{"method": "rtn", "bits": 4}, {"method": "rotate"}]})
+    recipe("kv-compiled", {**base, "steps": [{"method": "rtn"}], "bench": {**base["bench"], "kv_cache": "int4", "compile": True}})
     recipe("group-100", {**base, "steps": [{"method": "rtn", "bits": 4, "group_size": 100}]})
     recipe("contradictory", {**base, "steps": [{"method": "rtn"}, {"method": "magnitude", "sparsity": 0.5}]})
     recipe("two-casts", {**base, "steps": [{"method": "bf16"}, {"method": "fp16"}]})
@@ -126,7 +128,11 @@ CASES = [
     (["run", "{w}/unknown-step-key.yaml", "--model", "{good}", "--out", "{out}"], "unknown key 'sparsty' in steps[0]"),
     (["run", "{w}/wrong-type.yaml", "--model", "{good}", "--out", "{out}"], "steps[0].sparsity: Input should be a valid number"),
     (["run", "{w}/sparsity-1.5.yaml", "--model", "{good}", "--out", "{out}"], "steps[0].sparsity: Input should be less than 1"),
-    (["run", "{w}/bits-3.yaml", "--model", "{good}", "--out", "{out}"], "steps[0].bits: Input should be 4 or 8"),
+    (["run", "{w}/bits-5.yaml", "--model", "{good}", "--out", "{out}"], "steps[0].bits: Input should be 3, 4 or 8"),
+    (["run", "{w}/rotate-after-int4.yaml", "--model", "{good}", "--out", "{out}"], "'rotate' comes after quantization"),
+    (["run", "{w}/kv-compiled.yaml", "--model", "{good}", "--out", "{out}"], "runs on the eager decode only"),
+    (["eval", "{good}", "--kv-cache", "q5_1"], "kv_cache must be fp, int8 or int4"),
+    (["bench", "{good}", "--kv-type", "q4_1"], "kv_cache must be fp, int8 or int4"),
     (["run", "{w}/group-100.yaml", "--model", "{good}", "--out", "{out}"], "group_size must be a power of two"),
     (["run", "{w}/contradictory.yaml", "--model", "{good}", "--out", "{out}"], "'magnitude' comes after quantization"),
     (["run", "{w}/two-casts.yaml", "--model", "{good}", "--out", "{out}"], "at most one cast step"),
@@ -193,7 +199,7 @@ CASES = [
     (["prune", "{good}", "--method", "depth", "--out", "{out}"], "set exactly one of blocks"),
     (["run", "{w}/distill-first.yaml", "--model", "{good}", "--out", "{out}"], "needs a teacher"),
     (["run", "{w}/distill-after-int4.yaml", "--model", "{good}", "--out", "{out}"], "comes after quantization"),
-    (Q + ["--bits", "3"], "bits: Input should be 4 or 8"),
+    (Q + ["--bits", "5"], "bits: Input should be 3, 4 or 8"),
     (Q + ["--bits", "4", "--group-size", "100"], "group_size must be a power of two"),
     (Q + ["--set", "nonsense"], "--set needs KEY=VALUE"),
     (Q + ["--set", "colour=blue"], "unknown key 'colour'"),

@@ -42,21 +42,46 @@ def _greedy(model, ids, n, cache):
     return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n, **extra)[0, ids.shape[1]:].tolist()
 
 
+def _expected_bytes(config, kind: str, tokens: int, fp: int = 4) -> int:
+    """2 layers x 2 kv heads x 32 dims: the first token in fp for K and V; values of the others quantized;
+    keys quantized in whole groups of 32 tokens, the rest waiting in fp."""
+    per_value = {"int8": 1 + 2 / BLOCK, "int4": 0.5 + 2 / BLOCK}[kind]
+    rows = config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    rest = tokens - 1
+    grouped = rest - rest % BLOCK
+    return round(rows * (2 * fp + rest * per_value + grouped * per_value + (rest - grouped) * fp))
+
+
 def test_int8_cache_decodes_fp_decodes_greedy_tokens_and_stores_what_the_layout_says():
     model = _model()
     with torch.no_grad():  # a peaked distribution: greedy tokens that mean something
         model.lm_head.weight.mul_(40)
-    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 1997, 1996, 12731, 2291, 102]])
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 1997, 1996, 12731, 2291, 102] * 4])
     fp = _greedy(model, ids, 12, None)
     cache = QuantizedKVCache(model.config, "int8")
     assert _greedy(model, ids, 12, cache) == fp
     tokens = ids.shape[1] + 12 - 1  # the last generated token is never fed back
     assert cache.get_seq_length() == tokens
-    assert cache.nbytes() == pytest.approx(tokens * bytes_per_token(model.config, "int8", 4))
-    # 2 layers x 2 kv heads x 32 dims x (K, V): fp32 512 B/token; int8 1 + 2/32 bytes per value; int4 0.5 + 2/32
+    assert cache.nbytes() == _expected_bytes(model.config, "int8", tokens)
+    # fp32 512 B/token here; int8 1 + 2/32 bytes per value; int4 0.5 + 2/32 (q8_0 / q4_0 against f16: 34/64, 18/64)
     assert bytes_per_token(model.config, "fp", 4) == 2 * 2 * 2 * 32 * 4
     assert bytes_per_token(model.config, "int8", 4) / bytes_per_token(model.config, "fp", 2) == pytest.approx(34 / 64)
     assert bytes_per_token(model.config, "int4", 4) / bytes_per_token(model.config, "fp", 2) == pytest.approx(18 / 64)
+
+
+def test_keys_wait_for_a_full_group_and_values_do_not():
+    model = _model()
+    cache = QuantizedKVCache(model.config, "int4")
+    layer = cache.layers[0]
+    k = torch.randn(1, 2, 40, 32)
+    keys, values = layer.update(k, k.clone())
+    assert keys.shape == values.shape == k.shape
+    assert torch.equal(keys[..., :1, :], k[..., :1, :])  # the sink token is kept as it came
+    assert torch.equal(keys[..., 33:, :], k[..., 33:, :])  # 7 keys wait for their group of 32
+    assert not torch.equal(keys[..., 1:33, :], k[..., 1:33, :]) and not torch.equal(values[..., 1:, :], k[..., 1:, :])
+    assert layer._k[1].shape[-1] == 1 and layer._v[0].shape[-2] == 39  # one group of 32 keys per channel
+    keys2, _ = layer.update(torch.randn(1, 2, 25, 32), torch.randn(1, 2, 25, 32))
+    assert keys2.shape[-2] == 65 and layer._k[1].shape[-1] == 2 and torch.equal(keys2[..., 1:33, :], keys[..., 1:33, :])
 
 
 def test_int4_cache_changes_the_logits_a_little_and_int8_less():
@@ -96,19 +121,20 @@ def test_eval_with_a_quantized_cache_is_compared_with_the_fp_cache_of_the_same_m
     assert out["q8_0"]["vs_reference"]["kl_divergence"] < out["int4"]["vs_reference"]["kl_divergence"]
 
 
-def test_bench_reports_kv_bytes_measured_on_the_cache_and_refuses_a_compiled_quantized_decode(tiny_dir):
+def test_bench_reports_kv_bytes_measured_on_the_cache():
     from slimctl.bench import bench_model
     from slimctl.specs import BenchSpec
 
     model, tok = _model(), _tokenizer()
-    spec = dict(min_iters=1, min_seconds=0, warmup=0, decode_tokens=4, seq_len=32)
+    spec = dict(min_iters=1, min_seconds=0, warmup=0, decode_tokens=4, seq_len=96)
     fp = bench_model(model, tok, "causal-lm", BenchSpec(**spec))
     q4 = bench_model(model, tok, "causal-lm", BenchSpec(**spec, kv_cache="int4"))
     assert fp["kv_cache"] == "fp" and q4["kv_cache"] == "int4" and q4["kv_bytes_measured"]
-    assert fp["kv_bytes_per_token"] == pytest.approx(bytes_per_token(model.config, "fp", 4), rel=0.05)
-    assert fp["kv_bytes_per_token"] / q4["kv_bytes_per_token"] == pytest.approx(4 / (0.5 + 2 / 32), rel=0.05)
-    with pytest.raises(UnsupportedError, match="eager decode only"):
-        bench_model(model, tok, "causal-lm", BenchSpec(**spec, kv_cache="int8", compile=True))
+    tokens = 96 + 4  # the prompt, then each decode step feeds the token before it
+    assert fp["kv_bytes_per_token"] == pytest.approx(bytes_per_token(model.config, "fp", 4), rel=0.02)
+    assert q4["kv_bytes_per_token"] == pytest.approx(_expected_bytes(model.config, "int4", tokens) / (96 + 4), rel=0.02)
+    with pytest.raises(ValueError, match="eager decode only"):
+        BenchSpec(**spec, kv_cache="int8", compile=True)
 
 
 def test_a_bad_kv_cache_name_is_one_error_line(tiny_llama):

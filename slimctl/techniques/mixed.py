@@ -21,6 +21,7 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     # several int4 choices, e.g. [256, 128, 64]: each Linear may get any of them (None: group_size alone)
     group_sizes: Optional[list[Annotated[int, Field(ge=8, le=8192)]]] = Field(default=None, min_length=1, max_length=8)
     group_size_8: Optional[int] = Field(default=None, ge=8, le=8192)  # of the int8 choice (None: per channel)
+    group_size_3: Optional[int] = Field(default=None, ge=8, le=8192)  # adds an int3 choice with these groups (a 3-bit budget)
     allow_float: bool = False  # let a Linear stay in float when that is worth its bits
     symmetric: bool = True
     fp16_scales: bool = False
@@ -36,6 +37,8 @@ class MixedConfig(LayerSelection, CalibrationOptions):
 def _choices(cfg: MixedConfig) -> dict[str, Choice]:
     out = {f"int4-g{g}" if g else "int4": Choice("int4", QScheme(4, g, cfg.symmetric, cfg.fp16_scales))
            for g in dict.fromkeys(cfg.group_sizes or [cfg.group_size])}
+    if cfg.group_size_3:
+        out[f"int3-g{cfg.group_size_3}"] = Choice("int3", QScheme(3, cfg.group_size_3, cfg.symmetric, cfg.fp16_scales))
     out[f"int8-g{cfg.group_size_8}" if cfg.group_size_8 else "int8"] = Choice("int8", QScheme(8, cfg.group_size_8, cfg.symmetric, cfg.fp16_scales))
     if cfg.allow_float:
         out["float"] = Choice("float", None)
@@ -43,13 +46,14 @@ def _choices(cfg: MixedConfig) -> dict[str, Choice]:
 
 
 @register("mixed", "quantize", MixedConfig,
-          "per-Linear int4/int8 (or float) chosen from measured sensitivity under an avg_bits budget; "
+          "per-Linear int3/int4/int8 (or float) chosen from measured sensitivity under an avg_bits budget; "
           "reloads with slimctl", loads_with="slimctl")
 def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
     targets = dict(select_linears(model, cfg.ignore))
     choices = _choices(cfg)
-    g4 = {c: plan_groups(list(targets.items()), WeightOnlyOptions(bits=4, group_size=ch.scheme.group_size, strict=cfg.strict), ctx)
-          for c, ch in choices.items() if ch.scheme is not None and ch.scheme.bits == 4}
+    g4 = {c: plan_groups(list(targets.items()), WeightOnlyOptions(bits=ch.scheme.bits, group_size=ch.scheme.group_size,
+                                                                  strict=cfg.strict), ctx)
+          for c, ch in choices.items() if ch.scheme is not None and ch.scheme.bits in (3, 4)}
     groups = {n: {c: g4[c][n] if c in g4 else resolve_group(lin.in_features, cfg.group_size_8) for c in choices}
               for n, lin in targets.items()}
     bits = {n: {c: ch.bits(targets[n], groups[n][c]) for c, ch in choices.items()} for n in targets}
