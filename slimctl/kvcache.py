@@ -1,5 +1,6 @@
-"""A quantized KV cache for slimctl's torch decode and eval paths: int8 or int4 codes in blocks of 32 with one
-fp16 scale per block (the bytes of llama.cpp's q8_0 / q4_0 KV cache types: 1.0625 and 0.5625 per value), keys
+"""A quantized KV cache for slimctl's torch decode and eval paths: int4 codes in blocks of 32 with one fp16 scale
+per block (the bytes of llama.cpp's q4_0 KV cache type, 0.5625 per value), int8 in blocks of 64 where the head
+size allows (1.03 bytes; llama.cpp's q8_0 takes blocks of 32, 1.0625), keys
 per channel over groups of 32 tokens and values per token after a Hadamard rotation (see QuantizedKVLayer),
 appended without re-quantizing what is stored, dequantized per layer when attention reads it. A transformers
 `Cache`, so any causal LM that takes a cache argument uses it."""
@@ -13,7 +14,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .errors import UnsupportedError
 
 KVCache = Literal["fp", "int8", "int4"]
-BLOCK = 32
+BLOCK = 32  # int4 (q4_0's block); int8 takes 64 where the head size allows: 1.03 bytes per value, 1.94x under fp16
+
+
+def block(bits: int, head_dim: int) -> int:
+    return 64 if bits == 8 and head_dim % 64 == 0 else BLOCK
 SINK_TOKENS = 1  # kept in the model's dtype (measured: the first token's keys are what int4 rounds worst)
 # llama.cpp's names for the same layouts (`--kv-type`), and back
 LLAMA_CPP = {"fp": "f16", "int8": "q8_0", "int4": "q4_0"}
@@ -26,10 +31,10 @@ def normalise(name: str) -> str:
     return ALIASES[name]
 
 
-def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, bits: int, size: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., D] -> (codes, fp16 scales [..., D/32]). int8: d = amax/127 (q8_0); int4: d = v/−8 with v the
     element of largest magnitude (q4_0), codes −8..7 packed two per byte, low nibble first."""
-    g = x.float().unflatten(-1, (-1, BLOCK))
+    g = x.float().unflatten(-1, (-1, size))
     if bits == 8:
         d = (g.abs().amax(-1, keepdim=True) / 127).half()
         q = torch.round(g / d.float().clamp_min(1e-30)).clamp(-127, 127).to(torch.int8)
@@ -40,10 +45,10 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q[..., 0::2] | (q[..., 1::2] << 4), d.squeeze(-1)
 
 
-def dequantize(q: torch.Tensor, d: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(q: torch.Tensor, d: torch.Tensor, bits: int, dtype: torch.dtype, size: int = BLOCK) -> torch.Tensor:
     if bits == 4:
         q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
-    x = q.float().unflatten(-1, (-1, BLOCK)) * d.float().unsqueeze(-1)
+    x = q.float().unflatten(-1, (-1, size)) * d.float().unsqueeze(-1)
     return x.flatten(-2).to(dtype)
 
 
@@ -52,9 +57,9 @@ class QuantizedKVLayer(DynamicLayer):
 
     - the first token (the attention sink, whose key carries the largest values) stays in the model's dtype,
       as IntactKV and KVQuant keep it;
-    - keys are quantized per channel over groups of 32 tokens (KIVI: key outliers sit in fixed channels), so up
-      to 31 newest keys wait in the model's dtype until their group is full;
-    - values are quantized per token in blocks of 32 along the head, after a randomised Hadamard rotation of each
+    - keys are quantized per channel over groups of 32 tokens (64 for int8; KIVI: key outliers sit in fixed
+      channels), so up to 31 (63) newest keys wait in the model's dtype until their group is full;
+    - values are quantized per token in blocks of 32 (64) along the head, after a randomised Hadamard rotation of each
       head (QuaRot's online rotation, undone on reading: exact but for the rounding, which it spreads).
 
     `update` appends the new tokens (what is stored is never re-quantized) and returns all of them dequantized, a
@@ -76,6 +81,7 @@ class QuantizedKVLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         self.dtype = key_states.dtype
         self._h = rotation(value_states.shape[-1], "hadamard", 0)[0].to(torch.float32).to(value_states.device)
+        self.size = block(self.bits, value_states.shape[-1])
         self._sk, self._sv = key_states[..., :0, :], value_states[..., :0, :]
         self._pk = key_states[..., :0, :]
 
@@ -90,11 +96,11 @@ class QuantizedKVLayer(DynamicLayer):
             self._sv = torch.cat([self._sv, value_states[..., :take, :]], -2)
             key_states, value_states = key_states[..., take:, :], value_states[..., take:, :]
         if value_states.shape[-2]:
-            self._v = self._append(self._v, *quantize(value_states.float() @ self._h, self.bits), -2)
+            self._v = self._append(self._v, *quantize(value_states.float() @ self._h, self.bits, self.size), -2)
         self._pk = torch.cat([self._pk, key_states], -2)
-        full = self._pk.shape[-2] - self._pk.shape[-2] % BLOCK
+        full = self._pk.shape[-2] - self._pk.shape[-2] % self.size
         if full:
-            self._k = self._append(self._k, *quantize(self._pk[..., :full, :].transpose(-1, -2), self.bits), -1)
+            self._k = self._append(self._k, *quantize(self._pk[..., :full, :].transpose(-1, -2), self.bits, self.size), -1)
             self._pk = self._pk[..., full:, :]
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -102,8 +108,9 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self._store(key_states, value_states)
         self.length += key_states.shape[-2]
-        keys = [self._sk] + ([dequantize(*self._k, self.bits, self.dtype).transpose(-1, -2)] if self._k else []) + [self._pk]
-        values = [self._sv] + ([(dequantize(*self._v, self.bits, torch.float32) @ self._h.T).to(self.dtype)]
+        keys = [self._sk] + ([dequantize(*self._k, self.bits, self.dtype, self.size).transpose(-1, -2)] if self._k else []) \
+            + [self._pk]
+        values = [self._sv] + ([(dequantize(*self._v, self.bits, torch.float32, self.size) @ self._h.T).to(self.dtype)]
                                if self._v else [])
         return torch.cat(keys, -2), torch.cat(values, -2)
 
@@ -161,12 +168,15 @@ def make_cache(model, kind: str):
     return None if kind == "fp" else QuantizedKVCache(model.config, kind)
 
 
-def bytes_per_token(config, kind: str, fp_bytes: int) -> float:
-    """KV bytes one token takes over all layers: 2 (K, V) x layers x kv heads x head_dim x bytes per element
-    (fp: the model's dtype; int8: 1 + 2/32 for the fp16 scale; int4: 0.5 + 2/32)."""
+def bytes_per_token(config, kind: str, fp_bytes: int, llama_cpp: bool = False) -> float:
+    """KV bytes one token takes over all layers: 2 (K, V) x layers x kv heads x head_dim x bytes per value (fp: the
+    model's dtype; int8: 1 + 2/64, or 1 + 2/32 where the head size is not a multiple of 64 and in llama.cpp's q8_0;
+    int4: 0.5 + 2/32), the first token and keys still waiting for their group aside."""
     text = config.get_text_config(decoder=True)
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per = {"fp": fp_bytes, "int8": 1 + 2 / BLOCK, "int4": 0.5 + 2 / BLOCK}[normalise(kind)]
+    kind = normalise(kind)
+    size = BLOCK if llama_cpp else block(8 if kind == "int8" else 4, head_dim)
+    per = fp_bytes if kind == "fp" else (1 if kind == "int8" else 0.5) + 2 / size
     return 2 * text.num_hidden_layers * kv * head_dim * per

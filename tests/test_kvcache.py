@@ -65,7 +65,10 @@ def test_int8_cache_decodes_fp_decodes_greedy_tokens_and_stores_what_the_layout_
     assert cache.nbytes() == _expected_bytes(model.config, "int8", tokens)
     # fp32 512 B/token here; int8 1 + 2/32 bytes per value; int4 0.5 + 2/32 (q8_0 / q4_0 against f16: 34/64, 18/64)
     assert bytes_per_token(model.config, "fp", 4) == 2 * 2 * 2 * 32 * 4
-    assert bytes_per_token(model.config, "int8", 4) / bytes_per_token(model.config, "fp", 2) == pytest.approx(34 / 64)
+    assert bytes_per_token(model.config, "int8", 4) / bytes_per_token(model.config, "fp", 2) == pytest.approx(34 / 64)  # head 32
+    wide = _model(head_dim=64).config  # int8 takes blocks of 64 where the head allows: 1 + 2/64 bytes per value
+    assert bytes_per_token(wide, "int8", 4) / bytes_per_token(wide, "fp", 2) == pytest.approx(33 / 64)
+    assert bytes_per_token(wide, "int8", 4, llama_cpp=True) / bytes_per_token(wide, "fp", 2) == pytest.approx(34 / 64)
     assert bytes_per_token(model.config, "int4", 4) / bytes_per_token(model.config, "fp", 2) == pytest.approx(18 / 64)
 
 

@@ -184,13 +184,13 @@ def _bench_forward(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[
 
 def _kv_facts(model, eager, shape, spec: BenchSpec) -> dict[str, Any]:
     """The KV cache the decode used and its bytes per token: measured on the cache the last request left (a torch
-    model), or from llama.cpp's layout (f16 2 bytes, q8_0 34/32, q4_0 18/32) for a GGUF."""
+    model), or from llama.cpp's layout (f16 2 bytes, q8_0 34/32, q4_0 18/32 per value) for a GGUF."""
     from ..kvcache import LLAMA_CPP, bytes_per_token
     from .decode import cache_bytes
 
     tokens = shape[0] * (shape[1] + spec.decode_tokens)
     if getattr(model, "artifact_format", None) == "gguf":
-        per = bytes_per_token(model.config, spec.kv_cache, 2)
+        per = bytes_per_token(model.config, spec.kv_cache, 2, llama_cpp=True)
         return {"kv_cache": LLAMA_CPP[spec.kv_cache], "kv_bytes_per_token": round(per, 1), "kv_bytes_measured": False}
     held = cache_bytes(getattr(eager, "past", None))
     if held is None:

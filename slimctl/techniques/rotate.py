@@ -200,7 +200,11 @@ def rotate(model, cfg: RotateConfig, ctx: StepContext) -> dict:
     before = _logprobs(model, batch)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tie_before = getattr(text_config(model.config), "tie_word_embeddings", None)
-    stats = _apply_rotation(model, cfg, ctx.seed if cfg.seed is None else cfg.seed, ctx)
+    try:
+        stats = _apply_rotation(model, cfg, ctx.seed if cfg.seed is None else cfg.seed, ctx)
+    except BaseException:  # a refusal found midway, or Ctrl-C: the model goes back as it was
+        _restore(model, saved, tie_before)
+        raise
     err = float((_logprobs(model, batch) - before).abs().max())
     tol = cfg.tolerance if next(model.parameters()).dtype == torch.float32 else max(cfg.tolerance, 0.1)
     if not err <= tol:
