@@ -44,7 +44,7 @@ def long_context(model: str, kind: str, context: int) -> dict:
                 "--min-iters", "1", "--min-seconds", "0", "--repeats", "1")
     if "error" in b:
         return b
-    r = b.get("result", b)
+    r = b["bench"]
     keep = ("kv_cache", "kv_bytes_per_token", "kv_bytes_measured", "kv_cache_mb", "peak_memory_mb", "rss_before_mb",
             "decode_tokens_per_s", "prefill_ms", "weights_in_memory_mb")
     return {k: r.get(k) for k in keep if r.get(k) is not None}
@@ -55,7 +55,10 @@ def main() -> int:
     ap.add_argument("--out", default="bench-results/kvcache.json")
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=2048, help="perplexity window")
+    ap.add_argument("--keep-eval", help="reuse the perplexity rows of an earlier run of this script (its JSON)")
     args = ap.parse_args()
+    kept = {(r["runtime"], r["kv_cache"]): r["eval"] for r in json.loads(Path(args.keep_eval).read_text())["results"]
+            if "eval" in r} if args.keep_eval else {}
     rows = []
     with tempfile.TemporaryDirectory() as tmpd:
         gguf = Path(tmpd) / "smol-f32.gguf"
@@ -67,7 +70,8 @@ def main() -> int:
                 continue
             for kind in kinds:
                 print(f"[kv] {runtime} {kind}", file=sys.stderr, flush=True)
-                rows.append({"runtime": runtime, "kv_cache": kind, "eval": perplexity(model, kind, args.seq_len),
+                ev = kept.get((runtime, kind)) or perplexity(model, kind, args.seq_len)
+                rows.append({"runtime": runtime, "kv_cache": kind, "eval": ev,
                              "context": args.context, "bench": long_context(model, kind, args.context)})
                 _write(Path(args.out), args, rows)
     _write(Path(args.out), args, rows)
