@@ -142,6 +142,9 @@ def kvcache(path: str) -> None:
           f"Perplexity: {d['eval']}. Memory and speed: {d['bench']}.\n")
     print("| runtime | KV cache | ppl cost | KL | top-1 agreement | KV bytes/token | vs 16-bit | peak memory | decode tok/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    # values per token (2 x layers x kv heads x head dim) from each runtime's fp row: fp32 in torch, f16 in llama.cpp
+    values = {r["runtime"]: r["bench"]["kv_bytes_per_token"] / (4 if r["kv_cache"] == "fp" else 2) for r in d["results"]
+              if r.get("kv_cache") in ("fp", "f16") and r.get("bench", {}).get("kv_bytes_per_token")}
     for r in d["results"]:
         if "error" in r:
             print(f"| {r['runtime']} | refused: {r['error']} ||||||||")
@@ -149,8 +152,7 @@ def kvcache(path: str) -> None:
         ev, b = r["eval"], r["bench"]
         cost = f"+{(ev['perplexity_ratio'] - 1) * 100:.2f} %" if "perplexity_ratio" in ev else ("reference" if not ev else "error")
         per = b.get("kv_bytes_per_token")
-        rows = per and per / {"fp": 4, "f16": 2, "int8": 1.0625, "q8_0": 1.0625, "int4": 0.5625, "q4_0": 0.5625}[r["kv_cache"]]
-        vs16 = f"{rows * 2 / per:.2f}×" if per else "–"
+        vs16 = f"{values[r['runtime']] * 2 / per:.2f}×" if per and r["runtime"] in values else "–"
         print(f"| {r['runtime']} | {r['kv_cache']} | {cost} | {f(ev.get('kl_divergence'), 4)} | {f(ev.get('top1_agreement'), 3)} | "
               f"{f(per, 0)} | {vs16} | {f(b.get('peak_memory_mb'), 0)} MB | {f(b.get('decode_tokens_per_s'), 1)} |")
 
