@@ -20,15 +20,15 @@ BLOCK = 32  # int4 (q4_0's block); int8 takes 64 where the head size allows: 1.0
 def block(bits: int, head_dim: int) -> int:
     return 64 if bits == 8 and head_dim % 64 == 0 else BLOCK
 SINK_TOKENS = 1  # kept in the model's dtype (measured: the first token's keys are what int4 rounds worst)
-# llama.cpp's names for the same layouts (`--kv-type`), and back
-LLAMA_CPP = {"fp": "f16", "int8": "q8_0", "int4": "q4_0"}
-ALIASES = {"f16": "fp", "f32": "fp", "q8_0": "int8", "q4_0": "int4", "fp": "fp", "int8": "int8", "int4": "int4"}
+LLAMA_CPP = {"fp": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's names for the same layouts (`--kv-type`)
 
 
 def normalise(name: str) -> str:
-    if name not in ALIASES:
+    from .specs import KV_NAMES  # the names eval/bench specs accept, and what each means
+
+    if name not in KV_NAMES:
         raise UnsupportedError(f"unknown KV cache type '{name}'; use fp, int8 or int4 (llama.cpp names: f16, q8_0, q4_0)")
-    return ALIASES[name]
+    return KV_NAMES[name]
 
 
 def quantize(x: torch.Tensor, bits: int, size: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,10 +162,21 @@ class QuantizedKVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def make_cache(model, kind: str):
-    """A fresh cache for one request: None for fp (the model builds its own), else a QuantizedKVCache."""
+def per_request(model, kind: str):
+    """A function giving the keyword arguments of one request's (or one eval window's) first forward: a fresh
+    quantized cache for a torch model, nothing for fp. A GGUF run by llama.cpp takes the type when its context
+    is made, so it is set here once. An unsupported layout is refused here, before any timing or window."""
     kind = normalise(kind)
-    return None if kind == "fp" else QuantizedKVCache(model.config, kind)
+    if kind == "fp":
+        return lambda: {}
+    if getattr(model, "artifact_format", None) == "gguf":
+        model.set_kv_cache(kind)
+        return lambda: {}
+    from .bench.decode import cache_arg
+
+    QuantizedKVCache(model.config, kind)
+    arg = cache_arg(model)
+    return lambda: {arg: QuantizedKVCache(model.config, kind)}
 
 
 def bytes_per_token(config, kind: str, fp_bytes: int, llama_cpp: bool = False) -> float:

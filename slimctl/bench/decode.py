@@ -43,22 +43,13 @@ class EagerDecoder:
     mode = "eager"
 
     def __init__(self, model, kv_cache: str = "fp"):
-        self.model, self.kv_cache = model, kv_cache
+        from ..kvcache import per_request
+
+        self.model = model
         params = inspect.signature(model.forward).parameters
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.cache_arg = cache_arg(model)
-        if kv_cache != "fp" and getattr(model, "artifact_format", None) == "gguf":
-            model.set_kv_cache(kv_cache)  # llama.cpp's own q8_0 / q4_0 cache
-            self.kv_cache = "fp"
-        elif kv_cache != "fp":
-            from ..kvcache import QuantizedKVCache
-
-            QuantizedKVCache(model.config, kv_cache)  # an unsupported layout is refused before any timing
-
-    def _fresh_cache(self) -> dict:
-        from ..kvcache import QuantizedKVCache
-
-        return {} if self.kv_cache == "fp" else {self.cache_arg: QuantizedKVCache(self.model.config, self.kv_cache)}
+        self._fresh_cache = per_request(model, kv_cache)  # a quantized cache per request; llama.cpp's q8_0 / q4_0
 
     def prefill(self, ids, mask):
         out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **self.keep, **self._fresh_cache())

@@ -193,7 +193,13 @@ def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
     if pre:
         s = {**s, "bos_each_window": True}
 
-    kv = kv_call(model, s.get("kv_cache", "fp"))
+    from ..kvcache import per_request
+
+    cache = per_request(model, s.get("kv_cache", "fp"))  # a fresh cache per window: every position reads quantized K/V
+
+    def kv() -> dict:
+        c = cache()
+        return {**c, "use_cache": True} if c else c
 
     def logits():
         for begin, end, _ in wins:
@@ -202,23 +208,6 @@ def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
             yield model(input_ids=inp, **kv()).logits[0, len(pre):], ref
 
     return score_windows(s, data, texts, ids, held, wins, logits(), track)
-
-
-def kv_call(model, kind: str):
-    """Keyword arguments for one window's forward with the KV cache `kind`: a fresh quantized cache per
-    window for a torch model (every position attends to quantized keys and values), nothing for fp; a GGUF
-    run by llama.cpp takes the type when its context is made."""
-    if kind == "fp":
-        return lambda: {}
-    if getattr(model, "artifact_format", None) == "gguf":
-        model.set_kv_cache(kind)
-        return lambda: {}
-    from ..bench.decode import cache_arg
-    from ..kvcache import QuantizedKVCache
-
-    QuantizedKVCache(model.config, kind)  # an unsupported layout fails here, before any window
-    arg = cache_arg(model)
-    return lambda: {arg: QuantizedKVCache(model.config, kind), "use_cache": True}
 
 
 def score_windows(s, data, texts, ids, held, wins, logits, track) -> Evaluation:
