@@ -6,6 +6,7 @@ appended without re-quantizing what is stored, dequantized per layer when attent
 `Cache`, so any causal LM that takes a cache argument uses it."""
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -162,6 +163,12 @@ class QuantizedKVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
+def cache_arg(model) -> str:
+    """The keyword a model's forward takes its cache under (renamed in transformers 5.2x)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def per_request(model, kind: str):
     """A function giving the keyword arguments of one request's (or one eval window's) first forward: a fresh
     quantized cache for a torch model, nothing for fp. A GGUF run by llama.cpp takes the type when its context
@@ -172,8 +179,6 @@ def per_request(model, kind: str):
     if getattr(model, "artifact_format", None) == "gguf":
         model.set_kv_cache(kind)
         return lambda: {}
-    from .bench.decode import cache_arg
-
     QuantizedKVCache(model.config, kind)
     arg = cache_arg(model)
     return lambda: {arg: QuantizedKVCache(model.config, kind)}

@@ -10,7 +10,7 @@ import torch
 
 from conftest import _tokenizer, run_cli, tiny_llama_model
 
-from slimctl.bench.decode import cache_arg
+from slimctl.kvcache import cache_arg
 from slimctl.errors import UnsupportedError
 from slimctl.kvcache import BLOCK, QuantizedKVCache, bytes_per_token, dequantize, quantize
 

@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..errors import UnsupportedError
+from ..kvcache import cache_arg, per_request
 
 
 def cxx_compiler() -> str | None:
@@ -32,19 +33,12 @@ def can_compile(device: str) -> tuple[bool, str]:
     return True, ""
 
 
-def cache_arg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
-
-
 class EagerDecoder:
     """The plain loop: dynamic cache, a growing attention mask, one forward per token."""
 
     mode = "eager"
 
     def __init__(self, model, kv_cache: str = "fp"):
-        from ..kvcache import per_request
-
         self.model = model
         params = inspect.signature(model.forward).parameters
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
