@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import stages
 from .errors import DataError
 from .blocks import find_blocks  # noqa: F401  (techniques import it from here)
 from .kinds import CAUSAL_LM
@@ -83,8 +84,22 @@ def forward_all(model: nn.Module, batches: list[dict]) -> None:
 
 
 def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = block(*args, **kwargs)
+    """The block's hidden output for one calibration input (timed and counted as a calibration forward)."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    with stages.stage(stages.FORWARD, block_flops(block, x)):
+        out = block(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_flops(block: nn.Module, x) -> float:
+    """FLOPs of one block forward over hidden states x [batch, tokens, width]: its Linears, plus attention's
+    two products (4 x tokens² x width per sequence) when the block has an attention module."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return 0.0
+    tokens = x.numel() // x.shape[-1]
+    seq = x.shape[-2] if x.dim() >= 3 else 1
+    attn = any(n.endswith(("attn", "attention")) for n, _ in block.named_children())
+    return stages.linear_flops(block, tokens) + (4.0 * tokens * seq * x.shape[-1] if attn else 0.0)
 
 
 def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -95,11 +110,16 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple,
 
 def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, str, nn.Module, list], Any],
                track=lambda it, desc, total: it,
-               after_block: Callable[[int, str, nn.Module], None] | None = None) -> list[Any]:
+               after_block: Callable[[int, str, nn.Module], None] | None = None,
+               batch_tokens: int | None = None, batch_breaks: tuple[int, ...] = ()) -> list[Any]:
     """Call on_block(index, name, block, inputs) for each block in order, then pass the (changed)
     block's outputs on as the next block's inputs, then call after_block(index, name, block) (a change
-    the next block's inputs must not see). Returns what on_block returned per block."""
+    the next block's inputs must not see). Returns what on_block returned per block. With `batch_tokens`,
+    calibration texts of the same length run together (`stack`): each input then holds several texts."""
     from .stream import stream_of
+
+    if batch_tokens:
+        batches = stack(batches, batch_tokens, batch_breaks)
 
     st = stream_of(model)
     prefix, blocks = find_blocks(model)
@@ -110,6 +130,37 @@ def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, s
         return _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
     finally:
         inputs.close()
+
+
+BATCH_TOKENS = 2048  # calibration texts stacked per forward: a 256-token matmul runs at about a third of the speed
+
+
+def stack(batches: list[dict], max_tokens: int, breaks: tuple[int, ...] = ()) -> list[dict]:
+    """Runs of consecutive calibration texts of equal length stacked into batches of at most `max_tokens`
+    tokens (at least one text each); the order of the texts is kept, and a batch starts at each index in
+    `breaks` (so that the first n texts are whole batches). No padding: each text's result is what it would
+    be alone, up to float rounding (a matmul over more rows may sum in another order)."""
+    out: list[dict] = []
+    run: list[dict] = []
+    for i, b in enumerate(batches):
+        if any(not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[0] != 1 for v in b.values()):
+            return batches  # not one text per batch: leave as given
+        width = b["input_ids"].shape[1]
+        if run and (run[0]["input_ids"].shape[1] != width or (len(run) + 1) * width > max_tokens
+                    or run[0].keys() != b.keys() or i in breaks):
+            out.append({k: torch.cat([r[k] for r in run]) for k in run[0]})
+            run = []
+        run.append(b)
+    if run:
+        out.append({k: torch.cat([r[k] for r in run]) for k in run[0]})
+    return out
+
+
+def texts(item: tuple[tuple, dict]) -> int:
+    """How many calibration texts one block input (args, kwargs) holds."""
+    a, k = item
+    x = a[0] if a else k.get("hidden_states")
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() >= 3 else 1
 
 
 ACTIVATIONS_SHARE = 0.25  # streamed: calibration activations above this share of available memory go to disk
@@ -170,8 +221,11 @@ def _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
     for i in track(range(len(blocks)), "blocks", len(blocks)):
         block = st.load(f"{prefix}.{i}") if st else blocks[i]
         results.append(on_block(i, f"{prefix}.{i}", block, inputs))
-        with torch.inference_mode():  # each input replaced by its output in turn: one set held, not two
-            for j, (a, k) in enumerate(inputs):
+        from .qmodules import dequantized_once
+
+        last = i + 1 == len(blocks)  # no block reads the last one's outputs
+        with torch.inference_mode(), dequantized_once(block):  # each input replaced by its output in turn
+            for j, (a, k) in enumerate([] if last else inputs):
                 inputs[j] = with_hidden(a, k, run_block(block, a, k))
         if after_block is not None:
             after_block(i, f"{prefix}.{i}", block)
@@ -184,31 +238,78 @@ class InputStats:
     """Forward hooks on Linear layers that accumulate what calibration needs from their inputs:
     the Hessian proxy H = 2/n Σ x xᵀ (GPTQ, SparseGPT), the squared L2 norm per input feature
     (Wanda), the max |x| per input feature (SmoothQuant) and the sum per input feature (structured
-    pruning's bias compensation)."""
+    pruning's bias compensation).
 
-    def __init__(self, layers: dict[str, nn.Linear], hessian: bool = False):
+    Layers that read the very same input tensor (q/k/v after one norm, gate/up, Phi-2's parallel
+    readers) are counted once (`share`): the first hook to see an input tensor accumulates it, the
+    others follow it and get the same statistics (the same tensors) at `finish`. A layer that follows
+    another on one call but not on another sets `broken`, and `collect` counts again without sharing."""
+
+    def __init__(self, layers: dict[str, nn.Linear], hessian: bool = False, share: bool = True):
         self.n: dict[str, int] = {k: 0 for k in layers}
-        self.hessian = {k: torch.zeros(l.in_features, l.in_features) for k, l in layers.items()} if hessian else {}
+        self._widths = {k: l.in_features for k, l in layers.items()}
+        self.hessian: dict[str, torch.Tensor] = {}  # made at a layer's first counted input (followers hold none)
+        self._want_hessian = hessian
         self.sq_norm = {k: torch.zeros(l.in_features) for k, l in layers.items()}
         self.absmax = {k: torch.zeros(l.in_features) for k, l in layers.items()}
         self.sum = {k: torch.zeros(l.in_features, dtype=torch.float64) for k, l in layers.items()}
+        self.share, self.broken = share, False
+        self.leader: dict[str, str] = {}  # layer -> the layer whose statistics it shares (itself when none)
+        self._calls = {k: 0 for k in layers}
+        self._last: tuple | None = None  # (weak reference to the latest input tensor, the layer that counted it)
         self._hooks = [l.register_forward_hook(self._hook(k)) for k, l in layers.items()]
+
+    def _lead(self, name: str, x: torch.Tensor) -> str:
+        """The layer that counts this call's input: an earlier hook that saw this very tensor, or `name`."""
+        import weakref
+
+        self._calls[name] += 1
+        if not self.share:
+            return name
+        lead = self._last[1] if self._last is not None and self._last[0]() is x else name
+        if lead == name:
+            self._last = (weakref.ref(x), name)
+        if self.leader.setdefault(name, lead) != lead:
+            self.broken = True
+        return lead
 
     def _hook(self, name: str):
         def fn(mod, args, out):
+            if self._lead(name, args[0]) != name or self.broken:
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            m = x.shape[0]
-            self.sq_norm[name] += (x * x).sum(0)
-            self.sum[name] += x.sum(0, dtype=torch.float64)
-            self.absmax[name] = torch.maximum(self.absmax[name], x.abs().amax(0))
-            if self.hessian:
-                n = self.n[name]
-                h = self.hessian[name]
-                h.mul_(n / (n + m))
-                xs = x * (2.0 / (n + m)) ** 0.5
-                h.addmm_(xs.T, xs)
+            m, d = x.shape
+            with stages.stage(stages.STATISTICS, 2.0 * m * d * d if self._want_hessian else 4.0 * m * d):
+                self.sq_norm[name] += (x * x).sum(0)
+                self.sum[name] += x.sum(0, dtype=torch.float64)
+                self.absmax[name] = torch.maximum(self.absmax[name], x.abs().amax(0))
+                if self._want_hessian:
+                    n = self.n[name]
+                    h = self.hessian.setdefault(name, torch.zeros(d, d))
+                    h.mul_(n / (n + m))
+                    xs = x * (2.0 / (n + m)) ** 0.5
+                    h.addmm_(xs.T, xs)
             self.n[name] += m
         return fn
+
+    def finish(self) -> "InputStats":
+        """Remove the hooks; each follower gets its leader's statistics (the same tensors)."""
+        self.remove()
+        if self._want_hessian:  # a zero Hessian for a layer no input reached
+            for name, width in self._widths.items():
+                if self.leader.get(name, name) == name:
+                    self.hessian.setdefault(name, torch.zeros(width, width))
+        for name, lead in self.leader.items():
+            if lead == name:
+                continue
+            if self._calls[name] != self._calls[lead] or self.leader.get(lead, lead) != lead:
+                self.broken = True
+                return self
+            self.n[name] = self.n[lead]
+            for acc in (self.hessian, self.sq_norm, self.absmax, self.sum):
+                if lead in acc:
+                    acc[name] = acc[lead]
+        return self
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -216,16 +317,32 @@ class InputStats:
         self._hooks = []
 
 
-def block_stats(block: nn.Module, inputs: list, layers: dict[str, nn.Linear], hessian: bool = False) -> "InputStats":
-    """Input statistics of `layers` (inside `block`) over one pass of the block's calibration inputs."""
+def collect(layers: dict[str, nn.Linear], run: Callable[[], None], hessian: bool = False) -> InputStats:
+    """Input statistics of `layers` over what `run()` feeds them, inputs shared between layers counted once
+    (counted again without sharing in the rare case the sharing was not the same on every call)."""
     stats = InputStats(layers, hessian=hessian)
     try:
+        run()
+    finally:
+        stats.finish()
+    if not stats.broken:
+        return stats
+    stats = InputStats(layers, hessian=hessian, share=False)
+    try:
+        run()
+    finally:
+        stats.finish()
+    return stats
+
+
+def block_stats(block: nn.Module, inputs: list, layers: dict[str, nn.Linear], hessian: bool = False) -> "InputStats":
+    """Input statistics of `layers` (inside `block`) over one pass of the block's calibration inputs."""
+    def run():
         with torch.inference_mode():
             for a, k in inputs:
                 run_block(block, a, k)
-    finally:
-        stats.remove()
-    return stats
+
+    return collect(layers, run, hessian)
 
 
 def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[dict],
@@ -251,7 +368,7 @@ def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[di
                 slim_layers({n: m for n, m in mine.items() if n not in blind}, stats)
             done.update(mine)
 
-    sequential(model, batches, on_block, track)
+    sequential(model, batches, on_block, track, batch_tokens=BATCH_TOKENS)
     rest = {n: m for n, m in targets.items() if n not in done}
     if not rest or leftover == "return":
         return list(rest)
@@ -259,11 +376,7 @@ def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[di
 
     if stream_of(model):
         refuse(f"calibrating layers outside the repeated blocks ({', '.join(list(rest)[:3])})")
-    stats = InputStats(rest, hessian=hessian)
-    try:
-        forward_all(model, batches)
-    finally:
-        stats.remove()
+    stats = collect(rest, lambda: forward_all(model, batches), hessian)
     slim_layers(rest, stats)
     return []
 
@@ -303,8 +416,10 @@ def hessian_start(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """‖(W − Ŵ) X‖² / ‖W X‖² over the calibration inputs, via H ∝ X Xᵀ."""
-    d = w - w_hat
-    return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T).clamp(min=1e-12))
+    out_f, in_f = w.shape
+    with stages.stage(stages.ERROR, 2 * 2.0 * out_f * in_f * in_f):  # trace(A H Aᵀ) = Σ (A H) ∘ A
+        d = w - w_hat
+        return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp(min=1e-12))
 
 
 MAX_DAMPENING = 1.0
@@ -324,6 +439,13 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float, layer: str = "a la
         raise DataError(f"the calibration inputs of {layer} hold NaN or Inf (its Hessian is not finite): the model "
                         "produces non-finite activations on the calibration text; check the checkpoint")
     damp = dampening
+    with stages.stage(stages.FACTOR, 4.0 * h.shape[0] ** 3 / 3):
+        return _factor(h, damp, layer, used)
+
+
+def _factor(h: torch.Tensor, damp: float, layer: str, used: dict[str, float] | None) -> torch.Tensor:
+    from .errors import DataError
+
     while True:
         hd = h.clone()  # H + λI, one copy of H at a time (no identity matrix beside it)
         hd.diagonal().add_(damp * torch.mean(torch.diag(h)))

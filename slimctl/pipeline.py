@@ -124,6 +124,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
         ui.say(f"loading lm-eval tasks {', '.join(recipe.eval.tasks)}")
         taskset = prepare_tasks(base.kind, recipe.eval)
     model, steps, notes = apply_steps(copy.deepcopy(base.model), base.tokenizer, recipe, base.kind, ui)
+    add_peak_shares(steps)
     slim = Slimmed(model, steps, notes)
     artifact = save_and_verify(base, slim, out / ARTIFACT_DIR, recipe, model_spec, ui)
     if recipe.export is not None:
@@ -171,6 +172,7 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
             base = SimpleNamespace(model=model, tokenizer=tok, kind=kind, path=str(folder), source=model_spec, meta={})
             torch.manual_seed(recipe.seed)
             model, steps, notes = apply_steps(model, tok, recipe, kind, ui)
+            add_peak_shares(steps)
             slim = Slimmed(model, steps, notes)
             artifact, art_model = save_and_check(base, slim, st, out / ARTIFACT_DIR, recipe, model_spec, ui, opened)
             ev = evaluate_streamed_pair(base, art_model, recipe, ui, opened, slim.notes)
@@ -235,6 +237,25 @@ def evaluate_pair(base, slim: Slimmed, recipe: Recipe, kernels: dict | None, tas
                   track=ui.track, taskset=taskset).to_dict()
     ev["kernels"] = kernels
     return ev
+
+
+MEASURE_PEAK_AFTER_S = 30.0  # a step this long pays for measuring the matmul peak (~3 s, cached per machine)
+
+
+def add_peak_shares(steps: list[dict[str, Any]]) -> None:
+    """Each stage's GFLOP/s as a % of this CPU's measured fp32 matmul peak (bench.roofline's GEMM, cached per
+    machine): measured when a step ran long enough to be worth it, else only when already cached."""
+    rows = [r for s in steps for r in s.get("time_breakdown") or () if r.get("gflops_per_s")]
+    if not rows:
+        return
+    from .bench.roofline import cached_peaks, peaks
+
+    long = any(s.get("seconds", 0) >= MEASURE_PEAK_AFTER_S for s in steps if s.get("time_breakdown"))
+    pk = peaks("cpu", "float32") if long else cached_peaks("cpu", "float32")
+    if not pk or pk.get("suspect"):
+        return
+    for r in rows:
+        r["pct_of_matmul_peak"] = round(100 * r["gflops_per_s"] / (pk["matmul_tflops"] * 1e3), 1)
 
 
 def bench_pair(base, slim: Slimmed, art_dir: Path, recipe: Recipe, isolate: bool, load_options: dict,

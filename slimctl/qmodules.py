@@ -5,6 +5,7 @@ scale per row (`weight_scale`); nothing here is fake-quantized floats.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -89,6 +90,20 @@ class Int8Linear(nn.Module):
         return cls(spec["in_features"], spec["out_features"], spec["bias"], spec.get("act", "dynamic"), dtype=dtype)
 
 
+@contextlib.contextmanager
+def dequantized_once(module: nn.Module):
+    """Inside, each weight-only layer of `module` dequantizes its weights once instead of at every call (the
+    same weights, so the same outputs): calibration runs a quantized block over every calibration input."""
+    layers = [m for m in module.modules() if isinstance(m, WeightOnlyLinear)]
+    for m in layers:
+        m._once = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._once = None
+
+
 class WeightOnlyLinear(nn.Module):
     """nn.Linear with int3, int4 or int8 weights in groups along the input dimension (see slimctl.quant).
 
@@ -164,10 +179,18 @@ class WeightOnlyLinear(nn.Module):
     def set_kernel(self, kernel: str | None, fused: dict | None, forward=None) -> None:
         self._kernel, self._fused, self._fused_forward = kernel, fused, forward
 
+    _once: dict | None = None  # inside dequantized_once(): the dequantized weight per dtype, made at first use
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None:
             return self._fused_forward(self, x)
-        y = F.linear(x, self.dequantized(x.dtype))
+        if self._once is not None:
+            w = self._once.get(x.dtype)
+            if w is None:
+                w = self._once[x.dtype] = self.dequantized(x.dtype)
+        else:
+            w = self.dequantized(x.dtype)
+        y = F.linear(x, w)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): the packed copies belong to the old device

@@ -89,6 +89,17 @@ class EvalResult(_Open):
     warnings: list[str] = Field(default_factory=list)
 
 
+class StageCost(_Open):
+    """Where part of a step's time went (slimctl.stages): exclusive seconds, share of the step, the FLOPs
+    done and their rate, and that rate as a % of the machine's measured fp32 matmul peak when known."""
+    stage: str
+    seconds: float
+    share: Optional[float] = None
+    gflop: Optional[float] = None
+    gflops_per_s: Optional[float] = None
+    pct_of_matmul_peak: Optional[float] = None
+
+
 class StepRecord(_Open):
     """A recipe step as it ran: options, time, memory, and the technique's own statistics."""
     method: str
@@ -98,6 +109,7 @@ class StepRecord(_Open):
     added_rss_mb: Optional[float] = None
     loads_with: Optional[str] = None
     layers_changed: Optional[int] = None  # weight-holding modules the step replaced or changed in place
+    time_breakdown: Optional[list[StageCost]] = None  # calibrated steps: seconds and FLOPs per stage
 
 
 class Side(_Open):

@@ -75,6 +75,17 @@ class _Replay:
 
 
 def _cost(model, batches, replay: _Replay, start: int, logits: bool) -> float:
+    from . import stages
+
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    flops = sum(stages.linear_flops(b, tokens) for b in replay.blocks[start:])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    flops += stages.linear_flops(head, tokens) if head is not None and getattr(head, "weight", None) is not None else 0.0
+    with stages.stage(stages.SENSITIVITY, flops):
+        return _measured_cost(model, batches, replay, start, logits)
+
+
+def _measured_cost(model, batches, replay: _Replay, start: int, logits: bool) -> float:
     total, n = 0.0, 0
     with torch.inference_mode():
         for i, (b, r) in enumerate(zip(batches, replay.ref)):

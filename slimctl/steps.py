@@ -20,6 +20,7 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
     Returns the slimmed model (a step may replace it, e.g. by an ONNX Runtime one), stats, notes."""
     from . import techniques
     from .machine import PeakMemory, release_freed_memory, rss_mb
+    from .stages import collecting
 
     ctx = techniques.StepContext(kind=kind, seed=recipe.seed, progress=ui.say, tokenizer=tokenizer, track=ui.track)
     ctx.teacher = _teacher_copy(model, recipe, ui)
@@ -31,15 +32,17 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
         before = rss_mb()  # the process already holds the baseline (for side-by-side eval) and this model
         t0 = time.perf_counter()
         census = layer_census(model)
-        with PeakMemory("cpu") as mem:
+        with PeakMemory("cpu") as mem, collecting() as stages:
             stats = tech.apply(model, step.config, ctx)
+        seconds = time.perf_counter() - t0
         changed = None if ctx.replacement is not None else changed_layers(census, model)
         if changed is not None:
             check_changed(model, step.method, tech.kind, changed, census, ctx.notes)
-        results.append({"method": step.method, "options": step.options(), "seconds": round(time.perf_counter() - t0, 3),
+        results.append({"method": step.method, "options": step.options(), "seconds": round(seconds, 3),
                         "peak_rss_mb": round(mem.peak_mb, 1), "added_rss_mb": round(max(mem.peak_mb - before, 0.0), 1),
                         "loads_with": tech.loads_with, **stats,
-                        **({"layers_changed": len(changed)} if changed is not None else {})})
+                        **({"layers_changed": len(changed)} if changed is not None else {}),
+                        **({"time_breakdown": stages.record(seconds)} if stages.seconds else {})})
         if ctx.replacement is not None:
             model, ctx.replacement = ctx.replacement, None
     ctx.teacher = None

@@ -126,6 +126,14 @@ def peaks(device: str, dtype: str, remeasure: bool = False) -> dict[str, Any]:
     return {**cache[key], "cached_in": str(path)}
 
 
+def cached_peaks(device: str, dtype: str) -> dict[str, Any] | None:
+    """The cached peaks of this machine, or None when they were never measured here (nothing is measured)."""
+    try:
+        return json.loads((cache_dir() / "roofline.json").read_text()).get(_key(device, dtype))
+    except (OSError, ValueError):
+        return None
+
+
 def checked_fractions(model, kind: str, result: dict[str, Any], device: str, dtype: str,
                       remeasure: bool = False) -> dict[str, Any]:
     """`fractions` against the cached peaks; a fraction above 100 % means the peak is wrong (a run cannot

@@ -68,4 +68,20 @@ def report(r: dict[str, Any]) -> str:
     lines += ["", f"Steps: {steps}. Artifact: `{art.get('path', '–')}` ({art.get('loads_with', '?')}). "
               f"Machine: {env.get('cpu', '?')}, {env.get('threads', '?')} threads, seed {env.get('seed')}, "
               f"torch {env.get('versions', {}).get('torch', '?')}."]
+    cost = _cost(r)
+    if cost:
+        lines += ["", "Where the slimming time went: " + "; ".join(cost) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _cost(r: dict[str, Any]) -> list[str]:
+    """Per calibrated step: its seconds and its three largest stages (share, and % of the matmul peak)."""
+    out = []
+    for s in (r.get("slimmed") or {}).get("steps") or []:
+        rows = sorted((x for x in s.get("time_breakdown") or [] if x.get("share")), key=lambda x: -x["seconds"])[:3]
+        if not rows or s.get("seconds") is None:
+            continue
+        parts = [f"{x['stage']} {x['share']:.0%}" + (f" (at {x['pct_of_matmul_peak']:.0f}% of the matmul peak)"
+                                                     if x.get("pct_of_matmul_peak") is not None else "") for x in rows]
+        out.append(f"{s.get('method', '?')} {s['seconds']:.0f} s: " + ", ".join(parts))
+    return out

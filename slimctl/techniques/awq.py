@@ -15,7 +15,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..calibrate import run_block, sequential, summary
+from .. import stages
+from ..calibrate import BATCH_TOKENS, block_flops, run_block, sequential, summary, texts
 from ..families import of
 from ..families.folding import BlockFold, block_folds, expand, fold_scale, reduce
 from ..quant import QScheme, dequantize_groups, rtn
@@ -44,14 +45,15 @@ class AWQConfig(WeightOnlyOptions, CalibrationOptions):
 class _Capture:
     """Inputs (args, kwargs) and outputs of named modules of a block over all calibration inputs."""
 
-    def __init__(self, block: nn.Module, names: list[str]):
+    def __init__(self, block: nn.Module, names: list[str], outputs: list[str] | None = None):
         self.calls: dict[str, list] = {n: [] for n in names}
-        self.outs: dict[str, list] = {n: [] for n in names}
+        self.outs: dict[str, list] = {n: [] for n in (names if outputs is None else outputs)}
         self._hooks = []
         for n in names:
             mod = block.get_submodule(n)
             self._hooks.append(mod.register_forward_pre_hook(self._pre(n), with_kwargs=True))
-            self._hooks.append(mod.register_forward_hook(self._post(n)))
+            if n in self.outs:
+                self._hooks.append(mod.register_forward_hook(self._post(n)))
 
     def _pre(self, n):
         def fn(mod, args, kwargs):
@@ -88,7 +90,11 @@ def _loss(block, fold: BlockFold, cap: _Capture, samples: int) -> float:
     mod = block.get_submodule(fold.inspect)
     err, n = 0.0, 0
     with torch.inference_mode():
-        for (a, k), ref in zip(cap.calls[fold.inspect][:samples], cap.outs[fold.inspect][:samples]):
+        calls = cap.calls[fold.inspect]
+        first = _first_texts(calls, samples)
+        for (a, k), ref in zip(calls[:first], cap.outs[fold.inspect][:first]):
+            x = a[0] if a else k.get("hidden_states")
+            stages.add_flops(stages.SEARCH, block_flops(mod, x) if mod is not block else 0.0)
             out = mod(*a, **k)
             out = out[0] if isinstance(out, (tuple, list)) else out
             err += float((out.float() - ref.float()).pow(2).sum())
@@ -96,9 +102,24 @@ def _loss(block, fold: BlockFold, cap: _Capture, samples: int) -> float:
     return err / max(n, 1)
 
 
+def _first_texts(calls: list, samples: int) -> int:
+    """How many of the first calls hold `samples` calibration texts (a call may hold several stacked texts)."""
+    seen = 0
+    for i, item in enumerate(calls):
+        seen += texts(item)
+        if seen >= samples:
+            return i + 1
+    return len(calls)
+
+
 def search_scale(block, fold: BlockFold, cap: _Capture, schemes: dict[str, QScheme], cfg: AWQConfig):
     """The α with the least loss, whether its s divides by the weights' mean too (α = 0 without: s = 1),
     its scale s per prev channel, the loss at s = 1 and the least loss."""
+    with stages.stage(stages.SEARCH):
+        return _search_scale(block, fold, cap, schemes, cfg)
+
+
+def _search_scale(block, fold: BlockFold, cap: _Capture, schemes: dict[str, QScheme], cfg: AWQConfig):
     lins = [block.get_submodule(n) for n in fold.linears]
     originals = [l.weight.detach().clone() for l in lins]
     x_mean = reduce(cap.first_input(fold.linears[0]).abs().mean(0), fold)
@@ -149,35 +170,57 @@ def clip_range(w: torch.Tensor, x: torch.Tensor, scheme: QScheme, grid: int, max
     """Per (row, group) max |w| that minimises ‖x·w − x·Q(clamp(w))‖² over the sampled inputs x [tokens, in]."""
     out_f, in_f = w.shape
     group = scheme.group_size
+    with stages.stage(CLIP, 2.0 * x.shape[0] * in_f * group + 2.0 * out_f * in_f * group * int(max_shrink * grid)):
+        return _clip_range(w, x, scheme, grid, max_shrink)
+
+
+CLIP = "clip search"
+
+
+def _clip_range(w: torch.Tensor, x: torch.Tensor, scheme: QScheme, grid: int, max_shrink: float) -> torch.Tensor:
+    """The error of a candidate per (row, group), ‖x_g (w_g − q_g)‖² / tokens, is computed as d_gᵀ G_g d_g with
+    the group's Gram matrix G_g = x_gᵀ x_g / tokens (made once): the same quantity as AutoAWQ's explicit
+    products, with group² instead of tokens x out work per group and no [groups, tokens, out] temporaries."""
+    out_f, in_f = w.shape
+    group = scheme.group_size
     ng = in_f // group
     wg = w.float().reshape(out_f, ng, group)
     xg = x.float().reshape(-1, ng, group).transpose(0, 1)  # [ng, tokens, group]
-    org = torch.bmm(xg, wg.permute(1, 2, 0))  # [ng, tokens, out]
+    gram = torch.bmm(xg.transpose(1, 2), xg) / xg.shape[1]  # [ng, group, group]
     amax = wg.abs().amax(-1)  # [out, ng]
     best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
     for k in range(int(max_shrink * grid)):
         mx = amax * (1 - k / grid)
         cur = torch.maximum(torch.minimum(wg, mx[..., None]), -mx[..., None])
         q = _pseudo(cur.reshape(out_f, in_f), scheme).reshape(out_f, ng, group)
-        err = (torch.bmm(xg, q.permute(1, 2, 0)) - org).pow(2).mean(1).T  # [out, ng]
+        d = (wg - q).transpose(0, 1)  # [ng, out, group]
+        err = (torch.bmm(d, gram) * d).sum(-1).T  # [out, ng]
         better = err < best_err
         best_err[better], best[better] = err[better], mx[better]
     return best
 
 
-def _clip(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> tuple[dict[str, float], dict]:
-    """The clipping range per (row, group) of each clipped Linear, searched on the block's current inputs
-    (the weights are not changed here: `clip_weights` applies them), and its mean share of max |w|."""
+def _clipped(model, mine: dict[str, nn.Linear]) -> list[str]:
+    """The Linears whose clipping range is searched (not the query/key projections, as in AutoAWQ)."""
     fam = of(model)
     no_clip = fam.no_clip if fam else ("q_proj", "k_proj", "query", "key")
-    names = [n for n in mine if not any(t in n.rsplit(".", 1)[-1] for t in no_clip)]
-    cap = _Capture(block, names).run(block, inputs)
+    return [n for n in mine if not any(t in n.rsplit(".", 1)[-1] for t in no_clip)]
+
+
+def _clip(mine: dict[str, nn.Linear], schemes, cap: _Capture, names: list[str], divide: dict[str, torch.Tensor],
+          cfg: AWQConfig) -> tuple[dict[str, float], dict]:
+    """The clipping range per (row, group) of each clipped Linear, searched on the block's inputs captured before
+    the folds, divided by the scale a fold multiplied the Linear's columns by (what its input is now; as AutoAWQ
+    scales its cached input features). The weights are not changed here (`clip_weights` applies the ranges).
+    Returns the ranges and their mean share of max |w|."""
     shrink, bounds = {}, {}
     for n in names:
         if not cap.calls[n]:  # no calibration token reached it: rounded without a clipping search
             continue
         x = cap.first_input(n)
         x = x[:: max(1, x.shape[0] // cfg.clip_tokens)]
+        if n in divide:
+            x = x / divide[n]
         lin, grp = mine[n], schemes[n].group_size
         amax = lin.weight.detach().float().abs().reshape(lin.out_features, -1, grp).amax(-1).clamp(min=1e-12)
         bounds[n] = clip_range(lin.weight.detach(), x, schemes[n], cfg.clip_grid, cfg.max_shrink)
@@ -195,16 +238,21 @@ def clip_weights(mine: dict[str, nn.Linear], bounds: dict[str, torch.Tensor]) ->
 
 
 def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AWQConfig) -> tuple[dict, dict]:
-    """Scale search and folds, then the clipping search, for one block (names in `mine` are relative to it).
+    """Scale search and folds, then the clipping search, for one block (names in `mine` are relative to it),
+    from one capture of the block's inputs (AutoAWQ's cached input features): each fold is exact, so the
+    module a later fold inspects sees the same inputs, and a folded Linear's input is the captured one ÷ s.
     Returns the record and the clipping ranges, which the caller applies (`clip_weights`): with
     `propagate: float` only after the next block's inputs are computed from the folded float block."""
     chosen, skipped = block_folds(model, block)
+    chosen = [f for f in chosen if any(n in schemes for n in f.linears)]
+    clipped = _clipped(model, mine) if cfg.clip else []
+    inspected = list(dict.fromkeys(f.inspect for f in chosen))
+    cap = _Capture(block, list(dict.fromkeys(inspected + [f.linears[0] for f in chosen] + clipped)), inspected)
+    cap.run(block, inputs)
     ref = [run_block(block, a, k) for a, k in inputs[:1]]
     rec = {"folds": {}, "skipped": list(skipped)}
+    divide: dict[str, torch.Tensor] = {}  # Linear -> what a fold multiplied its input columns by
     for fold in chosen:
-        if not any(n in schemes for n in fold.linears):
-            continue
-        cap = _Capture(block, [fold.inspect, fold.linears[0]]).run(block, inputs)
         if not cap.calls[fold.linears[0]]:  # an expert the router never chose on this text
             rec["skipped"].append(f"{fold.prev} -> {', '.join(fold.linears)} (no calibration token reached it)")
             continue
@@ -216,10 +264,11 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
             apply_fold(block, fold, s, inverse=True)
             rec["skipped"].append(f"{fold.prev} -> {', '.join(fold.linears)} (the fold changed the block's output)")
             continue
+        divide.update({n: expand(s, fold)[None, :] for n in fold.linears})
         rec["folds"][fold.prev] = {"alpha": alpha, "duo_scaling": duo, "loss_rtn": rtn_loss, "loss_awq": loss}
     bounds = {}
     if cfg.clip:
-        rec["clip_mean_range"], bounds = _clip(model, block, mine, schemes, inputs, cfg)
+        rec["clip_mean_range"], bounds = _clip(mine, schemes, cap, clipped, divide, cfg)
     return rec, bounds
 
 
@@ -255,7 +304,8 @@ def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
         if prefix in pending:
             finish(prefix, *pending.pop(prefix))
 
-    sequential(model, batches, on_block, ctx.track, after_block)
+    sequential(model, batches, on_block, ctx.track, after_block, batch_tokens=BATCH_TOKENS,
+               batch_breaks=(cfg.search_samples,))  # the texts that score each α are whole batches
     rest = {n: m for n, m in targets.items() if n not in done}
     if cfg.quantize and rest:
         round_layers(model, rest, schemes)

@@ -31,6 +31,11 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     act_order: bool = False
     block_size: int = Field(default=128, ge=8, le=4096)
     sensitivity_samples: int = Field(default=2, ge=1, le=1024)  # calibration texts for the per-Linear costs
+    # how the per-Linear costs are found: "fisher" estimates every Linear's KL from one forward and
+    # `sensitivity_draws` backward passes (slimctl/fisher.py; causal LMs); "measured" quantizes each Linear
+    # alone and measures the KL with a forward pass per Linear and format (encoders always)
+    sensitivity: Literal["fisher", "measured"] = "fisher"
+    sensitivity_draws: int = Field(default=4, ge=1, le=64)  # labels drawn per token for the Fisher estimate
     sensitivity_seq_len: int = Field(default=256, ge=8, le=32_768)
 
 
@@ -43,6 +48,18 @@ def _choices(cfg: MixedConfig) -> dict[str, Choice]:
     if cfg.allow_float:
         out["float"] = Choice("float", None)
     return out
+
+
+def _costs(model, targets, choices, groups, batches, cfg: MixedConfig, ctx: StepContext) -> dict[str, dict[str, float]]:
+    """The cost of each choice of each Linear: the Fisher estimate (causal LMs) or the measured KL / error."""
+    per = {n: choices for n in targets}
+    if cfg.sensitivity == "fisher" and ctx.kind == CAUSAL_LM:
+        from ..fisher import fisher_costs
+
+        return fisher_costs(model, targets, per, groups, batches, ctx.seed, cfg.sensitivity_draws, ctx.track)
+    if cfg.sensitivity == "fisher":
+        ctx.notes.append("mixed: the Fisher estimate needs next-token probabilities; this model's costs were measured")
+    return layer_costs(model, targets, per, groups, batches, ctx.kind == CAUSAL_LM, ctx.track)
 
 
 @register("mixed", "quantize", MixedConfig,
@@ -61,7 +78,7 @@ def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
     check_budget(bits, weights, cfg.avg_bits)  # before any measuring
     batches = calibration_batches(ctx.tokenizer, ctx.kind, cfg.sensitivity_samples, cfg.sensitivity_seq_len,
                                   cfg.calib_data, ctx.seed)
-    costs = layer_costs(model, targets, {n: choices for n in targets}, groups, batches, ctx.kind == CAUSAL_LM, ctx.track)
+    costs = _costs(model, targets, choices, groups, batches, cfg, ctx)
     pick = allocate(bits, costs, weights, cfg.avg_bits)
     schemes = {n: QScheme(choices[c].scheme.bits, groups[n][c], cfg.symmetric, cfg.fp16_scales)
                for n, c in pick.items() if choices[c].scheme is not None}
@@ -85,4 +102,5 @@ def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
             "allocation_counts": counts, "groups": {n: s.group_size for n, s in schemes.items()},
             "sensitivity": {n: {c: float(f"{v:.4g}") for c, v in cs.items()} for n, cs in costs.items()},
             "sensitivity_tokens": sum(b["input_ids"].numel() for b in batches),
+            "sensitivity_method": "fisher" if cfg.sensitivity == "fisher" and ctx.kind == CAUSAL_LM else "measured",
             "bits_per_weight": reached}

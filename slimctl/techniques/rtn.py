@@ -53,8 +53,11 @@ def round_layer(model, name: str, lin, sch: QScheme) -> tuple[torch.Tensor, tupl
 
 def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
     """Replace each Linear by its round-to-nearest WeightOnlyLinear (scheme.group_size: the group used)."""
-    for name, lin in visit(model, layers.items()):
-        round_layer(model, name, lin, schemes[name])
+    from .. import stages
+
+    with stages.stage(stages.ROUND):
+        for name, lin in visit(model, layers.items()):
+            round_layer(model, name, lin, schemes[name])
 
 
 def _embeddings(model, ctx: StepContext) -> dict:

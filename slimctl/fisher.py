@@ -1,0 +1,111 @@
+"""The cost of quantizing each Linear estimated from one forward and a few backward passes (Fisher
+information), instead of one forward per Linear and format: the KL divergence a weight change ΔW causes
+is, to second order, ½ E_y[(gᵀ ΔW x)²], where x is the Linear's input at a token, g the gradient of
+log p(y) with respect to the Linear's output, and y a label drawn from the model's own next-token
+distribution (so that E_y[g gᵀ] is the Fisher information pulled back to that output). Each token's
+perturbation is scored on its own (the cross-token terms of attention are left out), so the estimate
+has the measured cost's units: KL summed over the vocabulary, mean over tokens.
+
+`mixed` uses it for causal LMs (`sensitivity: fisher`, the default); the measured costs stay available
+(`sensitivity: measured`) and scripts/bench_cost.py compares the two on the same layers."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import stages
+from .quant import dequantize_groups, rtn
+
+
+def fisher_costs(model, targets: dict[str, nn.Linear], choices: dict[str, dict], groups: dict[str, dict[str, int]],
+                 batches: list[dict], seed: int, draws: int = 4,
+                 track: Callable = lambda it, desc, total: it) -> dict[str, dict[str, float]]:
+    """Estimated KL of each quantized choice of each Linear (round to nearest, as the measured costs use),
+    from `draws` labels drawn per token on the calibration texts."""
+    from .calibrate import BATCH_TOKENS, stack
+
+    totals = {n: {c: 0.0 for c in choices[n]} for n in targets}
+    tokens = 0
+    gen = torch.Generator().manual_seed(seed)
+    use_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    parts = stack(batches, BATCH_TOKENS)
+    with torch.enable_grad(), _gradients_to_inputs(model), _Hooks(targets, choices, groups, totals):
+        for b in track(parts, "sensitivity (Fisher)", len(parts)):
+            with stages.stage(stages.SENSITIVITY, _forward_flops(model, b)):  # the backward: 2x these
+                logits = model(**b, **use_cache).logits.float()
+                probs = logits.softmax(-1).detach()
+            tokens += logits.shape[0] * logits.shape[1]
+            for k in range(draws):
+                labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
+                grad = -probs.reshape(-1, probs.shape[-1])
+                grad.scatter_add_(1, labels, torch.ones_like(labels, dtype=grad.dtype))  # e_y - p = ∇ log p(y)
+                with stages.stage(stages.SENSITIVITY, 2 * _forward_flops(model, b)):
+                    logits.backward(grad.view_as(logits), retain_graph=k < draws - 1)
+            del logits, probs
+    return {n: {c: (v / (draws * max(tokens, 1)) if choices[n][c].scheme is not None else 0.0) for c, v in cs.items()}
+            for n, cs in totals.items()}
+
+
+def _forward_flops(model, batch: dict) -> float:
+    return stages.linear_flops(model, int(batch["input_ids"].numel()))
+
+
+class _gradients_to_inputs:
+    """Parameters frozen (no weight gradients are needed) and the embeddings' output made to require a
+    gradient, so a backward pass reaches every Linear's output; restored on exit."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        emb = self.model.get_input_embeddings()
+        self.hook = emb.register_forward_hook(lambda mod, a, out: out.detach().requires_grad_(True))
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+class _Hooks:
+    """A forward hook on each Linear hooks its output's gradient, which adds ½ (gᵀ ΔW x)² per token of that
+    call's input x for every choice's ΔW (computed at each backward pass from the float weight: nothing per
+    choice is kept)."""
+
+    def __init__(self, targets, choices, groups, totals):
+        self.targets, self.choices, self.groups, self.totals = targets, choices, groups, totals
+
+    def __enter__(self):
+        self.handles = [lin.register_forward_hook(self._forward(n)) for n, lin in self.targets.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _forward(self, name: str):
+        def fn(mod, args, out):
+            if out.requires_grad:
+                x = args[0].detach()
+                out.register_hook(lambda g: self._score(name, x, g))
+        return fn
+
+    def _score(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        w = self.targets[name].weight.detach().float()
+        g = g.float().reshape(-1, g.shape[-1])
+        x = x.float().reshape(-1, x.shape[-1])
+        with stages.stage(stages.SENSITIVITY, 2.0 * x.shape[0] * w.numel() * len(self.choices[name])):
+            for cname, ch in self.choices[name].items():
+                if ch.scheme is None:
+                    continue
+                grp = self.groups[name][cname]
+                dw = w - dequantize_groups(*rtn(w, ch.scheme, grp), grp)
+                proj = (g * (x @ dw.T)).sum(-1)
+                self.totals[name][cname] += 0.5 * float(proj.pow(2).sum())
