@@ -14,6 +14,7 @@ from conftest import run_cli
 METHODS = {
     "rtn": {"bits": 4, "group_size": 32},
     "gptq": {"bits": 4, "group_size": 32, "calib_samples": 6, "calib_seq_len": 64},
+    "awq": {"bits": 4, "group_size": 32, "calib_samples": 6, "calib_seq_len": 64, "search_samples": 4},
     "smoothquant": {"calib_samples": 6, "calib_seq_len": 64},
     "magnitude": {"sparsity": 0.5},
     "wanda": {"sparsity": 0.5, "calib_samples": 6, "calib_seq_len": 64},
@@ -164,7 +165,7 @@ def test_gptq_artifact_loads_in_slimctl_and_matches_streamed_forward(sharded_lla
 
 
 def test_stream_refusals(sharded_llama, tmp_path):
-    r = run_cli("quantize", sharded_llama, "--method", "awq", "--stream", "--out", tmp_path / "a", "--skip-bench")
+    r = run_cli("quantize", sharded_llama, "--method", "mixed", "--stream", "--out", tmp_path / "a", "--skip-bench")
     assert r.returncode == 2 and r.stderr.strip().startswith("Error:") and "cannot run streamed" in r.stderr
     r = run_cli("prune", sharded_llama, "--method", "magnitude", "--sparsity", "0.5", "--scope", "global", "--stream",
                 "--out", tmp_path / "b", "--skip-bench", "--skip-eval")
@@ -218,3 +219,24 @@ def test_cli_stream_auto_stays_in_memory_for_a_small_model(sharded_llama, tmp_pa
                 "--skip-eval", "--json")
     assert r.returncode == 0, r.stderr
     assert "memory" not in json.loads(r.stdout)
+
+
+def test_streamed_awq_then_gptq_is_bit_identical(sharded_llama, tmp_path, one_thread):
+    """Two calibrated steps streamed one after the other (AWQ's scales and clipping left in float, then GPTQ)
+    give the in-memory artifact bit for bit."""
+    from slimctl import pipeline
+    from slimctl.recipe import from_dict
+
+    calib = {"group_size": 32, "calib_samples": 6, "calib_seq_len": 64}
+
+    def recipe(stream: bool):
+        return from_dict({"version": 1, "seed": 0, "stream": stream, "steps": [
+            {"method": "awq", **calib, "search_samples": 4}, {"method": "gptq", **calib}],
+            "eval": {"skip": True}, "bench": {"skip": True}}, "test")
+
+    pipeline.run(recipe(False), str(sharded_llama), tmp_path / "mem", isolate=False)
+    st = pipeline.run(recipe(True), str(sharded_llama), tmp_path / "stream", isolate=False)
+    a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "stream" / "model")
+    assert sorted(a) == sorted(b)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    assert st["memory"]["streamed"] and [s["method"] for s in st["slimmed"]["steps"]] == ["awq", "gptq"]

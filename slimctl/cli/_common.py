@@ -22,7 +22,7 @@ INLINE_OPT = typer.Option(False, "--inline", help="Bench in this process instead
 SKIP_EVAL_OPT = typer.Option(False, "--skip-eval", help="Do not evaluate accuracy.")
 SKIP_BENCH_OPT = typer.Option(False, "--skip-bench", help="Do not benchmark speed and memory.")
 STREAM_OPT = typer.Option(False, "--stream", help="Stream the model block by block from its safetensors files: peak "
-                          "memory about one block, sharded artifact (rtn, gptq, smoothquant, magnitude, wanda, sparsegpt).")
+                          "memory about one block, sharded artifact (rtn, gptq, awq, smoothquant, magnitude, wanda, sparsegpt).")
 STREAM_AUTO_OPT = typer.Option(False, "--stream-auto", help="Stream only when the model's weights exceed half the "
                                "available memory.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda.")

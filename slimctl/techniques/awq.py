@@ -274,7 +274,7 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
 
 @register("awq", "quantize", AWQConfig,
           "AWQ activation-aware scales (exact folds) + clipping search, then int4/int8 groups; reloads with slimctl",
-          loads_with="slimctl")
+          loads_with="slimctl", streams=True)
 def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
     targets, groups, schemes = plan_schemes(model, cfg, ctx)
     batches = cfg.batches(ctx)
