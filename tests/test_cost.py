@@ -123,6 +123,52 @@ def test_gptq_two_level_column_loop_gives_the_reference_loop_codes():
     torch.testing.assert_close(got_scale, scale, rtol=1e-5, atol=1e-7)
 
 
+def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_three_step_factor(monkeypatch):
+    import slimctl.calibrate as C
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=g) * torch.linspace(0.1, 3, 96)
+    h = 2 * x.T @ x / 300
+    lam = 0.01 * float(h.diag().mean())
+    u = C.upper_inverse_factor(h, lam)
+    monkeypatch.setattr(C, "_trtri", lambda h: None)  # the Cholesky, inverse, Cholesky path (scipy missing)
+    ref = C.upper_inverse_factor(h, lam)
+    assert torch.equal(u, u.triu()) and torch.allclose(u, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    hd = h + lam * torch.eye(96)
+    assert torch.allclose(u.T @ u @ hd, torch.eye(96), atol=1e-3)
+
+
+def test_output_energy_counted_in_the_forward_is_the_trace_form():
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(16, 5)
+    xs = [torch.randn(2, 7, 16, generator=g), torch.randn(1, 4, 16, generator=g)]
+    stats = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True)
+    w = lin.weight.detach()
+    assert stats.out_energy["l"] == pytest.approx(float(((w @ stats.hessian["l"]) * w).sum()), rel=1e-5)
+
+
+def test_gptq_output_error_from_its_own_loss_equals_the_trace_form(tiny_llama, monkeypatch):
+    """The relative output error GPTQ records (its row loss less the dampening's share, over the output energy)
+    is ‖(W − Ŵ)X‖² / ‖WX‖² as the trace form with H computes it, layer by layer, with never-seen inputs."""
+    import slimctl.techniques.gptq as G
+    from slimctl.calibrate import relative_output_error
+
+    m, ctx = _ctx(tiny_llama)
+    pairs, real = [], G.output_error
+
+    def both(w, w_hat, h, record, rows, energy):
+        got = real(w, w_hat, h, record, rows, energy)
+        pairs.append((got, relative_output_error(w, w_hat, h)))
+        return got
+
+    monkeypatch.setattr(G, "output_error", both)
+    stats = T.get("gptq").apply(m.model, T.get("gptq").config(bits=4, group_size=32, calib_samples=4, act_order=True), ctx)
+    assert len(pairs) == len(stats["relative_output_error"]) > 0
+    for got, ref in pairs:
+        assert got == pytest.approx(ref, rel=1e-3, abs=1e-7)
+    assert max(ref for _, ref in pairs) > 1e-4  # the check compares errors that are there
+
+
 def test_clip_search_by_gram_matrices_picks_the_explicit_products_ranges():
     from slimctl.quant import QScheme
     from slimctl.techniques.awq import _pseudo, clip_range
