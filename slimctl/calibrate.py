@@ -487,11 +487,16 @@ def upper_inverse_factor(h: torch.Tensor, lam: float) -> torch.Tensor:
     hd.diagonal().add_(lam)
     lower = torch.linalg.cholesky(hd)
     del hd
-    # lower is C-ordered, so its transpose is Lᵀ in Fortran order: LAPACK inverts it in place, (Lᵀ)⁻¹ = (L⁻¹)ᵀ
-    inv_t, info = trtri(lower.numpy().T, lower=0, overwrite_c=1)
+    # LAPACK inverts a Fortran-ordered matrix in place (no copy): torch's Cholesky is Fortran-ordered L; were it
+    # C-ordered, its transpose would be Lᵀ in Fortran order, whose inverse is (L⁻¹)ᵀ
+    a = lower.numpy()
+    fortran = a.flags.f_contiguous
+    inv, info = trtri(a if fortran else a.T, lower=1 if fortran else 0, overwrite_c=1)
     if info != 0:
         raise torch.linalg.LinAlgError(f"triangular inverse failed (LAPACK info {info})")
-    return torch.from_numpy(inv_t.T).flip(0, 1)
+    inv = torch.from_numpy(inv)
+    del lower, a
+    return (inv if fortran else inv.T).flip(0, 1)
 
 
 def _factor(h: torch.Tensor, damp: float, layer: str, used: dict[str, float] | None) -> torch.Tensor:
