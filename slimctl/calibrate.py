@@ -234,6 +234,28 @@ def _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
     return results
 
 
+def _syrk(x: torch.Tensor):
+    """BLAS's symmetric rank-k update (scipy) for float32 CPU inputs: XᵀX in half a GEMM's flops; or None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    try:
+        from scipy.linalg.blas import ssyrk
+    except ImportError:
+        return None
+    return ssyrk
+
+
+def _mirror_lower(h: torch.Tensor, block: int = 1024) -> None:
+    """Copy h's lower triangle onto its upper one, in place, a block of rows at a time (no n x n temporary)."""
+    n = h.shape[0]
+    with torch.inference_mode(h.is_inference()):  # made inside the calibration pass's inference mode, or not
+        for i in range(0, n, block):
+            j = min(i + block, n)
+            h[:i, i:j] = h[i:j, :i].T
+            d = h[i:j, i:j]
+            d.copy_(d.tril() + d.tril(-1).T)
+
+
 class InputStats:
     """Forward hooks on Linear layers that accumulate what calibration needs from their inputs:
     the Hessian proxy H = 2/n Σ x xᵀ (GPTQ, SparseGPT), the squared L2 norm per input feature
@@ -256,6 +278,7 @@ class InputStats:
         # tr(W H Wᵀ) = 2/n Σ ‖W x‖² per layer (its own output, bias taken off), for GPTQ's relative output error
         self.out_energy = {k: 0.0 for k in layers} if hessian else {}
         self._out_n = {k: 0 for k in layers}
+        self._half: set[str] = set()  # Hessians accumulated by a symmetric rank-k update: lower triangle only
         self.share, self.broken = share, False
         self.leader: dict[str, str] = {}  # layer -> the layer whose statistics it shares (itself when none)
         self._calls = {k: 0 for k in layers}
@@ -293,22 +316,31 @@ class InputStats:
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             m, d = x.shape
-            with stages.stage(stages.STATISTICS, 2.0 * m * d * d if self._want_hessian else 4.0 * m * d):
+            syrk = _syrk(x) if self._want_hessian else None
+            with stages.stage(stages.STATISTICS, (1.0 if syrk else 2.0) * m * d * d if self._want_hessian else 4.0 * m * d):
                 self.sq_norm[name] += (x * x).sum(0)
                 self.sum[name] += x.sum(0, dtype=torch.float64)
                 self.absmax[name] = torch.maximum(self.absmax[name], x.abs().amax(0))
                 if self._want_hessian:
                     n = self.n[name]
                     h = self.hessian.setdefault(name, torch.zeros(d, d))
-                    h.mul_(n / (n + m))
-                    xs = x * (2.0 / (n + m)) ** 0.5
-                    h.addmm_(xs.T, xs)
+                    if syrk is not None:  # H ← n/(n+m) H + 2/(n+m) XᵀX, its lower triangle only (finish mirrors it)
+                        syrk(2.0 / (n + m), x.contiguous().numpy().T, beta=n / (n + m), c=h.numpy().T, trans=0,
+                             lower=0, overwrite_c=1)
+                        self._half.add(name)
+                    else:
+                        h.mul_(n / (n + m))
+                        xs = x * (2.0 / (n + m)) ** 0.5
+                        h.addmm_(xs.T, xs)
             self.n[name] += m
         return fn
 
     def finish(self) -> "InputStats":
         """Remove the hooks; each follower gets its leader's statistics (the same tensors)."""
         self.remove()
+        for name in self._half:
+            _mirror_lower(self.hessian[name])
+        self._half = set()
         if self._want_hessian:  # a zero Hessian for a layer no input reached
             for name, width in self._widths.items():
                 if self.leader.get(name, name) == name:

@@ -138,6 +138,20 @@ def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_th
     assert torch.allclose(u.T @ u @ hd, torch.eye(96), atol=1e-3)
 
 
+def test_hessian_by_symmetric_rank_k_updates_equals_the_gemm_sum(monkeypatch):
+    import slimctl.calibrate as C
+
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(40, 3)
+    xs = [torch.randn(2, 9, 40, generator=g), torch.randn(1, 5, 40, generator=g) * 3]
+    fast = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
+    monkeypatch.setattr(C, "_syrk", lambda x: None)
+    ref = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
+    assert torch.equal(fast, fast.T) and torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    x = torch.cat([x.reshape(-1, 40) for x in xs])
+    assert torch.allclose(ref, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
 def test_output_energy_counted_in_the_forward_is_the_trace_form():
     g = torch.Generator().manual_seed(1)
     lin = nn.Linear(16, 5)
