@@ -2,7 +2,8 @@
 per block (the bytes of llama.cpp's q4_0 KV cache type, 0.5625 per value), int8 in blocks of 64 where the head
 size allows (1.03 bytes; llama.cpp's q8_0 takes blocks of 32, 1.0625), keys
 per channel over groups of 32 tokens and values per token after a Hadamard rotation (see QuantizedKVLayer),
-appended without re-quantizing what is stored, dequantized per layer when attention reads it. A transformers
+int4 keys asymmetric (fp16 scale and minimum, as KIVI quantizes keys) over groups of 64 tokens, the same 0.5625
+bytes per value; appended without re-quantizing what is stored, dequantized per layer when attention reads it. A transformers
 `Cache`, so any causal LM that takes a cache argument uses it."""
 from __future__ import annotations
 
@@ -46,6 +47,25 @@ def quantize(x: torch.Tensor, bits: int, size: int = BLOCK) -> tuple[torch.Tenso
     return q[..., 0::2] | (q[..., 1::2] << 4), d.squeeze(-1)
 
 
+KEY_GROUP_INT4 = 64  # int4 keys: tokens per (scale, minimum) pair, 0.5 + 4/64 bytes per value (q4_0's 0.5625)
+
+
+def quantize_asym(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[..., D] -> 4-bit codes 0..15 packed two per byte, fp16 scales and fp16 minima per block of `size`
+    (q4_1-style: x ≈ code · d + m, d = (max − min)/15)."""
+    g = x.float().unflatten(-1, (-1, size))
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    m, d = lo.half(), ((hi - lo) / 15).half()
+    q = torch.round((g - m.float()) / d.float().clamp_min(1e-30)).clamp(0, 15).to(torch.uint8).flatten(-2)
+    return q[..., 0::2] | (q[..., 1::2] << 4), d.squeeze(-1), m.squeeze(-1)
+
+
+def dequantize_asym(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dtype: torch.dtype, size: int) -> torch.Tensor:
+    q = torch.stack([q & 15, q >> 4], -1).flatten(-2)
+    x = q.float().unflatten(-1, (-1, size)) * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
+    return x.flatten(-2).to(dtype)
+
+
 def dequantize(q: torch.Tensor, d: torch.Tensor, bits: int, dtype: torch.dtype, size: int = BLOCK) -> torch.Tensor:
     if bits == 4:
         q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
@@ -58,8 +78,9 @@ class QuantizedKVLayer(DynamicLayer):
 
     - the first token (the attention sink, whose key carries the largest values) stays in the model's dtype,
       as IntactKV and KVQuant keep it;
-    - keys are quantized per channel over groups of 32 tokens (64 for int8; KIVI: key outliers sit in fixed
-      channels), so up to 31 (63) newest keys wait in the model's dtype until their group is full;
+    - keys are quantized per channel (KIVI: key outliers sit in fixed channels), int4 asymmetrically (scale and
+      minimum, as KIVI does) over groups of 64 tokens, int8 symmetrically over 64 (32 where the head size is not a
+      multiple of 64), so up to 63 newest keys wait in the model's dtype until their group is full;
     - values are quantized per token in blocks of 32 (64) along the head, after a randomised Hadamard rotation of each
       head (QuaRot's online rotation, undone on reading: exact but for the rounding, which it spreads).
 
@@ -83,12 +104,21 @@ class QuantizedKVLayer(DynamicLayer):
         self.dtype = key_states.dtype
         self._h = rotation(value_states.shape[-1], "hadamard", 0)[0].to(torch.float32).to(value_states.device)
         self.size = block(self.bits, value_states.shape[-1])
+        self.key_size = KEY_GROUP_INT4 if self.bits == 4 else self.size
         self._sk, self._sv = key_states[..., :0, :], value_states[..., :0, :]
         self._pk = key_states[..., :0, :]
 
     @staticmethod
-    def _append(stored, q, d, dim: int):
-        return (q, d) if stored is None else (torch.cat([stored[0], q], dim), torch.cat([stored[1], d], dim))
+    def _append(stored, parts: tuple, dim: int):
+        return parts if stored is None else tuple(torch.cat([a, b], dim) for a, b in zip(stored, parts))
+
+    def _quantize_keys(self, k: torch.Tensor) -> tuple:  # [..., D, T] per channel along the tokens
+        return quantize_asym(k, self.key_size) if self.bits == 4 else quantize(k, self.bits, self.key_size)
+
+    def _keys(self) -> torch.Tensor:
+        if self.bits == 4:
+            return dequantize_asym(*self._k, self.dtype, self.key_size)
+        return dequantize(*self._k, self.bits, self.dtype, self.key_size)
 
     def _store(self, key_states, value_states) -> None:
         take = max(0, SINK_TOKENS - self._sk.shape[-2])
@@ -97,11 +127,11 @@ class QuantizedKVLayer(DynamicLayer):
             self._sv = torch.cat([self._sv, value_states[..., :take, :]], -2)
             key_states, value_states = key_states[..., take:, :], value_states[..., take:, :]
         if value_states.shape[-2]:
-            self._v = self._append(self._v, *quantize(value_states.float() @ self._h, self.bits, self.size), -2)
+            self._v = self._append(self._v, quantize(value_states.float() @ self._h, self.bits, self.size), -2)
         self._pk = torch.cat([self._pk, key_states], -2)
-        full = self._pk.shape[-2] - self._pk.shape[-2] % self.size
+        full = self._pk.shape[-2] - self._pk.shape[-2] % self.key_size
         if full:
-            self._k = self._append(self._k, *quantize(self._pk[..., :full, :].transpose(-1, -2), self.bits, self.size), -1)
+            self._k = self._append(self._k, self._quantize_keys(self._pk[..., :full, :].transpose(-1, -2)), -1)
             self._pk = self._pk[..., full:, :]
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -109,8 +139,7 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self._store(key_states, value_states)
         self.length += key_states.shape[-2]
-        keys = [self._sk] + ([dequantize(*self._k, self.bits, self.dtype, self.size).transpose(-1, -2)] if self._k else []) \
-            + [self._pk]
+        keys = [self._sk] + ([self._keys().transpose(-1, -2)] if self._k else []) + [self._pk]
         values = [self._sv] + ([(dequantize(*self._v, self.bits, torch.float32, self.size) @ self._h.T).to(self.dtype)]
                                if self._v else [])
         return torch.cat(keys, -2), torch.cat(values, -2)
@@ -187,7 +216,7 @@ def per_request(model, kind: str):
 def bytes_per_token(config, kind: str, fp_bytes: int, llama_cpp: bool = False) -> float:
     """KV bytes one token takes over all layers: 2 (K, V) x layers x kv heads x head_dim x bytes per value (fp: the
     model's dtype; int8: 1 + 2/64, or 1 + 2/32 where the head size is not a multiple of 64 and in llama.cpp's q8_0;
-    int4: 0.5 + 2/32), the first token and keys still waiting for their group aside."""
+    int4: 0.5 + 2/32, values q4_0 and keys 0.5 + 4/64 with a minimum, the same), the first token and keys still waiting for their group aside."""
     text = config.get_text_config(decoder=True)
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads

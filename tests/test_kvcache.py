@@ -44,11 +44,14 @@ def _greedy(model, ids, n, cache):
 
 def _expected_bytes(config, kind: str, tokens: int, fp: int = 4) -> int:
     """2 layers x 2 kv heads x 32 dims: the first token in fp for K and V; values of the others quantized;
-    keys quantized in whole groups of 32 tokens, the rest waiting in fp."""
+    keys quantized in whole groups (32 tokens for int8 here, 64 with a scale and a minimum for int4: the same
+    bytes per value as q4_0's values), the rest waiting in fp."""
     per_value = {"int8": 1 + 2 / BLOCK, "int4": 0.5 + 2 / BLOCK}[kind]
+    key_group = {"int8": BLOCK, "int4": 64}[kind]
+    assert {"int8": 1 + 2 / BLOCK, "int4": 0.5 + 4 / 64}[kind] == per_value
     rows = config.num_hidden_layers * config.num_key_value_heads * config.head_dim
     rest = tokens - 1
-    grouped = rest - rest % BLOCK
+    grouped = rest - rest % key_group
     return round(rows * (2 * fp + rest * per_value + grouped * per_value + (rest - grouped) * fp))
 
 
@@ -76,15 +79,25 @@ def test_keys_wait_for_a_full_group_and_values_do_not():
     model = _model()
     cache = QuantizedKVCache(model.config, "int4")
     layer = cache.layers[0]
-    k = torch.randn(1, 2, 40, 32)
+    k = torch.randn(1, 2, 70, 32)
     keys, values = layer.update(k, k.clone())
     assert keys.shape == values.shape == k.shape
     assert torch.equal(keys[..., :1, :], k[..., :1, :])  # the sink token is kept as it came
-    assert torch.equal(keys[..., 33:, :], k[..., 33:, :])  # 7 keys wait for their group of 32
-    assert not torch.equal(keys[..., 1:33, :], k[..., 1:33, :]) and not torch.equal(values[..., 1:, :], k[..., 1:, :])
-    assert layer._k[1].shape[-1] == 1 and layer._v[0].shape[-2] == 39  # one group of 32 keys per channel
-    keys2, _ = layer.update(torch.randn(1, 2, 25, 32), torch.randn(1, 2, 25, 32))
-    assert keys2.shape[-2] == 65 and layer._k[1].shape[-1] == 2 and torch.equal(keys2[..., 1:33, :], keys[..., 1:33, :])
+    assert torch.equal(keys[..., 65:, :], k[..., 65:, :])  # 5 keys wait for their group of 64
+    assert not torch.equal(keys[..., 1:65, :], k[..., 1:65, :]) and not torch.equal(values[..., 1:, :], k[..., 1:, :])
+    assert len(layer._k) == 3 and layer._k[1].shape[-1] == 1 and layer._v[0].shape[-2] == 69  # scale + minimum per group
+    keys2, _ = layer.update(torch.randn(1, 2, 60, 32), torch.randn(1, 2, 60, 32))
+    assert keys2.shape[-2] == 130 and layer._k[1].shape[-1] == 2 and torch.equal(keys2[..., 1:65, :], keys[..., 1:65, :])
+
+
+def test_int4_keys_round_trip_within_half_a_step_of_their_range():
+    from slimctl.kvcache import dequantize_asym, quantize_asym
+
+    x = torch.randn(3, 5, 128) * torch.linspace(0.1, 4, 128) + 2.0  # an offset symmetric codes would waste
+    q, d, m = quantize_asym(x, 64)
+    assert q.dtype == torch.uint8 and q.shape[-1] == 64 and d.shape[-1] == m.shape[-1] == 2
+    err = (dequantize_asym(q, d, m, torch.float32, 64) - x).abs().unflatten(-1, (2, 64)).amax(-1)
+    assert (err <= d.float() * 0.5 + 2e-3 * x.abs().unflatten(-1, (2, 64)).amax(-1)).all()
 
 
 def test_int4_cache_changes_the_logits_a_little_and_int8_less():
