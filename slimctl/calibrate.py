@@ -7,6 +7,7 @@ to the next one. Peak memory stays near one block plus the calibration activatio
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from typing import Any, Callable
 
@@ -493,11 +494,17 @@ def _trtri(h: torch.Tensor):
     """LAPACK's in-place triangular inverse (scipy) for a float CPU matrix like h, or None (scipy missing, other dtype)."""
     if h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu":
         return None
+    return _lapack_trtri(h.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _lapack_trtri(dtype: torch.dtype):
+    """Looked up once per dtype (inverse_hessian_factor asks twice per layer: for the flop count, then to run it)."""
     try:
         from scipy.linalg import get_lapack_funcs
     except ImportError:
         return None
-    return get_lapack_funcs(("trtri",), (h[:1, :1].numpy(),))[0]
+    return get_lapack_funcs(("trtri",), (torch.zeros(1, 1, dtype=dtype).numpy(),))[0]
 
 
 def upper_inverse_factor(h: torch.Tensor, lam: float) -> torch.Tensor:

@@ -57,8 +57,8 @@ def output_error(w, w_hat, h, record: dict, rows: slice, energy: float | None) -
     """‖(W − Ŵ) X‖² / ‖W X‖² over the calibration inputs from what GPTQ and the statistics already hold: the
     numerator is GPTQ's row loss less λ‖ΔW‖² (the dampening's share), the denominator the layer's output energy
     counted during the calibration forward. Equal to relative_output_error's trace form within float rounding
-    (test), without its two products of W by H (a quarter of a 70B-shaped layer's time). Without an energy (a
-    energy counted) the trace form is used."""
+    (test), without its two products of W by H (a quarter of a 70B-shaped layer's time). Without an energy (the
+    statistics did not count one) the trace form is used."""
     if energy is None:
         return relative_output_error(w, w_hat, h)
     with stages.stage(stages.ERROR, 3.0 * w.numel()):
