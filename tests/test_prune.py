@@ -242,6 +242,52 @@ def test_structured_reconstruction_brings_the_pruned_model_closer_to_the_origina
     assert kl[True] < kl[False]
 
 
+def test_refit_with_a_drift_target_is_the_least_squares_fit_of_it():
+    """remove_groups with cross statistics of a drift δ refits the kept columns (and the bias) to W x + δ:
+    the damped least-squares solution computed directly."""
+    from slimctl.techniques.reconstruct import remove_groups
+
+    x = _correlated_inputs(n=2048, d=32).double()
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(8, 32, generator=g).double(), torch.randn(8, generator=g).double()
+    delta = x @ torch.randn(32, 8, generator=g).double() * 0.1 + 0.05 * torch.randn(2048, 8, generator=g) + 0.3
+    n = x.shape[0]
+    h, mean = 2 / n * x.T @ x, x.mean(0)
+    r = remove_groups(w, h, torch.arange(32)[:, None], 12, 1e-6, b, mean,
+                      cross=2 / n * delta.T @ x, cross_sum=2 / n * delta.sum(0))
+    xa = torch.cat([x[:, r.kept], torch.ones(n, 1)], 1)
+    sol = torch.linalg.lstsq(xa, x @ w.T + b + delta).solution.T
+    ours = torch.cat([r.weight.double(), r.bias.double()[:, None]], 1)
+    assert float((xa @ (ours - sol).T).norm() / (xa @ sol.T).norm()) < 1e-4  # float32 weights, damping 1e-6
+    plain = remove_groups(w, h, torch.arange(32)[:, None], 12, 1e-6, b, mean)  # no drift: the fit is worse
+    assert torch.equal(plain.kept, r.kept) and not torch.allclose(plain.weight, r.weight, atol=1e-2)
+
+
+def test_structured_model_target_brings_the_last_block_closer_to_the_unpruned_model(tiny_llama):
+    """On the calibration text, the pruned model's last hidden state is closer to the original's when the
+    FFN refit reproduces the unpruned model's block outputs (refit_target model) than its own (layer)."""
+    ref = load(str(tiny_llama))
+    t = T.get("structured")
+    opts = dict(ffn=0.5, calib_samples=16, calib_seq_len=64)
+    batches = t.config(**opts).batches(T.StepContext(kind=ref.kind, tokenizer=ref.tokenizer))
+
+    def last_hidden(model):  # the last block's output (hidden_states[-1] is after the final norm)
+        got = []
+        hook = model.model.layers[-1].register_forward_hook(lambda mod, a, out: got.append(out[0] if isinstance(out, tuple) else out))
+        with torch.inference_mode():
+            for b in batches:
+                model(**b)
+        hook.remove()
+        return torch.cat([h.flatten(0, 1) for h in got])
+
+    h0, err = last_hidden(ref.model), {}
+    for target in ("layer", "model"):
+        m = load(str(tiny_llama))
+        _apply(m, "structured", refit_target=target, **opts)
+        err[target] = float((last_hidden(m.model) - h0).pow(2).sum())
+    assert err["model"] < 0.97 * err["layer"], err  # least squares on the same inputs: lower up to damping
+
+
 def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(tiny_llama, tmp_path):
     from slimctl.formats.transformers import Transformers
 

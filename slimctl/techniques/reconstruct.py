@@ -46,13 +46,19 @@ def _group_costs(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor, rows: t
 
 def remove_groups(w: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, remove: int, dampening: float = 0.01,
                   bias: torch.Tensor | None = None, mean: torch.Tensor | None = None,
-                  row_weight: torch.Tensor | None = None) -> Removal:
+                  row_weight: torch.Tensor | None = None, cross: torch.Tensor | None = None,
+                  cross_sum: torch.Tensor | None = None) -> Removal:
     """Remove `remove` of the column groups (rows of `groups`: the column indices of each group) of
     w (out × in) greedily by least output error, updating the remaining columns after each choice
     (W ← W − W_S [H⁻¹]_SS⁻¹ [H⁻¹]_S:, and H⁻¹ by the same Schur step); the result equals the
     least-squares refit of the kept columns on the (damped) calibration inputs. `row_weight` weighs each
     output's error in the choice (e.g. the diagonal Fisher of the loss w.r.t. that output: the cost is
-    then an estimate of the loss increase); the refit of each row does not depend on it."""
+    then an estimate of the loss increase); the refit of each row does not depend on it.
+
+    `cross` = 2/n Σ δ xᵀ (out × in) and `cross_sum` = 2/n Σ δ (with a bias) move the refit's target from
+    the layer's own output W x to W x + δ, where δ is the drift of the block's output from the unpruned
+    model's on the same text: the kept columns then also absorb what upstream pruning changed (the
+    unpruned model's output as the target, as in Kwon et al. 2022's mask tuning; `refit`)."""
     wa, ha = _augmented(w, h, bias, mean)
     n_in = w.shape[1]
     dead = torch.diag(ha) == 0  # never-active inputs: removing them costs nothing
@@ -80,6 +86,20 @@ def remove_groups(w: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, remove
         path.append((int((~alive).sum()), total))
     kept = alive.nonzero()[:, 0]
     cols = groups[kept].flatten()
+    if cross is not None:
+        refit(wa, ha, cols, n_in, cross, cross_sum if bias is not None else None)
     d = wa - w0
     err = float(torch.trace(d @ h0 @ d.T) / torch.trace(w0 @ h0 @ w0.T).clamp(min=1e-30))
     return Removal(kept, wa[:, cols].float(), wa[:, n_in].float() if bias is not None else None, err, path)
+
+
+def refit(wa: torch.Tensor, ha: torch.Tensor, cols: torch.Tensor, n_in: int, cross: torch.Tensor,
+          cross_sum: torch.Tensor | None) -> None:
+    """Add the least-squares fit of the drift δ on the kept inputs to wa in place: wa[:, K] += C_K H_KK⁻¹
+    (H damped as for the removal; K = the kept columns, plus the bias column when there is one)."""
+    k = torch.cat([cols, torch.tensor([n_in])]) if cross_sum is not None else cols
+    c = cross.double()
+    if cross_sum is not None:
+        c = torch.cat([c, cross_sum.double()[:, None]], 1)
+    hk = ha[k][:, k]
+    wa[:, k] += torch.cholesky_solve(c[:, k].T.contiguous(), torch.linalg.cholesky(hk)).T

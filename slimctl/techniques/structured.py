@@ -11,7 +11,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..calibrate import block_stats, find_blocks, sequential, summary
+from ..calibrate import block_stats, collect, find_blocks, run_block, sequential, summary, with_hidden
 from .. import families
 from ..errors import UnsupportedError
 from ..kinds import CAUSAL_LM
@@ -35,6 +35,10 @@ class StructuredConfig(CalibrationOptions):
     # the config's slimctl_layer_sizes and reloaded by slimctl (plain from_pretrained refuses the shapes)
     allocation: Literal["uniform", "global"] = "uniform"
     max_layer_share: float = Field(default=0.9, gt=0.0, lt=1.0)  # global: at most this share of a layer's channels
+    # what the FFN refit reproduces: "layer", down_proj's own output on its (already pruned upstream)
+    # inputs; "model", the unpruned model's block output on the same text, so the kept channels also
+    # absorb the drift earlier pruning caused (Kwon et al. 2022's mask-tuning target; one more block pass)
+    refit_target: Literal["layer", "model"] = "model"
 
     @model_validator(mode="after")
     def _something(self):
@@ -232,7 +236,8 @@ def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> t
     return n_heads, n_kv, head_dim, keep_kv
 
 
-def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: str, cfg: StructuredConfig) -> tuple[torch.Tensor, float | None]:
+def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: str, cfg: StructuredConfig,
+            drift: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, float | None]:
     """The column groups of `consumer` to keep (ascending); with reconstruct the consumer's weight and
     bias are refit in place on the kept columns first. Returns (kept, relative output error or None)."""
     if not cfg.reconstruct:
@@ -240,7 +245,7 @@ def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: st
         return torch.topk(score, keep).indices.sort().values, None
     n = max(stats.n[key], 1)
     r = remove_groups(consumer.weight, stats.hessian[key], groups, len(groups) - keep, cfg.dampening,
-                      consumer.bias, stats.sum[key] / n)
+                      consumer.bias, stats.sum[key] / n, *((None, *drift) if drift else ()))
     with torch.no_grad():
         consumer.weight[:, groups[r.kept].flatten()] = r.weight.to(consumer.weight.dtype)
         if r.bias is not None:
@@ -248,10 +253,10 @@ def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: st
     return r.kept, r.error
 
 
-def _prune_ffn(block, ffn, keep: int, stats, cfg: StructuredConfig) -> float | None:
+def _prune_ffn(block, ffn, keep: int, stats, cfg: StructuredConfig, drift=None) -> float | None:
     producers, consumer, pnames, cname, parts = ffn
     width = consumer.in_features
-    idx, err = _choose(consumer, torch.arange(width)[:, None], keep, stats, "ffn", cfg)
+    idx, err = _choose(consumer, torch.arange(width)[:, None], keep, stats, "ffn", cfg, drift)
     rows = torch.cat([idx + k * width for k in range(parts)])  # a fused producer: the channel in every part
     for p, pn in zip(producers, pnames):
         _set(block, pn, _keep_rows(p, rows))
@@ -272,6 +277,37 @@ def _prune_heads(block, att: dict[str, str], heads: tuple[int, int, int, int], s
         _set(block, att[part], _keep_rows(block.get_submodule(att[part]), idx))
     _set(block, att["o"], _keep_cols(block.get_submodule(att["o"]), q_idx))
     return sorted(set(range(n_kv)) - set(kv_keep.tolist())), err
+
+
+def ffn_stats_and_drift(block: nn.Module, inputs: list, consumer: nn.Linear, target: list[torch.Tensor]):
+    """The consumer's input statistics (with H) and, in the same pass, (2/n Σ δ xᵀ, 2/n Σ δ) over the
+    calibration tokens: x the consumer's input, δ = target − the block's output (n tokens, H's normalisation)."""
+    seen: list[torch.Tensor] = []
+    acc: dict = {}
+
+    def run():
+        acc.update(cross=None, total=None, n=0)
+        h = consumer.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+        try:
+            with torch.inference_mode():
+                for (a, k), t in zip(inputs, target):
+                    d = (t - run_block(block, a, k)).reshape(-1, t.shape[-1]).float()
+                    x = seen.pop().reshape(-1, consumer.in_features).float()
+                    acc["cross"] = d.T @ x if acc["cross"] is None else acc["cross"].addmm_(d.T, x)
+                    acc["total"] = d.sum(0) if acc["total"] is None else acc["total"] + d.sum(0)
+                    acc["n"] += d.shape[0]
+        finally:
+            h.remove()
+
+    stats = collect({"ffn": consumer}, run, hessian=True)
+    scale = 2.0 / max(acc["n"], 1)
+    return stats, (acc["cross"].double() * scale, acc["total"].double() * scale)
+
+
+def _dense_outputs(block: nn.Module, inputs: list, dense: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The unpruned block's outputs on the unpruned model's hidden states (the refit's target)."""
+    with torch.inference_mode():
+        return [run_block(block, *with_hidden(a, k, h)) for (a, k), h in zip(inputs, dense)]
 
 
 def _record(rec: dict, key: str, err: float | None) -> None:
@@ -322,16 +358,25 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     if heads:
         plan["heads"] = heads
     removed: dict[str, dict] = {}
+    dense: list[torch.Tensor] = []  # refit_target model: the unpruned model's hidden states, per input
 
     def on_block(i, name, block, inputs):
         rec = {}
+        pruning_ffn = "ffn" in plan and plan["ffn"][1][i] < plan["ffn"][0]
+        if cfg.refit_target == "model" and cfg.reconstruct and "ffn" in plan:
+            if not dense:
+                dense.extend((a[0] if a else k["hidden_states"]) for a, k in inputs)
+            dense[:] = _dense_outputs(block, inputs, dense)
         if "heads" in plan and plan["heads"][3] < plan["heads"][1]:  # heads first: the FFN then sees their refit output
             stats = block_stats(block, inputs, {"heads": block.get_submodule(atts[i]["o"])}, hessian=cfg.reconstruct)
             rec["kv_heads_removed"], err = _prune_heads(block, atts[i], plan["heads"], stats, cfg)
             _record(rec, "o_proj_error", err)
-        if "ffn" in plan and plan["ffn"][1][i] < plan["ffn"][0]:
-            stats = block_stats(block, inputs, {"ffn": ffns[i][1]}, hessian=cfg.reconstruct)
-            _record(rec, "ffn_error", _prune_ffn(block, ffns[i], plan["ffn"][1][i], stats, cfg))
+        if pruning_ffn:
+            if dense:
+                stats, drift = ffn_stats_and_drift(block, inputs, ffns[i][1], dense)
+            else:
+                stats, drift = block_stats(block, inputs, {"ffn": ffns[i][1]}, hessian=cfg.reconstruct), None
+            _record(rec, "ffn_error", _prune_ffn(block, ffns[i], plan["ffn"][1][i], stats, cfg, drift))
             rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1][i]
         removed[name] = rec
 
