@@ -81,6 +81,7 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                merge: bool = False) -> dict:
     rows, env = [], None
     kept = _earlier_rows(out, models, recipes) if merge else []
+    earlier = json.loads(out.read_text())["results"] if merge and out.exists() else []
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         tweets = ood_file(tmp) if ood else None
@@ -116,9 +117,10 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                     print(f"[bench] {model} {name}: GGUF in llama.cpp", file=sys.stderr, flush=True)
                     row["gguf"] = gguf_row(dest, model, tweets)
                 row["measured"] = time.strftime("%Y-%m-%d")
+                row["cpu"] = env.get("cpu")  # --merge: rows of one file may come from different machines
                 rows.append(row)
-                _write(out, env, ood, kept + rows)  # row by row: a run stopped midway keeps what it measured
-    doc = _write(out, env, ood, kept + rows)
+                _write(out, env, ood, _in_order(kept + rows, earlier))  # row by row: a run stopped midway keeps what it measured
+    doc = _write(out, env, ood, _in_order(kept + rows, earlier))
     print(f"wrote {out}", file=sys.stderr)
     return doc
 
@@ -128,7 +130,15 @@ def _earlier_rows(out: Path, models: list[str], recipes: list[str]) -> list[dict
     if not out.exists():
         return []
     again = {(m, Path(r).stem) for m in models for r in recipes}
-    return [r for r in json.loads(out.read_text())["results"] if (r["model"], r["recipe"]) not in again]
+    doc = json.loads(out.read_text())
+    cpu = (doc.get("environment") or {}).get("cpu")
+    return [{"cpu": cpu, **r} for r in doc["results"] if (r["model"], r["recipe"]) not in again]
+
+
+def _in_order(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """--merge: the rows in the order the file had them, rows new to it last."""
+    old = [(r["model"], r["recipe"]) for r in earlier]
+    return sorted(rows, key=lambda r: old.index((r["model"], r["recipe"])) if (r["model"], r["recipe"]) in old else len(old))
 
 
 def _write(out: Path, env, ood: bool, rows: list) -> dict:

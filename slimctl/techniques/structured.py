@@ -37,8 +37,10 @@ class StructuredConfig(CalibrationOptions):
     max_layer_share: float = Field(default=0.9, gt=0.0, lt=1.0)  # global: at most this share of a layer's channels
     # what the FFN refit reproduces: "layer", down_proj's own output on its (already pruned upstream)
     # inputs; "model", the unpruned model's block output on the same text, so the kept channels also
-    # absorb the drift earlier pruning caused (Kwon et al. 2022's mask-tuning target; one more block pass)
-    refit_target: Literal["layer", "model"] = "model"
+    # absorb the drift earlier pruning caused (Kwon et al. 2022's mask-tuning target; one more block pass).
+    # Default: model with global allocation, layer with uniform (measured on smollm2-135m, 25 % of FFN:
+    # global x1.280 -> x1.234 BBC with model; uniform x1.331 with layer, x1.442 with model at dampening 0.1)
+    refit_target: Optional[Literal["layer", "model"]] = None
 
     @model_validator(mode="after")
     def _something(self):
@@ -184,6 +186,10 @@ def _global_widths(model, batches, ffns: list, width: int, keep: int, fisher: li
     sequential(model, batches, on_block, ctx.track)
     removed = allocate(paths, (width - keep) * len(ffns))
     return [_round_width(width - r, width, _multiple(cfg)) for r in removed]
+
+
+def _refit_target(cfg: StructuredConfig) -> str:
+    return cfg.refit_target or ("model" if cfg.allocation == "global" else "layer")
 
 
 def _multiple(cfg: StructuredConfig) -> int:
@@ -363,7 +369,7 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     def on_block(i, name, block, inputs):
         rec = {}
         pruning_ffn = "ffn" in plan and plan["ffn"][1][i] < plan["ffn"][0]
-        if cfg.refit_target == "model" and cfg.reconstruct and "ffn" in plan:
+        if _refit_target(cfg) == "model" and cfg.reconstruct and "ffn" in plan:
             if not dense:
                 dense.extend((a[0] if a else k["hidden_states"]) for a, k in inputs)
             dense[:] = _dense_outputs(block, inputs, dense)
@@ -393,4 +399,5 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     return {"layers": removed, "config_before": before, "config_after": after, "params_before": params_before,
             **({"ffn_widths": plan["ffn"][1]} if "ffn" in plan else {}),
             "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
+            **({"refit_target": _refit_target(cfg)} if cfg.reconstruct and "ffn" in plan else {}),
             "calibration": summary(batches)}
