@@ -6,6 +6,9 @@ Each row is a `slimctl run` of a shipped recipe (baseline fp32 and the slimmed m
 same run, speed from alternating fresh-process rounds), plus the perplexity ratio on 400 tweets (another
 domain than the BBC text calibration and distillation read). Run it alone: timings share the CPU.
 `python scripts/readme_tables.py --update` then regenerates the table in docs/results/pruning.md.
+Re-measure some rows only: `scripts/bench_recipes.py --models smollm2-135m --recipes recipes/X.yaml
+--out bench-results/structured.json --merge` (rows keep their date and CPU). Pruning + int4 head to head
+with int4 alone: scripts/bench_prune_int4.py.
 """
 import sys
 from pathlib import Path

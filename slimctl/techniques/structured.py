@@ -2,7 +2,9 @@
 their query group), slicing the weights and updating the config so plain `from_pretrained` loads the
 smaller model. By default the channels/heads are chosen and the consumer Linear (down_proj, o_proj)
 refit in closed form on calibration inputs (reconstruct.py: OBS over column groups, bias compensation);
-`reconstruct: false` keeps the plain ‖x‖·‖w‖ score and slice. Uniform per layer: HF configs describe one size."""
+`reconstruct: false` keeps the plain ‖x‖·‖w‖ score and slice; with `refit_target: model` the FFN refit
+reproduces the unpruned model's block outputs. Uniform widths reload in plain transformers; global
+(per-layer) widths are stored in the config and reloaded by slimctl."""
 from __future__ import annotations
 
 import torch
