@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipes import OOD_TEXTS, REPO, ood_file  # noqa: E402
+from bench_recipes import REPO, ood_eval, ood_file  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -37,17 +37,15 @@ def _run(recipe: str, model: str, dest: Path, tweets: Path | None) -> dict:
            "size_ratio": rep["delta"].get("size_ratio"), "step_seconds": sum(s["seconds"] for s in steps),
            "params_removed_fraction": next((s["params_removed_fraction"] for s in steps if "params_removed_fraction" in s), 0.0),
            "environment": rep["environment"]}
-    if tweets:
-        e = subprocess.run([sys.executable, "-m", "slimctl", "eval", str(dest / "model"), "--against", model, "--data",
-                            str(tweets), "--max-samples", str(OOD_TEXTS), "--json"], capture_output=True, text=True, check=True)
-        ev = json.loads(e.stdout)
-        row.update(tweets_perplexity_ratio=ev["vs_reference"]["perplexity_ratio"], tweets_tokens=ev["settings"]["tokens_scored"])
+    ev = ood_eval(dest / "model", model, tweets) if tweets else None
+    if ev is not None:
+        row["tweets_perplexity_ratio"], row["tweets_tokens"] = ev
     return row
 
 
 def _speed(side: dict) -> dict:
     return {"decode_tokens_per_s": side.get("decode_tokens_per_s"), "rounds_decode_tokens_per_s": side.get("rounds_decode_tokens_per_s"),
-            "prefill_p50_ms": side.get("prefill_ms", {}).get("p50") if isinstance(side.get("prefill_ms"), dict) else side.get("prefill_ms"),
+            "prefill_p50_ms": (side.get("prefill_ms") or {}).get("p50"),
             "latency_p50_ms": side["latency_ms"]["p50"], "rounds_p50_ms": side.get("rounds_p50_ms"),
             "decode_mode": side.get("decode_mode"), "kernels": side.get("kernels")}
 
@@ -79,7 +77,7 @@ def main() -> int:
                "request_speedup": a["latency_ms"]["p50"] / b["latency_ms"]["p50"],
                "bbc_perplexity_ratio": pruned["bbc_perplexity_ratio"] / plain["bbc_perplexity_ratio"],
                **({"tweets_perplexity_ratio": pruned["tweets_perplexity_ratio"] / plain["tweets_perplexity_ratio"]}
-                  if "tweets_perplexity_ratio" in plain else {})}}
+                  if "tweets_perplexity_ratio" in plain and "tweets_perplexity_ratio" in pruned else {})}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

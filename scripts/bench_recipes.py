@@ -51,6 +51,16 @@ def ood_file(tmp: Path, n: int = 400, seed: int = 0) -> Path | None:
     return p
 
 
+def ood_eval(artifact: Path, model: str, tweets: Path) -> tuple[float, int] | None:
+    """(perplexity ratio against `model`, tokens scored) of an artifact on all the tweets; None if eval failed."""
+    e = subprocess.run([sys.executable, "-m", "slimctl", "eval", str(artifact), "--against", model, "--data", str(tweets),
+                        "--max-samples", str(OOD_TEXTS), "--json"], capture_output=True, text=True)
+    if e.returncode != 0:
+        return None
+    ev = json.loads(e.stdout)
+    return ev["vs_reference"]["perplexity_ratio"], ev["settings"]["tokens_scored"]
+
+
 def _side(rep: dict, side: str) -> dict:
     b = rep[side]["bench"]
     return {"eval": rep[side]["eval"]["metrics"], "latency_p50_ms": b["latency_ms"]["p50"],
@@ -80,8 +90,8 @@ def gguf_row(dest: Path, model: str, tweets: Path | None) -> dict:
 def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = True, gguf: bool = False,
                merge: bool = False) -> dict:
     rows, env = [], None
-    kept = _earlier_rows(out, models, recipes) if merge else []
-    earlier = json.loads(out.read_text())["results"] if merge and out.exists() else []
+    previous = json.loads(out.read_text()) if merge and out.exists() else {"results": []}
+    earlier, kept = previous["results"], _earlier_rows(previous, models, recipes)
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         tweets = ood_file(tmp) if ood else None
@@ -107,12 +117,9 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
                        "warnings": rep.get("warnings", []),
                        "failed_gates": [g["name"] for g in rep["gates"] if g["passed"] is False]}
                 if tweets and rep["model"]["kind"] == "causal-lm":
-                    e = subprocess.run([sys.executable, "-m", "slimctl", "eval", str(dest / "model"), "--against", model,
-                                        "--data", str(tweets), "--max-samples", str(OOD_TEXTS), "--json"], capture_output=True, text=True)
-                    if e.returncode == 0:
-                        ev = json.loads(e.stdout)
-                        row["delta"]["ood_perplexity_ratio"] = ev["vs_reference"]["perplexity_ratio"]
-                        row["ood_tokens_scored"] = ev["settings"]["tokens_scored"]
+                    ev = ood_eval(dest / "model", model, tweets)
+                    if ev is not None:
+                        row["delta"]["ood_perplexity_ratio"], row["ood_tokens_scored"] = ev
                 if gguf and rep["model"]["kind"] == "causal-lm":
                     print(f"[bench] {model} {name}: GGUF in llama.cpp", file=sys.stderr, flush=True)
                     row["gguf"] = gguf_row(dest, model, tweets)
@@ -125,12 +132,9 @@ def run_matrix(models: list[str], recipes: list[str], out: Path, ood: bool = Tru
     return doc
 
 
-def _earlier_rows(out: Path, models: list[str], recipes: list[str]) -> list[dict]:
-    """--merge: the rows of `out` this run does not measure again (same machine expected; each row is dated)."""
-    if not out.exists():
-        return []
+def _earlier_rows(doc: dict, models: list[str], recipes: list[str]) -> list[dict]:
+    """--merge: the rows of the earlier file this run does not measure again, each with its CPU."""
     again = {(m, Path(r).stem) for m in models for r in recipes}
-    doc = json.loads(out.read_text())
     cpu = (doc.get("environment") or {}).get("cpu")
     return [{"cpu": cpu, **r} for r in doc["results"] if (r["model"], r["recipe"]) not in again]
 

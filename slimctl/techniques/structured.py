@@ -252,8 +252,9 @@ def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: st
         score = _channel_score(consumer, stats.sq_norm[key])[groups].sum(1)
         return torch.topk(score, keep).indices.sort().values, None
     n = max(stats.n[key], 1)
+    cross, cross_sum = drift or (None, None)
     r = remove_groups(consumer.weight, stats.hessian[key], groups, len(groups) - keep, cfg.dampening,
-                      consumer.bias, stats.sum[key] / n, *((None, *drift) if drift else ()))
+                      consumer.bias, stats.sum[key] / n, cross=cross, cross_sum=cross_sum)
     with torch.no_grad():
         consumer.weight[:, groups[r.kept].flatten()] = r.weight.to(consumer.weight.dtype)
         if r.bias is not None:
