@@ -78,7 +78,7 @@ def gguf_cell(src: Path, work: Path) -> dict:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from slimctl import family_matrix as matrix
+    from slimctl.workflow import family_matrix as matrix
     from slimctl.families import tiny
     from slimctl.models import package_dir, resolve
 

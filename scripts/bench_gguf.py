@@ -54,7 +54,7 @@ def requantized_share(artifact: Path) -> float:
     import torch
 
     from slimctl.models import load
-    from slimctl.qmodules import WeightOnlyLinear
+    from slimctl.quant.layers import WeightOnlyLinear
 
     changed = total = 0
     for mod in load(str(artifact)).model.modules():

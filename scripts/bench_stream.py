@@ -99,9 +99,9 @@ def reload_check(art: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slimctl.stream_eval import forward_logits
+    from slimctl.evaluate.streamed import forward_logits
     from slimctl.models import load
-    from slimctl.stream_open import open_streamed, read_meta
+    from slimctl.formats.streamed import open_streamed, read_meta
 
     ids = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 1997, 1996, 9199, 2944, 102] * 3])}
     model, st = open_streamed(art, "causal-lm", read_meta(art))

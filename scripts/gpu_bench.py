@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slimctl.bench import bench_model  # noqa: E402
-from slimctl.bench.sweep import ARCHITECTURES, recommend, sweep  # noqa: E402
+from slimctl.bench.catalogue import ARCHITECTURES  # noqa: E402
+from slimctl.bench.sweep import recommend, sweep  # noqa: E402
 from slimctl.recipe import BenchSpec  # noqa: E402
 
 TINY = dict(ARCHITECTURES["llama-1b"], hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -44,8 +45,9 @@ def build(arch: str, dtype, device: str):
 
 
 def weight_only(model, bits: int, group: int):
-    from slimctl.qmodules import WeightOnlyLinear, set_submodule
-    from slimctl.quant import QScheme, rtn
+    from slimctl.quant.layers import WeightOnlyLinear
+    from slimctl.stream.skeleton import set_submodule
+    from slimctl.quant.integer import QScheme, rtn
     from slimctl.techniques import select_linears
 
     for name, lin in select_linears(model, []):
@@ -55,7 +57,8 @@ def weight_only(model, bits: int, group: int):
 
 
 def fp8(model):
-    from slimctl.qmodules import Fp8Linear, set_submodule
+    from slimctl.quant.layers import Fp8Linear
+    from slimctl.stream.skeleton import set_submodule
     from slimctl.techniques import select_linears
 
     for name, lin in select_linears(model, []):
@@ -66,7 +69,7 @@ def fp8(model):
 def nf4(model):
     import bitsandbytes as bnb
 
-    from slimctl.qmodules import set_submodule
+    from slimctl.stream.skeleton import set_submodule
     from slimctl.techniques import select_linears
 
     for name, lin in select_linears(model, []):
@@ -80,7 +83,7 @@ def nf4(model):
 
 def sparse24(device: str, quick: bool) -> list[dict]:
     """2:4 semi-structured vs dense Linear layers at several shapes (CUDA, bf16): the measured gain."""
-    from slimctl.sparsity import nm_mask, to_semi_structured
+    from slimctl.quant.sparsity import nm_mask, to_semi_structured
 
     shapes = [(2048, 2048), (2048, 8192), (8192, 2048), (4096, 4096), (4096, 14336), (14336, 4096)]
     rows = []
@@ -134,7 +137,7 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             if name == "fp8":
-                from slimctl.qmodules import fp8_supported
+                from slimctl.quant.layers import fp8_supported
 
                 ok, why = fp8_supported()
                 if not ok and dev == "cuda":
@@ -165,7 +168,7 @@ def main() -> int:
     if dev == "cuda" and (not args.only or "sparse24" in args.only):
         try:
             doc["sparse24_linears"] = sparse24(dev, args.quick)
-            from slimctl.sparsity import nm_mask
+            from slimctl.quant.sparsity import nm_mask
 
             model = build(args.arch, torch.bfloat16, dev)
             with torch.no_grad():

@@ -24,15 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import build, fp8, weight_only  # noqa: E402
 from slimctl.bench import bench_model  # noqa: E402
-from slimctl.kernels import accelerate  # noqa: E402
+from slimctl.quant.kernels import accelerate  # noqa: E402
 from slimctl.recipe import BenchSpec  # noqa: E402
 
 VARIANTS = {"bf16": None, "int4-g128": lambda m: weight_only(m, 4, 128), "int8-channel": lambda m: _int8_channel(m), "fp8": fp8}
 
 
 def _int8_channel(model):
-    from slimctl.qmodules import WeightOnlyLinear, set_submodule
-    from slimctl.quant import QScheme, rtn
+    from slimctl.quant.layers import WeightOnlyLinear
+    from slimctl.stream.skeleton import set_submodule
+    from slimctl.quant.integer import QScheme, rtn
     from slimctl.techniques import select_linears
 
     for name, lin in select_linears(model, []):

@@ -61,7 +61,7 @@ def bench(model: str | None = None, config: str | None = None, specs: dict[str, 
 def run(recipe: Recipe | str | Path | dict, model: str, out: str | Path, overwrite: bool = False,
         load_options: dict | None = None, say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """`slimctl run`: the whole pipeline into `out`; returns the report (`passed` is False when a gate failed)."""
-    from . import pipeline
+    from .workflow import pipeline
 
     return pipeline.run(_recipe(recipe), model, out, overwrite=overwrite, ui=pipeline.UI(say=say),
                         recipe_source=str(recipe) if isinstance(recipe, (str, Path)) else None, load_options=load_options)

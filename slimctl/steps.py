@@ -20,7 +20,7 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
     Returns the slimmed model (a step may replace it, e.g. by an ONNX Runtime one), stats, notes."""
     from . import techniques
     from .machine import PeakMemory, release_freed_memory, rss_mb
-    from .stages import collecting
+    from .results.stages import collecting
 
     ctx = techniques.StepContext(kind=kind, seed=recipe.seed, progress=ui.say, tokenizer=tokenizer, track=ui.track)
     ctx.teacher = _teacher_copy(model, recipe, ui)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slimctl import report as R
+from slimctl.results import report as R
 from slimctl.errors import DataError
 from slimctl.search import rank
 from slimctl.search.space import Candidate
@@ -40,7 +40,7 @@ def test_a_report_that_breaks_the_schema_is_a_data_error_naming_the_field(tmp_pa
 
 def test_the_shipped_json_schema_is_generated_from_the_models():
     shipped = json.loads((ROOT / "docs/report.schema.json").read_text())
-    assert shipped == R.json_schema(), "regenerate: python -m slimctl.report > docs/report.schema.json"
+    assert shipped == R.json_schema(), "regenerate: python -m slimctl.results.report > docs/report.schema.json"
     assert {"model", "baseline", "slimmed", "delta", "gates", "passed"} <= set(shipped["properties"])
 
 
@@ -108,7 +108,7 @@ def test_formats_detect_folders_and_models(tiny_llama):
 
 
 def test_the_calibrated_driver_slims_every_target_once_by_its_leftover_policy(tiny_llama):
-    from slimctl.calibrate import calibrated
+    from slimctl.techniques.calibrate import calibrated
     from slimctl.models import load
     from slimctl.techniques import select_linears
 
@@ -126,7 +126,7 @@ def test_the_calibrated_driver_slims_every_target_once_by_its_leftover_policy(ti
 def test_a_hessian_that_is_not_positive_definite_is_retried_with_more_dampening():
     import torch
 
-    from slimctl.calibrate import inverse_hessian_factor
+    from slimctl.techniques.calibrate import inverse_hessian_factor
 
     h = torch.diag(torch.tensor([1.0, 1.0, -0.05]))  # λ = d·mean(diag) = d·0.65 must exceed 0.05: d = 0.08 after three doublings of 0.01
     used = {}
@@ -163,7 +163,7 @@ def test_load_refuses_non_finite_weights_unless_allowed(tiny_llama, tmp_path):
 def test_the_library_api_slims_evaluates_and_runs_without_the_cli(tiny_llama, tmp_path):
     import slimctl
     from slimctl.models import load
-    from slimctl.qmodules import WeightOnlyLinear
+    from slimctl.quant.layers import WeightOnlyLinear
     from slimctl.recipe import BenchSpec, EvalSpec
 
     m = load(str(tiny_llama))
@@ -181,7 +181,7 @@ def test_the_library_api_slims_evaluates_and_runs_without_the_cli(tiny_llama, tm
 
 
 def test_importing_slimctl_imports_no_torch():
-    code = "import sys, slimctl, slimctl.report, slimctl.recipe, slimctl.cli; print('torch' in sys.modules)"
+    code = "import sys, slimctl, slimctl.results.report, slimctl.recipe, slimctl.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -208,15 +208,7 @@ def _imports() -> dict[str, set[str]]:
     return {m: {d for d in ds if d in graph and d != m} for m, ds in graph.items()}
 
 
-def test_no_import_circle_between_packages():
-    """Packages (cli, search, render, formats, bench, evaluate, techniques) and top-level modules as
-    nodes: the graph of who imports whom has no cycle, so each layer reads without the ones above it."""
-    def node(m):
-        parts = m.split(".")
-        return ".".join(parts[:2])
-    graph: dict[str, set[str]] = {}
-    for m, deps in _imports().items():
-        graph.setdefault(node(m), set()).update(node(d) for d in deps if node(d) != node(m))
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     seen, stack, cycles = set(), [], []
 
     def visit(n):
@@ -232,7 +224,41 @@ def test_no_import_circle_between_packages():
         stack.pop()
     for n in sorted(graph):
         visit(n)
-    assert not cycles, cycles
+    return cycles
+
+
+def test_no_import_circle_between_packages():
+    """Packages (cli, workflow, search, render, results, formats, bench, evaluate, techniques, quant, stream, families)
+    and top-level modules as nodes: the graph of who imports whom has no cycle, so each layer reads without
+    the ones above it."""
+    def node(m):
+        parts = m.split(".")
+        return ".".join(parts[:2])
+    graph: dict[str, set[str]] = {}
+    for m, deps in _imports().items():
+        graph.setdefault(node(m), set()).update(node(d) for d in deps if node(d) != node(m))
+    assert not (cycles := _cycles(graph)), cycles
+
+
+def test_no_import_circle_between_modules():
+    """Modules as nodes (a package's __init__ is the package's node): no circle either, inside a package too."""
+    assert not (cycles := _cycles(_imports())), cycles
+
+
+def test_no_module_imports_its_own_package_init_back():
+    """A package's __init__ only gathers the interface of its modules; a module that imported a name back
+    from it would run before that __init__ had finished (bench/sweep.py once did)."""
+    back = sorted(f"{m} imports {m.rpartition('.')[0]}" for m, deps in _imports().items()
+                  if (ROOT / "slimctl" / Path(*m.split(".")[1:])).with_suffix(".py").exists() and m.rpartition(".")[0] in deps
+                  and m.count(".") > 1)
+    assert not back, back
+
+
+def test_the_root_of_the_package_holds_only_the_api_and_the_shared_leaves():
+    """Everything else lives in a package whose name says its layer (docs/development.md lists them)."""
+    root = sorted(p.stem for p in (ROOT / "slimctl").glob("*.py"))
+    assert root == ["__init__", "__main__", "_callable", "_version", "api", "errors", "kinds", "machine", "models",
+                    "recipe", "specs", "steps"], root
 
 
 # --- roofline peaks that can be trusted ------------------------------------------------------------

@@ -9,8 +9,8 @@ import torch
 from slimctl import techniques as T
 from slimctl.errors import RecipeError
 from slimctl.models import load
-from slimctl.qmodules import WeightOnlyLinear, bits_per_weight
-from slimctl.sensitivity import allocate
+from slimctl.quant.layers import WeightOnlyLinear, bits_per_weight
+from slimctl.techniques.sensitivity import allocate
 
 
 def _ctx(path):
@@ -107,7 +107,8 @@ def test_awq_calibrates_each_block_on_what_propagate_names(tiny_llama, propagate
 
 
 def test_awq_then_gptq_composes_and_checks_the_grid(tiny_llama, fast_recipe, tmp_path):
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     r = R.load(fast_recipe([{"method": "awq", "calib_samples": 2, "calib_seq_len": 32},
                             {"method": "gptq", "bits": 4, "group_size": 16, "calib_samples": 2, "calib_seq_len": 32}]))
@@ -155,7 +156,8 @@ def test_allocation_never_exceeds_the_budget_and_is_near_optimal(seed):
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32-scales", "fp16-scales"])
 def test_mixed_respects_the_budget_and_reloads_bitwise(tiny_llama, fast_recipe, tmp_path, fp16):
     """int4 g32 is 5 bits with float32 scales, 4.5 with fp16 ones (stored in 16 bits); 6 bits buy some int8."""
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     r = R.load(fast_recipe([{"method": "mixed", "avg_bits": 6.0, "group_size": 32, "quantizer": "rtn", "fp16_scales": fp16,
                              "sensitivity_samples": 2, "sensitivity_seq_len": 32}]))
@@ -178,7 +180,8 @@ def test_mixed_respects_the_budget_and_reloads_bitwise(tiny_llama, fast_recipe, 
 def test_mixed_chooses_among_several_int4_groups(tiny_llama, fast_recipe, tmp_path):
     """group_sizes [64, 32]: int4 g64 (4.5 bits), int4 g32 (5 bits) or int8 per Linear under 5.2 bits;
     each Linear reloads at the width and group it was given, bit for bit."""
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     r = R.load(fast_recipe([{"method": "mixed", "avg_bits": 5.2, "group_sizes": [64, 32], "quantizer": "rtn",
                              "sensitivity_samples": 2, "sensitivity_seq_len": 32}]))
@@ -197,8 +200,8 @@ def test_mixed_chooses_among_several_int4_groups(tiny_llama, fast_recipe, tmp_pa
 
 def test_sensitivity_replay_gives_the_costs_of_a_full_forward(tiny_llama):
     """Starting at the Linear's block (earlier blocks replaying their float outputs) changes nothing."""
-    from slimctl.quant import QScheme, dequantize_groups, rtn
-    from slimctl.sensitivity import _Replay, _cost
+    from slimctl.quant.integer import QScheme, dequantize_groups, rtn
+    from slimctl.techniques.sensitivity import _Replay, _cost
 
     m, ctx = _ctx(tiny_llama)
     batches = T.get("gptq").config(calib_samples=2, calib_seq_len=32).batches(ctx)

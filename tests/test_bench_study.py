@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 
-from slimctl.bench import sweep as S
+from slimctl.bench import cost as C, study, sweep as S
 from slimctl.recipe import BenchSpec
 
 FAST = ["--min-iters", "2", "--min-seconds", "0", "--seq-len", "16", "--decode-tokens", "2"]
@@ -51,10 +51,10 @@ def test_slo_recommendation_and_its_failure_are_stated():
 
 
 def test_cost_per_million_tokens_follows_throughput():
-    c = S.cost({"throughput": {"tokens_per_s": 100.0, "samples_per_s": 1.0}, "decode_tokens_per_s": 120.0, "batch_size": 1},
+    c = C.cost({"throughput": {"tokens_per_s": 100.0, "samples_per_s": 1.0}, "decode_tokens_per_s": 120.0, "batch_size": 1},
                True, "cpu", 3.6)
     assert c["usd_per_1m_tokens"] == pytest.approx(3.6 / 3600 / 100 * 1e6)
-    assert "EXAMPLE" in S.cost({"throughput": {"samples_per_s": 2.0}, "batch_size": 8}, False, "cpu", None)["assumption"]
+    assert "EXAMPLE" in C.cost({"throughput": {"samples_per_s": 2.0}, "batch_size": 8}, False, "cpu", None)["assumption"]
 
 
 def _headline(p95: float, usd: float, example: bool = False) -> dict:
@@ -64,32 +64,32 @@ def _headline(p95: float, usd: float, example: bool = False) -> dict:
 
 def test_placement_picks_the_cheapest_device_that_meets_the_slo():
     cpu, gpu = _headline(900.0, 0.50), _headline(40.0, 0.80)
-    p = S.placement({"cpu": cpu, "cuda": gpu}, 1000.0)
+    p = C.placement({"cpu": cpu, "cuda": gpu}, 1000.0)
     assert p["choice"] == "cpu" and p["devices"]["cpu"]["meets_slo"] and "place it on cpu" in p["line"]
-    p = S.placement({"cpu": cpu, "cuda": gpu}, 100.0)  # the CPU misses: the GPU, though dearer per token
+    p = C.placement({"cpu": cpu, "cuda": gpu}, 100.0)  # the CPU misses: the GPU, though dearer per token
     assert p["choice"] == "cuda" and "misses the SLO" in p["line"]
-    p = S.placement({"cpu": cpu, "cuda": gpu}, 10.0)
+    p = C.placement({"cpu": cpu, "cuda": gpu}, 10.0)
     assert p["choice"] is None and "no device meets" in p["line"]
-    p = S.placement({"cpu": cpu, "cuda": _headline(40.0, 0.20, example=True)}, None)
+    p = C.placement({"cpu": cpu, "cuda": _headline(40.0, 0.20, example=True)}, None)
     assert p["choice"] == "cuda" and "EXAMPLE price" in p["line"] and "no --slo-p95-ms" in p["line"]
 
 
 def test_semi_structured_without_a_gain_is_warned():
     out = {"device": "cuda", "semi_structured": {"speedup": 0.1, "sparse_p50_ms": 138.0, "dense_p50_ms": 13.8}}
-    assert any("no measured gain" in w for w in S._warnings(out, [None]))
+    assert any("no measured gain" in w for w in study._warnings(out, [None]))
     out["semi_structured"]["speedup"] = 1.3
-    assert not any("2:4" in w for w in S._warnings(out, [None]))
+    assert not any("2:4" in w for w in study._warnings(out, [None]))
 
 
 def test_hourly_cost_takes_one_price_or_one_per_device():
-    assert S.parse_hourly("0.5", ["cpu", "cuda"]) == {"cpu": 0.5, "cuda": 0.5}
-    assert S.parse_hourly("cpu=0.68,cuda=3.5", ["cpu", "cuda"]) == {"cpu": 0.68, "cuda": 3.5}
-    assert S.parse_hourly("cuda=3.5", ["cpu", "cuda"]) == {"cpu": None, "cuda": 3.5}
-    assert S.parse_hourly(None, ["cpu"]) == {"cpu": None}
+    assert C.parse_hourly("0.5", ["cpu", "cuda"]) == {"cpu": 0.5, "cuda": 0.5}
+    assert C.parse_hourly("cpu=0.68,cuda=3.5", ["cpu", "cuda"]) == {"cpu": 0.68, "cuda": 3.5}
+    assert C.parse_hourly("cuda=3.5", ["cpu", "cuda"]) == {"cpu": None, "cuda": 3.5}
+    assert C.parse_hourly(None, ["cpu"]) == {"cpu": None}
     from slimctl.errors import UsageError
     for bad in ("cheap", "tpu=1", "cpu=-1"):
         with pytest.raises(UsageError):
-            S.parse_hourly(bad, ["cpu", "cuda"])
+            C.parse_hourly(bad, ["cpu", "cuda"])
 
 
 def test_bench_sweep_cli_on_a_real_model(tiny_bert):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_cli
 
-from slimctl import gates
+from slimctl.results import gates
 from slimctl.render.html import pareto
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slimctl import techniques as T
-from slimctl.calibrate import InputStats, collect, stack
+from slimctl.techniques.calibrate import InputStats, collect, stack
 from slimctl.models import load
 
 
@@ -73,7 +73,7 @@ def test_stacking_keeps_the_order_and_only_stacks_runs_of_one_length():
 
 
 def test_gptq_of_layers_sharing_a_hessian_solved_together_equals_each_alone():
-    from slimctl.quant import QScheme
+    from slimctl.quant.integer import QScheme
     from slimctl.techniques.gptq import gptq_quantize
 
     torch.manual_seed(0)
@@ -95,8 +95,8 @@ def test_gptq_of_layers_sharing_a_hessian_solved_together_equals_each_alone():
 def test_gptq_two_level_column_loop_gives_the_reference_loop_codes():
     """The published loop (one lazy block, every column's error spread over the rest of the block at once)
     written plainly here; slimctl's sub-block version must give the same codes."""
-    from slimctl.calibrate import hessian_start, inverse_hessian_factor
-    from slimctl.quant import QScheme, dequantize_with, group_params, quantize_with
+    from slimctl.techniques.calibrate import hessian_start, inverse_hessian_factor
+    from slimctl.quant.integer import QScheme, dequantize_with, group_params, quantize_with
     from slimctl.techniques.gptq import gptq_quantize
 
     torch.manual_seed(1)
@@ -124,7 +124,7 @@ def test_gptq_two_level_column_loop_gives_the_reference_loop_codes():
 
 
 def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_three_step_factor(monkeypatch):
-    import slimctl.calibrate as C
+    import slimctl.techniques.calibrate as C
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 96, generator=g) * torch.linspace(0.1, 3, 96)
@@ -139,7 +139,7 @@ def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_th
 
 
 def test_hessian_by_symmetric_rank_k_updates_equals_the_gemm_sum(monkeypatch):
-    import slimctl.calibrate as C
+    import slimctl.techniques.calibrate as C
 
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(40, 3)
@@ -165,7 +165,7 @@ def test_gptq_output_error_from_its_own_loss_equals_the_trace_form(tiny_llama, m
     """The relative output error GPTQ records (its row loss less the dampening's share, over the output energy)
     is ‖(W − Ŵ)X‖² / ‖WX‖² as the trace form with H computes it, layer by layer, with never-seen inputs."""
     import slimctl.techniques.gptq as G
-    from slimctl.calibrate import relative_output_error
+    from slimctl.techniques.calibrate import relative_output_error
 
     m, ctx = _ctx(tiny_llama)
     pairs, real = [], G.output_error
@@ -184,7 +184,7 @@ def test_gptq_output_error_from_its_own_loss_equals_the_trace_form(tiny_llama, m
 
 
 def test_clip_search_by_gram_matrices_picks_the_explicit_products_ranges():
-    from slimctl.quant import QScheme
+    from slimctl.quant.integer import QScheme
     from slimctl.techniques.awq import _pseudo, clip_range
 
     torch.manual_seed(2)
@@ -205,7 +205,7 @@ def test_clip_search_by_gram_matrices_picks_the_explicit_products_ranges():
 
 
 def test_dequantized_once_gives_the_per_call_outputs(tiny_llama):
-    from slimctl.qmodules import WeightOnlyLinear, dequantized_once
+    from slimctl.quant.layers import WeightOnlyLinear, dequantized_once
 
     m, ctx = _ctx(tiny_llama)
     T.get("rtn").apply(m.model, T.get("rtn").config(bits=4, group_size=32), ctx)
@@ -222,9 +222,9 @@ def test_dequantized_once_gives_the_per_call_outputs(tiny_llama):
 def test_fisher_costs_rank_the_layers_as_the_measured_costs_do(tiny_llama):
     """The Fisher estimate of each Linear's KL and the KL measured by quantizing it alone, on the same texts:
     same order of magnitude and rank-correlated over layers and formats."""
-    from slimctl.fisher import fisher_costs
-    from slimctl.quant import QScheme
-    from slimctl.sensitivity import Choice, layer_costs
+    from slimctl.techniques.fisher import fisher_costs
+    from slimctl.quant.integer import QScheme
+    from slimctl.techniques.sensitivity import Choice, layer_costs
     from slimctl.techniques import select_linears
 
     m, ctx = _ctx(tiny_llama)

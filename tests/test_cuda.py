@@ -24,7 +24,7 @@ def _rel(a, b):
 
 
 def test_fp8_runs_scaled_mm_and_matches_its_emulation():
-    from slimctl.qmodules import Fp8Linear, fp8_supported
+    from slimctl.quant.layers import Fp8Linear, fp8_supported
 
     if not fp8_supported()[0]:
         pytest.skip(fp8_supported()[1])
@@ -41,8 +41,8 @@ def test_fp8_runs_scaled_mm_and_matches_its_emulation():
 
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
 def test_weight_only_layer_on_gpu_matches_cpu(bits, group):
-    from slimctl.qmodules import WeightOnlyLinear
-    from slimctl.quant import QScheme, rtn
+    from slimctl.quant.layers import WeightOnlyLinear
+    from slimctl.quant.integer import QScheme, rtn
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384)
@@ -75,7 +75,8 @@ def test_bnb_nf4_model_runs_on_cuda():
 
 
 def test_sweep_records_a_real_cuda_out_of_memory_and_backs_off(tmp_path):
-    from slimctl.bench.sweep import ARCHITECTURES, study
+    from slimctl.bench.catalogue import ARCHITECTURES
+    from slimctl.bench.study import study
     from slimctl.recipe import BenchSpec
 
     cfg = dict(ARCHITECTURES["llama-1b"], hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -92,7 +93,7 @@ def test_sweep_records_a_real_cuda_out_of_memory_and_backs_off(tmp_path):
 
 def test_bench_cli_places_a_model_on_cpu_or_gpu(tmp_path):
     from conftest import run_cli
-    from slimctl.bench.sweep import ARCHITECTURES
+    from slimctl.bench.catalogue import ARCHITECTURES
 
     cfg = dict(ARCHITECTURES["llama-1b"], hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=64, vocab_size=32000)

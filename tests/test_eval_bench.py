@@ -8,7 +8,8 @@ from hypothesis import given, strategies as st
 from slimctl.bench import bench_model
 from slimctl.bench.measure import Latency, PeakMemory
 from slimctl.errors import DataError
-from slimctl.evaluate import _windows, data as D, evaluate
+from slimctl.evaluate import data as D, evaluate
+from slimctl.evaluate.evaluation import _windows
 from slimctl.models import load
 from slimctl.recipe import BenchSpec, EvalSpec
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from slimctl import gates, recipe as R
+from slimctl.results import gates
+from slimctl import recipe as R
 from slimctl.errors import DataError
 from slimctl.evaluate import FEW_TOKENS, evaluate
 from slimctl.evaluate import data as datasets

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slimctl import families
-from slimctl import family_matrix as matrix
+from slimctl.workflow import family_matrix as matrix
 from slimctl.errors import UnsupportedError
 from slimctl.families import tiny
 from slimctl.families.convert import LinearExperts, prepare
@@ -49,7 +49,7 @@ def test_folds_are_exact_on_every_block(family, tok):
     prepare(model)
     enc = tok(["Folding must not change what the model computes."], return_tensors="pt")
     ref = _out(model, enc)
-    from slimctl.blocks import find_blocks
+    from slimctl.stream.blocks import find_blocks
 
     _, blocks = find_blocks(model)
     g = torch.Generator().manual_seed(1)
@@ -123,7 +123,7 @@ def _sparse_moe(tok):
 
 @pytest.mark.parametrize("method", ["gptq", "wanda"])
 def test_experts_no_token_reached_are_slimmed_without_data_and_named(method, tok):
-    from slimctl.qmodules import WeightOnlyLinear
+    from slimctl.quant.layers import WeightOnlyLinear
     from slimctl.techniques import StepContext, get
 
     model = _sparse_moe(tok)
@@ -161,8 +161,10 @@ def test_a_step_that_changes_no_layer_is_an_error(tiny_llama, tmp_path):
 
 def test_a_family_without_a_file_is_named(tok, monkeypatch):
     model = tiny.build("llama", tok)
-    monkeypatch.delitem(families._BY_TYPE, "llama")
-    from slimctl.blocks import find_blocks
+    from slimctl.families import registry
+
+    monkeypatch.delitem(registry._BY_TYPE, "llama")
+    from slimctl.stream.blocks import find_blocks
 
     folds, skipped = block_folds(model, find_blocks(model)[1][0])
     assert not folds and "model type 'llama' has no family file" in skipped[0]
@@ -185,7 +187,7 @@ def test_streaming_refuses_converted_families_by_name():
 def test_int4_artifact_runs_on_the_fused_kernels(family, tok, tmp_path):
     """Every family's int4 artifact puts its Linears on slimctl's fused kernels (bf16 activations), the layers
     that cannot be fused named with the reason, and computes what the dequantize path computes."""
-    from slimctl.kernels import bf16_fast
+    from slimctl.quant.kernels import bf16_fast
 
     r = matrix.kernel_cell(family, tok, tmp_path)
     assert r["status"] == "ok", r
@@ -241,7 +243,7 @@ def test_gemma_norms_keep_float32_weights_under_bf16_activations(tok):
     import copy
 
     from slimctl.families import tiny
-    from slimctl.kernels import _cast_float
+    from slimctl.quant.kernels import _cast_float
 
     def norms(m):
         return [x for x in m.modules() if "Norm" in type(x).__name__ and getattr(x, "weight", None) is not None]

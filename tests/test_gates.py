@@ -1,5 +1,5 @@
 """Gates: direction, not-applicable rows, noise-aware speed gates, one-line failure reasons."""
-from slimctl import gates
+from slimctl.results import gates
 
 
 def test_gate_directions_and_failures():

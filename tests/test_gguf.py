@@ -150,7 +150,7 @@ def test_eval_and_bench_run_a_gguf_through_llama_cpp_on_the_same_windows(exporte
                 "--max-tokens", "128", "--kernels", "off", "--json")
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout)
-    from slimctl.evaluate import _windows
+    from slimctl.evaluate.evaluation import _windows
 
     assert r["settings"]["tokens_scored"] == 127 and r["settings"]["windows"] == len(list(_windows(128, 64, 64)))
     # the same int4 weights through llama.cpp's Q4_0 kernels (q8_0 activations) and torch's dequantize path

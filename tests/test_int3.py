@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from slimctl.qmodules import WeightOnlyLinear, bits_per_weight
-from slimctl.quant import QScheme, pack_int3, unpack_int3
+from slimctl.quant.layers import WeightOnlyLinear, bits_per_weight
+from slimctl.quant.integer import QScheme, pack_int3, unpack_int3
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -27,7 +27,7 @@ def test_int3_pack_unpack_is_exact_and_three_bits_per_code(symmetric):
 @pytest.mark.parametrize("dim", [0, 1])
 def test_int3_matches_compressed_tensors_dense_packing(dim):
     ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    from slimctl.ctformat import pack_int32, unpack_int32
+    from slimctl.formats.ctformat import pack_int32, unpack_int32
 
     codes = torch.randint(-4, 4, (24, 40), generator=torch.Generator().manual_seed(1))
     ours = pack_int32(codes, 3, dim)
@@ -36,7 +36,7 @@ def test_int3_matches_compressed_tensors_dense_packing(dim):
 
 
 def _layer(symmetric: bool, group: int = 32) -> WeightOnlyLinear:
-    from slimctl.quant import rtn
+    from slimctl.quant.integer import rtn
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 48, bias=True)
@@ -59,7 +59,7 @@ def test_int3_layer_dequantizes_to_its_grid_and_counts_its_stored_bits(symmetric
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int3_runs_on_the_int4_kernel_with_the_dequantize_paths_result(symmetric):
-    from slimctl import kernels
+    from slimctl.quant import kernels
 
     if not kernels.bf16_fast("cpu")[0]:
         pytest.skip(f"no fused int4 CPU kernel here: {kernels.bf16_fast('cpu')[1]}")
@@ -78,7 +78,8 @@ def test_int3_artifact_reloads_in_slimctl_and_plain_transformers(tiny_llama, tmp
     import subprocess
     import sys
 
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
     from slimctl.models import load
 
     from test_quant import _CT_RELOAD
@@ -105,7 +106,8 @@ def test_int3_exports_to_gguf_exactly_as_q4_0(tiny_smol, tmp_path, fast_recipe):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
     from slimctl.models import load
 
     out = tmp_path / "o"

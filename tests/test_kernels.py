@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from slimctl import kernels, techniques
-from slimctl.qmodules import WeightOnlyLinear
+from slimctl.quant import kernels
+from slimctl import techniques
+from slimctl.quant.layers import WeightOnlyLinear
 from slimctl.techniques.rtn import RTNConfig
 
 CPU_BF16 = kernels.bf16_fast("cpu")[0]
@@ -202,7 +203,7 @@ def test_embeddings_tied_to_the_lm_head_are_refused(tiny_llama, tmp_path):
 
 
 def test_int8_embedding_matches_its_dequantized_table():
-    from slimctl.qmodules import Int8Embedding
+    from slimctl.quant.layers import Int8Embedding
 
     emb = torch.nn.Embedding(50, 16)
     q = Int8Embedding.from_embedding(emb)

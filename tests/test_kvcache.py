@@ -10,9 +10,9 @@ import torch
 
 from conftest import _tokenizer, run_cli, tiny_llama_model
 
-from slimctl.kvcache import cache_arg
+from slimctl.quant.kvcache import cache_arg
 from slimctl.errors import UnsupportedError
-from slimctl.kvcache import BLOCK, QuantizedKVCache, bytes_per_token, dequantize, quantize
+from slimctl.quant.kvcache import BLOCK, QuantizedKVCache, bytes_per_token, dequantize, quantize
 
 
 @pytest.mark.parametrize("bits,codes_per_byte", [(8, 1), (4, 2)])
@@ -91,7 +91,7 @@ def test_keys_wait_for_a_full_group_and_values_do_not():
 
 
 def test_int4_keys_round_trip_within_half_a_step_of_their_range():
-    from slimctl.kvcache import dequantize_asym, quantize_asym
+    from slimctl.quant.kvcache import dequantize_asym, quantize_asym
 
     x = torch.randn(3, 5, 128) * torch.linspace(0.1, 4, 128) + 2.0  # an offset symmetric codes would waste
     q, d, m = quantize_asym(x, 64)

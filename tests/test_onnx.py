@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from slimctl import onnxrt, techniques as T  # noqa: E402
+from slimctl.formats import onnxrt
+from slimctl import techniques as T  # noqa: E402
 from slimctl.errors import UnsupportedError  # noqa: E402
 from slimctl.models import load  # noqa: E402
 
@@ -91,7 +92,8 @@ print(json.dumps(s.run(None, {"input_ids": ids, "attention_mask": np.ones_like(i
 
 
 def test_run_writes_an_onnx_artifact_that_plain_onnxruntime_runs(tiny_llama, tmp_path, fast_recipe):
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     rep = pipeline.run(R.load(fast_recipe([{"method": "onnx", "quantization": "dynamic"}])), str(tiny_llama),
                        tmp_path / "o", isolate=True)

@@ -30,9 +30,10 @@ def _fast_copy(path: Path, tmp: Path) -> Path:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_runs_on_a_tiny_model(recipe, tiny_llama, tmp_path):
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
     from slimctl.errors import UnsupportedError
-    from slimctl.qmodules import fp8_supported
+    from slimctl.quant.layers import fp8_supported
 
     r = R.load(_fast_copy(recipe, tmp_path))
     if any(s.options().get("embeddings") for s in r.steps):  # int8 embeddings: refused for a table tied to the head
@@ -78,7 +79,8 @@ with torch.inference_mode():
 def test_artifact_loads_in_plain_transformers_with_the_same_logits(steps, tiny_llama, tmp_path, fast_recipe):
     import torch
 
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
     from slimctl.models import load
 
     out = tmp_path / "out"
@@ -94,9 +96,10 @@ def test_artifact_loads_in_plain_transformers_with_the_same_logits(steps, tiny_l
 def test_quantized_artifact_reloads_bitwise_with_slimctl(tiny_bert, tmp_path, fast_recipe):
     import torch
 
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
     from slimctl.models import load
-    from slimctl.qmodules import Int8Linear
+    from slimctl.quant.layers import Int8Linear
 
     from slimctl.evaluate import evaluate
 

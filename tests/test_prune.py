@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from slimctl import sparsity as S, techniques as T
+from slimctl.quant import sparsity as S
+from slimctl import techniques as T
 from slimctl.errors import UnsupportedError
 from slimctl.models import load
 from slimctl.techniques.sparsegpt import SparseGPTConfig, sparsegpt_prune
@@ -342,7 +343,8 @@ def test_structured_needs_something_to_remove():
 
 
 def test_prune_then_quantize_keeps_the_pattern_and_reloads(tiny_llama, tmp_path, fast_recipe):
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     steps = [{"method": "wanda", "pattern": "2:4", **CAL}, {"method": "rtn", "bits": 4, "group_size": 32}]
     rep = pipeline.run(R.load(fast_recipe(steps)), str(tiny_llama), tmp_path / "o", isolate=False)
@@ -426,7 +428,8 @@ def test_depth_bad_amounts(tmp_path, opts, msg):
 
 def test_global_allocation_then_int4_reloads_bit_for_bit(tiny_llama, tmp_path, fast_recipe, monkeypatch):
     """Per-layer widths under quantized layers: the artifact slimctl writes reloads with the same outputs."""
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
     from slimctl.techniques import structured
 
     monkeypatch.setattr(structured, "allocate", lambda paths, budget: [16, 48])  # widths 112 and 80 (multiples of 8)

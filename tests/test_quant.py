@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from slimctl import quant as Q
+from slimctl.quant import integer as Q
 from slimctl import techniques as T
 from slimctl.errors import UnsupportedError
 from slimctl.models import load
-from slimctl.qmodules import WeightOnlyLinear, bits_per_weight
+from slimctl.quant.layers import WeightOnlyLinear, bits_per_weight
 from slimctl.techniques.gptq import gptq_quantize
 
 
@@ -85,7 +85,7 @@ def test_group_fallback_is_recorded_and_strict_refuses():
 
 
 def test_rtn_records_groups_per_layer(tiny_llama):
-    from slimctl.qmodules import WeightOnlyLinear
+    from slimctl.quant.layers import WeightOnlyLinear
 
     m, ctx = _ctx(tiny_llama)
     ref = copy.deepcopy(m.model)
@@ -137,7 +137,7 @@ def test_smoothquant_unknown_architecture_is_refused():
 @pytest.mark.parametrize("dim", [0, 1])
 def test_int32_packing_matches_compressed_tensors(bits, dim):
     ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    from slimctl.ctformat import pack_int32, unpack_int32
+    from slimctl.formats.ctformat import pack_int32, unpack_int32
 
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     codes = torch.randint(lo, hi + 1, (24, 40))
@@ -167,7 +167,8 @@ def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensor
     import subprocess
     import sys
 
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     out = tmp_path / "o"
     rep = pipeline.run(R.load(fast_recipe([{"method": "rtn", **opts}])), str(tiny_llama), out, isolate=False)
@@ -189,7 +190,8 @@ def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensor
 def test_asymmetric_artifact_keeps_slimctl_layout_and_reloads_bitwise(tiny_llama, tmp_path, fast_recipe):
     import json
 
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     rep = pipeline.run(R.load(fast_recipe([{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}])),
                        str(tiny_llama), tmp_path / "o", isolate=False)
@@ -199,7 +201,7 @@ def test_asymmetric_artifact_keeps_slimctl_layout_and_reloads_bitwise(tiny_llama
 
 def test_fp8_is_refused_without_native_support_and_emulates_on_request(tiny_llama):
     from slimctl.errors import UnsupportedError
-    from slimctl.qmodules import Fp8Linear, fp8_supported
+    from slimctl.quant.layers import Fp8Linear, fp8_supported
 
     if fp8_supported()[0]:
         pytest.skip("this machine has native FP8")
@@ -214,7 +216,7 @@ def test_fp8_is_refused_without_native_support_and_emulates_on_request(tiny_llam
 
 
 def test_fp8_linear_matches_float_within_e4m3_precision():
-    from slimctl.qmodules import Fp8Linear
+    from slimctl.quant.layers import Fp8Linear
 
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 32)
@@ -242,7 +244,8 @@ def test_bnb_artifact_reloads_in_plain_transformers(mode, tiny_llama, tmp_path, 
     import subprocess
     import sys
 
-    from slimctl import pipeline, recipe as R
+    from slimctl.workflow import pipeline
+    from slimctl import recipe as R
 
     rep = pipeline.run(R.load(fast_recipe([{"method": "bnb", "mode": mode}])), str(tiny_llama), tmp_path / "o", isolate=False)
     assert rep["artifact"]["reload_check"]["max_abs_diff"] <= 1e-5

@@ -10,7 +10,7 @@ import torch
 from conftest import _tokenizer, run_cli
 
 from slimctl.errors import UnsupportedError
-from slimctl.hadamard import block_size, hadamard, rotation
+from slimctl.quant.hadamard import block_size, hadamard, rotation
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 28, 36, 64, 576, 768, 896, 960, 2304])

@@ -136,7 +136,7 @@ def test_winner_warnings_say_when_slimming_does_not_pay():
 def test_a_candidate_that_fails_the_reload_gate_never_wins(tiny_llama, tmp_path, monkeypatch):
     """int4 is the smallest and within a loose budget, but its saved artifact does not reproduce the
     model that was measured (injected): it is marked, says why, and bf16 wins instead."""
-    import slimctl.pipeline as P
+    import slimctl.workflow.pipeline as P
 
     real = P.reload_check
 

@@ -62,7 +62,7 @@ def one_thread():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_streamed_artifact_is_bit_identical(sharded_llama, tmp_path, method, one_thread):
-    from slimctl import pipeline
+    from slimctl.workflow import pipeline
 
     mem = pipeline.run(_recipe(method, False), str(sharded_llama), tmp_path / "mem", isolate=False)
     st = pipeline.run(_recipe(method, True), str(sharded_llama), tmp_path / "stream", isolate=False)
@@ -79,7 +79,7 @@ def test_streamed_artifact_is_bit_identical(sharded_llama, tmp_path, method, one
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_streamed_tied_embeddings_model_is_bit_identical(tiny_llama, tmp_path, method, one_thread):
     """A tied LM head (one tensor under two names) streams, and the artifact stores it once, as in memory."""
-    from slimctl import pipeline
+    from slimctl.workflow import pipeline
 
     pipeline.run(_recipe(method, False), str(tiny_llama), tmp_path / "mem", isolate=False)
     pipeline.run(_recipe(method, True), str(tiny_llama), tmp_path / "stream", isolate=False)
@@ -93,8 +93,8 @@ def test_calibration_activations_on_disk_give_the_same_artifact(sharded_llama, t
     the result is the same bit for bit, and the folder is gone afterwards."""
     import tempfile
 
-    import slimctl.calibrate as calibrate
-    from slimctl import pipeline
+    import slimctl.techniques.calibrate as calibrate
+    from slimctl.workflow import pipeline
 
     made = []
     real = calibrate.Activations.__init__
@@ -119,7 +119,7 @@ def test_streamed_eval_and_plain_transformers_reload(sharded_llama, tmp_path, on
     from transformers import AutoModelForCausalLM
 
     import slimctl.formats.sharded as sharded
-    from slimctl import pipeline
+    from slimctl.workflow import pipeline
 
     monkeypatch.setattr(sharded, "DEFAULT_SHARD_BYTES", 200_000)  # several shards even for a tiny model
     st = pipeline.run(_recipe("magnitude", True, evaluate=True), str(sharded_llama), tmp_path / "s", isolate=False)
@@ -145,10 +145,10 @@ def test_streamed_eval_and_plain_transformers_reload(sharded_llama, tmp_path, on
 
 
 def test_gptq_artifact_loads_in_slimctl_and_matches_streamed_forward(sharded_llama, tmp_path, one_thread):
-    from slimctl import pipeline
-    from slimctl.stream_eval import forward_logits
+    from slimctl.workflow import pipeline
+    from slimctl.evaluate.streamed import forward_logits
     from slimctl.models import load
-    from slimctl.stream_open import open_streamed, read_meta
+    from slimctl.formats.streamed import open_streamed, read_meta
 
     pipeline.run(_recipe("gptq", True), str(sharded_llama), tmp_path / "g", isolate=False)
     art = tmp_path / "g" / "model"
@@ -182,7 +182,7 @@ def _spills() -> set:
 
 
 def test_streamed_runs_leave_no_spill_folder(sharded_llama, tmp_path):
-    from slimctl import pipeline
+    from slimctl.workflow import pipeline
     from slimctl.errors import UnsupportedError
 
     before = _spills()
@@ -224,7 +224,7 @@ def test_cli_stream_auto_stays_in_memory_for_a_small_model(sharded_llama, tmp_pa
 def test_streamed_awq_then_gptq_is_bit_identical(sharded_llama, tmp_path, one_thread):
     """Two calibrated steps streamed one after the other (AWQ's scales and clipping left in float, then GPTQ)
     give the in-memory artifact bit for bit."""
-    from slimctl import pipeline
+    from slimctl.workflow import pipeline
     from slimctl.recipe import from_dict
 
     calib = {"group_size": 32, "calib_samples": 6, "calib_seq_len": 64}

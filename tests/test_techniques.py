@@ -6,7 +6,7 @@ import torch
 
 from slimctl import techniques as T
 from slimctl.models import load
-from slimctl.qmodules import Int8Linear
+from slimctl.quant.layers import Int8Linear
 
 
 def _apply(model, method, **opts):
@@ -73,7 +73,7 @@ def test_magnitude_zeroes_the_smallest(llama):
 
 @pytest.mark.parametrize("method,cls", [("rtn", "WeightOnlyLinear"), ("int8-dynamic", "Int8Linear")])
 def test_int8_stores_real_int8_and_stays_close(llama, method, cls):
-    from slimctl import qmodules
+    from slimctl.quant import layers as qmodules
 
     m = llama.model
     ref = copy.deepcopy(m)
@@ -99,7 +99,7 @@ def test_int8_dynamic_is_per_token_so_rows_do_not_depend_on_the_batch(llama):
 
 
 def test_int8_rows_quantize_exactly_to_their_scale():
-    from slimctl.qmodules import quantize_rows_int8
+    from slimctl.quant.layers import quantize_rows_int8
 
     w = torch.randn(8, 16)
     q, s = quantize_rows_int8(w)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..errors import UnsupportedError
-from ..kvcache import cache_arg, per_request
+from ..quant.kvcache import cache_arg, per_request
 
 
 def cxx_compiler() -> str | None:

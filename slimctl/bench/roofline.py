@@ -12,7 +12,7 @@ import torch
 
 from ..models import cache_dir, state_bytes
 from ..kinds import CAUSAL_LM
-from ..report import floor_percentages
+from ..results.report import floor_percentages
 from .measure import cpu_name, physical_cpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     from ..errors import SlimctlError
     from ..models import load
     from ..specs import BenchSpec
-    from . import bench_model
+    from .runner import bench_model
 
     warnings.simplefilter("ignore")
     try:

@@ -99,7 +99,7 @@ def warn(msg: str) -> None:
 def fail_on_gates(rows: list[dict[str, Any]]) -> None:
     """Exit 1 (GateFailed) when any gate row failed."""
     from ..errors import GateFailed
-    from ..gates import failures
+    from ..results.gates import failures
 
     failed = failures(rows)
     if failed:
@@ -146,10 +146,10 @@ def compile_flag(value: Optional[str]):
 
 
 def ci_options(baseline, preset, min_quality, max_lat, max_mem, max_size, junit, html):
-    from ..ci import CIOptions
+    from ..workflow.ci import CIOptions
     from ..errors import UsageError
-    from ..gates import PRESETS
-    from ..report import read
+    from ..results.gates import PRESETS
+    from ..results.report import read
 
     if preset is not None and preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
@@ -199,13 +199,13 @@ def stream_flag(stream: bool, auto: bool) -> bool | str | None:
 def run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool, as_json: bool, source: str | None,
                load_options: dict, ci=None) -> None:
     """The shared end of run/quantize/prune: the pipeline, the CI outputs, the rendering, exit 1 on a failed gate."""
-    from .. import pipeline
+    from ..workflow import pipeline
     from ..render import text
 
     report = pipeline.run(recipe, model, out_dir, overwrite=overwrite, isolate=not inline,
                           ui=UI().pipeline_ui(), recipe_source=source, load_options=load_options)
     if ci is not None:
-        from .. import ci as ci_mod
+        from ..workflow import ci as ci_mod
 
         report = ci_mod.apply(report, ci, out_dir)
     emit(report, as_json, text.run)

@@ -22,10 +22,11 @@ def gate(
     [bold]slimctl gate runs/new/report.json --baseline runs/release/report.json --preset mlperf-99 --max-latency-increase 10[/bold]
     [bold]slimctl gate runs/new --junit gates.xml[/bold]
     """
-    from .. import ci as ci_mod, gates
+    from ..workflow import ci as ci_mod
+    from ..results import gates
     from ..errors import UsageError
     from ..render import text
-    from ..report import read
+    from ..results.report import read
 
     opts = C.ci_options(baseline, preset, min_quality, max_latency_increase, max_memory_increase, max_size_increase, junit, html)
     if baseline is None and opts.any_limit():
@@ -45,7 +46,7 @@ def report(
     """
     from ..render import write_text
     from ..render.html import render
-    from ..report import read
+    from ..results.report import read
 
     write_text(html, render([read(report)]))
     C.out.print(f"wrote {html}", markup=False)
@@ -60,10 +61,10 @@ def compare(
 
     Example: [bold]slimctl compare runs/*/report.json --html compare.html[/bold]
     """
-    from ..ci import comparison
+    from ..workflow.ci import comparison
     from ..render import text, write_text
     from ..render.html import render
-    from ..report import read
+    from ..results.report import read
 
     reps = [read(p) for p in reports]
     if html is not None:
@@ -76,7 +77,7 @@ def verify(out_dir: Path = typer.Argument(..., help="A slimctl output folder (ho
 
     Example: [bold]slimctl verify runs/minilm-int8[/bold]
     """
-    from ..ci import verify_artifact
+    from ..workflow.ci import verify_artifact
     from ..errors import GateFailed
 
     bad, n = verify_artifact(out_dir)

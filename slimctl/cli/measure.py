@@ -102,7 +102,7 @@ def bench(
                          min_iters=min_iters, min_seconds=min_seconds, threads=threads, semi_structured=semi_structured,
                          kernels=kernels, compile=C.compile_flag(compile_) or False, kv_cache=kv_cache,
                          remeasure_peaks=remeasure_peaks, repeats=repeats) for dev in devices}  # checks --repeats too
-    from ..bench.sweep import parse_hourly
+    from ..bench.cost import parse_hourly
 
     result = api.bench(model, config, specs, parse_hourly(hourly_cost, devices), C.UI().say,
                        load_options=C.load_opts(allow_pickle, trust_remote_code, allow_non_finite), **study)
@@ -112,7 +112,8 @@ def bench(
 def _bench_study(model, config, device: str, batch_sizes, dtypes, repeats: int, recipe, max_memory, slo_p95_ms,
                  inline: bool) -> tuple[list[str], dict]:
     """bench's options checked together: the devices to measure on, and the study's keyword options."""
-    from ..bench.sweep import data_free_steps, parse_sizes
+    from ..bench.study import data_free_steps
+    from ..bench.sweep import parse_sizes
     from ..errors import DeviceError, UsageError
 
     if (model is None) == (config is None):

@@ -8,8 +8,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..qmodules import set_submodule
-from . import of
+from ..stream.skeleton import set_submodule
+from .registry import of
 
 PREPARED = "_slimctl_prepared"  # attribute on the model: {module name: "conv1d" | "experts"} prepare() converted
 

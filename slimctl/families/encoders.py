@@ -2,7 +2,7 @@
 fold is exact): value -> attention output folds. DistilBERT likewise with v_lin -> out_lin. ModernBERT is
 pre-norm with fused Wqkv and a gated Wi (input rows, then gate rows; the output is act(input) · gate);
 its first block has no attention norm."""
-from . import FFN, Attention, Family, Fold, register
+from .registry import FFN, Attention, Family, Fold, register
 
 _POST_NORM = ("LayerNorm -> query/key/value (post-norm: the norm's output is also the residual)",
               "intermediate -> output (a GELU sits between them)")

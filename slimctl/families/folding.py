@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import head_counts, model_type, of, part_rows, text_config
+from .registry import head_counts, model_type, of, part_rows, text_config
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ and the MLP reads `pre_feedforward_layernorm`, not `post_attention_layernorm` (t
 attention output before the residual add, so it feeds no Linear)."""
 from functools import partial
 
-from . import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
+from .registry import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
 
 
 def _gemma2_gguf(writer, config) -> None:

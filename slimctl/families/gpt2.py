@@ -1,6 +1,6 @@
 """GPT-2 (and DistilGPT-2): transposed Conv1D layers, which slimctl turns into nn.Linear on load and back on
 save (so every Linear technique sees them); c_attn holds q, k, v; LayerNorms with bias."""
-from . import FFN, Family, Fold, register
+from .registry import FFN, Family, Fold, register
 
 
 def _folds(block, config) -> list[Fold]:

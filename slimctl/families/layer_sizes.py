@@ -23,10 +23,10 @@ def apply_layer_sizes(model) -> None:
     left uninitialised: the caller loads them)."""
     from torch import nn
 
-    from . import of
-    from ..blocks import find_blocks
+    from .registry import of
+    from ..stream.blocks import find_blocks
     from ..errors import ModelLoadError
-    from ..qmodules import set_submodule
+    from ..stream.skeleton import set_submodule
 
     sizes = getattr(model.config, KEY, None)
     if not sizes:

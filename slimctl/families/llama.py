@@ -1,5 +1,5 @@
 """Llama-shaped decoders: RMSNorm -> q/k/v, v -> o, RMSNorm -> gate/up, up -> down (SwiGLU)."""
-from . import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
+from .registry import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
 
 register(Family("llama", ("llama",), "Llama / SmolLM / TinyLlama", llama_folds,
                 ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, gguf_arch="llama"))

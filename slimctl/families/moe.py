@@ -2,7 +2,7 @@
 gate), Qwen3-MoE. transformers 5 keeps each layer's experts as two fused 3-D parameters; slimctl unfuses
 them on load into one gate/up/down Linear per expert (`convert.LinearExperts`, same function), so every
 Linear technique quantizes or prunes each expert, and calibration sees which tokens each expert gets."""
-from . import LLAMA_ATTENTION, Family, Fold, register
+from .registry import LLAMA_ATTENTION, Family, Fold, register
 
 
 def _folds(block, config) -> list[Fold]:

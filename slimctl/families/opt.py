@@ -1,6 +1,6 @@
 """OPT: pre-norm blocks (for every size but 350m, whose `do_layer_norm_before` is false: then the norms act
 after the residual add and no norm fold is exact); fc1 -> ReLU -> fc2; out_proj."""
-from . import FFN, Attention, Family, Fold, register
+from .registry import FFN, Attention, Family, Fold, register
 
 
 def _folds(block, config) -> list[Fold]:

@@ -1,6 +1,6 @@
 """Phi-1/1.5/2: one LayerNorm (with bias) feeds attention and the MLP in parallel; the attention output is
 `dense`, the MLP is fc1 -> GELU -> fc2 (no exact fold across the GELU); partial rotary."""
-from . import FFN, Attention, Family, Fold, register
+from .registry import FFN, Attention, Family, Fold, register
 
 
 def _folds(block, config) -> list[Fold]:

@@ -1,6 +1,6 @@
 """Phi-3 / Phi-3.5 / Phi-4-mini: Llama's block with fused projections. qkv_proj holds q, k, v rows (by head
 counts); gate_up_proj holds the gate rows then the up rows (the MLP computes act(gate) · up)."""
-from . import FFN, Family, Fold, register
+from .registry import FFN, Family, Fold, register
 
 
 def _folds(block, config) -> list[Fold]:

@@ -1,5 +1,5 @@
 """Qwen2/Qwen2.5 (q/k/v with biases) and Qwen3 (per-head q/k RMSNorm): Llama's layout."""
-from . import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
+from .registry import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
 
 register(Family("qwen2", ("qwen2",), "Qwen2 / Qwen2.5 (biases on q/k/v)", llama_folds,
                 ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, gguf_arch="qwen2"))

@@ -111,7 +111,7 @@ def rope_parameters(config) -> dict:
 
 def _config_metadata(writer, config, n_vocab: int, fam) -> None:
     """The keys llama.cpp's converter writes for every family, then the family's own (its gguf_meta)."""
-    from ..families import head_counts
+    from ..families.registry import head_counts
 
     n_head, n_kv, head_dim = head_counts(config)
     n_embd = hparam(config, "hidden_size", "n_embd")
@@ -169,7 +169,7 @@ def _each_tensor(model, config, opts: GGUFOptions, res: ExportResult):
     import torch
 
     from .. import families
-    from ..qmodules import WeightOnlyLinear
+    from ..quant.layers import WeightOnlyLinear
 
     arch = check_architecture(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hparam(config, "num_hidden_layers", "n_layer"))

@@ -19,7 +19,7 @@ class Native(Transformers):
 
     def load(self, folder: Path, kind: str, meta: dict[str, Any], safe: bool, trust_remote_code: bool):
         """Skeleton from config, quantized modules swapped in from slimctl.json, weights loaded."""
-        from ..qmodules import build_from_meta
+        from ..quant.layers import build_from_meta
 
         def swap(model):
             build_from_meta(model, meta["quantized_modules"])
@@ -28,7 +28,7 @@ class Native(Transformers):
         return skeleton_and_state(folder, kind, swap)
 
     def holds(self, model) -> bool:
-        from ..qmodules import quantized_modules_meta
+        from ..quant.layers import quantized_modules_meta
 
         return bool(quantized_modules_meta(model))
 
@@ -42,12 +42,12 @@ class CompressedTensors(Native):
         return bool(meta.get("quantized_modules")) and qc.get("quant_method") == "compressed-tensors"
 
     def holds(self, model) -> bool:
-        from ..ctformat import exportable
+        from .ctformat import exportable
 
         return exportable(model)
 
     def save(self, model, folder: Path) -> None:
-        from ..ctformat import rewrite_folder
+        from .ctformat import rewrite_folder
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

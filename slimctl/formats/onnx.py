@@ -17,7 +17,7 @@ class Onnx:
     def load(self, folder: Path, kind: str, meta: dict[str, Any], safe: bool, trust_remote_code: bool):
         from transformers import AutoConfig
 
-        from ..onnxrt import ONNX_FILE, OrtModel
+        from .onnxrt import ONNX_FILE, OrtModel
 
         if not (folder / ONNX_FILE).is_file():
             raise ModelLoadError(f"{folder} is an ONNX artifact (slimctl.json) but has no {ONNX_FILE}")

@@ -20,7 +20,7 @@ def save_streamed(st, folder: Path, shard_bytes: int | None = None, track=lambda
     shard_bytes = shard_bytes or DEFAULT_SHARD_BYTES
     from safetensors.torch import save_file
 
-    from . import for_model
+    from .base import for_model
 
     model = st.model
     fmt = for_model(model)
@@ -60,10 +60,10 @@ def save_streamed(st, folder: Path, shard_bytes: int | None = None, track=lambda
 
 
 def _unit_state(unit: str, mod: torch.nn.Module, packed: bool) -> dict[str, torch.Tensor]:
-    from ..ctformat import pack_module
-    from ..qmodules import WeightOnlyLinear
+    from .ctformat import pack_module
+    from ..quant.layers import WeightOnlyLinear
 
-    from ..stream import _unshare
+    from ..stream.skeleton import _unshare
 
     # the tensors themselves (no copy): the unit is released, and safetensors only reads them
     state = _unshare({f"{unit}.{k}": v.detach().contiguous() for k, v in mod.state_dict().items()})
@@ -89,7 +89,7 @@ def _name_shards(folder: Path, tmp: list[tuple[Path, list[str], int]]) -> None:
 
 
 def _write_config(model, folder: Path, packed: bool) -> None:
-    from ..ctformat import quantization_config
+    from .ctformat import quantization_config
 
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)  # as the in-memory save writes it

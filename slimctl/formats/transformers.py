@@ -54,7 +54,7 @@ def skeleton_and_state(folder: Path, kind: str, swap=lambda model: None):
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from ..ctformat import to_slimctl_state
+    from .ctformat import to_slimctl_state
     from ..errors import ModelLoadError
     from ..families.convert import prepare
     from ..families.layer_sizes import apply_layer_sizes

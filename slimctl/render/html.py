@@ -6,8 +6,8 @@ import html
 import math
 from typing import Any
 
-from ..gates import quality
-from ..report import pareto_front
+from ..results.gates import quality
+from ..results.report import pareto_front
 from .markdown import fmt as _n  # one number format for Markdown and HTML
 
 BASE_C, SLIM_C, PASS_C, FAIL_C, NA_C = "#6b7280", "#2563eb", "#15803d", "#b91c1c", "#9ca3af"

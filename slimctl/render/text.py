@@ -111,7 +111,7 @@ def _bench_point(r: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def _roofline(rf: dict[str, Any]) -> list[str]:
     """Fractions of the roofline floors. One above 100 % (the peak must be wrong) is not shown; fractions
     from peaks measured on a busy machine are shown with that said."""
-    from ..report import floor_percentages
+    from ..results.report import floor_percentages
 
     if any(p > 100 for p in floor_percentages(rf)):
         return [f"  roofline: not shown, the peaks are suspect: {rf.get('suspect', 'a fraction above 100 %')}"]

@@ -24,7 +24,7 @@ def model_hash(folder: Path) -> str:
 
 def environment(device: str) -> dict[str, Any]:
     """What about the machine makes a measurement comparable: versions, CPU, threads, device, GPU."""
-    from ..report import environment as full
+    from ..results.report import environment as full
 
     env = full(0, device)
     return {k: env.get(k) for k in ("versions", "cpu", "threads", "device", "gpu")}

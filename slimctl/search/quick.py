@@ -49,7 +49,7 @@ def apply_quick(model, steps: list[dict[str, Any]], ctx, ignore: list[str] | Non
 
 def _quick_drop(base, slim, quick: R.EvalSpec, metric: str, seed: int) -> tuple[float | None, dict[str, Any]]:
     from ..evaluate import evaluate
-    from ..delta import delta
+    from ..results.delta import delta
 
     ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
     d = delta(ev, None, None)
@@ -77,7 +77,7 @@ def sensitivity(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpe
                 groups: int | None = None) -> list[dict[str, Any]]:
     """The metric cost of applying `steps` to one block of the model alone, for every block."""
     from .. import techniques
-    from ..calibrate import find_blocks
+    from ..stream.blocks import find_blocks
 
     prefix, blocks = find_blocks(base.model)
     names = [f"{prefix}.{i}" for i in range(len(blocks))][:groups]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import gates as gate_mod
+from ..results import gates as gate_mod
 from ..kinds import CAUSAL_LM, ENCODER
-from ..report import pareto_front
+from ..results.report import pareto_front
 
 OBJECTIVES = {  # name -> (how to read it from a report, lower is better)
     "latency": (lambda r: (r["slimmed"]["bench"] or {}).get("latency_ms", {}).get("p50"), True),

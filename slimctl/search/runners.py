@@ -49,7 +49,7 @@ def error_text(e: BaseException) -> str:
 def run_job(job: Job, catch: tuple[type[BaseException], ...] = (Exception,)) -> Outcome:
     """The candidate's full run in this process. An error of a type in `catch` is a result (a candidate
     that cannot run on this model); anything else propagates (Ray then retries the task once)."""
-    from .. import pipeline
+    from ..workflow import pipeline
     from .. import recipe as R
 
     try:

@@ -15,14 +15,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import stages
-from ..calibrate import BATCH_TOKENS, block_flops, run_block, sequential, summary, texts
-from ..families import of
+from ..results import stages
+from .calibrate import BATCH_TOKENS, block_flops, run_block, sequential, summary, texts
+from ..families.registry import of
 from ..families.folding import BlockFold, block_folds, expand, fold_scale, reduce
-from ..quant import QScheme, dequantize_groups, rtn
-from ..qmodules import bits_per_weight
+from ..quant.integer import QScheme, dequantize_groups, rtn
+from ..quant.layers import bits_per_weight
 from .rtn import round_layers
-from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
+from .registry import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
 
 
 class AWQConfig(WeightOnlyOptions, CalibrationOptions):

@@ -9,7 +9,7 @@ import tempfile
 from typing import Literal
 
 from ..errors import UnsupportedError
-from . import LayerSelection, StepContext, protected_modules, register
+from .registry import LayerSelection, StepContext, protected_modules, register
 
 
 # bitsandbytes logs a warning on every import on AVX512-BF16 CPUs when the optional `kernels` package

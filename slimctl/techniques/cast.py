@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import StepContext, TechniqueConfig, register
+from .registry import StepContext, TechniqueConfig, register
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -9,11 +9,12 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from ..calibrate import find_blocks, forward_all, sequential, summary
+from ..stream.blocks import find_blocks, forward_all
+from .calibrate import sequential, summary
 from ..errors import UnsupportedError
-from ..families import model_type
+from ..families.registry import model_type
 from ..kinds import CAUSAL_LM
-from . import CalibrationOptions, StepContext, register
+from .registry import CalibrationOptions, StepContext, register
 
 
 class DepthConfig(CalibrationOptions):
@@ -84,7 +85,7 @@ def influence(model, batches, track) -> list[float]:
     scores = []
 
     def on_block(i, name, block, inputs):
-        from ..calibrate import run_block
+        from .calibrate import run_block
 
         cos = []
         with torch.inference_mode():
@@ -133,7 +134,7 @@ def _check_layout(model, kind: str) -> None:
 @register("depth", "prune", DepthConfig,
           "remove whole blocks by the measured cost of skipping each (or ShortGPT block influence); fewer layers, plain transformers reloads it")
 def apply(model, cfg: DepthConfig, ctx: StepContext) -> dict:
-    from ..stream import refuse, stream_of
+    from ..stream.skeleton import refuse, stream_of
 
     if stream_of(model):
         refuse("depth pruning (it scores each block on the whole model)")

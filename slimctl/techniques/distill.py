@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..errors import DataError, RecipeError, UnsupportedError
 from ..kinds import CAUSAL_LM
-from . import StepContext, TechniqueConfig, register
+from .registry import StepContext, TechniqueConfig, register
 
 
 class DistillConfig(TechniqueConfig):
@@ -89,7 +89,7 @@ def _teacher(cfg: DistillConfig, ctx: StepContext):
 
 
 def _trainable(model, cfg: DistillConfig) -> list[torch.nn.Parameter]:
-    from ..blocks import find_blocks
+    from ..stream.blocks import find_blocks
 
     if cfg.train == "all":
         params = list(model.parameters())
@@ -146,7 +146,7 @@ def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepCont
 @register("distill", "train", DistillConfig,
           "recover a pruned model by distilling the model before the recipe into it (forward KL on logits, Minitron); a token budget")
 def apply(model, cfg: DistillConfig, ctx: StepContext) -> dict:
-    from ..stream import refuse, stream_of
+    from ..stream.skeleton import refuse, stream_of
 
     if ctx.kind != CAUSAL_LM:
         raise UnsupportedError("distill trains causal language models (next-token logits); this model is not one")

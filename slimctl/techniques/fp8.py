@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedError
-from ..qmodules import Fp8Linear, fp8_supported, set_submodule
-from . import LayerSelection, StepContext, register, select_linears
+from ..quant.layers import Fp8Linear, fp8_supported
+from ..stream.skeleton import set_submodule
+from .registry import LayerSelection, StepContext, register, select_linears
 
 
 class Fp8Config(LayerSelection):

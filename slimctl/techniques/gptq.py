@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from .. import stages
+from ..results import stages
 
-from ..calibrate import (calibrated, hessian_start, inverse_hessian_factor, raised_dampening, relative_output_error,
-                         summary)
-from ..qmodules import WeightOnlyLinear, set_submodule
-from ..quant import QScheme, dequantize_groups, group_params
-from . import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
+from .calibrate import (calibrated, hessian_start, inverse_hessian_factor, raised_dampening, relative_output_error, summary)
+from ..quant.layers import WeightOnlyLinear
+from ..stream.skeleton import set_submodule
+from ..quant.integer import QScheme, dequantize_groups, group_params
+from .registry import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
 
 
 class GPTQConfig(WeightOnlyOptions, CalibrationOptions):
@@ -137,7 +137,7 @@ def shared_groups(mine: dict, stats, schemes: dict[str, QScheme]) -> list[list[s
 def gptq_layers(model, targets: dict, schemes: dict[str, QScheme], cfg: GPTQConfig, ctx: StepContext) -> dict:
     """GPTQ on `targets`, each with its own scheme (bits, group); layers outside the repeated blocks
     are rounded to nearest. Returns the calibration record, errors and raised dampening."""
-    from ..qmodules import bits_per_weight
+    from ..quant.layers import bits_per_weight
 
     batches = cfg.batches(ctx)
     errors: dict[str, float] = {}
@@ -165,7 +165,7 @@ def gptq_layers(model, targets: dict, schemes: dict[str, QScheme], cfg: GPTQConf
                 stats.hessian.pop(name, None)
 
     def blind(layers: dict) -> None:
-        from ..calibrate import unseen_note
+        from .calibrate import unseen_note
         from .rtn import round_layers
 
         round_layers(model, layers, schemes)

@@ -6,8 +6,9 @@ fbgemm path gave 0.939 at 1.73x (per-channel 0.982 at 1.75x).
 """
 from __future__ import annotations
 
-from ..qmodules import Int8Linear, set_submodule
-from . import LayerSelection, StepContext, register, select_linears
+from ..quant.layers import Int8Linear
+from ..stream.skeleton import set_submodule
+from .registry import LayerSelection, StepContext, register, select_linears
 
 
 class Int8DynamicConfig(LayerSelection):

@@ -6,10 +6,10 @@ from typing import Literal
 import torch
 from pydantic import model_validator
 
-from ..sparsity import nm_mask
+from ..quant.sparsity import nm_mask
 from .pruning import PruneOptions, account, check_pattern
-from ..stream import refuse, stream_of, visit
-from . import StepContext, register, select_linears
+from ..stream.skeleton import refuse, stream_of, visit
+from .registry import StepContext, register, select_linears
 
 
 class MagnitudeConfig(PruneOptions):

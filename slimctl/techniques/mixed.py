@@ -8,11 +8,11 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
-from ..calibrate import calibration_batches
+from .calibrate import calibration_batches
 from ..kinds import CAUSAL_LM
-from ..quant import QScheme, resolve_group
-from ..sensitivity import Choice, allocate, check_budget, layer_costs
-from . import CalibrationOptions, LayerSelection, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+from ..quant.integer import QScheme, resolve_group
+from .sensitivity import Choice, allocate, check_budget, layer_costs
+from .registry import (CalibrationOptions, LayerSelection, StepContext, WeightOnlyOptions, plan_groups, register, select_linears)
 
 
 class MixedConfig(LayerSelection, CalibrationOptions):
@@ -32,7 +32,7 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     block_size: int = Field(default=128, ge=8, le=4096)
     sensitivity_samples: int = Field(default=2, ge=1, le=1024)  # calibration texts for the per-Linear costs
     # how the per-Linear costs are found: "fisher" estimates every Linear's KL from one forward and
-    # `sensitivity_draws` backward passes (slimctl/fisher.py; causal LMs); "measured" quantizes each Linear
+    # `sensitivity_draws` backward passes (slimctl/techniques/fisher.py; causal LMs); "measured" quantizes each Linear
     # alone and measures the KL with a forward pass per Linear and format (encoders always)
     sensitivity: Literal["fisher", "measured"] = "fisher"
     sensitivity_draws: int = Field(default=4, ge=1, le=64)  # labels drawn per token for the Fisher estimate
@@ -54,7 +54,7 @@ def _costs(model, targets, choices, groups, batches, cfg: MixedConfig, ctx: Step
     """The cost of each choice of each Linear: the Fisher estimate (causal LMs) or the measured KL / error."""
     per = {n: choices for n in targets}
     if cfg.sensitivity == "fisher" and ctx.kind == CAUSAL_LM:
-        from ..fisher import fisher_costs
+        from .fisher import fisher_costs
 
         return fisher_costs(model, targets, per, groups, batches, ctx.seed, cfg.sensitivity_draws, ctx.track)
     if cfg.sensitivity == "fisher":
@@ -92,7 +92,7 @@ def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
 
         round_layers(model, quantized, schemes)
         out = {}
-    from ..qmodules import bits_per_weight
+    from ..quant.layers import bits_per_weight
 
     counts = {c: sum(1 for v in pick.values() if v == c) for c in choices}
     reached = bits_per_weight(model, list(targets))

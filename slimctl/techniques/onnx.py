@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..calibrate import summary
-from . import CalibrationOptions, StepContext, register
+from .calibrate import summary
+from .registry import CalibrationOptions, StepContext, register
 
 
 class OnnxConfig(CalibrationOptions):
@@ -25,7 +25,8 @@ class OnnxConfig(CalibrationOptions):
           "export to ONNX; onnxruntime int8 dynamic or static (QDQ, calibrated), or fp32; model.onnx runs in plain onnxruntime",
           loads_with="onnxruntime")
 def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
-    from .. import families, onnxrt
+    from .. import families
+    from ..formats import onnxrt
     from ..errors import UnsupportedError
     from ..kinds import CAUSAL_LM
 

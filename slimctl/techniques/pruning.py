@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import UnsupportedError
-from . import LayerSelection
+from .registry import LayerSelection
 
 
 class PruneOptions(LayerSelection):
@@ -68,7 +68,7 @@ def account(model, pruned: dict[str, float], cfg: PruneOptions, extra: dict | No
     the zeros of the pruned layers only."""
     from torch import nn
 
-    from ..stream import stream_of
+    from ..stream.skeleton import stream_of
 
     streamed = stream_of(model) is not None
     zeros = total = 0
@@ -95,8 +95,8 @@ def prune_unseen(cfg: PruneOptions, per_layer: dict, zeros: dict, ctx, method: s
     pattern (a calibrated score of zero everywhere would pick weights arbitrarily), with a note."""
     import torch
 
-    from ..calibrate import unseen_note
-    from ..sparsity import nm_mask, row_mask
+    from .calibrate import unseen_note
+    from ..quant.sparsity import nm_mask, row_mask
 
     def fn(layers: dict) -> None:
         with torch.no_grad():

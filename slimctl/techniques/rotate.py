@@ -16,13 +16,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..blocks import find_blocks
+from ..stream.blocks import find_blocks
 from ..errors import UnsupportedError
-from ..families import model_type, require, text_config
+from ..families.registry import model_type, require, text_config
 from ..families.folding import BlockFold, block_folds
-from ..hadamard import rotation
+from ..quant.hadamard import rotation
 from ..kinds import CAUSAL_LM
-from . import StepContext, TechniqueConfig, register
+from .registry import StepContext, TechniqueConfig, register
 
 
 class RotateConfig(TechniqueConfig):
@@ -133,7 +133,7 @@ def _untie(model, head: nn.Linear, ctx: StepContext) -> None:
 
 
 def _check_batch(model, ctx: StepContext) -> dict:
-    from ..calibrate import calibration_batches
+    from .calibrate import calibration_batches
 
     if ctx.tokenizer is not None:
         return calibration_batches(ctx.tokenizer, ctx.kind, 1, 64, None, ctx.seed)[0]

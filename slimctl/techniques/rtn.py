@@ -6,10 +6,11 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
-from ..qmodules import WeightOnlyLinear, set_submodule
-from ..quant import QScheme, dequantize_groups, rtn
-from ..stream import refuse, stream_of, visit
-from . import StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+from ..quant.layers import WeightOnlyLinear
+from ..stream.skeleton import set_submodule
+from ..quant.integer import QScheme, dequantize_groups, rtn
+from ..stream.skeleton import refuse, stream_of, visit
+from .registry import StepContext, WeightOnlyOptions, plan_groups, register, select_linears
 
 
 class RTNConfig(WeightOnlyOptions):
@@ -53,7 +54,7 @@ def round_layer(model, name: str, lin, sch: QScheme) -> tuple[torch.Tensor, tupl
 
 def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
     """Replace each Linear by its round-to-nearest WeightOnlyLinear (scheme.group_size: the group used)."""
-    from .. import stages
+    from ..results import stages
 
     with stages.stage(stages.ROUND):
         for name, lin in visit(model, layers.items()):
@@ -62,7 +63,7 @@ def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
 
 def _embeddings(model, ctx: StepContext) -> dict:
     from ..errors import UnsupportedError
-    from ..qmodules import Int8Embedding
+    from ..quant.layers import Int8Embedding
 
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

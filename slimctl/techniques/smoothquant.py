@@ -7,12 +7,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..calibrate import InputStats, block_stats, find_blocks, sequential
+from .calibrate import InputStats, block_stats, sequential
+from ..stream.blocks import find_blocks
 from ..families.folding import BlockFold, block_folds, fold_scale, reduce
-from ..stream import visit
+from ..stream.skeleton import visit
 from ..errors import UnsupportedError
-from ..qmodules import Int8Linear, set_submodule
-from . import CalibrationOptions, LayerSelection, StepContext, register, select_linears
+from ..quant.layers import Int8Linear
+from ..stream.skeleton import set_submodule
+from .registry import CalibrationOptions, LayerSelection, StepContext, register, select_linears
 
 
 class SmoothQuantConfig(LayerSelection, CalibrationOptions):

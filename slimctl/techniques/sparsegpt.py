@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from ..calibrate import (InputStats, calibrated, hessian_start, inverse_hessian_factor, raised_dampening,
-                         relative_output_error, summary)
+from .calibrate import (InputStats, calibrated, hessian_start, inverse_hessian_factor, raised_dampening, relative_output_error, summary)
 from .pruning import PruneOptions, account, check_pattern, prune_unseen
-from . import CalibrationOptions, StepContext, register, select_linears
+from .registry import CalibrationOptions, StepContext, register, select_linears
 
 
 class SparseGPTConfig(PruneOptions, CalibrationOptions):

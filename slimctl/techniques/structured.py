@@ -13,11 +13,12 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..calibrate import block_stats, collect, find_blocks, run_block, sequential, summary, with_hidden
+from .calibrate import block_stats, collect, run_block, sequential, summary
+from ..stream.blocks import find_blocks, with_hidden
 from .. import families
 from ..errors import UnsupportedError
 from ..kinds import CAUSAL_LM
-from . import CalibrationOptions, StepContext, register
+from .registry import CalibrationOptions, StepContext, register
 from ..families.layer_sizes import set_layer_sizes
 from .reconstruct import remove_groups
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..calibrate import InputStats, calibrated, summary
-from ..sparsity import nm_mask, row_mask
+from .calibrate import InputStats, calibrated, summary
+from ..quant.sparsity import nm_mask, row_mask
 from .pruning import PruneOptions, account, check_pattern, prune_unseen
-from . import CalibrationOptions, StepContext, register, select_linears
+from .registry import CalibrationOptions, StepContext, register, select_linears
 
 
 class WandaConfig(PruneOptions, CalibrationOptions):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UnsupportedError
+from ..errors import ModelLoadError, UnsupportedError
 
 
 def stream_of(model) -> "Streamer | None":
@@ -108,7 +108,7 @@ def skeleton(config, kind: str, dtype: torch.dtype) -> nn.Module:
     model's own code computes rotary frequencies and position ids, as for an in-memory load)."""
     from accelerate import init_empty_weights
 
-    from .kinds import auto_class
+    from ..kinds import auto_class
 
     with init_empty_weights(include_buffers=False):
         model = auto_class(kind).from_config(config, dtype=dtype)
@@ -236,7 +236,7 @@ class Streamer:
         to_meta(mod)
         self.loaded.discard(unit)
         if unit in self.blocks:
-            from .machine import release_freed_memory
+            from ..machine import release_freed_memory
 
             release_freed_memory()  # hand the block's freed pages back to the OS before the next one
 
@@ -370,3 +370,14 @@ def should_stream(setting, folder: Path) -> bool:
         return False
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return size > 0.5 * psutil.virtual_memory().available
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of module `name`. In a streamed model the replaced module's tensors go back
+    to meta at once: a caller's reference to it (a technique's list of targets) must not keep them."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    setattr(parent, child, new)
+    if old is not None and old is not new and stream_of(model) is not None:
+        to_meta(old)

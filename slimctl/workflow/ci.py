@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import gates as gate_mod
-from .errors import DataError, OutputError
+from ..results import gates as gate_mod
+from ..errors import DataError, OutputError
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class CIOptions:
 
 def comparison(reports: list[dict[str, Any]], sources: list[Path]) -> list[dict[str, Any]]:
     """`slimctl compare`: the first report's baseline, then each run's slimmed model, Pareto-optimal ones marked."""
-    from .render.html import label, pareto, point
+    from ..render.html import label, pareto, point
 
     pts = [point(reports[0], "baseline")] + [point(r) for r in reports]
     names = ["baseline"] + [label(r) for r in reports]
@@ -48,8 +48,8 @@ def comparison(reports: list[dict[str, Any]], sources: list[Path]) -> list[dict[
 
 def verify_artifact(out_dir: Path) -> tuple[list[str], int]:
     """Re-hash model/ against the report's file list: (what is missing or changed, files checked)."""
-    from .models import file_digest
-    from .report import read
+    from ..models import file_digest
+    from ..results.report import read
 
     files = read(out_dir)["artifact"]["files"]
     bad = []
@@ -65,9 +65,9 @@ def verify_artifact(out_dir: Path) -> tuple[list[str], int]:
 def apply(report: dict[str, Any], opts: CIOptions, out_dir: Path | None = None) -> dict[str, Any]:
     """Add baseline gates to `report` (rewriting its files in out_dir), then write JUnit, the step
     summary and HTML as asked. Returns the report; report["passed"] covers every gate."""
-    from .render import write_report, write_text
-    from .render.markdown import report as markdown
-    from .report import read
+    from ..render import write_report, write_text
+    from ..render.markdown import report as markdown
+    from ..results.report import read
 
     if opts.baseline is not None:
         if not opts.any_limit():
@@ -85,7 +85,7 @@ def apply(report: dict[str, Any], opts: CIOptions, out_dir: Path | None = None) 
     if opts.junit is not None:
         write_text(opts.junit, gate_mod.junit(report.get("gates", [])))
     if opts.html is not None:
-        from .render.html import render
+        from ..render.html import render
 
         write_text(opts.html, render([report]))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .stream import Streamer, TensorFiles, skeleton, stored_dtype, to_meta
+from ..stream.skeleton import Streamer, TensorFiles, skeleton, stored_dtype, to_meta
 
 
 def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -> tuple[nn.Module, Streamer]:
@@ -16,7 +16,7 @@ def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -
     modules slimctl.json names), with its streamer attached."""
     from transformers import AutoConfig
 
-    from .qmodules import build_from_meta
+    from ..quant.layers import build_from_meta
 
     _large_allocations_unmapped()
     config = AutoConfig.from_pretrained(folder)

@@ -14,6 +14,51 @@ from torch import nn
 
 INT8_MAX = 127
 
+class QuantizedLayer(nn.Module):
+    """What every quantized layer shares: its format name in slimctl.json (`FORMAT`; declaring it registers the
+    class in FORMATS, the one registration a new layer needs), the buffers that hold its stored weight
+    (`STORED`, which storage_bits counts), the caches a move to another device must drop (`CACHES`), and
+    `dequantized` / `meta` / `from_meta`, which every layer defines."""
+
+    FORMAT: str = ""
+    STORED: tuple[str, ...] = ()
+    CACHES: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.FORMAT:
+            if cls.FORMAT in FORMATS:
+                raise RuntimeError(f"quantized format {cls.FORMAT} registered twice")
+            FORMATS[cls.FORMAT] = cls
+
+    def weight_count(self) -> int:
+        return self.in_features * self.out_features
+
+    def storage_bits(self) -> tuple[int, int]:
+        """(bits stored for the weight, scales and zero points included; weights it stands for)."""
+        bits = sum(t.numel() * t.element_size() * 8 for name in self.STORED
+                   if isinstance(t := getattr(self, name, None), torch.Tensor))
+        return bits, self.weight_count()
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_meta(cls, spec: dict[str, Any], dtype) -> "QuantizedLayer":
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda(): cached copies belong to the old device
+        for name in self.CACHES:
+            setattr(self, name, None)
+        return super()._apply(fn, recurse)
+
+
+FORMATS: dict[str, type[QuantizedLayer]] = {}  # filled by QuantizedLayer subclasses, by their FORMAT
+
+
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel round-to-nearest: w ≈ q * scale[:, None], q in [-127, 127]."""
@@ -23,7 +68,7 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLayer):
     """nn.Linear with int8 weights (per output channel) and int8 activations (W8A8).
 
     Activations are quantized per token (symmetric int8) at run time and multiplied with
@@ -31,6 +76,8 @@ class Int8Linear(nn.Module):
     of the rest of the batch, unlike per-tensor dynamic quantization. Off the CPU (torch._int_mm
     has shape limits on CUDA) the weight is dequantized and the matmul runs in the activation dtype.
     """
+
+    FORMAT, STORED, CACHES = "int8", ("qweight", "weight_scale"), ("_qweight_t",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act: str = "dynamic",
                  device=None, dtype=torch.float32):
@@ -74,15 +121,11 @@ class Int8Linear(nn.Module):
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda() must drop the cached transpose
-        self._qweight_t = None
-        return super()._apply(fn, recurse)
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, act={self.act}, bias={self.bias is not None}"
 
     def meta(self) -> dict[str, Any]:
-        return {"format": "int8", "act": self.act, "in_features": self.in_features,
+        return {"format": self.FORMAT, "act": self.act, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None}
 
     @classmethod
@@ -104,7 +147,7 @@ def dequantized_once(module: nn.Module):
             m._once = None
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(QuantizedLayer):
     """nn.Linear with int3, int4 or int8 weights in groups along the input dimension (see slimctl.quant).
 
     Stored: `qweight` (int4: uint8 [out, in/2], two codes per byte; int3: uint8 [out, 3·in/8], eight codes in
@@ -114,6 +157,9 @@ class WeightOnlyLinear(nn.Module):
     The forward dequantizes to the activation dtype and runs a dense matmul: this saves memory and
     disk, not compute.
     """
+
+    FORMAT, STORED = "weight-only", ("qweight", "weight_scale", "weight_zero_point")
+    CACHES = ("_kernel", "_fused", "_fused_forward")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  symmetric: bool, device=None, dtype=torch.float32, scale_dtype=torch.float32):
@@ -142,7 +188,7 @@ class WeightOnlyLinear(nn.Module):
                    bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32) -> "WeightOnlyLinear":
         """Build from integer codes [out, in] (as returned by quant.rtn or GPTQ) and group params
         (scale_dtype float16 only for scales already rounded to fp16: the copy must be exact)."""
-        from .quant import QScheme, pack_int3, pack_int4
+        from .integer import QScheme, pack_int3, pack_int4
 
         sym = zero is None
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size, sym,
@@ -159,7 +205,7 @@ class WeightOnlyLinear(nn.Module):
         return m
 
     def codes(self) -> torch.Tensor:
-        from .quant import unpack_int3, unpack_int4
+        from .integer import unpack_int3, unpack_int4
 
         if self.bits == 4:
             return unpack_int4(self.qweight, self.symmetric)
@@ -168,7 +214,7 @@ class WeightOnlyLinear(nn.Module):
         return self.qweight.to(torch.int16)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        from .quant import dequantize_groups
+        from .integer import dequantize_groups
 
         return dequantize_groups(self.codes(), self.weight_scale.float(), self.weight_zero_point, self.group_size).to(dtype)
 
@@ -193,16 +239,12 @@ class WeightOnlyLinear(nn.Module):
         y = F.linear(x, w)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the packed copies belong to the old device
-        self._kernel = self._fused = self._fused_forward = None
-        return super()._apply(fn, recurse)
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
                 f"symmetric={self.symmetric}, bias={self.bias is not None}, kernel={self._kernel or 'dequantize'}")
 
     def meta(self) -> dict[str, Any]:
-        spec = {"format": "weight-only", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+        spec = {"format": self.FORMAT, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
                 "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
         if self.weight_scale.dtype == torch.float16:
             spec["scale_dtype"] = "float16"
@@ -214,12 +256,14 @@ class WeightOnlyLinear(nn.Module):
                    spec["symmetric"], dtype=dtype, scale_dtype=getattr(torch, spec.get("scale_dtype", "float32")))
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(QuantizedLayer):
     """nn.Embedding with int8 rows and a float32 scale per row (symmetric round-to-nearest).
 
     A lookup reads whole rows, so a scale per row (per token) is both the natural granularity and
     exact to apply after the gather. An encoder's word-embedding table is often half its bytes
     (MiniLM-L6: 47 of 87 MB in fp32), so a small artifact has to shrink it too."""
+
+    FORMAT, STORED, CACHES = "int8-embedding", ("qweight", "weight_scale"), ("dense",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
                  dtype=torch.float32):
@@ -240,6 +284,9 @@ class Int8Embedding(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight.float() * self.weight_scale).to(dtype)
 
+    def weight_count(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
     dense: torch.Tensor | None = None  # kernels.accelerate(batch=True): the table dequantized once, at load
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -248,15 +295,11 @@ class Int8Embedding(nn.Module):
         rows = F.embedding(ids, self.qweight).float() * F.embedding(ids, self.weight_scale)
         return rows.to(self.out_dtype)
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the dense copy belongs to the old device
-        self.dense = None
-        return super()._apply(fn, recurse)
-
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows with a scale per row"
 
     def meta(self) -> dict[str, Any]:
-        return {"format": "int8-embedding", "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+        return {"format": self.FORMAT, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "padding_idx": self.padding_idx}
 
     @classmethod
@@ -284,11 +327,13 @@ def fp8_supported(device: torch.device | str = "cuda") -> tuple[bool, str]:
     return True, ""
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(QuantizedLayer):
     """nn.Linear with e4m3 weights (a float32 scale per output channel) and e4m3 activations scaled
     per token at run time, multiplied with torch._scaled_mm on GPUs with native FP8 (compute
     capability >= 8.9). Elsewhere the same quantized values are dequantized and multiplied in
     float32: numerically the same scheme, for tests and reloads, not for speed."""
+
+    FORMAT, STORED = "fp8", ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=torch.float32):
         super().__init__()
@@ -327,34 +372,28 @@ class Fp8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, e4m3 weights per channel, dynamic per-token activations"
 
     def meta(self) -> dict[str, Any]:
-        return {"format": "fp8", "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+        return {"format": self.FORMAT, "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     @classmethod
     def from_meta(cls, spec: dict[str, Any], dtype) -> "Fp8Linear":
         return cls(spec["in_features"], spec["out_features"], spec["bias"], dtype=dtype)
 
 
-FORMATS = {"int8": Int8Linear, "weight-only": WeightOnlyLinear, "fp8": Fp8Linear, "int8-embedding": Int8Embedding}
-QUANTIZED_TYPES = tuple(FORMATS.values())
+QUANTIZED_TYPES = (QuantizedLayer,)  # isinstance checks: any quantized layer
 
 
 def quantized_modules_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
     """What an artifact's slimctl.json records so that `build_from_meta` can rebuild the layers."""
-    return {name: m.meta() for name, m in model.named_modules() if isinstance(m, tuple(FORMATS.values()))}
+    return {name: m.meta() for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
 
 
 def storage_bits(mod: nn.Module) -> tuple[int, int]:
     """(bits stored for the weight, incl. scales and zero points; weights) of one Linear-like module:
     the numerator and denominator of bits per weight."""
+    if isinstance(mod, QuantizedLayer):
+        return mod.storage_bits()
     weights = mod.in_features * mod.out_features
-    if isinstance(mod, nn.Linear):
-        return weights * mod.weight.element_size() * 8, weights
-    bits = 0
-    for name in ("qweight", "weight_scale", "weight_zero_point", "weight"):
-        t = getattr(mod, name, None)
-        if isinstance(t, torch.Tensor):
-            bits += t.numel() * t.element_size() * 8
-    return bits, weights
+    return weights * mod.weight.element_size() * 8, weights
 
 
 def bits_per_weight(model: nn.Module, names: list[str]) -> float:
@@ -366,21 +405,10 @@ def bits_per_weight(model: nn.Module, names: list[str]) -> float:
     return round(bits / max(weights, 1), 4)
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` in place of module `name`. In a streamed model the replaced module's tensors go back
-    to meta at once: a caller's reference to it (a technique's list of targets) must not keep them."""
-    from .stream import stream_of, to_meta
-
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child, None)
-    setattr(parent, child, new)
-    if old is not None and old is not new and stream_of(model) is not None:
-        to_meta(old)
-
-
 def build_from_meta(model: nn.Module, qmeta: dict[str, dict[str, Any]]) -> None:
     """Swap the named Linear layers of a freshly built skeleton for empty quantized ones."""
+    from ..stream.skeleton import set_submodule
+
     for name, spec in qmeta.items():
         cls = FORMATS.get(spec.get("format"))
         if cls is None:

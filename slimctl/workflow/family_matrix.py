@@ -60,12 +60,12 @@ def quality(base, slim, tokenizer, causal: bool) -> dict[str, float]:
 def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) -> dict[str, Any]:
     """Slim a tiny `family` model with `method`; the cell's result: "ok" with quality, layers changed and
     the reload check, or "refused" with the one-line message a user would see."""
-    from . import recipe as R
-    from .errors import SlimctlError
-    from .models import load
+    from .. import recipe as R
+    from ..errors import SlimctlError
+    from ..models import load
     from .pipeline import Slimmed, save_and_verify
-    from .steps import UI, apply_steps
-    from .families import tiny
+    from ..steps import UI, apply_steps
+    from ..families import tiny
 
     base_dir = workdir / f"{family}-base"
     if not (base_dir / "config.json").exists():
@@ -91,7 +91,7 @@ def kernel_cell(family: str, tokenizer, workdir: Path, seed: int = 0) -> dict[st
     """The int4 RTN g32 artifact of a tiny `family` model on slimctl's fused kernels (bf16 activations, as
     `bench` and `eval` run it): how many layers got a fused kernel, which kept the dequantize path and why,
     and the output error against the same artifact on the dequantize path."""
-    from .kernels import accelerate
+    from ..quant.kernels import accelerate
 
     art, failed = _rtn_artifact(family, tokenizer, workdir, seed)
     if art is None:
@@ -108,9 +108,9 @@ def compiled_cell(family: str, tokenizer, workdir: Path, steps: int = 8) -> dict
     KV cache, torch.compile'd step) and with the eager loop: the same tokens, or the refusal a user sees."""
     import torch
 
-    from .bench.decode import CompiledDecoder, EagerDecoder, greedy
-    from .errors import SlimctlError
-    from .kernels import accelerate
+    from ..bench.decode import CompiledDecoder, EagerDecoder, greedy
+    from ..errors import SlimctlError
+    from ..quant.kernels import accelerate
 
     art, failed = _rtn_artifact(family, tokenizer, workdir)
     if art is None:
@@ -137,7 +137,7 @@ def compiled_cell(family: str, tokenizer, workdir: Path, steps: int = 8) -> dict
 def _rtn_artifact(family: str, tokenizer, workdir: Path, seed: int = 0):
     """(the family's int4 RTN artifact, None), made once per workdir (the matrix's rtn cell made it already),
     or (None, the failed cell)."""
-    from .models import load
+    from ..models import load
 
     art_dir = workdir / f"{family}-rtn"
     if not (art_dir / "config.json").exists():

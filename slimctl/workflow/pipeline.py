@@ -12,12 +12,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import delta as delta_mod, gates as gate_mod, report as report_mod
-from ._version import __version__
-from .errors import OutputError
-from .render import write_report
-from .steps import UI, apply_steps  # noqa: F401  (UI is part of run()'s interface)
-from .recipe import Recipe
+from ..results import delta as delta_mod, gates as gate_mod, report as report_mod
+from .._version import __version__
+from ..errors import OutputError
+from ..render import write_report
+from ..steps import UI, apply_steps  # noqa: F401  (UI is part of run()'s interface)
+from ..recipe import Recipe
 
 ARTIFACT_DIR = "model"
 RELOAD_TOLERANCE = 1e-5  # the reloaded artifact must reproduce the in-memory outputs (0 for integer formats)
@@ -50,8 +50,8 @@ def reload_check(slim, folder: Path, tokenizer, kind: str) -> dict[str, Any]:
     """Load the artifact back from disk and compare its outputs with the in-memory slimmed model."""
     import torch
 
-    from .models import load
-    from .kinds import CAUSAL_LM
+    from ..models import load
+    from ..kinds import CAUSAL_LM
 
     again = load(str(folder), allow_non_finite=True)  # the input's NaN policy was applied at its load; compare as is
     enc = tokenizer(["The artifact measured must be the artifact evaluated.", "Second row, padded."],
@@ -97,16 +97,16 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
          load_options: dict) -> dict[str, Any]:
     import torch
 
-    from .evaluate import prepare_tasks
-    from .models import load
+    from ..evaluate import prepare_tasks
+    from ..models import load
 
     if recipe.eval.data:  # bad data should fail before minutes of work, not after
-        from .evaluate.data import read_file
+        from ..evaluate.data import read_file
 
         read_file(recipe.eval.data)
     if recipe.stream:
-        from .models import resolve
-        from .stream import should_stream
+        from ..models import resolve
+        from ..stream.skeleton import should_stream
 
         folder, _ = resolve(model_spec, ui.say)
         if should_stream(recipe.stream, folder):
@@ -116,7 +116,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     ui.say(f"loading {model_spec}")
     base = load(model_spec, progress=ui.say, **load_options)
     if recipe.export is not None:  # an architecture the export refuses fails now, not after the steps
-        from .formats.gguf import check_architecture
+        from ..formats.gguf import check_architecture
 
         check_architecture(base.model.config)
     taskset = None
@@ -130,7 +130,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     if recipe.export is not None:
         artifact["exports"] = [export_gguf(base, slim, out, recipe, model_spec, ui)]
     # Accuracy is measured in the configuration the bench measures: the same kernels and activation dtype.
-    from .kernels import maybe_accelerate
+    from ..quant.kernels import maybe_accelerate
 
     kernels = maybe_accelerate(slim.model, recipe.bench.kernels, kind=base.kind)
     ev = evaluate_pair(base, slim, recipe, kernels, taskset, ui)
@@ -147,10 +147,10 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
     """run() with the model streamed from its files one block at a time (pipeline_streamed.py)."""
     import torch
 
-    from .machine import RssSampler, release_freed_memory, rss_mb
-    from .models import _load_tokenizer, kind_of
-    from .pipeline_streamed import check_streamable, evaluate_streamed_pair, memory_record, save_and_check
-    from .stream_open import open_streamed
+    from ..machine import RssSampler, release_freed_memory, rss_mb
+    from ..models import _load_tokenizer, kind_of
+    from .streamed import check_streamable, evaluate_streamed_pair, memory_record, save_and_check
+    from ..formats.streamed import open_streamed
 
     check_streamable(recipe, folder, load_options)
     kind = kind_of(folder)
@@ -161,8 +161,8 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
     opened = []
     with RssSampler() as rss:
         try:
-            from .families import refuse_streaming
-            from .kinds import read_config
+            from ..families import refuse_streaming
+            from ..kinds import read_config
 
             refuse_streaming(read_config(folder))
             ui.say(f"streaming {model_spec}: one block in memory at a time")
@@ -191,11 +191,11 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
 
 def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
     """Save the artifact atomically, then load it back and compare its outputs with the model in memory."""
-    from .formats import for_model
-    from .models import save_artifact
-    from .qmodules import quantized_modules_meta
+    from ..formats import for_model
+    from ..models import save_artifact
+    from ..quant.layers import quantized_modules_meta
 
-    from .families.layer_sizes import has_layer_sizes
+    from ..families.layer_sizes import has_layer_sizes
 
     fmt = for_model(slim.model)
     loads_with = "slimctl (per-layer FFN widths)" if has_layer_sizes(slim.model.config) else fmt.loads_with
@@ -211,8 +211,8 @@ def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_sp
 
 def export_gguf(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
     """OUT/model.gguf from the slimmed model in memory (codes packed as they are, see formats/gguf.py)."""
-    from .formats.gguf import GGUFOptions, export
-    from .models import file_digest
+    from ..formats.gguf import GGUFOptions, export
+    from ..models import file_digest
 
     ui.say(f"exporting {GGUF_FILE} for llama.cpp")
     spec = recipe.export
@@ -227,7 +227,7 @@ def export_gguf(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str,
 
 def evaluate_pair(base, slim: Slimmed, recipe: Recipe, kernels: dict | None, taskset, ui: UI) -> dict[str, Any] | None:
     """Baseline and slimmed evaluated side by side in one pass (None when the recipe skips eval)."""
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     if recipe.eval.skip:
         return None
@@ -248,7 +248,7 @@ def add_peak_shares(steps: list[dict[str, Any]]) -> None:
     rows = [r for s in steps for r in s.get("time_breakdown") or () if r.get("gflops_per_s")]
     if not rows:
         return
-    from .bench.roofline import cached_peaks, peaks
+    from ..bench.roofline import cached_peaks, peaks
 
     long = any(s.get("seconds", 0) >= MEASURE_PEAK_AFTER_S for s in steps if s.get("time_breakdown"))
     pk = peaks("cpu", "float32") if long else cached_peaks("cpu", "float32")
@@ -262,7 +262,7 @@ def bench_pair(base, slim: Slimmed, art_dir: Path, recipe: Recipe, isolate: bool
                ui: UI) -> tuple[dict[str, Any], dict[str, Any]]:
     """Baseline and slimmed artifact benchmarked in alternating fresh-process rounds (inline: in this
     process, for debugging)."""
-    from .bench import bench_model, pair_isolated
+    from ..bench import bench_model, pair_isolated
 
     base_spec = recipe.bench.model_copy(update={"kv_cache": "fp"})  # kv_cache is how the slimmed model decodes
     if isolate:
@@ -278,7 +278,7 @@ def build_report(recipe: Recipe, model_spec: str, base, slim: Slimmed, artifact:
                  kernels: dict | None, bb: dict | None, sb: dict | None, recipe_source: str | None,
                  seconds: float) -> dict[str, Any]:
     """The report of a run, validated against the typed schema (report.Report)."""
-    from .evaluate import Evaluation
+    from ..evaluate import Evaluation
 
     d = delta_mod.delta(ev, bb, sb)
     gate_rows = gate_mod.check(recipe.gates.model_dump(), d)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import capture_block_inputs, find_blocks, with_hidden
-from .errors import UnsupportedError
-from .kinds import CAUSAL_LM
+from ..stream.blocks import capture_block_inputs, find_blocks, with_hidden
+from ..errors import UnsupportedError
+from ..kinds import CAUSAL_LM
 
 
 class _Emit(nn.Module):
@@ -40,7 +40,7 @@ def last_hidden(model: nn.Module, batches: list[dict], track=lambda it, desc, to
                 desc: str = "streamed forward") -> tuple[list[torch.Tensor], bool]:
     """The last block's output for each batch, one block in memory at a time; also whether the
     blocks return tuples (the tail pass must return the same)."""
-    from .stream import stream_of
+    from ..stream.skeleton import stream_of
 
     st = stream_of(model)
     prefix, blocks = find_blocks(model)
@@ -68,7 +68,7 @@ def tail(model: nn.Module):
     """Within it, logits(hidden, as_tuple) runs the modules after the blocks on recorded hidden states
     (the blocks swapped for _Emit, zero input embeddings so the embedding table is not read); the
     modules are read from disk for each call (the page cache makes that cheap beside the blocks)."""
-    from .stream import stream_of
+    from ..stream.skeleton import stream_of
 
     st = stream_of(model)
     prefix, blocks = find_blocks(model)
@@ -116,8 +116,8 @@ def baseline_key(folder: Path, settings: dict[str, Any], data: str | None) -> st
 def evaluate_streamed(model: nn.Module, reference: nn.Module, ref_folder: Path, tokenizer, kind: str, spec,
                       seed: int = 0, track=lambda it, desc, total: it, say=lambda m: None):
     """Perplexity of a streamed slimmed model beside its streamed reference (causal LMs)."""
-    from .evaluate import bos_prefix, perplexity_windows, score_windows, settings_for, window_input
-    from .models import cache_dir
+    from .evaluation import bos_prefix, perplexity_windows, score_windows, settings_for, window_input
+    from ..models import cache_dir
 
     if kind != CAUSAL_LM:
         raise UnsupportedError(f"--stream evaluates causal LMs (perplexity); this is a {kind} model: "

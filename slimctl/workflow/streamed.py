@@ -7,18 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, UnsupportedError
-from .recipe import Recipe
-from .steps import UI
+from ..errors import ModelLoadError, UnsupportedError
+from ..recipe import Recipe
+from ..steps import UI
 
 CHECK_TEXTS = ["The artifact measured must be the artifact evaluated.", "Second row, padded."]
 
 
 def check_streamable(recipe: Recipe, folder: Path, load_options: dict) -> None:
     """Everything --stream refuses, before any long work."""
-    from . import techniques
-    from .kinds import read_config
-    from .stream_open import read_meta
+    from .. import techniques
+    from ..kinds import read_config
+    from ..formats.streamed import read_meta
 
     if folder.is_file():
         raise UnsupportedError("--stream reads a folder of safetensors weights, not a single .gguf file")
@@ -41,14 +41,14 @@ def check_streamable(recipe: Recipe, folder: Path, load_options: dict) -> None:
 def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: str, ui: UI, opened: list):
     """The sharded artifact, written atomically, then streamed back and compared with the slimmed
     model (its blocks from the spill folder) on two short texts."""
-    from ._version import __version__
-    from .stream_eval import forward_logits
-    from .formats import for_model
-    from .formats.sharded import save_streamed
-    from .models import save_artifact
-    from .qmodules import quantized_modules_meta
-    from .kinds import CAUSAL_LM
-    from .stream_open import open_streamed
+    from .._version import __version__
+    from ..evaluate.streamed import forward_logits
+    from ..formats import for_model
+    from ..formats.sharded import save_streamed
+    from ..models import save_artifact
+    from ..quant.layers import quantized_modules_meta
+    from ..kinds import CAUSAL_LM
+    from ..formats.streamed import open_streamed
 
     fmt = for_model(slim.model)
     meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind, "format": fmt.name,
@@ -73,10 +73,10 @@ def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: st
 def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list, notes: list[str]) -> dict[str, Any] | None:
     """Baseline (streamed from the source files, its last hidden states cached) and the artifact
     (streamed from its shards), side by side."""
-    from .stream_eval import evaluate_streamed
-    from .stream_open import open_streamed
+    from ..evaluate.streamed import evaluate_streamed
+    from ..formats.streamed import open_streamed
 
-    from .kinds import CAUSAL_LM
+    from ..kinds import CAUSAL_LM
 
     if recipe.eval.skip:
         return None

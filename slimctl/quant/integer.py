@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import RecipeError
-from .quant import QScheme, dequantize_groups, rtn
+from ..errors import RecipeError
+from ..quant.integer import QScheme, dequantize_groups, rtn
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class _Replay:
     Linear changed starts at that Linear's block: the blocks before it return what they returned."""
 
     def __init__(self, model, batches: list[dict]):
-        from .calibrate import find_blocks
+        from ..stream.blocks import find_blocks
 
         self.prefix, self.blocks = find_blocks(model)
         self.outs: list[list] = [[] for _ in self.blocks]
@@ -75,7 +75,7 @@ class _Replay:
 
 
 def _cost(model, batches, replay: _Replay, start: int, logits: bool) -> float:
-    from . import stages
+    from ..results import stages
 
     tokens = sum(b["input_ids"].numel() for b in batches)
     flops = sum(stages.linear_flops(b, tokens) for b in replay.blocks[start:])

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import stages
-from .quant import dequantize_groups, rtn
+from ..results import stages
+from ..quant.integer import dequantize_groups, rtn
 
 
 def fisher_costs(model, targets: dict[str, nn.Linear], choices: dict[str, dict], groups: dict[str, dict[str, int]],

@@ -52,7 +52,7 @@ def bf16_fast(device_type: str) -> tuple[bool, str]:
     if device_type == "cuda":
         cap = torch.cuda.get_device_capability()
         return cap >= (8, 0), f"compute capability {cap[0]}.{cap[1]}"
-    from .machine import cpu_flags
+    from ..machine import cpu_flags
 
     flags = cpu_flags()
     for f in ("amx_bf16", "avx512_bf16"):
@@ -94,7 +94,7 @@ def choose(layer, device_type: str) -> tuple[str | None, str]:
 def _int4_params(layer, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned codes q in [0, 15] with w = (q - 8) * s + z: tinygemm's layout [K/g, N, 2] of (s, z).
     Symmetric: stored codes c = q - 8, so z = 0. Asymmetric: w = (q - zp) * s, so z = (8 - zp) * s."""
-    from .quant import unpack_int4
+    from .integer import unpack_int4
 
     if layer.bits == 3:  # w = c·s (c in −4..3) or (u − zp)·s (u in 0..7): the same values as int4 codes c + 8 / u
         q = (layer.codes() + (8 if layer.symmetric else 0)).to(torch.int32)
@@ -143,7 +143,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def has_weight_only(model: nn.Module) -> bool:
-    from .qmodules import Int8Embedding, WeightOnlyLinear
+    from .layers import Int8Embedding, WeightOnlyLinear
 
     return any(isinstance(m, (WeightOnlyLinear, Int8Embedding)) for m in model.modules())
 
@@ -166,7 +166,7 @@ def accelerate(model: nn.Module, device: str | torch.device | None = None, act_d
     dequantizes each layer once, at load, into a dense weight in the activation dtype: the disk keeps
     the small artifact, memory holds the dense copy (counted in the plan). The quantized layers keep
     their stored scales in float32 for the dequantize path."""
-    from .qmodules import Int8Embedding, WeightOnlyLinear
+    from .layers import Int8Embedding, WeightOnlyLinear
 
     dev = torch.device(device) if device is not None else _model_device(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
@@ -211,7 +211,7 @@ def _offset_norms(model: nn.Module) -> set[int]:
     scale, leaving w near -1: in bf16, 1 + w then loses most of its digits to cancellation (measured on
     Gemma 3 270M AWQ+GPTQ g32: perplexity x1.26 with bf16 norms, x1.13 with float32 ones, llama.cpp x1.11).
     They stay float32; their forward computes in float32 and returns the input's dtype."""
-    from . import families
+    from .. import families
 
     fam = families.of(model)
     if fam is None or not fam.norm_offset:

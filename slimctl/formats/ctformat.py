@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .qmodules import WeightOnlyLinear
+from ..quant.layers import WeightOnlyLinear
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 ROWS_PER_CHUNK = 1024  # (un)packing widens to int64, 8 codes per word: a 70B-sized layer in one go is gigabytes
@@ -106,8 +106,8 @@ def exportable(model) -> bool:
     Asymmetric schemes are left out: compressed-tensors 0.19 packs their zero points along the
     output dimension, while transformers 5.24 registers them unpacked and refuses the file, so such
     an artifact would load nowhere but in slimctl. They keep slimctl's own layout instead."""
-    from .families.convert import PREPARED
-    from .qmodules import QUANTIZED_TYPES
+    from ..families.convert import PREPARED
+    from ..quant.layers import QUANTIZED_TYPES
 
     if getattr(model, PREPARED, None):  # Conv1D or fused experts unfused by slimctl: transformers' layout differs
         return False
@@ -170,7 +170,7 @@ def rewrite_folder(model, folder: Path) -> None:
 
 def to_slimctl_state(state: dict[str, torch.Tensor], qmeta: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of an artifact -> the buffers of slimctl's WeightOnlyLinear."""
-    from .quant import QScheme, pack_int3, pack_int4
+    from ..quant.integer import QScheme, pack_int3, pack_int4
 
     out = dict(state)
     for name, spec in qmeta.items():

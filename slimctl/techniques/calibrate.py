@@ -14,10 +14,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import stages
-from .errors import DataError
-from .blocks import find_blocks  # noqa: F401  (techniques import it from here)
-from .kinds import CAUSAL_LM
+from ..results import stages
+from ..errors import DataError
+from ..stream.blocks import capture_block_inputs, find_blocks, forward_all, with_hidden  # noqa: F401  (techniques import them from here)
+from ..kinds import CAUSAL_LM
 
 DEFAULT_SEQ_LEN = {CAUSAL_LM: 256}
 OTHER_SEQ_LEN = 128
@@ -26,7 +26,7 @@ OTHER_SEQ_LEN = 128
 def calibration_batches(tokenizer, kind: str, samples: int, seq_len: int | None, data: str | None,
                         seed: int) -> list[dict[str, torch.Tensor]]:
     """`samples` tokenised texts (batch of one each, no padding), chosen with `seed`."""
-    from .evaluate import data as datasets
+    from ..evaluate import data as datasets
 
     texts = [e.text for e in (datasets.read_file(data) if data else datasets.bbc("calib"))]
     if not texts:
@@ -42,46 +42,6 @@ def calibration_batches(tokenizer, kind: str, samples: int, seq_len: int | None,
     if not out:
         raise DataError("calibration texts are all shorter than 2 tokens")
     return out
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict], got=None) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of `block` for every calibration batch, captured by stopping the forward there
-    (appended to `got`: a list, or Activations kept on disk)."""
-    got = [] if got is None else got
-
-    def hook(mod, args, kwargs):
-        got.append((args, dict(kwargs)))
-        raise _Stop
-
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for b in batches:
-                try:
-                    model(**b, use_cache=False) if "use_cache" in _forward_params(model) else model(**b)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-    return got
-
-
-def _forward_params(model) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
-
-
-def forward_all(model: nn.Module, batches: list[dict]) -> None:
-    """One forward pass over the calibration batches (for hooks on layers outside the blocks)."""
-    use_cache = "use_cache" in _forward_params(model)
-    with torch.inference_mode():
-        for b in batches:
-            model(**b, use_cache=False) if use_cache else model(**b)
 
 
 def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -103,12 +63,6 @@ def block_flops(block: nn.Module, x) -> float:
     return stages.linear_flops(block, tokens) + (4.0 * tokens * seq * x.shape[-1] if attn else 0.0)
 
 
-def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, str, nn.Module, list], Any],
                track=lambda it, desc, total: it,
                after_block: Callable[[int, str, nn.Module], None] | None = None,
@@ -117,7 +71,7 @@ def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, s
     block's outputs on as the next block's inputs, then call after_block(index, name, block) (a change
     the next block's inputs must not see). Returns what on_block returned per block. With `batch_tokens`,
     calibration texts of the same length run together (`stack`): each input then holds several texts."""
-    from .stream import stream_of
+    from ..stream.skeleton import stream_of
 
     if batch_tokens:
         batches = stack(batches, batch_tokens, batch_breaks)
@@ -222,7 +176,7 @@ def _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
     for i in track(range(len(blocks)), "blocks", len(blocks)):
         block = st.load(f"{prefix}.{i}") if st else blocks[i]
         results.append(on_block(i, f"{prefix}.{i}", block, inputs))
-        from .qmodules import dequantized_once
+        from ..quant.layers import dequantized_once
 
         last = i + 1 == len(blocks)  # no block reads the last one's outputs
         with torch.inference_mode(), dequantized_once(block):  # each input replaced by its output in turn
@@ -419,7 +373,7 @@ def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[di
     rest = {n: m for n, m in targets.items() if n not in done}
     if not rest or leftover == "return":
         return list(rest)
-    from .stream import refuse, stream_of
+    from ..stream.skeleton import refuse, stream_of
 
     if stream_of(model):
         refuse(f"calibrating layers outside the repeated blocks ({', '.join(list(rest)[:3])})")
@@ -480,7 +434,7 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float, layer: str = "a la
     (as GPTQ's reference implementations raise damp_percent) up to MAX_DAMPENING; the dampening that
     worked goes into `used[layer]`. A non-finite Hessian (NaN/Inf calibration activations) or one that
     no dampening fixes is a DataError naming the layer."""
-    from .errors import DataError
+    from ..errors import DataError
 
     if not torch.isfinite(h).all():
         raise DataError(f"the calibration inputs of {layer} hold NaN or Inf (its Hessian is not finite): the model "
@@ -539,7 +493,7 @@ def upper_inverse_factor(h: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def _factor(h: torch.Tensor, damp: float, layer: str, used: dict[str, float] | None) -> torch.Tensor:
-    from .errors import DataError
+    from ..errors import DataError
 
     while True:
         try:

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
 
 KVCache = Literal["fp", "int8", "int4"]
 BLOCK = 32  # int4 (q4_0's block); int8 takes 64 where the head size allows: 1.03 bytes per value, 1.94x under fp16
@@ -26,7 +26,7 @@ LLAMA_CPP = {"fp": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's names f
 
 
 def normalise(name: str) -> str:
-    from .specs import KV_NAMES  # the names eval/bench specs accept, and what each means
+    from ..specs import KV_NAMES  # the names eval/bench specs accept, and what each means
 
     if name not in KV_NAMES:
         raise UnsupportedError(f"unknown KV cache type '{name}'; use fp, int8 or int4 (llama.cpp names: f16, q8_0, q4_0)")

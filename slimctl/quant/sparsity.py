@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
 
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import DataError
+from ..errors import DataError
 
 SCHEMA = "slimctl.report/v1"
 _PACKAGES = ("slimctl", "torch", "transformers", "safetensors", "pydantic", "onnxruntime", "numpy")
@@ -249,7 +249,7 @@ def environment(seed: int, device: str = "cpu") -> dict[str, Any]:
     if "torch" in sys.modules:  # only describe threads/devices when torch is already in use
         import torch
 
-        from .machine import cpu_name
+        from ..machine import cpu_name
 
         env["threads"] = torch.get_num_threads()
         env["cpu"] = cpu_name()
@@ -276,5 +276,5 @@ def pareto_front(points: list[tuple[float, ...] | None]) -> list[bool]:
     return flags
 
 
-if __name__ == "__main__":  # python -m slimctl.report > docs/report.schema.json
+if __name__ == "__main__":  # python -m slimctl.results.report > docs/report.schema.json
     print(json.dumps(json_schema(), indent=2))

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DeviceError, UnsupportedError
-from .kinds import CAUSAL_LM, ENCODER
+from ..errors import DeviceError, UnsupportedError
+from ..kinds import CAUSAL_LM, ENCODER
 
 ONNX_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask")

@@ -1,0 +1,184 @@
+"""The technique registry: each technique file registers one config class and one apply function."""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import RecipeError, UnsupportedError
+
+# Explicit list: a technique that fails to import is an error, not a silently missing method.
+_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured", "depth", "distill", "rotate",
+            "onnx", "fp8", "bnb")
+
+
+class TechniqueConfig(BaseModel):
+    """Base of every technique's options: unknown keys are errors, not silent defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerSelection(TechniqueConfig):
+    """Options shared by techniques that touch Linear layers."""
+
+    ignore: list[str] = []  # fnmatch patterns of module names, added to the default protections
+
+
+class WeightOnlyOptions(LayerSelection):
+    """Integer weight-only quantization options shared by RTN and GPTQ."""
+
+    bits: Literal[3, 4, 8] = 4  # 3: eight codes in three bytes; runs on the int4 kernels (or dequantizes)
+    group_size: Optional[int] = Field(default=128, ge=8, le=8192)  # None: one group per output channel
+    symmetric: bool = True
+    strict: bool = False  # refuse layers whose width the group size does not divide, instead of adapting
+    # round each scale to fp16 before choosing the codes, as GGUF's Q4_0/Q8_0 store them: an artifact
+    # made so exports to GGUF bit-exactly (slimctl export --format gguf)
+    fp16_scales: bool = False
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, v):
+        if v is not None and v & (v - 1):
+            raise ValueError(f"group_size must be a power of two (32, 64, 128…), not {v}")
+        return v
+
+
+class CalibrationOptions(TechniqueConfig):
+    """Calibration data for techniques that look at activations (GPTQ, SmoothQuant, Wanda…)."""
+
+    calib_samples: int = Field(default=64, ge=1, le=100_000)  # texts, one batch each
+    calib_seq_len: Optional[int] = Field(default=None, ge=8, le=32_768)  # default 256 (causal LM) / 128
+    calib_data: Optional[str] = None  # .txt / .jsonl; default: the BBC calibration split (disjoint from eval)
+
+    def batches(self, ctx: "StepContext"):
+        from .calibrate import calibration_batches
+
+        return calibration_batches(ctx.tokenizer, ctx.kind, self.calib_samples, self.calib_seq_len, self.calib_data, ctx.seed)
+
+
+def plan_groups(layers: list[tuple[str, Any]], cfg: WeightOnlyOptions, ctx: "StepContext") -> dict[str, int]:
+    """The group each layer gets. A width the group does not divide gets the largest power of two
+    that does (one note for all such layers), or, with strict, an error naming the layers."""
+    from ..quant.integer import resolve_group
+
+    width = {name: lin.in_features for name, lin in layers}
+    groups = {name: resolve_group(w, cfg.group_size) for name, w in width.items()}
+    odd = {n: g for n, g in groups.items() if cfg.group_size is not None and g != min(cfg.group_size, width[n])}
+    if odd:
+        names = sorted(odd)
+        if cfg.strict:
+            raise UnsupportedError(f"group_size {cfg.group_size} does not divide the input width of {len(names)} layers "
+                                   f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}); drop strict or pick another group size")
+        used = sorted(set(odd.values()))
+        ctx.notes.append(f"group_size {cfg.group_size} does not divide the input width of {len(names)} layers; "
+                         f"used group {'/'.join(map(str, used))} there (see the step's groups)")
+    if cfg.bits in (3, 4):
+        need = 2 if cfg.bits == 4 else 8
+        bad = [n for n, w in width.items() if w % need]
+        if bad:
+            raise UnsupportedError(f"int{cfg.bits} packing needs an input width that is a multiple of {need}; "
+                                   f"{bad[0]} has {width[bad[0]]}")
+    return groups
+
+
+def plan_schemes(model, cfg: WeightOnlyOptions, ctx: "StepContext"):
+    """The Linears a weight-only step quantizes, the group each gets (plan_groups) and its QScheme."""
+    from ..quant.integer import QScheme
+
+    targets = dict(select_linears(model, cfg.ignore))
+    groups = plan_groups(list(targets.items()), cfg, ctx)
+    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales) for n, g in groups.items()}
+    return targets, groups, schemes
+
+
+@dataclass
+class StepContext:
+    kind: str  # task kind of the model (models.CAUSAL_LM, …)
+    seed: int = 0
+    tokenizer: Any = None  # for calibration
+    track: Callable = lambda it, desc, total: it
+    progress: Callable[[str], None] = lambda msg: None
+    notes: list[str] = field(default_factory=list)
+    replacement: Any = None  # set by a technique whose result is a different model object (e.g. ONNX Runtime)
+    teacher: Any = None  # the model before the recipe's steps, kept when a later step trains (distill)
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    kind: str  # "cast" | "transform" | "quantize" | "prune" | "train"
+    config: type[TechniqueConfig]
+    apply: Callable[[Any, TechniqueConfig, StepContext], dict]
+    summary: str
+    loads_with: str  # what reloads its artifact: "transformers", "slimctl" or "onnxruntime"
+    streams: bool = False  # works on a streamed skeleton (--stream): touches one block at a time
+
+
+REGISTRY: dict[str, Technique] = {}
+_loaded = False
+
+
+def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, loads_with: str = "transformers",
+             streams: bool = False):
+    def deco(fn):
+        if name in REGISTRY:
+            raise RuntimeError(f"technique {name} registered twice")
+        REGISTRY[name] = Technique(name, kind, config, fn, summary, loads_with, streams)
+        return fn
+    return deco
+
+
+def load_all() -> dict[str, Technique]:
+    """Import every technique module once (importing one of them directly registers only that one)."""
+    global _loaded
+    if not _loaded:
+        for m in _MODULES:
+            importlib.import_module(f".{m}", __package__)
+        _loaded = True
+    return REGISTRY
+
+
+def get(name: str) -> Technique:
+    reg = load_all()
+    if name not in reg:
+        raise RecipeError(f"unknown method '{name}'; known: {', '.join(sorted(reg))}")
+    return reg[name]
+
+
+def protected_modules(model) -> set[str]:
+    """Names of Linear layers slimctl leaves alone by default: the output embedding (LM head) and
+    any layer whose weight is shared with the input embedding (tied weights)."""
+    from torch import nn
+
+    names: set[str] = set()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    inp_w = inp.weight if inp is not None and hasattr(inp, "weight") else None
+    # a meta tensor (streamed skeleton) has no storage to compare: tied there means the same Parameter
+    inp_ptr = inp_w.data_ptr() if inp_w is not None and inp_w.device.type != "meta" else None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if mod is out or mod.weight is inp_w or (inp_ptr is not None and mod.weight.data_ptr() == inp_ptr):
+            names.add(name)
+    return names
+
+
+def select_linears(model, ignore: list[str]) -> list[tuple[str, Any]]:
+    """Linear layers a technique may touch, in module order, after defaults and user ignores."""
+    from torch import nn
+
+    protected = protected_modules(model)
+    chosen = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or name in protected:
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in ignore):
+            continue
+        chosen.append((name, mod))
+    return chosen
