@@ -83,7 +83,7 @@ def main() -> None:
     from slimctl.models import package_dir, resolve
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--families", default=",".join(tiny.CONFIGS))
+    ap.add_argument("--families", default=",".join(tiny.configs()))
     ap.add_argument("--methods", default=",".join([*matrix.METHODS, *matrix.EXTRA]))
     ap.add_argument("--no-stream", action="store_true")
     ap.add_argument("--no-gguf", action="store_true")
@@ -95,7 +95,7 @@ def main() -> None:
             "causal-lm": AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])}
     cells, t0 = [], time.perf_counter()
     for fam in args.families.split(","):
-        head = tiny.CONFIGS[fam][2]
+        head = tiny.configs()[fam][2]
         work = Path(tempfile.mkdtemp(prefix=f"fam-{fam}-"))
         for method in args.methods.split(","):
             r = matrix.run_cell(fam, method, toks[head], work)

@@ -76,12 +76,14 @@ class Recipe(Strict):
 
         kinds = [techniques.get(s.method).kind for s in self.steps]
         quant = [i for i, k in enumerate(kinds) if k == "quantize"]
-        if len(quant) == 2 and quant[1] == quant[0] + 1 and self.steps[quant[0]].method == "awq" \
-                and self.steps[quant[1]].method in ("gptq", "mixed"):
-            self.steps[quant[0]] = _awq_before(self.steps[quant[0]], self.steps[quant[1]], quant[0])
+        first = techniques.get(self.steps[quant[0]].method) if quant else None
+        if len(quant) == 2 and quant[1] == quant[0] + 1 and self.steps[quant[1]].method in first.precedes:
+            a, b = self.steps[quant[0]], self.steps[quant[1]]
+            self.steps[quant[0]] = Step(method=a.method, config=first.pair(a.config, b.method, b.config, quant[0]))
         elif len(quant) > 1:
-            raise ValueError("at most one quantization step: a layer can be quantized once "
-                             "(the one pairing allowed: an awq step directly before gptq or mixed)")
+            pairs = "; ".join(f"{t.name} directly before {' or '.join(t.precedes)}"
+                              for t in techniques.load_all().values() if t.precedes)
+            raise ValueError(f"at most one quantization step: a layer can be quantized once (the pairings allowed: {pairs})")
         if "quantize" in kinds:
             q = kinds.index("quantize")
             later = [self.steps[i].method for i in range(q + 1, len(kinds)) if kinds[i] in ("cast", "transform", "prune", "train")]
@@ -93,6 +95,11 @@ class Recipe(Strict):
                                  "teacher is then the model before the recipe's steps) or name one with teacher:")
         if kinds.count("cast") > 1:
             raise ValueError("at most one cast step (bf16 or fp16)")
+        if self.export is not None:
+            from .formats.exporters import exporters
+
+            if self.export.format not in exporters():
+                raise ValueError(f"export: unknown format '{self.export.format}'; known: {', '.join(sorted(exporters()))}")
         if self.export is not None:  # GGUF stores fp16 scales: choose the codes with them, so the export is exact
             self.steps = [_with_fp16_scales(s) for s in self.steps]
         return self
@@ -113,22 +120,6 @@ class Recipe(Strict):
         d = self.model_dump(exclude={"steps"})
         d["steps"] = [s.to_dict() for s in self.steps]
         return d
-
-
-def _awq_before(awq: Step, nxt: Step, index: int) -> Step:
-    """AWQ directly before GPTQ or mixed: AWQ scales and clips for the grid the next step rounds to
-    (for mixed its lowest width: int3 when it offers one, else int4), and leaves float weights for it to quantize."""
-    c, n = awq.config, nxt.config
-    low3 = nxt.method == "mixed" and n.group_size_3
-    grid = {"bits": 3 if low3 else 4 if nxt.method == "mixed" else n.bits, "group_size": n.group_size_3 if low3 else n.group_size,
-            "symmetric": n.symmetric, "fp16_scales": n.fp16_scales}
-    for key, value in grid.items():
-        if key in c.model_fields_set and getattr(c, key) != value:
-            raise ValueError(f"steps[{index}]: awq's {key} {getattr(c, key)} differs from the {nxt.method} step's {value}; "
-                             f"AWQ must search for the grid the {nxt.method} step quantizes to (drop it from the awq step)")
-    if "quantize" in c.model_fields_set and c.quantize:
-        raise ValueError(f"steps[{index}]: awq with quantize: true before {nxt.method} would quantize twice; drop quantize")
-    return Step(method=awq.method, config=c.model_copy(update={**grid, "quantize": False}))
 
 
 def _with_fp16_scales(step: Step) -> Step:

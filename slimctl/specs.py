@@ -88,9 +88,10 @@ class Gates(Strict):
 
 
 class ExportSpec(Strict):
-    """An extra artifact a run writes beside model/: a GGUF file for llama.cpp."""
+    """An extra artifact a run writes beside model/: a GGUF file for llama.cpp. `format` names an exporter
+    (formats/exporters.py; the recipe checks it); the other options are GGUF's, the one exporter today."""
 
-    format: Literal["gguf"] = "gguf"
+    format: str = "gguf"
     embeddings: Literal["q8_0", "f16", "f32"] = "q8_0"  # token embedding (and an untied float LM head)
     float_type: Literal["f16", "f32", "bf16"] = "f16"  # float Linear layers
     requantize: bool = False  # quantize again what cannot be packed exactly (with a warning) instead of refusing

@@ -160,7 +160,7 @@ CASES = [
      "tied to the LM head"),
     # GGUF export and llama.cpp as a runtime
     (["export", "{w}/good", "--out", "{out}/m.gguf"], "supports BPE tokenizers; this one is WordPiece"),
-    (["export", "{good}", "--format", "onnx", "--out", "{out}/m.gguf"], "--format: Input should be 'gguf'"),
+    (["export", "{good}", "--format", "onnx", "--out", "{out}/m.gguf"], "unknown export format 'onnx'; known: gguf"),
     (["export", "{good}", "--float-type", "f8", "--out", "{out}/m.gguf"], "--float-type: Input should be 'f16', 'f32' or 'bf16'"),
     (["export", "{good}", "--out", "{w}/recipe-dir"], "is a folder; give the .gguf file to write"),
     (["export", "{w}/nan-weights", "--out", "{out}/m.gguf"], "has weights that are NaN or Inf"),

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 
-from slimctl.bench import cost as C, study, sweep as S
+from slimctl.bench import catalogue, cost as C, study, sweep as S
 from slimctl.recipe import BenchSpec
 
 FAST = ["--min-iters", "2", "--min-seconds", "0", "--seq-len", "16", "--decode-tokens", "2"]
@@ -114,7 +114,7 @@ def test_single_point_reports_rounds_spread_roofline_and_cost(tiny_llama):
 
 
 def test_config_only_bench_builds_random_weights_of_that_shape(tmp_path):
-    cfg = dict(S.ARCHITECTURES["llama-1b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = dict(catalogue.ARCHITECTURES["llama-1b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, vocab_size=1000)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     p = run_cli("bench", "--config", tmp_path / "config.json", "--dtypes", "fp32,bf16", "--batch-sizes", "1,2", "--json", *FAST)
@@ -127,7 +127,7 @@ def test_config_only_bench_builds_random_weights_of_that_shape(tmp_path):
 def test_config_only_slimmed_variant_is_measured_against_its_baseline(tmp_path):
     from conftest import REPO
 
-    cfg = dict(S.ARCHITECTURES["llama-1b"], hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    cfg = dict(catalogue.ARCHITECTURES["llama-1b"], hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=32, vocab_size=1000)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     p = run_cli("bench", "--config", tmp_path / "config.json", "--recipe", REPO / "recipes" / "int4-rtn-g128.yaml",

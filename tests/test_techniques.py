@@ -114,3 +114,11 @@ def test_cast_keeps_non_persistent_buffers_in_float32(llama, method, dtype):
     assert {p.dtype for p in m.parameters()} == {dtype}
     inv = [b for n, b in m.named_buffers() if "inv_freq" in n]
     assert inv and all(b.dtype == torch.float32 for b in inv)
+
+
+def test_every_registered_technique_has_its_row_in_the_methods_doc():
+    """docs/methods.md explains each method as published; a technique registered without its row fails here."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs/methods.md").read_text()
+    assert not [n for n in T.load_all() if f"`{n}`" not in text]

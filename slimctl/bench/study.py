@@ -136,7 +136,7 @@ def data_free_steps(recipe_path: str) -> list[dict[str, Any]]:
     """A recipe's steps for a config-only model: random weights and no tokenizer, so methods that
     calibrate on text (GPTQ, SmoothQuant, Wanda, SparseGPT, structured, ONNX) are refused."""
     from .. import recipe as recipe_mod
-    from ..techniques.registry import CalibrationOptions
+    from ..techniques import CalibrationOptions
 
     r = recipe_mod.load(recipe_path)
     bad = [s.method for s in r.steps if isinstance(s.config, CalibrationOptions)]

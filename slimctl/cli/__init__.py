@@ -26,7 +26,7 @@ app = typer.Typer(
 for _fn, _name in ((slim.run, "run"), (slim.quantize, "quantize"), (slim.prune, "prune"), (ci.gate, "gate"),
                    (ci.report, "report"), (ci.compare, "compare"), (search.search, "search"), (measure.eval_cmd, "eval"),
                    (measure.bench, "bench"), (info.models, "models"), (info.methods, "methods"), (ci.verify, "verify"), (export.export, "export")):
-    app.command(_name)(_fn)
+    app.command(_name, cls={"quantize": slim.QuantizeCommand, "prune": slim.PruneCommand}.get(_name))(_fn)
 
 
 def _version(value: bool):

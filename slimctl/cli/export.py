@@ -28,12 +28,13 @@ def export(
     A float model (for llama.cpp's own quantizer): [bold]slimctl export smollm2-135m --float-type f32 --embeddings f32 --out smol-f32.gguf[/bold]
     """
     from ..errors import OutputError
-    from ..formats.gguf import GGUFOptions, export as write_gguf
+    from ..formats.exporters import exporter
     from ..models import load
     from ..render import text
     from ..specs import ExportSpec
 
     spec = C.typed(ExportSpec, format=format_, embeddings=embeddings, float_type=float_type, requantize=requantize)
+    ex = exporter(spec.format)
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder; give the .gguf file to write")
     if out.exists() and not overwrite:
@@ -41,7 +42,7 @@ def export(
     ui = C.UI()
     loaded = load(model, progress=ui.say, **C.load_opts(allow_pickle, trust_remote_code, allow_non_finite))
     ui.say(f"writing {out}")
-    res = write_gguf(loaded, out, GGUFOptions(embeddings=spec.embeddings, float_type=spec.float_type, requantize=spec.requantize))
+    res = ex.write(loaded, out, spec)
     for n in res.notes:
         C.warn(n)
-    C.emit({**vars(res), "tensor_types": res.type_counts()}, as_json, text.export)
+    C.emit(ex.summary(res), as_json, text.export)

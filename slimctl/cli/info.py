@@ -34,6 +34,8 @@ def methods(as_json: bool = C.JSON_OPT):
     from ..render.text import table
     from ..techniques import load_all
 
-    rows = [{"name": t.name, "kind": t.kind, "summary": t.summary, "options": sorted(t.config.model_fields)}
+    rows = [{"name": t.name, "kind": t.kind, "summary": t.summary, "options": sorted(t.config.model_fields),
+             "loads_with": t.loads_with, "streams": t.streams, "precedes": list(t.precedes),
+             "search_proposes": [p.name for p in t.proposals]}
             for t in sorted(load_all().values(), key=lambda t: (t.kind, t.name))]
     C.emit(rows, as_json, lambda rs: table(rs, [("name", 18), ("kind", 9), ("summary", 0)]))

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import _common as C
 
@@ -40,6 +41,34 @@ def run(
     C.run_recipe(r, model, out_dir, overwrite, inline, as_json, str(recipe), C.load_opts(allow_pickle, trust_remote_code, allow_non_finite), ci)
 
 
+QUANTIZE_KINDS, PRUNE_KINDS = ("quantize", "cast"), ("prune",)
+METHOD_HELP = "One of this command's methods (`slimctl methods` says what each does)."
+
+
+class _MethodsCommand(TyperCommand):
+    """A command whose --method help lists the registered techniques of its kinds. The list is read from the
+    registry when the help is shown: loading it imports torch, which any other call need not pay for."""
+
+    kinds: tuple[str, ...] = ()
+
+    def format_help(self, ctx, formatter):
+        from ..techniques import load_all
+
+        names = sorted(n for n, t in load_all().items() if t.kind in self.kinds)
+        for p in self.params:
+            if p.name == "method":
+                p.help = f"{', '.join(names)} (`slimctl methods` says what each does)."
+        return super().format_help(ctx, formatter)
+
+
+class QuantizeCommand(_MethodsCommand):
+    kinds = QUANTIZE_KINDS
+
+
+class PruneCommand(_MethodsCommand):
+    kinds = PRUNE_KINDS
+
+
 def _one_step(method: str, options: dict, kinds: tuple[str, ...], common: dict) -> None:
     """quantize/prune: a one-step recipe for `method`, which must be of one of `kinds`."""
     from .. import recipe as recipe_mod, techniques
@@ -58,7 +87,7 @@ def _one_step(method: str, options: dict, kinds: tuple[str, ...], common: dict) 
 
 def quantize(
     model: str = C.MODEL_ARG,
-    method: str = typer.Option(..., "--method", help="rtn, gptq, awq, mixed, smoothquant, int8-dynamic, bf16, fp16 (see `slimctl methods`)."),
+    method: str = typer.Option(..., "--method", help=METHOD_HELP),
     out_dir: Path = C.OUT_OPT,
     bits: Optional[int] = typer.Option(None, "--bits", help="rtn/gptq/awq: 4 or 8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="rtn/gptq/awq/mixed (its int4): columns per scale (32, 64, 128…); 0 = per channel."),
@@ -88,12 +117,12 @@ def quantize(
         opts["symmetric"] = False
     if avg_bits is not None:
         opts["avg_bits"] = avg_bits
-    _one_step(method, opts, ("quantize", "cast"), common)
+    _one_step(method, opts, QUANTIZE_KINDS, common)
 
 
 def prune(
     model: str = C.MODEL_ARG,
-    method: str = typer.Option("magnitude", "--method", help="magnitude, wanda, sparsegpt, structured, depth (see `slimctl methods`)."),
+    method: str = typer.Option("magnitude", "--method", help=METHOD_HELP),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Unstructured: fraction of weights to zero, in (0, 1)."),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M semi-structured instead, e.g. 2:4 (N non-zeros kept per M)."),
     scope: Optional[str] = typer.Option(None, "--scope", help="magnitude: layer (default, same sparsity per layer) or global (one threshold)."),
@@ -118,4 +147,4 @@ def prune(
     for key, val in (("sparsity", sparsity), ("pattern", pattern), ("scope", scope), ("ignore", ignore)):
         if val is not None:
             opts[key] = val
-    _one_step(method, opts, ("prune",), common)
+    _one_step(method, opts, PRUNE_KINDS, common)

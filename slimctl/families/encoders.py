@@ -2,6 +2,7 @@
 fold is exact): value -> attention output folds. DistilBERT likewise with v_lin -> out_lin. ModernBERT is
 pre-norm with fused Wqkv and a gated Wi (input rows, then gate rows; the output is act(input) · gate);
 its first block has no attention norm."""
+from . import tiny
 from .registry import FFN, Attention, Family, Fold, register
 
 _POST_NORM = ("LayerNorm -> query/key/value (post-norm: the norm's output is also the residual)",
@@ -26,13 +27,17 @@ def _modernbert(block, config) -> list[Fold]:
 _BERT_FFN = FFN(("intermediate.dense",), "output.dense", "intermediate_size")
 _BERT_ATTN = Attention("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", resizable=False)
 register(Family("bert", ("bert",), "BERT / MiniLM", _bert, no_fold=_POST_NORM, ffn=_BERT_FFN, attention=_BERT_ATTN,
-                encoder=True))
+                encoder=True,
+                tiny=("BertConfig", dict(tiny.ENC), "encoder")))
 register(Family("roberta", ("roberta", "xlm-roberta", "camembert"), "RoBERTa / XLM-R (BERT layout)", _bert,
-                no_fold=_POST_NORM, ffn=_BERT_FFN, attention=_BERT_ATTN, encoder=True))
+                no_fold=_POST_NORM, ffn=_BERT_FFN, attention=_BERT_ATTN, encoder=True,
+                tiny=("XLMRobertaConfig", dict(tiny.ENC), "encoder")))
 register(Family("distilbert", ("distilbert",), "DistilBERT", _distilbert, no_fold=_POST_NORM,
                 ffn=FFN(("ffn.lin1",), "ffn.lin2", "hidden_dim"),
                 attention=Attention("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", resizable=False),
-                no_clip=("q_lin", "k_lin"), encoder=True))
+                no_clip=("q_lin", "k_lin"), encoder=True,
+                tiny=("DistilBertConfig", dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=512), "encoder")))
 register(Family("modernbert", ("modernbert",), "ModernBERT (pre-norm, fused Wqkv, gated Wi)", _modernbert,
                 ffn=FFN(("mlp.Wi",), "mlp.Wo", "intermediate_size", parts=2),
-                fused={"attn.Wqkv": ("q", "k", "v"), "mlp.Wi": ("input", "gate")}, no_clip=("Wqkv",), encoder=True))
+                fused={"attn.Wqkv": ("q", "k", "v"), "mlp.Wi": ("input", "gate")}, no_clip=("Wqkv",), encoder=True,
+                tiny=("ModernBertConfig", dict(tiny.ENC, global_attn_every_n_layers=1, local_attention=64), "encoder")))

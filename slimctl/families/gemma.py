@@ -3,6 +3,7 @@ and the MLP reads `pre_feedforward_layernorm`, not `post_attention_layernorm` (t
 attention output before the residual add, so it feeds no Linear)."""
 from functools import partial
 
+from . import tiny
 from .registry import LLAMA_ATTENTION, LLAMA_FFN, Family, llama_folds, register
 
 
@@ -21,9 +22,12 @@ def _gemma3_gguf(writer, config) -> None:
 
 
 register(Family("gemma", ("gemma",), "Gemma (1 + w norms)", llama_folds,
-                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, norm_offset=1.0, gguf_arch="gemma"))
+                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, norm_offset=1.0, gguf_arch="gemma",
+                tiny=("GemmaConfig", dict(tiny.LM), "causal-lm")))
 _sandwich = partial(llama_folds, norm_mlp="pre_feedforward_layernorm")
 register(Family("gemma2", ("gemma2",), "Gemma 2 (1 + w norms, pre/post norms around attention and MLP)", _sandwich,
-                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, norm_offset=1.0, gguf_arch="gemma2", gguf_meta=_gemma2_gguf))
+                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, norm_offset=1.0, gguf_arch="gemma2", gguf_meta=_gemma2_gguf,
+                tiny=("Gemma2Config", dict(tiny.LM, query_pre_attn_scalar=16, sliding_window=256), "causal-lm")))
 register(Family("gemma3", ("gemma3_text", "gemma3"), "Gemma 3 text (as Gemma 2, plus per-head q/k norms)", _sandwich,
-                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, norm_offset=1.0, gguf_arch="gemma3", gguf_meta=_gemma3_gguf))
+                ffn=LLAMA_FFN, attention=LLAMA_ATTENTION, norm_offset=1.0, gguf_arch="gemma3", gguf_meta=_gemma3_gguf,
+                tiny=("Gemma3TextConfig", dict(tiny.LM, query_pre_attn_scalar=16, sliding_window=256), "causal-lm")))

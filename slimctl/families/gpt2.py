@@ -15,4 +15,5 @@ register(Family("gpt2", ("gpt2",), "GPT-2 / DistilGPT-2 (Conv1D, fused c_attn)",
                 no_fold=("mlp.c_fc -> mlp.c_proj (a GELU sits between them)",),
                 ffn=FFN(("mlp.c_fc",), "mlp.c_proj", "n_inner"),
                 fused={"attn.c_attn": ("q", "k", "v")}, no_clip=("c_attn",), conv1d=True,
-                gguf_arch="gpt2"))
+                gguf_arch="gpt2",
+                tiny=("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), "causal-lm")))

@@ -2,6 +2,7 @@
 gate), Qwen3-MoE. transformers 5 keeps each layer's experts as two fused 3-D parameters; slimctl unfuses
 them on load into one gate/up/down Linear per expert (`convert.LinearExperts`, same function), so every
 Linear technique quantizes or prunes each expert, and calibration sees which tokens each expert gets."""
+from . import tiny
 from .registry import LLAMA_ATTENTION, Family, Fold, register
 
 
@@ -38,8 +39,12 @@ def _gguf(writer, config) -> None:
 
 # llama.cpp runs Mixtral as its llama architecture with experts (conversion/llama.py)
 register(Family("mixtral", ("mixtral",), "Mixtral (top-k experts)", _folds, attention=LLAMA_ATTENTION, experts=True,
-                gguf_arch="llama", gguf_meta=_gguf))
+                gguf_arch="llama", gguf_meta=_gguf,
+                tiny=("MixtralConfig", dict(tiny.MOE), "causal-lm")))
 register(Family("qwen2_moe", ("qwen2_moe",), "Qwen1.5/Qwen2-MoE (experts + a gated shared expert)", _folds,
-                attention=LLAMA_ATTENTION, experts=True, gguf_arch="qwen2moe", gguf_meta=_gguf))
+                attention=LLAMA_ATTENTION, experts=True, gguf_arch="qwen2moe", gguf_meta=_gguf,
+                tiny=("Qwen2MoeConfig", dict(tiny.LM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=128), "causal-lm")))
 register(Family("qwen3_moe", ("qwen3_moe",), "Qwen3-MoE (top-k experts, per-head q/k norms)", _folds,
-                attention=LLAMA_ATTENTION, experts=True, gguf_arch="qwen3moe", gguf_meta=_gguf))
+                attention=LLAMA_ATTENTION, experts=True, gguf_arch="qwen3moe", gguf_meta=_gguf,
+                tiny=("Qwen3MoeConfig", dict(tiny.LM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64), "causal-lm")))

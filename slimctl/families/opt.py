@@ -14,4 +14,6 @@ def _folds(block, config) -> list[Fold]:
 register(Family("opt", ("opt",), "OPT (pre-norm; fc1/fc2 with ReLU)", _folds,
                 no_fold=("fc1 -> fc2 (a ReLU sits between them)",),
                 ffn=FFN(("fc1",), "fc2", "ffn_dim"),
-                attention=Attention("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", resizable=False)))
+                attention=Attention("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", resizable=False),
+                tiny=("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=64, max_position_embeddings=512), "causal-lm")))

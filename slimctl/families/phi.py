@@ -1,5 +1,6 @@
 """Phi-1/1.5/2: one LayerNorm (with bias) feeds attention and the MLP in parallel; the attention output is
 `dense`, the MLP is fc1 -> GELU -> fc2 (no exact fold across the GELU); partial rotary."""
+from . import tiny
 from .registry import FFN, Attention, Family, Fold, register
 
 
@@ -14,4 +15,5 @@ register(Family("phi", ("phi",), "Phi-1 / 1.5 / 2 (parallel attention and MLP, L
                 no_fold=("mlp.fc1 -> mlp.fc2 (a GELU sits between them)",),
                 ffn=FFN(("mlp.fc1",), "mlp.fc2", "intermediate_size"),
                 attention=Attention("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
-                gguf_arch="phi2"))
+                gguf_arch="phi2",
+                tiny=("PhiConfig", dict(tiny.NO_HD, partial_rotary_factor=0.5), "causal-lm")))

@@ -1,5 +1,6 @@
 """Phi-3 / Phi-3.5 / Phi-4-mini: Llama's block with fused projections. qkv_proj holds q, k, v rows (by head
 counts); gate_up_proj holds the gate rows then the up rows (the MLP computes act(gate) · up)."""
+from . import tiny
 from .registry import FFN, Family, Fold, register
 
 
@@ -23,4 +24,5 @@ def _gguf(writer, config) -> None:
 register(Family("phi3", ("phi3",), "Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv_proj and gate_up_proj)", _folds,
                 ffn=FFN(("mlp.gate_up_proj",), "mlp.down_proj", "intermediate_size", parts=2), attention=None,
                 fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")},
-                no_clip=("qkv_proj",), gguf_arch="phi3", gguf_meta=_gguf))
+                no_clip=("qkv_proj",), gguf_arch="phi3", gguf_meta=_gguf,
+                tiny=("Phi3Config", dict(tiny.NO_HD), "causal-lm")))

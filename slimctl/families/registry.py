@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UnsupportedError
 
-# Explicit list: a family file that fails to import is an error, not a silently missing family.
-_MODULES = ("llama", "qwen", "gemma", "phi", "phi3", "gpt2", "opt", "moe", "encoders")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class Family:
     gguf_arch: str | None = None  # llama.cpp's name for the architecture, when slimctl exports it
     gguf_meta: Callable[[Any, Any], None] | None = None  # (GGUFWriter, config): the family's own keys
     encoder: bool = False
+    # a tiny random model of the architecture for the test matrix: (transformers config class, its keyword
+    # arguments, "causal-lm" or "encoder"); families/tiny.py holds the shared shapes
+    tiny: tuple[str, dict[str, Any], str] | None = None
 
 
 REGISTRY: dict[str, Family] = {}
@@ -84,9 +87,15 @@ def register(family: Family) -> Family:
     return family
 
 
+HELPERS = ("registry", "convert", "folding", "layer_sizes", "tiny")  # modules here that are not family files
+
+
 @functools.cache
 def _import_family_files() -> None:
-    for m in _MODULES:  # each file registers its families on import
+    """Each other module of this package is a family file that registers its families on import: a new family is
+    one new file, found without a list to edit. One that fails to import is an error, not a missing family."""
+    here = str(Path(__file__).parent)
+    for m in sorted(m.name for m in pkgutil.iter_modules([here]) if m.name not in HELPERS):
         importlib.import_module(f".{m}", __package__)
 
 

@@ -111,7 +111,7 @@ def rope_parameters(config) -> dict:
 
 def _config_metadata(writer, config, n_vocab: int, fam) -> None:
     """The keys llama.cpp's converter writes for every family, then the family's own (its gguf_meta)."""
-    from ..families.registry import head_counts
+    from ..families import head_counts
 
     n_head, n_kv, head_dim = head_counts(config)
     n_embd = hparam(config, "hidden_size", "n_embd")
@@ -317,3 +317,26 @@ def _file_type(tensors: dict[str, str]) -> int:
     if kinds and kinds <= {"Q4_0", "Q8_0"}:
         return F.MOSTLY_Q8_0 if kinds == {"Q8_0"} else F.MOSTLY_Q4_0
     return F.MOSTLY_F16 if "float16" in kinds else F.ALL_F32
+
+
+class GGUF:
+    """The GGUF exporter (formats/exporters.py): one file for llama.cpp, slimctl's int4/int8 codes packed exactly."""
+
+    format, file, runtime = "gguf", "model.gguf", "llama.cpp"
+
+    def check(self, config) -> None:
+        check_architecture(config)
+
+    def write(self, loaded, dest: Path, spec) -> ExportResult:
+        return export(loaded, dest, GGUFOptions(embeddings=spec.embeddings, float_type=spec.float_type,
+                                                requantize=spec.requantize))
+
+    def summary(self, res: ExportResult) -> dict[str, Any]:
+        return {**vars(res), "tensor_types": res.type_counts()}
+
+    def report_entry(self, res: ExportResult, sha256: str) -> dict[str, Any]:
+        return {"format": self.format, "path": res.path, "bytes": res.bytes, "sha256": sha256, "exact_layers": res.exact_layers,
+                "requantized_layers": res.requantized, "tokenizer": res.tokenizer, "tensor_types": res.type_counts()}
+
+
+EXPORTER = GGUF()

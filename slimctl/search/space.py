@@ -10,24 +10,14 @@ from typing import Any
 
 from .. import recipe as R
 from ..errors import DataError
-from ..kinds import CAUSAL_LM
 
 
 def default_space(kind: str) -> list[dict[str, Any]]:
-    """Candidate recipes (name, steps) every model kind can take; GPTQ, depth pruning and loss-weighted
-    global FFN pruning only for causal LMs."""
-    space = [("bf16", [{"method": "bf16"}]),
-             ("int8-dynamic", [{"method": "int8-dynamic"}]),
-             ("w8a8-smoothquant", [{"method": "smoothquant", "alpha": 0.5}]),
-             ("int8-weight-only", [{"method": "rtn", "bits": 8, "group_size": None}]),
-             ("int4-rtn-g64", [{"method": "rtn", "bits": 4, "group_size": 64}]),
-             ("onnx-int8-dynamic", [{"method": "onnx", "quantization": "dynamic"}]),
-             ("structured-ffn-25", [{"method": "structured", "ffn": 0.25}])]
-    if kind == CAUSAL_LM:
-        space.insert(5, ("int4-gptq-g64", [{"method": "gptq", "bits": 4, "group_size": 64, "act_order": True}]))
-        space += [("structured-ffn-25-global", [{"method": "structured", "ffn": 0.25, "allocation": "global"}]),
-                  ("depth-12", [{"method": "depth", "fraction": 0.125}])]
-    return [{"name": n, "steps": s} for n, s in space]
+    """Candidate recipes (name, steps) for a model of this kind: what each technique's registration proposes
+    (`proposals=` in techniques/registry.py), in the order they declare."""
+    from ..techniques import proposals
+
+    return [{"name": p.name, "steps": [{"method": method, **p.options}]} for p, method in proposals(kind)]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..results import stages
 from .calibrate import BATCH_TOKENS, block_flops, run_block, sequential, summary, texts
-from ..families.registry import of
+from ..families import of
 from ..families.folding import BlockFold, block_folds, expand, fold_scale, reduce
 from ..quant.integer import QScheme, dequantize_groups, rtn
 from ..quant.layers import bits_per_weight
@@ -272,9 +272,24 @@ def awq_block(model, block, mine: dict[str, nn.Linear], schemes, inputs, cfg: AW
     return rec, bounds
 
 
+def _before(c: AWQConfig, nxt_method: str, n, index: int) -> AWQConfig:
+    """AWQ directly before GPTQ or mixed (the recipe's pairing): AWQ scales and clips for the grid the next step
+    rounds to (for mixed its lowest width: int3 when it offers one, else int4), and leaves float weights for it."""
+    low3 = nxt_method == "mixed" and n.group_size_3
+    grid = {"bits": 3 if low3 else 4 if nxt_method == "mixed" else n.bits, "group_size": n.group_size_3 if low3 else n.group_size,
+            "symmetric": n.symmetric, "fp16_scales": n.fp16_scales}
+    for key, value in grid.items():
+        if key in c.model_fields_set and getattr(c, key) != value:
+            raise ValueError(f"steps[{index}]: awq's {key} {getattr(c, key)} differs from the {nxt_method} step's {value}; "
+                             f"AWQ must search for the grid the {nxt_method} step quantizes to (drop it from the awq step)")
+    if "quantize" in c.model_fields_set and c.quantize:
+        raise ValueError(f"steps[{index}]: awq with quantize: true before {nxt_method} would quantize twice; drop quantize")
+    return c.model_copy(update={**grid, "quantize": False})
+
+
 @register("awq", "quantize", AWQConfig,
           "AWQ activation-aware scales (exact folds) + clipping search, then int4/int8 groups; reloads with slimctl",
-          loads_with="slimctl", streams=True)
+          loads_with="slimctl", streams=True, precedes=("gptq", "mixed"), pair=_before)
 def apply(model, cfg: AWQConfig, ctx: StepContext) -> dict:
     targets, groups, schemes = plan_schemes(model, cfg, ctx)
     batches = cfg.batches(ctx)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import StepContext, TechniqueConfig, register
+from .registry import Proposal, StepContext, TechniqueConfig, register
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,4 +35,5 @@ def _cast(name: str):
 
 
 for _name in _DTYPES:
-    register(_name, "cast", CastConfig, f"cast every weight to {_name}; reloads with plain transformers")(_cast(_name))
+    register(_name, "cast", CastConfig, f"cast every weight to {_name}; reloads with plain transformers",
+             proposals=(Proposal("bf16", order=10),) if _name == "bf16" else ())(_cast(_name))

@@ -12,9 +12,9 @@ from pydantic import Field, model_validator
 from ..stream.blocks import find_blocks, forward_all
 from .calibrate import sequential, summary
 from ..errors import UnsupportedError
-from ..families.registry import model_type
+from ..families import model_type
 from ..kinds import CAUSAL_LM
-from .registry import CalibrationOptions, StepContext, register
+from .registry import CalibrationOptions, Proposal, StepContext, register
 
 
 class DepthConfig(CalibrationOptions):
@@ -132,7 +132,8 @@ def _check_layout(model, kind: str) -> None:
 
 
 @register("depth", "prune", DepthConfig,
-          "remove whole blocks by the measured cost of skipping each (or ShortGPT block influence); fewer layers, plain transformers reloads it")
+          "remove whole blocks by the measured cost of skipping each (or ShortGPT block influence); fewer layers, plain transformers reloads it",
+          proposals=(Proposal("depth-12", {"fraction": 0.125}, (CAUSAL_LM,), order=90),))
 def apply(model, cfg: DepthConfig, ctx: StepContext) -> dict:
     from ..stream.skeleton import refuse, stream_of
 

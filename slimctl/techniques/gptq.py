@@ -8,10 +8,11 @@ from pydantic import Field
 from ..results import stages
 
 from .calibrate import (calibrated, hessian_start, inverse_hessian_factor, raised_dampening, relative_output_error, summary)
+from ..kinds import CAUSAL_LM
 from ..quant.layers import WeightOnlyLinear
 from ..stream.skeleton import set_submodule
 from ..quant.integer import QScheme, dequantize_groups, group_params
-from .registry import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
+from .registry import CalibrationOptions, Proposal, StepContext, WeightOnlyOptions, plan_schemes, register
 
 
 class GPTQConfig(WeightOnlyOptions, CalibrationOptions):
@@ -116,7 +117,8 @@ def _columns(w, hinv, scale, zero, scheme: QScheme, group: int, block: int, perm
 
 @register("gptq", "quantize", GPTQConfig,
           "GPTQ weight-only int4/int8 with calibration, block by block; packed, reloads with slimctl",
-          loads_with="slimctl", streams=True)
+          loads_with="slimctl", streams=True,
+          proposals=(Proposal("int4-gptq-g64", {"bits": 4, "group_size": 64, "act_order": True}, (CAUSAL_LM,), order=55),))
 def apply(model, cfg: GPTQConfig, ctx: StepContext) -> dict:
     targets, groups, schemes = plan_schemes(model, cfg, ctx)
     out = gptq_layers(model, targets, schemes, cfg, ctx)

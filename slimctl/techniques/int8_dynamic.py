@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..quant.layers import Int8Linear
 from ..stream.skeleton import set_submodule
-from .registry import LayerSelection, StepContext, register, select_linears
+from .registry import LayerSelection, Proposal, StepContext, register, select_linears
 
 
 class Int8DynamicConfig(LayerSelection):
@@ -17,7 +17,7 @@ class Int8DynamicConfig(LayerSelection):
 
 @register("int8-dynamic", "quantize", Int8DynamicConfig,
           "int8 weights (per channel) x int8 activations (per token, at run time); reloads with slimctl",
-          loads_with="slimctl")
+          loads_with="slimctl", proposals=(Proposal("int8-dynamic", order=20),))
 def apply(model, cfg: Int8DynamicConfig, ctx: StepContext) -> dict:
     layers = select_linears(model, cfg.ignore)
     for name, lin in layers:

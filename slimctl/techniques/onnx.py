@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from .calibrate import summary
-from .registry import CalibrationOptions, StepContext, register
+from .registry import CalibrationOptions, Proposal, StepContext, register
 
 
 class OnnxConfig(CalibrationOptions):
@@ -23,7 +23,7 @@ class OnnxConfig(CalibrationOptions):
 
 @register("onnx", "quantize", OnnxConfig,
           "export to ONNX; onnxruntime int8 dynamic or static (QDQ, calibrated), or fp32; model.onnx runs in plain onnxruntime",
-          loads_with="onnxruntime")
+          loads_with="onnxruntime", proposals=(Proposal("onnx-int8-dynamic", {"quantization": "dynamic"}, order=60),))
 def apply(model, cfg: OnnxConfig, ctx: StepContext) -> dict:
     from .. import families
     from ..formats import onnxrt

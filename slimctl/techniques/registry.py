@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from typing import Literal, Optional
@@ -11,10 +13,6 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import RecipeError, UnsupportedError
-
-# Explicit list: a technique that fails to import is an error, not a silently missing method.
-_MODULES = ("cast", "int8_dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda", "sparsegpt", "structured", "depth", "distill", "rotate",
-            "onnx", "fp8", "bnb")
 
 
 class TechniqueConfig(BaseModel):
@@ -109,6 +107,21 @@ class StepContext:
 
 
 @dataclass(frozen=True)
+class Proposal:
+    """A candidate `slimctl search` tries when no recipes are given (or with --with-space): its name in the
+    search table and this technique's options."""
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    kinds: tuple[str, ...] = ()  # the model kinds it suits; empty: every kind
+    order: int = 50  # its place in the built-in space (cheap casts first, structural changes last)
+
+
+# A pairing: (this step's config, the next step's method, its config, this step's index) -> this step's config
+# for that pairing (AWQ searches for the grid the GPTQ or mixed step after it rounds to). Raises ValueError.
+Pairing = Callable[[TechniqueConfig, str, TechniqueConfig, int], TechniqueConfig]
+
+
+@dataclass(frozen=True)
 class Technique:
     name: str
     kind: str  # "cast" | "transform" | "quantize" | "prune" | "train"
@@ -117,6 +130,9 @@ class Technique:
     summary: str
     loads_with: str  # what reloads its artifact: "transformers", "slimctl" or "onnxruntime"
     streams: bool = False  # works on a streamed skeleton (--stream): touches one block at a time
+    precedes: tuple[str, ...] = ()  # quantize methods this quantize step may come directly before (the recipe's
+    pair: Pairing | None = None     # one exception to "a layer is quantized once"), and how it adapts to them
+    proposals: tuple[Proposal, ...] = ()  # what `slimctl search` proposes with it
 
 
 REGISTRY: dict[str, Technique] = {}
@@ -124,23 +140,42 @@ _loaded = False
 
 
 def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, loads_with: str = "transformers",
-             streams: bool = False):
+             streams: bool = False, precedes: tuple[str, ...] = (), pair: Pairing | None = None,
+             proposals: tuple[Proposal, ...] = ()):
+    """The one registration of a technique: its options (config), what reloads its artifact, whether it streams,
+    which steps it composes with, and what search proposes with it. Recipes, `slimctl methods`, the CLI's help
+    and search read it from here."""
+    if bool(precedes) != (pair is not None):
+        raise RuntimeError(f"technique {name}: precedes and pair go together")
+
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"technique {name} registered twice")
-        REGISTRY[name] = Technique(name, kind, config, fn, summary, loads_with, streams)
+        REGISTRY[name] = Technique(name, kind, config, fn, summary, loads_with, streams, precedes, pair, proposals)
         return fn
     return deco
 
 
+def technique_modules() -> list[str]:
+    """Every module of this package: a new technique is one new file here, found without a list to edit."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "registry")
+
+
 def load_all() -> dict[str, Technique]:
-    """Import every technique module once (importing one of them directly registers only that one)."""
+    """Import every technique module once (importing one of them directly registers only that one). A module
+    that fails to import is an error, not a silently missing method."""
     global _loaded
     if not _loaded:
-        for m in _MODULES:
+        for m in technique_modules():
             importlib.import_module(f".{m}", __package__)
         _loaded = True
     return REGISTRY
+
+
+def proposals(kind: str) -> list[tuple[Proposal, str]]:
+    """What search proposes for a model of this kind, in the built-in space's order, with its method."""
+    found = [(p, t.name) for t in load_all().values() for p in t.proposals if not p.kinds or kind in p.kinds]
+    return sorted(found, key=lambda pt: (pt[0].order, pt[0].name))
 
 
 def get(name: str) -> Technique:

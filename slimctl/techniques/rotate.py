@@ -18,7 +18,7 @@ from torch import nn
 
 from ..stream.blocks import find_blocks
 from ..errors import UnsupportedError
-from ..families.registry import model_type, require, text_config
+from ..families import model_type, require, text_config
 from ..families.folding import BlockFold, block_folds
 from ..quant.hadamard import rotation
 from ..kinds import CAUSAL_LM

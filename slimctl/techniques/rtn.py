@@ -10,7 +10,7 @@ from ..quant.layers import WeightOnlyLinear
 from ..stream.skeleton import set_submodule
 from ..quant.integer import QScheme, dequantize_groups, rtn
 from ..stream.skeleton import refuse, stream_of, visit
-from .registry import StepContext, WeightOnlyOptions, plan_groups, register, select_linears
+from .registry import Proposal, StepContext, WeightOnlyOptions, plan_groups, register, select_linears
 
 
 class RTNConfig(WeightOnlyOptions):
@@ -25,7 +25,9 @@ class RTNConfig(WeightOnlyOptions):
 
 @register("rtn", "quantize", RTNConfig,
           "weight-only int8/int4 round-to-nearest, per channel or group-wise, packed; reloads with slimctl",
-          loads_with="slimctl", streams=True)
+          loads_with="slimctl", streams=True,
+          proposals=(Proposal("int8-weight-only", {"bits": 8, "group_size": None}, order=40),
+                     Proposal("int4-rtn-g64", {"bits": 4, "group_size": 64}, order=50)))
 def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     layers = select_linears(model, cfg.ignore)
     groups = plan_groups(layers, cfg, ctx)

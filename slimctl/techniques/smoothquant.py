@@ -14,7 +14,7 @@ from ..stream.skeleton import visit
 from ..errors import UnsupportedError
 from ..quant.layers import Int8Linear
 from ..stream.skeleton import set_submodule
-from .registry import CalibrationOptions, LayerSelection, StepContext, register, select_linears
+from .registry import CalibrationOptions, LayerSelection, Proposal, StepContext, register, select_linears
 
 
 class SmoothQuantConfig(LayerSelection, CalibrationOptions):
@@ -38,7 +38,8 @@ def _mappings(model) -> list[tuple[str, BlockFold]]:
 
 @register("smoothquant", "quantize", SmoothQuantConfig,
           "SmoothQuant smoothing (alpha) + int8 weights x per-token int8 activations; reloads with slimctl",
-          loads_with="slimctl", streams=True)
+          loads_with="slimctl", streams=True,
+          proposals=(Proposal("w8a8-smoothquant", {"alpha": 0.5}, order=30),))
 def apply(model, cfg: SmoothQuantConfig, ctx: StepContext) -> dict:
     """Block by block: the float block's input maxima, the smoothing folded in, the (smoothed, still
     float) block's outputs passed on, then its Linears made int8; so every block is measured on the

@@ -18,7 +18,7 @@ from ..stream.blocks import find_blocks, with_hidden
 from .. import families
 from ..errors import UnsupportedError
 from ..kinds import CAUSAL_LM
-from .registry import CalibrationOptions, StepContext, register
+from .registry import CalibrationOptions, Proposal, StepContext, register
 from ..families.layer_sizes import set_layer_sizes
 from .reconstruct import remove_groups
 
@@ -344,7 +344,9 @@ def _update_config(model, plan: dict) -> dict:
 
 
 @register("structured", "prune", StructuredConfig,
-          "remove FFN channels and attention heads (GQA-aware), consumers refit by least squares (OBS); uniform reloads with plain transformers, global (per-layer widths) with slimctl")
+          "remove FFN channels and attention heads (GQA-aware), consumers refit by least squares (OBS); uniform reloads with plain transformers, global (per-layer widths) with slimctl",
+          proposals=(Proposal("structured-ffn-25", {"ffn": 0.25}, order=70),
+                     Proposal("structured-ffn-25-global", {"ffn": 0.25, "allocation": "global"}, (CAUSAL_LM,), order=80)))
 def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     conf = model.config
     params_before = sum(p.numel() for p in model.parameters())

@@ -21,8 +21,13 @@ from ..recipe import Recipe
 
 ARTIFACT_DIR = "model"
 RELOAD_TOLERANCE = 1e-5  # the reloaded artifact must reproduce the in-memory outputs (0 for integer formats)
-GGUF_FILE = "model.gguf"  # recipe `export: {format: gguf}`
-OWNED = ("model", "report.json", "report.md", GGUF_FILE)  # what slimctl writes into --out, and so may replace
+
+
+def owned() -> tuple[str, ...]:
+    """What slimctl writes into --out, and so may replace: the artifact, the reports, each exporter's file."""
+    from ..formats.exporters import exporters
+
+    return (ARTIFACT_DIR, "report.json", "report.md") + tuple(e.file for e in exporters().values())
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -34,7 +39,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"--out {out} exists and is not empty; pass --overwrite or choose a new folder")
-        foreign = [p.name for p in out.iterdir() if p.name not in OWNED and not p.name.startswith(".")]
+        foreign = [p.name for p in out.iterdir() if p.name not in owned() and not p.name.startswith(".")]
         if foreign:
             raise OutputError(f"--out {out} holds files slimctl did not write ({foreign[0]}, …); choose an empty folder")
     try:
@@ -116,9 +121,9 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     ui.say(f"loading {model_spec}")
     base = load(model_spec, progress=ui.say, **load_options)
     if recipe.export is not None:  # an architecture the export refuses fails now, not after the steps
-        from ..formats.gguf import check_architecture
+        from ..formats.exporters import exporter
 
-        check_architecture(base.model.config)
+        exporter(recipe.export.format).check(base.model.config)
     taskset = None
     if recipe.eval.tasks and not recipe.eval.skip:
         ui.say(f"loading lm-eval tasks {', '.join(recipe.eval.tasks)}")
@@ -128,7 +133,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     slim = Slimmed(model, steps, notes)
     artifact = save_and_verify(base, slim, out / ARTIFACT_DIR, recipe, model_spec, ui)
     if recipe.export is not None:
-        artifact["exports"] = [export_gguf(base, slim, out, recipe, model_spec, ui)]
+        artifact["exports"] = [export_file(base, slim, out, recipe, model_spec, ui)]
     # Accuracy is measured in the configuration the bench measures: the same kernels and activation dtype.
     from ..quant.kernels import maybe_accelerate
 
@@ -209,20 +214,17 @@ def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_sp
     return {"path": str(art_dir), "loads_with": loads_with, "files": files, "reload_check": check}
 
 
-def export_gguf(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
-    """OUT/model.gguf from the slimmed model in memory (codes packed as they are, see formats/gguf.py)."""
-    from ..formats.gguf import GGUFOptions, export
+def export_file(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
+    """The recipe's export (OUT/model.gguf for llama.cpp) from the slimmed model in memory, by its exporter."""
+    from ..formats.exporters import exporter
     from ..models import file_digest
 
-    ui.say(f"exporting {GGUF_FILE} for llama.cpp")
-    spec = recipe.export
+    ex = exporter(recipe.export.format)
+    ui.say(f"exporting {ex.file} for {ex.runtime}")
     src = SimpleNamespace(model=slim.model, tokenizer=base.tokenizer, path=str(out / ARTIFACT_DIR), source=model_spec)
-    res = export(src, out / GGUF_FILE, GGUFOptions(embeddings=spec.embeddings, float_type=spec.float_type,
-                                                   requantize=spec.requantize))
+    res = ex.write(src, out / ex.file, recipe.export)
     slim.notes.extend(res.notes)
-    return {"format": "gguf", "path": res.path, "bytes": res.bytes, "sha256": file_digest(Path(res.path)),
-            "exact_layers": res.exact_layers, "requantized_layers": res.requantized, "tokenizer": res.tokenizer,
-            "tensor_types": res.type_counts()}
+    return ex.report_entry(res, file_digest(Path(res.path)))
 
 
 def evaluate_pair(base, slim: Slimmed, recipe: Recipe, kernels: dict | None, taskset, ui: UI) -> dict[str, Any] | None:
@@ -308,6 +310,7 @@ def build_report(recipe: Recipe, model_spec: str, base, slim: Slimmed, artifact:
 
 def clean_partial(out: Path) -> None:
     """Remove temporaries a killed run of slimctl left (it names them; nothing else is touched)."""
-    for pattern in (f".{ARTIFACT_DIR}.tmp-*", f".{ARTIFACT_DIR}.old-*", ".report.json.tmp", ".report.md.tmp", f".{GGUF_FILE}.tmp-*"):
+    exported = tuple(f".{name}.tmp-*" for name in owned()[3:])
+    for pattern in (f".{ARTIFACT_DIR}.tmp-*", f".{ARTIFACT_DIR}.old-*", ".report.json.tmp", ".report.md.tmp") + exported:
         for p in out.glob(pattern):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+"""Exporters: a file for another runtime written beside a run's model/ (recipe `export:`) or by `slimctl export`,
+behind one protocol that the pipeline and the CLI call without naming a format. A module of formats/ that
+defines `EXPORTER` (one instance of the protocol) is an exporter: GGUF for llama.cpp (gguf.py) today."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Exporter(Protocol):
+    format: str  # the recipe's `export: {format: …}` and `slimctl export --format`
+    file: str  # the name a run writes into --out
+    runtime: str  # what runs the file, as the run's progress says
+
+    def check(self, config) -> None:
+        """Refuse an architecture the format cannot hold (before a run does any work)."""
+
+    def write(self, loaded, dest: Path, spec) -> Any:
+        """Write `loaded` (a LoadedModel or the slimmed model in memory) to `dest` atomically; a result with
+        `.notes` (warnings for the report) and `.path`."""
+
+    def summary(self, result) -> dict[str, Any]:
+        """What `slimctl export` prints (and --json writes) for a result."""
+
+    def report_entry(self, result, sha256: str) -> dict[str, Any]:
+        """The result as a run's report lists it under artifact.exports, with the file's digest."""
+
+
+@cache
+def exporters() -> dict[str, Exporter]:
+    """Every exporter, by format: each module of this package that defines EXPORTER."""
+    found: dict[str, Exporter] = {}
+    for m in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+        if m.name in ("exporters", "__init__"):
+            continue
+        exporter = getattr(importlib.import_module(f".{m.name}", __package__), "EXPORTER", None)
+        if exporter is not None:
+            found[exporter.format] = exporter
+    return found
+
+
+def exporter(fmt: str) -> Exporter:
+    from ..errors import UsageError
+
+    known = exporters()
+    if fmt not in known:
+        raise UsageError(f"unknown export format '{fmt}'; known: {', '.join(sorted(known))}")
+    return known[fmt]
