@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every report a test builds (in process or in a slimctl subprocess) must match slimctl.report/v1: a mismatch
+# fails the run instead of becoming a warning in the report.
+os.environ["SLIMCTL_STRICT_REPORTS"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 SLIMCTL = [sys.executable, "-m", "slimctl"]
 

@@ -309,3 +309,15 @@ def test_a_fraction_above_100_percent_remeasures_and_is_never_shown_unmarked(tmp
     assert "not shown, the peaks are suspect" in line and "%" not in line.split("suspect:")[0]
     busy = {**res, "decode_pct_of_bandwidth_floor": 50.0, "suspect": "peaks measured on a busy machine: …"}
     assert _roofline(busy)[1] == "  (roofline peaks suspect: peaks measured on a busy machine: …)"
+
+
+def test_a_report_that_breaks_its_own_schema_fails_the_run_in_the_test_suite(tiny_llama, tmp_path, monkeypatch):
+    """conftest sets SLIMCTL_STRICT_REPORTS, so every run a test makes checks its report against the schema."""
+    from slimctl.recipe import from_dict
+    from slimctl.results import report as report_mod
+    from slimctl.workflow import pipeline
+
+    monkeypatch.setattr(report_mod, "schema_problem", lambda data: "delta.speedup: Input should be a valid number")
+    rec = from_dict({"version": 1, "steps": [{"method": "bf16"}], "eval": {"skip": True}, "bench": {"skip": True}}, "t")
+    with pytest.raises(RuntimeError, match="does not match the slimctl.report/v1 schema: delta.speedup"):
+        pipeline.run(rec, str(tiny_llama), tmp_path / "o", isolate=False)

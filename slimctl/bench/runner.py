@@ -132,9 +132,14 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
 
 def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> dict[str, Any]:
     """The bench result: run facts, the primary latency and throughput, and every phase."""
+    return {**meta, **_from_phases(phases, primary)}
+
+
+def _from_phases(phases: dict[str, Phase], primary: str) -> dict[str, Any]:
+    """What a bench result derives from its phases (pool recomputes exactly these from pooled phases)."""
     pd = {k: v.to_dict() for k, v in phases.items()}
     lat = pd[primary]["latency_ms"]
-    out = {**meta, "latency_ms": {k: lat[k] for k in ("p50", "p90", "p95", "p99", "mean", "stdev", "count")},
+    out = {"latency_ms": {k: lat[k] for k in ("p50", "p90", "p95", "p99", "mean", "stdev", "count")},
            "latency_of": primary,
            "throughput": {"samples_per_s": pd[primary]["samples_per_s"], "tokens_per_s": pd[primary]["tokens_per_s"]},
            "peak_memory_mb": max(p.peak_memory_mb for p in phases.values()), "phases": pd}
@@ -156,9 +161,8 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
         return {**results[0], "rounds_p50_ms": [results[0]["latency_ms"]["p50"]]}
     first = results[0]
     phases = {name: Phase.pooled(name, [r["phases"][name] for r in results]) for name in first["phases"]}
-    meta = {k: v for k, v in first.items() if k not in ("latency_ms", "latency_of", "throughput", "peak_memory_mb",
-                                                       "phases", "prefill_ms", "decode_tokens_per_s", "prefill_tokens_per_s")}
-    out = summarize(meta, phases, first["latency_of"])
+    derived = _from_phases(phases, first["latency_of"])
+    out = {**{k: v for k, v in first.items() if k not in derived}, **derived}
     out["rounds_p50_ms"] = [r["latency_ms"]["p50"] for r in results]
     if "decode_tokens_per_s" in first:
         out["rounds_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in results]

@@ -20,6 +20,7 @@ from ..steps import UI, apply_steps  # noqa: F401  (UI is part of run()'s interf
 from ..recipe import Recipe
 
 ARTIFACT_DIR = "model"
+STRICT_REPORTS = "SLIMCTL_STRICT_REPORTS"  # set (tests): a report that fails its own schema is an error
 RELOAD_TOLERANCE = 1e-5  # the reloaded artifact must reproduce the in-memory outputs (0 for integer formats)
 
 
@@ -303,6 +304,8 @@ def build_report(recipe: Recipe, model_spec: str, base, slim: Slimmed, artifact:
         "seconds": seconds,
     }
     problem = report_mod.schema_problem(report)
+    if problem and os.environ.get(STRICT_REPORTS):  # the test suite sets it: there a mismatch fails the test
+        raise RuntimeError(f"the report does not match the {report_mod.SCHEMA} schema: {problem}")
     if problem:  # a slimctl bug; the run's results are still worth keeping, so say it rather than fail
         report["warnings"].append(f"this report does not match the {report_mod.SCHEMA} schema ({problem}); please report it")
     return report
