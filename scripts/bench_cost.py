@@ -55,9 +55,9 @@ def child(recipe: str, model: str, tweets: str | None) -> dict:
     for k, v in sorted(model_.state_dict().items()):
         digest.update(k.encode())
         digest.update(v.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    ppl = {"bbc": evaluate(model_, m.tokenizer, m.kind, EvalSpec()).model["perplexity"]}
+    ppl = {"bbc": evaluate(model_, m.tokenizer, m.kind, EvalSpec()).metrics["perplexity"]}
     if tweets:
-        ppl["tweets"] = evaluate(model_, m.tokenizer, m.kind, EvalSpec(data=tweets)).model["perplexity"]
+        ppl["tweets"] = evaluate(model_, m.tokenizer, m.kind, EvalSpec(data=tweets)).metrics["perplexity"]
     return {"recipe": recipe, "seconds": round(seconds, 1), "peak_rss_mb": round(rss.peak_rss_mb, 1) if rss else None,
             "steps": [{k: s.get(k) for k in ("method", "seconds", "time_breakdown", "bits_per_weight", "sensitivity_method",
                                              "allocation_counts", "sensitivity") if k in s} for s in steps],

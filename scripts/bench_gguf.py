@@ -35,7 +35,7 @@ def perplexity(model, tokenizer) -> dict:
     from slimctl.specs import EvalSpec
 
     ev = evaluate(model, tokenizer, "causal-lm", EvalSpec(), seed=0)
-    return {"perplexity": ev.model["perplexity"], "tokens_scored": ev.settings["tokens_scored"]}
+    return {"perplexity": ev.metrics["perplexity"], "tokens_scored": ev.settings["tokens_scored"]}
 
 
 def tensor_types(path: Path) -> dict[str, int]:

@@ -82,17 +82,17 @@ def test_causal_lm_kl_agreement_and_perplexity_match_a_direct_computation(tiny_l
             agree += (lp.argmax(-1) == rp.argmax(-1)).sum().item()
             n += end - first
     assert ev.settings["tokens_scored"] == n == 99
-    assert ev.model["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
-    assert ev.reference["nll_per_token"] == pytest.approx(rnll / n, rel=1e-5)
-    assert ev.agreement["kl_divergence"] == pytest.approx(kl / n, rel=1e-4) and ev.agreement["kl_divergence"] > 0
-    assert ev.agreement["top1_agreement"] == pytest.approx(agree / n)
+    assert ev.metrics["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
+    assert ev.reference_metrics["nll_per_token"] == pytest.approx(rnll / n, rel=1e-5)
+    assert ev.vs_reference["kl_divergence"] == pytest.approx(kl / n, rel=1e-4) and ev.vs_reference["kl_divergence"] > 0
+    assert ev.vs_reference["top1_agreement"] == pytest.approx(agree / n)
 
 
 def test_eval_is_deterministic(tiny_llama):
     m = load(str(tiny_llama))
     spec = EvalSpec(max_samples=2, seq_len=32, max_tokens=80)
-    a = evaluate(m.model, m.tokenizer, m.kind, spec).model
-    b = evaluate(m.model, m.tokenizer, m.kind, spec).model
+    a = evaluate(m.model, m.tokenizer, m.kind, spec).metrics
+    b = evaluate(m.model, m.tokenizer, m.kind, spec).metrics
     assert a == b
 
 
@@ -113,8 +113,8 @@ def test_encoder_eval_on_bbc_matches_mean_pooled_cosines(tiny_bert):
 
     test = [e.text for e in D.balanced(D.bbc("eval"), 2)]
     cos = (pooled(m.model, test) * pooled(ref, test)).sum(-1)
-    assert ev.agreement["mean_cosine"] == pytest.approx(cos.mean().item(), abs=1e-5) and cos.mean() < 0.9999
-    assert ev.agreement["min_cosine"] == pytest.approx(cos.min().item(), abs=1e-5)
+    assert ev.vs_reference["mean_cosine"] == pytest.approx(cos.mean().item(), abs=1e-5) and cos.mean() < 0.9999
+    assert ev.vs_reference["min_cosine"] == pytest.approx(cos.min().item(), abs=1e-5)
 
 
 def test_classifier_accuracy_with_string_and_int_labels(tiny_classifier, tmp_path):
@@ -129,8 +129,8 @@ def test_classifier_accuracy_with_string_and_int_labels(tiny_classifier, tmp_pat
         a, b = m.model(**enc).logits.argmax(-1), ref(**enc).logits.argmax(-1)
     labels = torch.tensor([m.model.config.label2id["pos"], 0, m.model.config.label2id["neutral"]])
     assert ev.settings["examples"] == 3
-    assert ev.agreement["top1_agreement"] == pytest.approx((a == b).float().mean().item())
-    assert ev.model["accuracy"] == pytest.approx((a == labels).float().mean().item())
+    assert ev.vs_reference["top1_agreement"] == pytest.approx((a == b).float().mean().item())
+    assert ev.metrics["accuracy"] == pytest.approx((a == labels).float().mean().item())
 
 
 @pytest.mark.parametrize("content, suffix, msg", [
@@ -220,4 +220,4 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_it(tiny_llama):
             nll -= logp.gather(1, ids[first:end, None]).sum().item()
             n += end - first
     assert ev.settings["tokens_scored"] == n
-    assert ev.model["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
+    assert ev.metrics["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)

@@ -36,7 +36,7 @@ def test_txt_is_one_stream_and_matches_the_same_text_as_one_jsonl_document(llama
     a = evaluate(llama.model, llama.tokenizer, "causal-lm", R.EvalSpec(data=str(tmp_path / "a.txt"), **spec))
     b = evaluate(llama.model, llama.tokenizer, "causal-lm", R.EvalSpec(data=str(tmp_path / "a.jsonl"), **spec))
     assert a.settings["documents"] == 1 and a.settings["tokens_scored"] == 2047
-    assert a.model["perplexity"] == pytest.approx(b.model["perplexity"], rel=1e-6)
+    assert a.metrics["perplexity"] == pytest.approx(b.metrics["perplexity"], rel=1e-6)
     assert a.settings["tokens_scored"] == b.settings["tokens_scored"]
     # the paragraphs are still the examples for calibration and encoders
     assert len(datasets.read_file(tmp_path / "a.txt")) == text.count("\n\n") + 1 - sum(

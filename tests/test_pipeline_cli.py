@@ -110,7 +110,7 @@ def test_quantized_artifact_reloads_bitwise_with_slimctl(tiny_bert, tmp_path, fa
     assert any(isinstance(x, Int8Linear) and x.qweight.dtype == torch.int8 for x in art.model.modules())
     base = load(str(tiny_bert))  # the report's accuracies are those of the two models, evaluated as the recipe says
     ev = evaluate(base.model, base.tokenizer, base.kind, recipe.eval, reference=None)
-    assert rep["baseline"]["eval"]["metrics"]["topic_accuracy"] == ev.model["topic_accuracy"]
+    assert rep["baseline"]["eval"]["metrics"]["topic_accuracy"] == ev.metrics["topic_accuracy"]
 
 
 def test_gate_failure_exits_1_and_still_writes_the_report(tiny_llama, tmp_path, fast_recipe):

@@ -41,19 +41,22 @@ FEW_TOKENS = 4_096  # a perplexity from fewer scored tokens than this gets a war
 
 @dataclass
 class Evaluation:
+    """One evaluation while it is measured, under results.report.EvalResult's names; to_dict() is its JSON form
+    (a side-by-side one: side() splits it into the report's two sides)."""
+
     kind: str
     dataset: str
     settings: dict[str, Any]
-    model: dict[str, Any]  # metrics of the evaluated model
-    reference: dict[str, Any] | None = None  # metrics of the reference, from the same pass
-    agreement: dict[str, Any] | None = None  # model vs reference
+    metrics: dict[str, Any]  # of the evaluated model
+    reference_metrics: dict[str, Any] | None = None  # of the reference, from the same pass
+    vs_reference: dict[str, Any] | None = None  # model vs reference (agreement, KL, ratios)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dataset": self.dataset, "settings": self.settings, "metrics": self.model,
-                "reference_metrics": self.reference, "vs_reference": self.agreement, "seconds": round(self.seconds, 3),
+        return {"kind": self.kind, "dataset": self.dataset, "settings": self.settings, "metrics": self.metrics,
+                "reference_metrics": self.reference_metrics, "vs_reference": self.vs_reference, "seconds": round(self.seconds, 3),
                 "warnings": self.warnings, **self.extra}
 
     @staticmethod
@@ -231,9 +234,9 @@ def score_windows(s, data, texts, ids, held, wins, logits, track) -> Evaluation:
     m = {"perplexity": math.exp(nll / scored), "nll_per_token": nll / scored}
     ev = Evaluation(CAUSAL_LM, s["data"], s, m, warnings=_few_tokens(scored, held > s["max_tokens"], bool(data)))
     if has_ref:
-        ev.reference = {"perplexity": math.exp(ref_nll / scored), "nll_per_token": ref_nll / scored}
-        ev.agreement = {"top1_agreement": agree / scored, "kl_divergence": kl / scored,
-                        "perplexity_ratio": m["perplexity"] / ev.reference["perplexity"]}
+        ev.reference_metrics = {"perplexity": math.exp(ref_nll / scored), "nll_per_token": ref_nll / scored}
+        ev.vs_reference = {"top1_agreement": agree / scored, "kl_divergence": kl / scored,
+                        "perplexity_ratio": m["perplexity"] / ev.reference_metrics["perplexity"]}
     return ev
 
 
@@ -299,10 +302,10 @@ def _encoder(model, tok, s, data, reference, track) -> Evaluation:
     ev = Evaluation(ENCODER, s["data"], s, metrics("model"))
     if reference is not None:
         cos = (emb["model"] * emb["reference"]).sum(-1)
-        ev.reference = metrics("reference")
-        ev.agreement = {"mean_cosine": cos.mean().item(), "min_cosine": cos.min().item()}
+        ev.reference_metrics = metrics("reference")
+        ev.vs_reference = {"mean_cosine": cos.mean().item(), "min_cosine": cos.min().item()}
         if preds:
-            ev.agreement["top1_agreement"] = sum(a == b for a, b in zip(preds["model"], preds["reference"])) / len(test)
+            ev.vs_reference["top1_agreement"] = sum(a == b for a, b in zip(preds["model"], preds["reference"])) / len(test)
     return ev
 
 
@@ -343,18 +346,18 @@ def _seq_cls(model, tok, s, data, reference, track) -> Evaluation:
     ev = Evaluation(SEQ_CLS, s["data"], s, {"accuracy": (lm.argmax(-1) == labels).float().mean().item()})
     if reference is not None:
         lr = torch.cat(logits["reference"])
-        ev.reference = {"accuracy": (lr.argmax(-1) == labels).float().mean().item()}
+        ev.reference_metrics = {"accuracy": (lr.argmax(-1) == labels).float().mean().item()}
         lp, rp = F.log_softmax(lm, -1), F.log_softmax(lr, -1)
-        ev.agreement = {"top1_agreement": (lm.argmax(-1) == lr.argmax(-1)).float().mean().item(),
+        ev.vs_reference = {"top1_agreement": (lm.argmax(-1) == lr.argmax(-1)).float().mean().item(),
                         "kl_divergence": (rp.exp() * (rp - lp)).sum(-1).mean().item()}
     return ev
 
 
 def fidelity(ev: Evaluation) -> float | None:
     """The one number the `min_fidelity` gate reads: mean cosine for encoders, else top-1 agreement."""
-    if not ev.agreement:
+    if not ev.vs_reference:
         return None
-    return ev.agreement.get("mean_cosine", ev.agreement.get("top1_agreement"))
+    return ev.vs_reference.get("mean_cosine", ev.vs_reference.get("top1_agreement"))
 
 
 def evaluate_model(model: str, against: str | None = None, spec: EvalSpec | None = None, kernels: str = "auto",
