@@ -96,10 +96,10 @@ class Recipe(Strict):
         if kinds.count("cast") > 1:
             raise ValueError("at most one cast step (bf16 or fp16)")
         if self.export is not None:
-            from .formats.exporters import exporters
+            from .formats.exporters import unknown
 
-            if self.export.format not in exporters():
-                raise ValueError(f"export: unknown format '{self.export.format}'; known: {', '.join(sorted(exporters()))}")
+            if problem := unknown(self.export.format):
+                raise ValueError(f"export: {problem}")
         if self.export is not None:  # GGUF stores fp16 scales: choose the codes with them, so the export is exact
             self.steps = [_with_fp16_scales(s) for s in self.steps]
         return self

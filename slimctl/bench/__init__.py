@@ -5,8 +5,9 @@ One model's bench, isolated runs and alternating rounds are in runner.py; studie
 placement) in study.py."""
 from __future__ import annotations
 
+from .decode import cache_of
 from .runner import (
-    cache_of, DEFAULTS, FALLBACK_TEXT, settings_for, bench_model, summarize,
+    DEFAULTS, FALLBACK_TEXT, settings_for, bench_model, summarize,
     pool, choose_mode, bench_isolated, alternate, pair_isolated,
 )
 from .study import bench_models

@@ -17,7 +17,6 @@ from ..formats import for_model, weight_file_bytes
 from ..models import state_bytes
 from ..kinds import CAUSAL_LM
 from ..specs import BenchSpec
-from .decode import cache_of  # noqa: F401  (part of this package's interface)
 from .measure import Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until
 
 DEFAULTS = {CAUSAL_LM: {"batch_size": 1, "seq_len": 128}, "other": {"batch_size": 8, "seq_len": 128}}

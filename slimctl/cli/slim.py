@@ -45,6 +45,13 @@ QUANTIZE_KINDS, PRUNE_KINDS = ("quantize", "cast"), ("prune",)
 METHOD_HELP = "One of this command's methods (`slimctl methods` says what each does)."
 
 
+def _methods_of(kinds: tuple[str, ...]) -> list[str]:
+    """The registered methods of these kinds (loading the registry imports torch)."""
+    from ..techniques import load_all
+
+    return sorted(n for n, t in load_all().items() if t.kind in kinds)
+
+
 class _MethodsCommand(TyperCommand):
     """A command whose --method help lists the registered techniques of its kinds. The list is read from the
     registry when the help is shown: loading it imports torch, which any other call need not pay for."""
@@ -52,12 +59,9 @@ class _MethodsCommand(TyperCommand):
     kinds: tuple[str, ...] = ()
 
     def format_help(self, ctx, formatter):
-        from ..techniques import load_all
-
-        names = sorted(n for n, t in load_all().items() if t.kind in self.kinds)
         for p in self.params:
             if p.name == "method":
-                p.help = f"{', '.join(names)} (`slimctl methods` says what each does)."
+                p.help = f"{', '.join(_methods_of(self.kinds))} (`slimctl methods` says what each does)."
         return super().format_help(ctx, formatter)
 
 
@@ -76,8 +80,7 @@ def _one_step(method: str, options: dict, kinds: tuple[str, ...], common: dict) 
 
     tech = techniques.get(method)
     if tech.kind not in kinds:
-        names = sorted(n for n, t in techniques.load_all().items() if t.kind in kinds)
-        raise UsageError(f"'{method}' is not a method of this command; choose one of: {', '.join(names)}")
+        raise UsageError(f"'{method}' is not a method of this command; choose one of: {', '.join(_methods_of(kinds))}")
     ev = C.spec("EvalSpec", max_samples=common["max_samples"], skip=common["skip_eval"])
     be = C.spec("BenchSpec", device=common["device"], skip=common["skip_bench"])
     r = recipe_mod.single_step(method, options, ev, be, common["seed"], stream=C.stream_flag(common["stream"], common["stream_auto"]) or False)

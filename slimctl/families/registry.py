@@ -6,14 +6,11 @@ registered is named in a warning or refused by name, never skipped in silence.""
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
+from .._discover import import_package_modules
 from ..errors import UnsupportedError
-
 
 
 @dataclass(frozen=True)
@@ -94,9 +91,7 @@ HELPERS = ("registry", "convert", "folding", "layer_sizes", "tiny")  # modules h
 def _import_family_files() -> None:
     """Each other module of this package is a family file that registers its families on import: a new family is
     one new file, found without a list to edit. One that fails to import is an error, not a missing family."""
-    here = str(Path(__file__).parent)
-    for m in sorted(m.name for m in pkgutil.iter_modules([here]) if m.name not in HELPERS):
-        importlib.import_module(f".{m}", __package__)
+    import_package_modules(__package__, skip=HELPERS)
 
 
 def load_all() -> dict[str, Family]:

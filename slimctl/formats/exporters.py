@@ -3,11 +3,11 @@ behind one protocol that the pipeline and the CLI call without naming a format. 
 defines `EXPORTER` (one instance of the protocol) is an exporter: GGUF for llama.cpp (gguf.py) today."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
+
+from .._discover import import_package_modules
 
 
 class Exporter(Protocol):
@@ -32,20 +32,19 @@ class Exporter(Protocol):
 @cache
 def exporters() -> dict[str, Exporter]:
     """Every exporter, by format: each module of this package that defines EXPORTER."""
-    found: dict[str, Exporter] = {}
-    for m in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
-        if m.name in ("exporters", "__init__"):
-            continue
-        exporter = getattr(importlib.import_module(f".{m.name}", __package__), "EXPORTER", None)
-        if exporter is not None:
-            found[exporter.format] = exporter
-    return found
+    found = (getattr(m, "EXPORTER", None) for m in import_package_modules(__package__, skip=("exporters",)))
+    return {e.format: e for e in found if e is not None}
+
+
+def unknown(fmt: str) -> str | None:
+    """What is wrong with an export format name, or None when an exporter has it."""
+    known = exporters()
+    return None if fmt in known else f"unknown export format '{fmt}'; known: {', '.join(sorted(known))}"
 
 
 def exporter(fmt: str) -> Exporter:
     from ..errors import UsageError
 
-    known = exporters()
-    if fmt not in known:
-        raise UsageError(f"unknown export format '{fmt}'; known: {', '.join(sorted(known))}")
-    return known[fmt]
+    if problem := unknown(fmt):
+        raise UsageError(problem)
+    return exporters()[fmt]

@@ -34,6 +34,15 @@ class QuantizedLayer(nn.Module):
     def weight_count(self) -> int:
         return self.in_features * self.out_features
 
+    def _filled(self, source: nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> "QuantizedLayer":
+        """This empty layer holding a quantizer's codes (in its first STORED buffer) and scales, and the source
+        layer's bias if it has one."""
+        getattr(self, self.STORED[0]).copy_(codes)
+        self.weight_scale.copy_(scale)
+        if getattr(source, "bias", None) is not None:
+            self.bias.data = source.bias.detach().clone()
+        return self
+
     def storage_bits(self) -> tuple[int, int]:
         """(bits stored for the weight, scales and zero points included; weights it stands for)."""
         bits = sum(t.numel() * t.element_size() * 8 for name in self.STORED
@@ -94,11 +103,7 @@ class Int8Linear(QuantizedLayer):
     def from_linear(cls, lin: nn.Linear, act: str = "dynamic") -> "Int8Linear":
         q, scale = quantize_rows_int8(lin.weight)
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, device=lin.weight.device, dtype=lin.weight.dtype)
-        m.qweight.copy_(q)
-        m.weight_scale.copy_(scale)
-        if lin.bias is not None:
-            m.bias.data = lin.bias.detach().clone()
-        return m
+        return m._filled(lin, q, scale)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight.float() * self.weight_scale[:, None]).to(dtype)
@@ -277,9 +282,7 @@ class Int8Embedding(QuantizedLayer):
     def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
         q, scale = quantize_rows_int8(emb.weight)
         m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype)
-        m.qweight.copy_(q)
-        m.weight_scale.copy_(scale[:, None])
-        return m
+        return m._filled(emb, q, scale[:, None])
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight.float() * self.weight_scale).to(dtype)
@@ -346,11 +349,7 @@ class Fp8Linear(QuantizedLayer):
     def from_linear(cls, lin: nn.Linear) -> "Fp8Linear":
         q, scale = fp8_rows(lin.weight.detach())
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
-        m.weight.copy_(q)
-        m.weight_scale.copy_(scale)
-        if lin.bias is not None:
-            m.bias.data = lin.bias.detach().clone()
-        return m
+        return m._filled(lin, q, scale)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale).to(dtype)

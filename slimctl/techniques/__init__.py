@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from .registry import (
     TechniqueConfig, LayerSelection, WeightOnlyOptions, CalibrationOptions, plan_groups, plan_schemes,
-    StepContext, Technique, Proposal, REGISTRY, register, load_all, get, proposals, technique_modules,
+    StepContext, Technique, Proposal, REGISTRY, register, load_all, get, proposals,
     protected_modules, select_linears,
 )
 
 __all__ = ["TechniqueConfig", "LayerSelection", "WeightOnlyOptions", "CalibrationOptions", "plan_groups",
-           "plan_schemes", "StepContext", "Technique", "Proposal", "proposals", "technique_modules", "REGISTRY", "register", "load_all", "get",
+           "plan_schemes", "StepContext", "Technique", "Proposal", "proposals", "REGISTRY", "register", "load_all", "get",
            "protected_modules", "select_linears"]

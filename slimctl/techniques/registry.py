@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .._discover import import_package_modules
 from ..errors import RecipeError, UnsupportedError
 
 
@@ -156,18 +154,12 @@ def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, 
     return deco
 
 
-def technique_modules() -> list[str]:
-    """Every module of this package: a new technique is one new file here, found without a list to edit."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "registry")
-
-
 def load_all() -> dict[str, Technique]:
-    """Import every technique module once (importing one of them directly registers only that one). A module
-    that fails to import is an error, not a silently missing method."""
+    """Import every module of this package once (importing one of them directly registers only that one): a new
+    technique is one new file here. A module that fails to import is an error, not a silently missing method."""
     global _loaded
     if not _loaded:
-        for m in technique_modules():
-            importlib.import_module(f".{m}", __package__)
+        import_package_modules(__package__, skip=("registry",))
         _loaded = True
     return REGISTRY
 

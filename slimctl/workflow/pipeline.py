@@ -24,11 +24,11 @@ STRICT_REPORTS = "SLIMCTL_STRICT_REPORTS"  # set (tests): a report that fails it
 RELOAD_TOLERANCE = 1e-5  # the reloaded artifact must reproduce the in-memory outputs (0 for integer formats)
 
 
-def owned() -> tuple[str, ...]:
-    """What slimctl writes into --out, and so may replace: the artifact, the reports, each exporter's file."""
+def export_files() -> tuple[str, ...]:
+    """The file each exporter writes into --out (model.gguf)."""
     from ..formats.exporters import exporters
 
-    return (ARTIFACT_DIR, "report.json", "report.md") + tuple(e.file for e in exporters().values())
+    return tuple(e.file for e in exporters().values())
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -40,7 +40,8 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"--out {out} exists and is not empty; pass --overwrite or choose a new folder")
-        foreign = [p.name for p in out.iterdir() if p.name not in owned() and not p.name.startswith(".")]
+        owned = (ARTIFACT_DIR, "report.json", "report.md") + export_files()  # what slimctl wrote, and so may replace
+        foreign = [p.name for p in out.iterdir() if p.name not in owned and not p.name.startswith(".")]
         if foreign:
             raise OutputError(f"--out {out} holds files slimctl did not write ({foreign[0]}, …); choose an empty folder")
     try:
@@ -313,7 +314,7 @@ def build_report(recipe: Recipe, model_spec: str, base, slim: Slimmed, artifact:
 
 def clean_partial(out: Path) -> None:
     """Remove temporaries a killed run of slimctl left (it names them; nothing else is touched)."""
-    exported = tuple(f".{name}.tmp-*" for name in owned()[3:])
+    exported = tuple(f".{name}.tmp-*" for name in export_files())
     for pattern in (f".{ARTIFACT_DIR}.tmp-*", f".{ARTIFACT_DIR}.old-*", ".report.json.tmp", ".report.md.tmp") + exported:
         for p in out.glob(pattern):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
