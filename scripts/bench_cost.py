@@ -59,8 +59,8 @@ def child(recipe: str, model: str, tweets: str | None) -> dict:
     if tweets:
         ppl["tweets"] = evaluate(model_, m.tokenizer, m.kind, EvalSpec(data=tweets)).metrics["perplexity"]
     return {"recipe": recipe, "seconds": round(seconds, 1), "peak_rss_mb": round(rss.peak_rss_mb, 1) if rss else None,
-            "steps": [{k: s.get(k) for k in ("method", "seconds", "time_breakdown", "bits_per_weight", "sensitivity_method",
-                                             "allocation_counts", "sensitivity") if k in s} for s in steps],
+            "steps": [s.model_dump(mode="json", include={"method", "seconds", "time_breakdown", "bits_per_weight", "sensitivity_method",
+                                                          "allocation_counts", "sensitivity"}, exclude_unset=True) for s in steps],
             "perplexity": ppl, "digest": digest.hexdigest()[:16]}
 
 

@@ -118,7 +118,7 @@ def main() -> None:
     targets = {"torch fp32 eager": str(resolve("smollm2-135m")[0]), **{n: str(p) for n, p in files.items()}}
     for r in range(a.rounds):
         for name, target in targets.items():
-            res = bench_isolated(target, spec)
+            res = bench_isolated(target, spec).to_json()
             rows[name].setdefault("decode_tok_s_rounds", []).append(res["decode_tokens_per_s"])
             rows[name].setdefault("prefill_ms_rounds", []).append(res["prefill_ms"]["p50"])
             print(f"round {r + 1}: {name}: decode {res['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)

@@ -40,7 +40,7 @@ def _artifact(recipe: str, model: str, folder: Path) -> Path:
 def _measure(folder: str, spec, dtype: str | None) -> dict:
     from slimctl.bench import bench_isolated
 
-    r = bench_isolated(folder, spec, dtype=dtype)
+    r = bench_isolated(folder, spec, dtype=dtype).to_json()
     modes = r.get("modes") or {"eager": r}
     return {m: {"decode_tokens_per_s": x["decode_tokens_per_s"], "request_p50_ms": x["latency_ms"]["p50"],
                 "prefill_p50_ms": x["prefill_ms"]["p50"], "compile_seconds": x.get("compile_seconds")} for m, x in modes.items()} | {
@@ -113,7 +113,7 @@ def encoder(model: str, folder: Path, rounds: int) -> dict:
     for i in range(rounds):
         for name, (f, dtype) in rows.items():
             print(f"[speed] {model} round {i + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
-            r = bench_isolated(f, spec, dtype=dtype)
+            r = bench_isolated(f, spec, dtype=dtype).to_json()
             res[name].append({"p50_ms": r["latency_ms"]["p50"], "size_mb": r["size_mb"], "dtype": r["dtype"],
                               "kernels": (r.get("kernels") or {}).get("kernels")})
     rep = json.loads((art / "report.json").read_text())

@@ -147,15 +147,16 @@ def main() -> int:
             doc.setdefault("parameters", sum(p.numel() for p in model.parameters()))
             if change is not None:
                 model = change(model)
-            r = bench_model(model, None, "causal-lm", spec)
+            r = bench_model(model, None, "causal-lm", spec).to_json()
             doc["results"][name] = {k: r.get(k) for k in ("dtype", "decode_tokens_per_s", "prefill_ms", "prefill_tokens_per_s",
                                                          "peak_memory_mb", "weights_in_memory_mb", "roofline", "latency_ms")}
             doc["results"][name]["latency_ms"] = {k: r["latency_ms"][k] for k in ("p50", "p90")}
             if name == "bf16":
                 rows = sweep(lambda s: bench_model(model, None, "causal-lm", s), spec.model_copy(update={"roofline": False}),
                              [1, 4, 16] if args.quick else [1, 4, 16, 64], None, None)
-                doc["bf16_sweep"] = [{k: v for k, v in row.items() if k != "result"} for row in rows]
-                doc["bf16_recommendation"] = recommend(rows, None)
+                doc["bf16_sweep"] = [row.model_dump(mode="json", exclude_unset=True) for row in rows]
+                rec = recommend(rows, None)
+                doc["bf16_recommendation"] = rec.model_dump(mode="json") if rec else None
             del model
         except Exception as e:  # noqa: BLE001  one format failing must not lose the others' numbers
             doc["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -175,8 +176,8 @@ def main() -> int:
                 for mod in model.modules():
                     if type(mod) is torch.nn.Linear and mod is not model.get_output_embeddings():
                         mod.weight.masked_fill_(nm_mask(mod.weight.abs().float(), 2, 4), 0)
-            dense = bench_model(model, None, "causal-lm", spec)
-            sparse = bench_model(model, None, "causal-lm", spec.model_copy(update={"semi_structured": True, "roofline": False}))
+            dense = bench_model(model, None, "causal-lm", spec).to_json()
+            sparse = bench_model(model, None, "causal-lm", spec.model_copy(update={"semi_structured": True, "roofline": False})).to_json()
             doc["sparse24_model"] = {k: {"decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_p50_ms": r["prefill_ms"]["p50"],
                                          "layers": r.get("semi_structured_layers")} for k, r in (("dense", dense), ("2:4", sparse))}
             del model

@@ -108,7 +108,7 @@ def main() -> int:
             if change is not None:
                 model = change(model)
             plan = accelerate(model, dev).to_dict() if change is not None else None
-            r = bench_model(model, None, "causal-lm", spec)
+            r = bench_model(model, None, "causal-lm", spec).to_json()
             doc["results"][name] = {mode: _brief(x) for mode, x in (r.get("modes") or {"eager": r}).items()}
             doc["results"][name]["kernels"] = {k: plan[k] for k in ("act_dtype", "kernels", "dequantize_layers")} if plan else None
             del model

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .recipe import Recipe
+from .results.report import StepRecord
 
 
 @dataclass
@@ -15,7 +16,7 @@ class UI:
     track: Callable[[Iterable, str, int], Iterable] = lambda it, desc, total: it
 
 
-def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[Any, list[dict[str, Any]], list[str]]:
+def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[Any, list[StepRecord], list[str]]:
     """Apply each step in order; record its own stats plus seconds and peak RSS while it ran.
     Returns the slimmed model (a step may replace it, e.g. by an ONNX Runtime one), stats, notes."""
     from . import techniques
@@ -38,11 +39,11 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
         changed = None if ctx.replacement is not None else changed_layers(census, model)
         if changed is not None:
             check_changed(model, step.method, tech.kind, changed, census, ctx.notes)
-        results.append({"method": step.method, "options": step.options(), "seconds": round(seconds, 3),
+        results.append(StepRecord.model_validate({"method": step.method, "options": step.options(), "seconds": round(seconds, 3),
                         "peak_rss_mb": round(mem.peak_mb, 1), "added_rss_mb": round(max(mem.peak_mb - before, 0.0), 1),
                         "loads_with": tech.loads_with, **stats,
                         **({"layers_changed": len(changed)} if changed is not None else {}),
-                        **({"time_breakdown": stages.record(seconds)} if stages.seconds else {})})
+                        **({"time_breakdown": stages.record(seconds)} if stages.seconds else {})}))
         if ctx.replacement is not None:
             model, ctx.replacement = ctx.replacement, None
     ctx.teacher = None

@@ -149,3 +149,21 @@ def tree_digest(path: Path) -> dict:
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def bench_result(p50: float = 10.0, **fields):
+    """A minimal valid BenchResult (results.report) for tests of the code that reads one."""
+    from slimctl.results.report import BenchResult
+
+    base = {"device": "cpu", "batch_size": 1, "seq_len": 8, "latency_ms": {"p50": p50}, "latency_of": "request",
+            "throughput": {"samples_per_s": 1000 / p50}, "peak_memory_mb": 100.0}
+    return BenchResult.model_validate({**base, **fields})
+
+
+def typed_report(delta=None, bench=None, gates=(), metrics=None):
+    """A minimal valid Report whose slimmed side holds `bench` and eval `metrics`, with `delta` and `gates`."""
+    from slimctl.results.report import Report
+
+    ev = {"kind": "causal-lm", "dataset": "bbc-news", "metrics": metrics} if metrics is not None else None
+    return Report.model_validate({"model": {"source": "tiny", "kind": "causal-lm"}, "delta": delta or {},
+                                  "slimmed": {"bench": bench, "eval": ev}, "gates": list(gates)})

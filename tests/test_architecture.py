@@ -2,6 +2,7 @@
 one Pareto rule, the formats protocol, the calibrated driver, the library API, and the layering."""
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from slimctl.results import report as R
 from slimctl.errors import DataError
+from conftest import bench_result, typed_report
 from slimctl.search import rank
 from slimctl.search.space import Candidate
 
@@ -25,6 +27,8 @@ def test_a_report_written_before_the_types_still_loads_and_round_trips():
     assert rep.delta.perplexity_ratio == data["delta"]["perplexity_ratio"] and rep.gates[0].name == "max_ppl_increase_pct"
     assert rep.to_json()["slimmed"]["steps"][0]["method"] == "rtn"
     assert rep.to_json()["schema"] == R.SCHEMA
+    # the same JSON back, values and types (ints stay ints), only the key order may follow the schema's
+    assert json.dumps(rep.to_json(), sort_keys=True) == json.dumps(data, sort_keys=True)
 
 
 def test_a_report_that_breaks_the_schema_is_a_data_error_naming_the_field(tmp_path):
@@ -49,8 +53,9 @@ def test_pareto_front_is_one_rule():
     assert R.pareto_front(pts) == [True, True, False, False, True]  # (3,3) is beaten by (2,2); ties both stay
     from slimctl.render.html import pareto
 
-    html_pts = [{"latency": 1.0, "value": 0.9, "higher": True}, {"latency": 2.0, "value": 0.8, "higher": True},
-                {"latency": None, "value": 1.0, "higher": True}]
+    from slimctl.render.html import Point
+
+    html_pts = [Point(latency=1.0, value=0.9), Point(latency=2.0, value=0.8), Point(latency=None, value=1.0)]
     assert pareto(html_pts) == [True, False, False]
 
 
@@ -58,9 +63,10 @@ def test_pareto_front_is_one_rule():
 
 def _cand(name, drop, vs, gates_ok=True, speedup_range=None):
     c = Candidate(name, [{"method": name}], status="done")
-    c.report = {"delta": {"fidelity": 1 - drop, "size_ratio": vs, "speedup": 1 / vs, "speedup_range": speedup_range},
-                "slimmed": {"bench": {"size_mb": 10 * vs}},
-                "gates": [{"name": "artifact_matches_memory", "passed": gates_ok, "value": 0.5, "threshold": 1e-5, "sense": "max"}]}
+    c.report = typed_report(delta={"fidelity": 1 - drop, "size_ratio": vs, "speedup": 1 / vs, "speedup_range": speedup_range},
+                            bench=bench_result(size_mb=10 * vs),
+                            gates=[{"name": "artifact_matches_memory", "passed": gates_ok, "value": 0.5, "threshold": 1e-5,
+                                    "sense": "max"}]).to_json()
     return c
 
 
@@ -69,16 +75,16 @@ def test_the_winner_is_the_best_within_budget_and_a_failed_gate_never_wins():
              _cand("big", 0.0, 0.9)]
     rows = [rank.row(c, "fidelity", "size", 0.01, None) for c in cands]
     v = rank.verdict(rows, "size", 0.01)
-    assert v["winner"]["name"] == "ok" and v["closest"] is None and "ratio to the original" in v["ranked_by"]
-    by = {r["name"]: r for r in rows}
-    assert by["smallest-broken"]["status"] == "gate failed" and "pareto" not in by["smallest-broken"]
-    assert [n for n, r in by.items() if r.get("pareto")] == ["small-but-lossy", "ok", "big"]
+    assert v.winner.name == "ok" and v.closest is None and "ratio to the original" in v.ranked_by
+    by = {r.name: r for r in rows}
+    assert by["smallest-broken"].status == "gate failed" and by["smallest-broken"].pareto is None
+    assert [n for n, r in by.items() if r.pareto] == ["small-but-lossy", "ok", "big"]
 
 
 def test_nothing_within_budget_names_the_closest_miss():
     rows = [rank.row(c, "fidelity", "size", 0.001, None) for c in (_cand("a", 0.05, 0.3), _cand("b", 0.02, 0.5))]
     v = rank.verdict(rows, "size", 0.001)
-    assert v["winner"] is None and v["closest"]["name"] == "b" and v["closest"]["missed_by"] == pytest.approx(0.019)
+    assert v.winner is None and v.closest.name == "b" and v.closest.missed_by == pytest.approx(0.019)
 
 
 def test_a_higher_is_better_objective_ranks_the_other_way():
@@ -87,7 +93,7 @@ def test_a_higher_is_better_objective_ranks_the_other_way():
     cands[0].report["slimmed"]["bench"]["throughput"] = {"samples_per_s": 8}
     cands[1].report["slimmed"]["bench"]["throughput"] = {"samples_per_s": 16}
     rows = [rank.row(c, "fidelity", "throughput", 0.01, None) for c in cands]
-    assert rank.verdict(rows, "throughput", 0.01)["winner"]["name"] == "fast"
+    assert rank.verdict(rows, "throughput", 0.01).winner.name == "fast"
 
 
 # --- formats, kinds, calibration driver -----------------------------------------------------------
@@ -294,8 +300,8 @@ def test_a_fraction_above_100_percent_remeasures_and_is_never_shown_unmarked(tmp
 
     monkeypatch.setenv("SLIMCTL_CACHE", str(tmp_path))
     m = load(str(tiny_llama)).model
-    result = {"batch_size": 1, "seq_len": 16, "decode_tokens": 4, "latency_ms": {"p50": 10.0},
-              "phases": {"decode_step": {"latency_ms": {"p50": 0.01}}, "prefill": {"latency_ms": {"p50": 5.0}}}}
+    result = bench_result(10.0, seq_len=16, decode_tokens=4,
+                          phases={"decode_step": {"latency_ms": {"p50": 0.01}}, "prefill": {"latency_ms": {"p50": 5.0}}})
     measured = iter([(1e9, 1e9), (1e9, 1e9), (1e13, 1e13), (1e13, 1e13)])  # a poisoned peak, then the true one
     monkeypatch.setattr(roofline, "_bandwidth", lambda device, tries: next(measured))
     monkeypatch.setattr(roofline, "_gemm", lambda device, dtype, tries: 1e15)
@@ -317,7 +323,62 @@ def test_a_report_that_breaks_its_own_schema_fails_the_run_in_the_test_suite(tin
     from slimctl.results import report as report_mod
     from slimctl.workflow import pipeline
 
-    monkeypatch.setattr(report_mod, "schema_problem", lambda data: "delta.speedup: Input should be a valid number")
+    monkeypatch.setattr(report_mod, "environment", lambda seed, device: {"threads": "many"})  # a bug: threads must be an int
     rec = from_dict({"version": 1, "steps": [{"method": "bf16"}], "eval": {"skip": True}, "bench": {"skip": True}}, "t")
-    with pytest.raises(RuntimeError, match="does not match the slimctl.report/v1 schema: delta.speedup"):
+    with pytest.raises(RuntimeError, match="does not match the slimctl.report/v1 schema: environment.threads"):
         pipeline.run(rec, str(tiny_llama), tmp_path / "o", isolate=False)
+    monkeypatch.delenv(pipeline.STRICT_REPORTS)  # a user's run keeps its results and says what is wrong
+    rep = pipeline.run(rec, str(tiny_llama), tmp_path / "o2", isolate=False)
+    assert "does not match the slimctl.report/v1 schema (environment.threads" in rep["warnings"][-1]
+    assert json.loads((tmp_path / "o2/report.json").read_text())["environment"] == {"threads": "many"}
+    assert "see report.json" in (tmp_path / "o2/report.md").read_text()
+
+
+# --- typed results end to end ----------------------------------------------------------------------
+
+# Modules whose string-keyed dicts are not results: a safetensors header, kernel parameters, tokenizer
+# JSON and call kwargs, recipe step dicts, the CLI's option dict. Everything else that reads a result
+# reads the typed models (results/*.py) by attribute.
+NOT_RESULTS = ("stream/skeleton.py", "quant/kernels.py", "formats/", "search/space.py", "search/quick.py", "recipe.py",
+               "cli/slim.py")
+RESULT_MODULES = ("results/report.py", "results/study.py", "results/search.py")  # the models and their (de)serialisation
+LOOKUP = re.compile(r'\["([a-z_0-9]+)"\](?!\s*=[^=])|\.get\("([a-z_0-9]+)"')  # a read, not `x["k"] = v`
+
+
+def _result_keys() -> set[str]:
+    import importlib
+
+    from pydantic import BaseModel
+
+    keys = set()
+    for name in RESULT_MODULES:
+        mod = importlib.import_module("slimctl." + name[:-3].replace("/", "."))
+        for v in vars(mod).values():
+            if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == mod.__name__:
+                keys |= {f.alias or n for n, f in v.model_fields.items()}
+    return keys
+
+
+def report_key_lookups() -> list[str]:
+    """Every `x["key"]` read and `x.get("key")` in slimctl/ whose key is a field of a typed result."""
+    keys, hits = _result_keys(), []
+    for p in sorted((ROOT / "slimctl").rglob("*.py")):
+        rel = p.relative_to(ROOT / "slimctl").as_posix()
+        if rel in RESULT_MODULES or rel.startswith(NOT_RESULTS):
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            hits += [f"{rel}:{i} {k}" for m in LOOKUP.finditer(line) if (k := m.group(1) or m.group(2)) in keys]
+    return hits
+
+
+def test_results_are_read_by_attribute_not_by_string_key():
+    """#30: 487 such lookups before the results were typed end to end; fewer than 50 may remain (settings
+    dicts, a cache record's error, list literals the pattern cannot tell apart)."""
+    hits = report_key_lookups()
+    assert len(hits) < 50, "\n".join(hits)
+    assert "speedup" in _result_keys() and "latency_ms" in _result_keys()  # the pattern sees the models' fields
+
+
+def test_the_counter_finds_a_string_key_read():
+    line = 'x = rep["delta"]["speedup"]; rep["passed"] = True; d.get("fidelity")'
+    assert [m.group(1) or m.group(2) for m in LOOKUP.finditer(line)] == ["delta", "speedup", "fidelity"]

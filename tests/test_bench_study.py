@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import bench_result, run_cli
 
 from slimctl.bench import catalogue, cost as C, study, sweep as S
 from slimctl.recipe import BenchSpec
+from slimctl.results.report import BenchResult
+from slimctl.results.study import BenchStudy, Cost, SemiStructured
 
 FAST = ["--min-iters", "2", "--min-seconds", "0", "--seq-len", "16", "--decode-tokens", "2"]
 
@@ -19,65 +21,71 @@ def _fake(latency_of_batch, memory_of_batch=lambda b: 100.0):
         if lat is None:
             from slimctl.errors import SlimctlError
             raise SlimctlError("out of memory while benchmarking")
-        return {"latency_ms": {"p50": lat}, "latency_of": "forward", "phases": {"forward": {"latency_ms": {"p95": lat * 1.1}}},
+        return BenchResult.model_validate({"device": "cpu", "seq_len": 16, "latency_ms": {"p50": lat}, "latency_of": "forward", "phases": {"forward": {"latency_ms": {"p50": lat, "p95": lat * 1.1}}},
                 "throughput": {"samples_per_s": b / lat * 1000, "tokens_per_s": 16 * b / lat * 1000},
-                "peak_memory_mb": memory_of_batch(b), "dtype": "float32", "batch_size": b}
+                "peak_memory_mb": memory_of_batch(b), "dtype": "float32", "batch_size": b})
     return measure
 
 
 def test_auto_grows_until_throughput_flattens_and_recommends_the_knee():
     rows = S.sweep(_fake(lambda b: 10 * max(b, 8)), BenchSpec(), "auto", None, None)  # throughput flat from batch 8
-    assert [r["batch_size"] for r in rows] == [1, 2, 4, 8, 16, 32]
+    assert [r.batch_size for r in rows] == [1, 2, 4, 8, 16, 32]
     rec = S.recommend(rows, None)
-    assert rec["batch_size"] == 8 and "knee" in rec["reason"]
+    assert rec.batch_size == 8 and "knee" in rec.reason
 
 
 def test_auto_bisects_after_running_out_of_memory():
     rows = S.sweep(_fake(lambda b: None if b > 20 else 10.0), BenchSpec(), "auto", None, None)
-    ok = [r["batch_size"] for r in rows if r["status"] == "ok"]
-    oom = [r["batch_size"] for r in rows if r["status"] == "out of memory"]
+    ok = [r.batch_size for r in rows if r.status == "ok"]
+    oom = [r.batch_size for r in rows if r.status == "out of memory"]
     assert ok == [1, 2, 4, 8, 16, 20] and oom == [24, 32]  # 32 failed; bisection found 20 fits and 24 does not
 
 
 def test_max_memory_cap_marks_points_out_of_memory_and_stops():
     rows = S.sweep(_fake(lambda b: 10.0, lambda b: 100.0 * b), BenchSpec(), [1, 2, 4, 8], None, 250)
-    assert [r["status"] for r in rows] == ["ok", "ok", "out of memory"]
+    assert [r.status for r in rows] == ["ok", "ok", "out of memory"]
+    assert rows[-1].error == "peak 400 MB exceeds --max-memory 250 MB"
 
 
 def test_slo_recommendation_and_its_failure_are_stated():
     rows = S.sweep(_fake(lambda b: 5.0 + 2.5 * b), BenchSpec(), [1, 2, 4], None, None)
-    assert S.recommend(rows, 12.0)["batch_size"] == 2  # p95 = 1.1 x 10 ms meets 12 ms; batch 4's 16.5 ms does not
-    assert S.recommend(rows, 1.0)["batch_size"] is None
+    assert S.recommend(rows, 12.0).batch_size == 2  # p95 = 1.1 x 10 ms meets 12 ms; batch 4's 16.5 ms does not
+    miss = S.recommend(rows, 1.0)
+    assert miss.batch_size is None and "lowest p95 is 8.2 ms at batch 1" in miss.reason
 
 
 def test_cost_per_million_tokens_follows_throughput():
-    c = C.cost({"throughput": {"tokens_per_s": 100.0, "samples_per_s": 1.0}, "decode_tokens_per_s": 120.0, "batch_size": 1},
+    c = C.cost(bench_result(throughput={"tokens_per_s": 100.0, "samples_per_s": 1.0}, decode_tokens_per_s=120.0),
                True, "cpu", 3.6)
-    assert c["usd_per_1m_tokens"] == pytest.approx(3.6 / 3600 / 100 * 1e6)
-    assert "EXAMPLE" in C.cost({"throughput": {"samples_per_s": 2.0}, "batch_size": 8}, False, "cpu", None)["assumption"]
+    assert c.usd_per_1m_tokens == pytest.approx(3.6 / 3600 / 100 * 1e6) and c.per_1m[1] == "tokens"
+    c = C.cost(bench_result(throughput={"samples_per_s": 2.0}, batch_size=8), False, "cpu", None)
+    assert "EXAMPLE" in c.assumption and c.usd_per_1m_samples == pytest.approx(0.10 / 3600 / 2 * 1e6)
 
 
-def _headline(p95: float, usd: float, example: bool = False) -> dict:
-    return {"bench": {"latency_ms": {"p95": p95}, "batch_size": 1},
-            "cost": {"usd_per_1m_tokens": usd, "hourly_usd": 1.0, "assumption": "EXAMPLE price" if example else "1 USD/h"}}
+def _headline(p95: float, usd: float, example: bool = False) -> BenchStudy:
+    return BenchStudy(model="m", kind="causal-lm", device="cpu", isolated=True,
+                      bench=bench_result(latency_ms={"p50": p95 / 2, "p95": p95}),
+                      cost=Cost(usd_per_1m_tokens=usd, hourly_usd=1.0, basis="b",
+                                assumption="EXAMPLE price" if example else "1 USD/h"))
 
 
 def test_placement_picks_the_cheapest_device_that_meets_the_slo():
     cpu, gpu = _headline(900.0, 0.50), _headline(40.0, 0.80)
     p = C.placement({"cpu": cpu, "cuda": gpu}, 1000.0)
-    assert p["choice"] == "cpu" and p["devices"]["cpu"]["meets_slo"] and "place it on cpu" in p["line"]
+    assert p.choice == "cpu" and p.devices["cpu"].meets_slo and "place it on cpu" in p.line
     p = C.placement({"cpu": cpu, "cuda": gpu}, 100.0)  # the CPU misses: the GPU, though dearer per token
-    assert p["choice"] == "cuda" and "misses the SLO" in p["line"]
+    assert p.choice == "cuda" and "misses the SLO" in p.line
     p = C.placement({"cpu": cpu, "cuda": gpu}, 10.0)
-    assert p["choice"] is None and "no device meets" in p["line"]
+    assert p.choice is None and "no device meets" in p.line
     p = C.placement({"cpu": cpu, "cuda": _headline(40.0, 0.20, example=True)}, None)
-    assert p["choice"] == "cuda" and "EXAMPLE price" in p["line"] and "no --slo-p95-ms" in p["line"]
+    assert p.choice == "cuda" and "EXAMPLE price" in p.line and "no --slo-p95-ms" in p.line
 
 
 def test_semi_structured_without_a_gain_is_warned():
-    out = {"device": "cuda", "semi_structured": {"speedup": 0.1, "sparse_p50_ms": 138.0, "dense_p50_ms": 13.8}}
+    out = BenchStudy(model="m", kind="causal-lm", device="cuda", isolated=True,
+                     semi_structured=SemiStructured(speedup=0.1, sparse_p50_ms=138.0, dense_p50_ms=13.8))
     assert any("no measured gain" in w for w in study._warnings(out, [None]))
-    out["semi_structured"]["speedup"] = 1.3
+    out.semi_structured.speedup = 1.3
     assert not any("2:4" in w for w in study._warnings(out, [None]))
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import bench_result, run_cli, typed_report
 
 from slimctl.results import gates
-from slimctl.render.html import pareto
+from slimctl.render.html import Point, pareto
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +76,18 @@ def test_limits_need_a_baseline_and_bad_presets_are_usage_errors(runs):
 
 def test_latency_regression_inside_the_spread_is_noise():
     def rep(p50, rounds):
-        return {"slimmed": {"bench": {"latency_ms": {"p50": p50}, "rounds_p50_ms": rounds}}}
+        return typed_report(bench=bench_result(p50, rounds_p50_ms=rounds))
     row = gates.against_baseline(rep(120, [100, 140]), rep(100, [95, 105]), max_latency_increase_pct=5)[0]
-    assert row["passed"] is True and row["within_noise"]
+    assert row.passed is True and row.within_noise
     row = gates.against_baseline(rep(150, [145, 155]), rep(100, [95, 105]), max_latency_increase_pct=5)[0]
-    assert row["passed"] is False
+    assert row.passed is False and not row.within_noise and row.value == pytest.approx(50)
 
 
 def test_pareto_marks_only_undominated_points():
-    pts = [{"latency": 10, "value": 0.9, "higher": True}, {"latency": 5, "value": 0.8, "higher": True},
-           {"latency": 12, "value": 0.85, "higher": True}, {"latency": 5, "value": 0.7, "higher": True}]
+    pts = [Point(latency=10, value=0.9), Point(latency=5, value=0.8), Point(latency=12, value=0.85), Point(latency=5, value=0.7)]
     assert pareto(pts) == [True, True, False, False]
-    ppl = [{"latency": 10, "value": 20.0, "higher": False}, {"latency": 8, "value": 25.0, "higher": False},
-           {"latency": 9, "value": 30.0, "higher": False}]
+    ppl = [Point(latency=10, value=20.0, higher=False), Point(latency=8, value=25.0, higher=False),
+           Point(latency=9, value=30.0, higher=False)]
     assert pareto(ppl) == [True, True, False]
 
 
@@ -97,7 +96,7 @@ def test_compare_prints_one_table_with_pareto_marks(runs, tmp_path):
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)["runs"]
     assert [r["name"] for r in rows] == ["baseline", "int8", "mag90"]
-    pts = [{"latency": r["latency_p50_ms"], "value": r["value"], "higher": False} for r in rows]  # perplexity
+    pts = [Point(latency=r["latency_p50_ms"], value=r["value"], higher=False) for r in rows]  # perplexity
     assert [r["pareto"] for r in rows] == pareto(pts) and any(r["pareto"] for r in rows)
     assert "slimctl comparison" in (tmp_path / "c.html").read_text()
 

@@ -254,7 +254,7 @@ def test_a_calibrated_step_records_where_its_time_went(tiny_llama):
     recipe = from_dict({"version": 1, "steps": [{"method": "gptq", "group_size": 32, "calib_samples": 4,
                                                    "calib_seq_len": 32}]}, "test")
     _, steps, _ = apply_steps(copy.deepcopy(m.model), m.tokenizer, recipe, m.kind, UI())
-    rows = {r["stage"]: r for r in steps[0]["time_breakdown"]}
+    rows = {r.stage: r for r in steps[0].time_breakdown}
     assert {"calibration forward", "input statistics", "hessian factorisation", "solve", "other"} <= set(rows)
-    assert rows["input statistics"]["gflop"] > 0 and rows["solve"]["seconds"] > 0
-    assert sum(r["seconds"] for r in rows.values()) == pytest.approx(steps[0]["seconds"], rel=0.05, abs=0.01)
+    assert rows["input statistics"].gflop > 0 and rows["solve"].seconds > 0
+    assert sum(r.seconds for r in rows.values()) == pytest.approx(steps[0].seconds, rel=0.05, abs=0.01)

@@ -85,9 +85,9 @@ def test_sweep_records_a_real_cuda_out_of_memory_and_backs_off(tmp_path):
     spec = BenchSpec(device="cuda", seq_len=128, decode_tokens=2, min_iters=2, min_seconds=0)
     # batch 4096 x 128 tokens: one MLP activation alone (x 512 channels, bf16) is 0.5 GB, over the 600 MB cap
     r = study(str(tmp_path), spec, config_only=True, sizes=[1, 4096], dtypes=["bf16"], max_memory_mb=600)
-    rows = {s["batch_size"]: s for s in r["sweep"]}
-    assert rows[1]["status"] == "ok" and rows[1]["peak_memory_mb"] > 0
-    assert rows[4096]["status"] == "out of memory", rows[4096]
+    rows = {s.batch_size: s for s in r.sweep}
+    assert rows[1].status == "ok" and rows[1].peak_memory_mb > 0
+    assert rows[4096].status == "out of memory", rows[4096]
     assert r["recommendation"]["batch_size"] == 1
 
 

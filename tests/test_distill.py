@@ -22,11 +22,11 @@ def _slim(tiny_llama, steps, seed=0):
 def test_distillation_lowers_kl_on_held_out_text_and_is_deterministic(tiny_llama):
     model, stats = _slim(tiny_llama, [PRUNE, DISTILL])
     d = stats[1]
-    assert d["steps"] == d["steps_planned"] == 32 and d["tokens"] == 4096 and d["stopped"] == "budget"
-    assert d["held_out_kl_after"] < 0.8 * d["held_out_kl_before"]
-    assert len(d["loss_curve"]) >= 2 and all(not p.requires_grad for p in model.parameters())
+    assert d.steps == d.steps_planned == 32 and d.tokens == 4096 and d.stopped == "budget"
+    assert d.held_out_kl_after < 0.8 * d.held_out_kl_before
+    assert len(d.loss_curve) >= 2 and all(not p.requires_grad for p in model.parameters())
     again, stats2 = _slim(tiny_llama, [PRUNE, DISTILL])
-    assert stats2[1]["held_out_kl_after"] == d["held_out_kl_after"]
+    assert stats2[1].held_out_kl_after == d.held_out_kl_after
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 

@@ -165,17 +165,17 @@ FAST = dict(min_iters=3, min_seconds=0, warmup=1)
 def test_bench_causal_reports_prefill_decode_and_raw_samples(tiny_llama):
     m = load(str(tiny_llama))
     r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(batch_size=2, seq_len=16, decode_tokens=4, **FAST), m.path)
-    assert r["latency_of"] == "request" and r["phases"]["request"]["latency_ms"]["count"] >= 3
-    assert len(r["phases"]["decode_step"]["latency_ms"]["values"]) >= 3 * 4
-    assert r["decode_tokens_per_s"] > 0 and r["prefill_ms"]["p50"] > 0
-    assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
-    assert r["peak_memory_mb"] > 0 and r["size_mb"] > 0 and r["threads"] >= 1
+    assert r.latency_of == "request" and r.phases["request"].latency_ms.count >= 3
+    assert len(r.phases["decode_step"].latency_ms.values) >= 3 * 4
+    assert r.decode_tokens_per_s > 0 and r.prefill_ms.p50 > 0
+    assert r.latency_ms.p50 <= r.latency_ms.p90 <= r.latency_ms.p99
+    assert r.peak_memory_mb > 0 and r.size_mb > 0 and r.threads >= 1
 
 
 def test_bench_encoder(tiny_bert):
     m = load(str(tiny_bert))
     r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(batch_size=4, seq_len=32, **FAST), m.path)
-    assert r["latency_of"] == "forward" and r["throughput"]["tokens_per_s"] == pytest.approx(r["throughput"]["samples_per_s"] * 32)
+    assert r.latency_of == "forward" and r.throughput.tokens_per_s == pytest.approx(r.throughput.samples_per_s * 32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -192,7 +192,7 @@ def test_bench_cuda_without_gpu_is_a_device_error(tiny_bert):
 def test_bench_cuda(tiny_llama):
     m = load(str(tiny_llama))
     r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(device="cuda", decode_tokens=4, **FAST), m.path)
-    assert r["device"] == "cuda" and r["peak_memory_mb"] > 0
+    assert r.device == "cuda" and r.peak_memory_mb > 0
 
 
 def test_windows_start_with_bos_when_the_tokenizer_adds_it(tiny_llama):

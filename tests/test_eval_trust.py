@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 from slimctl.results import gates
+from slimctl.results.report import Delta
 from slimctl import recipe as R
 from slimctl.errors import DataError
 from slimctl.evaluate import FEW_TOKENS, evaluate
@@ -55,14 +56,14 @@ def test_few_tokens_warn_with_the_count_and_a_short_file_is_an_error(llama, tmp_
 
 
 def test_a_perplexity_gate_on_too_few_tokens_fails_with_that_reason():
-    delta = {"perplexity_increase_pct": 0.5, "tokens_scored": 300}
+    delta = Delta(perplexity_increase_pct=0.5, tokens_scored=300)
     rows = gates.check(R.Gates(max_ppl_increase_pct=2).model_dump(), delta)
-    assert rows[0]["passed"] is False
+    assert rows[0].passed is False
     assert gates.failures(rows) == ["max_ppl_increase_pct: perplexity came from 300 scored tokens, fewer than min_eval_tokens "
                                     "1,024: too few to gate on (score more text, or lower gates.min_eval_tokens)"]
     rows = gates.check(R.Gates(max_ppl_increase_pct=2, min_eval_tokens=100).model_dump(), delta)
-    assert rows[0]["passed"] is True and not gates.failures(rows)
-    assert "passed" not in str(gates.check({"min_eval_tokens": 1024}, delta))  # a setting, not a gate row
+    assert rows[0].passed is True and not gates.failures(rows)
+    assert gates.check({"min_eval_tokens": 1024}, delta) == []  # a setting, not a gate row
 
 
 def test_run_fails_the_ppl_gate_on_a_tiny_eval(tiny_llama, tmp_path, fast_recipe):
@@ -125,10 +126,10 @@ def test_lm_eval_task_matches_a_direct_loglikelihood_computation(llama, tmp_path
     t = ev.extra["tasks"]["bbc_topic_test"]
     acc, acc_norm = _direct(llama.model, llama.tokenizer, rows)
     n = len(rows)
-    assert t["samples"] == n == 25
-    assert t["metrics"]["acc"] == pytest.approx(acc) and t["metrics"]["acc_norm"] == pytest.approx(acc_norm)
-    assert t["metrics"]["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)))
-    assert t["reference_metrics"] == t["metrics"] and t["drop_pct"] == 0.0 and t["primary"] == "acc"
+    assert t.samples == n == 25
+    assert t.metrics["acc"] == pytest.approx(acc) and t.metrics["acc_norm"] == pytest.approx(acc_norm)
+    assert t.metrics["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)))
+    assert t.reference_metrics == t.metrics and t.drop_pct == 0.0 and t.primary == "acc"
 
 
 def test_task_drop_is_gateable_in_a_run(tiny_llama, tmp_path, fast_recipe):

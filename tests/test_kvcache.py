@@ -145,10 +145,10 @@ def test_bench_reports_kv_bytes_measured_on_the_cache():
     spec = dict(min_iters=1, min_seconds=0, warmup=0, decode_tokens=4, seq_len=96)
     fp = bench_model(model, tok, "causal-lm", BenchSpec(**spec))
     q4 = bench_model(model, tok, "causal-lm", BenchSpec(**spec, kv_cache="int4"))
-    assert fp["kv_cache"] == "fp" and q4["kv_cache"] == "int4" and q4["kv_bytes_measured"]
+    assert fp.kv_cache == "fp" and q4.kv_cache == "int4" and q4.kv_bytes_measured
     tokens = 96 + 4  # the prompt, then each decode step feeds the token before it
-    assert fp["kv_bytes_per_token"] == pytest.approx(bytes_per_token(model.config, "fp", 4), rel=0.02)
-    assert q4["kv_bytes_per_token"] == pytest.approx(_expected_bytes(model.config, "int4", tokens) / (96 + 4), rel=0.02)
+    assert fp.kv_bytes_per_token == pytest.approx(bytes_per_token(model.config, "fp", 4), rel=0.02)
+    assert q4.kv_bytes_per_token == pytest.approx(_expected_bytes(model.config, "int4", tokens) / (96 + 4), rel=0.02)
     with pytest.raises(ValueError, match="eager decode only"):
         BenchSpec(**spec, kv_cache="int8", compile=True)
 

@@ -6,6 +6,8 @@ import pytest
 
 from slimctl import recipe as R
 from slimctl.cli.search import parse_drop
+from slimctl.results.report import Delta
+from slimctl.results.search import CandidateRow
 from slimctl.search import SearchOptions, drop, mixed_counts, run_search
 
 EV = R.EvalSpec(max_samples=4, seq_len=64, max_tokens=256)
@@ -70,9 +72,11 @@ def test_sensitivity_adds_mixed_precision_candidates(tiny_llama, tmp_path):
 
 
 def test_drop_reads_each_metric():
-    assert drop({"delta": {"perplexity_ratio": 1.02}}, "ppl") == pytest.approx(0.02)
-    assert drop({"delta": {"fidelity": 0.97}}, "fidelity") == pytest.approx(0.03)
-    assert drop({"delta": {"topic_accuracy_change": -0.05}}, "accuracy") == pytest.approx(0.05)
+    assert drop(Delta(perplexity_ratio=1.02), "ppl") == pytest.approx(0.02)
+    assert drop(Delta(fidelity=0.97), "fidelity") == pytest.approx(0.03)
+    assert drop(Delta(topic_accuracy_change=-0.05), "accuracy") == pytest.approx(0.05)
+    assert drop(Delta(accuracy_change=0.01, topic_accuracy_change=-0.05), "accuracy") == pytest.approx(-0.01)
+    assert drop(Delta(), "ppl") is None and drop(Delta(perplexity_ratio=1.1), "fidelity") is None
 
 
 def test_mixed_counts_follow_the_measured_costs():
@@ -123,14 +127,16 @@ def test_winner_warnings_say_when_slimming_does_not_pay():
     from slimctl.search import winner_warnings
 
     # the smollm2-135m search's winner (bench-results/search-smollm2.json): 0.97x latency, per-round 0.96-1.03x
-    w = {"name": "sq+float-top7", "vs_original": 0.9725, "speedup_range": [0.9706, 1.0399]}
+    def row(name, vs, rng=None):
+        return CandidateRow(name=name, origin="space", steps=[], status="done", vs_original=vs, speedup_range=rng)
+    w = row("sq+float-top7", 0.9725, [0.9706, 1.0399])
     (msg,) = winner_warnings(w, "latency", True)
     assert "within the run-to-run noise" in msg and "0.96-1.03x" in msg
-    assert winner_warnings({**w, "speedup_range": [1.1, 1.3]}, "latency", True) == []  # a clear gain: nothing to say
-    (slower,) = winner_warnings({"name": "int8-wo", "vs_original": 1.19}, "latency", True)
+    assert winner_warnings(row("sq+float-top7", 0.9725, [1.1, 1.3]), "latency", True) == []  # a clear gain: nothing to say
+    (slower,) = winner_warnings(row("int8-wo", 1.19), "latency", True)
     assert "beats the original" in slower and "1.19x" in slower
-    assert winner_warnings({"name": "t", "vs_original": 0.9}, "throughput", False)  # less throughput than the original
-    assert winner_warnings({"name": "s", "vs_original": 0.55}, "size", True) == []
+    assert winner_warnings(row("t", 0.9), "throughput", False)  # less throughput than the original
+    assert winner_warnings(row("s", 0.55), "size", True) == []
 
 
 def test_a_candidate_that_fails_the_reload_gate_never_wins(tiny_llama, tmp_path, monkeypatch):

@@ -92,10 +92,9 @@ class Phase:
                 "items_per_call": self.items_per_call, "tokens_per_call": self.tokens_per_call, **self.extra}
 
     @classmethod
-    def pooled(cls, name: str, parts: list[dict]) -> "Phase":
-        """One phase from several runs' phase dicts: raw samples pooled, peak memory the highest."""
-        values = [v for p in parts for v in p["latency_ms"]["values"]]
-        extra = {k: v for k, v in parts[0].items() if k not in
-                 ("latency_ms", "peak_memory_mb", "samples_per_s", "tokens_per_s", "items_per_call", "tokens_per_call")}
-        return cls(name, Latency.from_values(values), max(p["peak_memory_mb"] for p in parts),
-                   parts[0]["items_per_call"], parts[0]["tokens_per_call"], extra)
+    def pooled(cls, name: str, parts: list) -> "Phase":
+        """One phase from several runs' measurements of it (results.report.PhaseResult): raw samples pooled,
+        peak memory the highest."""
+        values = [v for p in parts for v in p.latency_ms.values]
+        return cls(name, Latency.from_values(values), max(p.peak_memory_mb for p in parts),
+                   parts[0].items_per_call, parts[0].tokens_per_call, dict(parts[0].model_extra or {}))

@@ -12,7 +12,7 @@ import torch
 
 from ..models import cache_dir, state_bytes
 from ..kinds import CAUSAL_LM
-from ..results.report import floor_percentages
+from ..results.report import BenchResult, floor_percentages
 from .measure import cpu_name, physical_cpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,7 +134,7 @@ def cached_peaks(device: str, dtype: str) -> dict[str, Any] | None:
         return None
 
 
-def checked_fractions(model, kind: str, result: dict[str, Any], device: str, dtype: str,
+def checked_fractions(model, kind: str, result: BenchResult, device: str, dtype: str,
                       remeasure: bool = False) -> dict[str, Any]:
     """`fractions` against the cached peaks; a fraction above 100 % means the peak is wrong (a run cannot
     beat a physical limit), so the peaks are measured again once. A fraction still above 100 % is kept
@@ -179,12 +179,12 @@ def _matmul_params(model) -> int:
     return n
 
 
-def fractions(model, kind: str, result: dict[str, Any], pk: dict[str, Any]) -> dict[str, Any]:
+def fractions(model, kind: str, result: BenchResult, pk: dict[str, Any]) -> dict[str, Any]:
     """% of the roofline floor a bench result reaches: floor time / measured time."""
     cfg = getattr(model, "config", None)
     if cfg is None or not any(True for _ in model.parameters()):
         return {"note": "no roofline for this backend (weights are not torch tensors)"}
-    b, l = result["batch_size"], result["seq_len"]
+    b, l = result.batch_size, result.seq_len
     bw, peak = pk["bandwidth_gb_s"] * 1e9, pk["matmul_tflops"] * 1e12
     weights = state_bytes(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -197,17 +197,17 @@ def fractions(model, kind: str, result: dict[str, Any], pk: dict[str, Any]) -> d
     hidden = getattr(cfg, "hidden_size", 0)
     res: dict[str, Any] = {"bandwidth_gb_s": round(pk["bandwidth_gb_s"], 2), "matmul_tflops": round(pk["matmul_tflops"], 3),
                            "peaks_dtype": pk["dtype"], "peaks_measured_at": pk.get("measured_at")}
-    if kind == CAUSAL_LM and "decode_step" in result.get("phases", {}):
+    if kind == CAUSAL_LM and "decode_step" in result.phases:
         elem = next(model.parameters()).element_size()
-        ctx = l + result.get("decode_tokens", 0) / 2  # mean context over the decode
+        ctx = l + (result.decode_tokens or 0) / 2  # mean context over the decode
         kv = _kv_bytes_per_token(cfg, elem) * ctx * b
         floor = (read_per_step + kv) / bw
-        step_s = result["phases"]["decode_step"]["latency_ms"]["p50"] / 1000
+        step_s = result.phases["decode_step"].latency_ms.p50 / 1000
         res.update(decode_bytes_per_step=int(read_per_step + kv), decode_floor_ms=floor * 1000,
                    decode_pct_of_bandwidth_floor=100 * floor / step_s)
-        pre = result["phases"]["prefill"]["latency_ms"]["p50"] / 1000
+        pre = result.phases["prefill"].latency_ms.p50 / 1000
     else:
-        pre = result["latency_ms"]["p50"] / 1000
+        pre = result.latency_ms.p50 / 1000
     flops = 2 * params * b * l + 4 * layers * b * l * l * hidden  # weights + attention scores and mixing
     ph = "prefill" if kind == CAUSAL_LM else "forward"
     res.update({f"{ph}_flops": flops, f"{ph}_floor_ms": flops / peak * 1000, f"{ph}_pct_of_compute_floor": 100 * flops / peak / pre})

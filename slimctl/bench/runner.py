@@ -16,6 +16,7 @@ from ..errors import DeviceError, SlimctlError, UnsupportedError
 from ..formats import for_model, weight_file_bytes
 from ..models import state_bytes
 from ..kinds import CAUSAL_LM
+from ..results.report import BenchResult, PhaseResult
 from ..specs import BenchSpec
 from .measure import Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until
 
@@ -53,7 +54,7 @@ def _inputs(tokenizer, batch: int, seq_len: int, max_positions: int | None, voca
     return torch.tensor(ids[:need], dtype=torch.long).view(batch, seq_len)
 
 
-def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None = None, progress=None) -> dict[str, Any]:
+def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None = None, progress=None) -> BenchResult:
     s = settings_for(kind, spec)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -125,47 +126,45 @@ def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None =
         from .roofline import checked_fractions
 
         for r in modes.values():
-            r["roofline"] = checked_fractions(model, kind, r, device, meta["dtype"] or "float32", spec.remeasure_peaks)
+            r.roofline = checked_fractions(model, kind, r, device, r.dtype or "float32", spec.remeasure_peaks)
     return _with_modes(modes, spec.compile)
 
 
-def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> dict[str, Any]:
+def summarize(meta: dict[str, Any], phases: dict[str, Phase], primary: str) -> BenchResult:
     """The bench result: run facts, the primary latency and throughput, and every phase."""
-    return {**meta, **_from_phases(phases, primary)}
+    return BenchResult.model_validate({**meta, **_from_phases(phases, primary)})
 
 
 def _from_phases(phases: dict[str, Phase], primary: str) -> dict[str, Any]:
     """What a bench result derives from its phases (pool recomputes exactly these from pooled phases)."""
-    pd = {k: v.to_dict() for k, v in phases.items()}
-    lat = pd[primary]["latency_ms"]
-    out = {"latency_ms": {k: lat[k] for k in ("p50", "p90", "p95", "p99", "mean", "stdev", "count")},
+    pd = {k: PhaseResult.model_validate(v.to_dict()) for k, v in phases.items()}
+    lat, main = pd[primary].latency_ms, pd[primary]
+    out = {"latency_ms": lat.model_dump(include={"p50", "p90", "p95", "p99", "mean", "stdev", "count"}),
            "latency_of": primary,
-           "throughput": {"samples_per_s": pd[primary]["samples_per_s"], "tokens_per_s": pd[primary]["tokens_per_s"]},
+           "throughput": {"samples_per_s": main.samples_per_s, "tokens_per_s": main.tokens_per_s},
            "peak_memory_mb": max(p.peak_memory_mb for p in phases.values()), "phases": pd}
     if "prefill" in pd:
-        out["prefill_ms"] = {k: pd["prefill"]["latency_ms"][k] for k in ("p50", "p90", "p99")}
-        out["decode_tokens_per_s"] = pd["decode_step"]["tokens_per_s"]
-        out["prefill_tokens_per_s"] = pd["prefill"]["tokens_per_s"]
+        out["prefill_ms"] = pd["prefill"].latency_ms.model_dump(include={"p50", "p90", "p99"})
+        out["decode_tokens_per_s"] = pd["decode_step"].tokens_per_s
+        out["prefill_tokens_per_s"] = pd["prefill"].tokens_per_s
     return out
 
 
-def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
+def pool(results: list[BenchResult]) -> BenchResult:
     """Merge repeated bench results of one model: samples pooled, each round's p50 kept."""
-    if "modes" in results[0] and all("modes" in r for r in results):
-        modes = {m: pool([r["modes"][m] for r in results]) for m in results[0]["modes"]}
-        # every round chose compiled (compile: true, or auto that measured it faster), else the pooled figures decide
-        pick = "compiled" if all(r["decode_mode"] == "compiled" for r in results) else choose_mode(modes, "auto")
-        return {**modes[pick], "decode_mode": pick, "modes": modes}
-    if len(results) == 1:
-        return {**results[0], "rounds_p50_ms": [results[0]["latency_ms"]["p50"]]}
     first = results[0]
-    phases = {name: Phase.pooled(name, [r["phases"][name] for r in results]) for name in first["phases"]}
-    derived = _from_phases(phases, first["latency_of"])
-    out = {**{k: v for k, v in first.items() if k not in derived}, **derived}
-    out["rounds_p50_ms"] = [r["latency_ms"]["p50"] for r in results]
-    if "decode_tokens_per_s" in first:
-        out["rounds_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in results]
-    return out
+    if first.modes and all(r.modes for r in results):
+        modes = {m: pool([r.modes[m] for r in results]) for m in first.modes}
+        # every round chose compiled (compile: true, or auto that measured it faster), else the pooled figures decide
+        pick = "compiled" if all(r.decode_mode == "compiled" for r in results) else choose_mode(modes, "auto")
+        return _with_mode(modes, pick)
+    data = {**first.to_json(), "rounds_p50_ms": [r.latency_ms.p50 for r in results]}
+    if len(results) > 1:
+        phases = {name: Phase.pooled(name, [r.phases[name] for r in results]) for name in first.phases}
+        data.update(_from_phases(phases, first.latency_of))
+        if first.decode_tokens_per_s is not None:
+            data["rounds_decode_tokens_per_s"] = [r.decode_tokens_per_s for r in results]
+    return BenchResult.model_validate(data)
 
 
 def _bench_forward(model, ids, mask, spec: BenchSpec, device: str, say) -> dict[str, Phase]:
@@ -268,21 +267,24 @@ def _decoders(model, spec: BenchSpec, shape, device: str) -> tuple[list, list[st
     return out, notes
 
 
-def choose_mode(modes: dict[str, dict[str, Any]], setting) -> str:
+def choose_mode(modes: dict[str, BenchResult], setting) -> str:
     """compile true: the compiled path; auto: whichever has the lower p50 request latency."""
     if "compiled" not in modes:
         return "eager"
     if setting is True:
         return "compiled"
-    return min(modes, key=lambda k: modes[k]["latency_ms"]["p50"])
+    return min(modes, key=lambda k: modes[k].latency_ms.p50)
 
 
-def _with_modes(modes: dict[str, dict[str, Any]], setting) -> dict[str, Any]:
+def _with_modes(modes: dict[str, BenchResult], setting) -> BenchResult:
     """The chosen mode's result at the top, every mode's full result under "modes"."""
     if len(modes) == 1:
         return modes["eager"]
-    pick = choose_mode(modes, setting)
-    return {**modes[pick], "decode_mode": pick, "modes": modes}
+    return _with_mode(modes, choose_mode(modes, setting))
+
+
+def _with_mode(modes: dict[str, BenchResult], pick: str) -> BenchResult:
+    return BenchResult.model_validate({**modes[pick].to_json(), "decode_mode": pick, "modes": modes})
 
 
 class _Null:
@@ -297,7 +299,7 @@ class _Null:
 
 def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None, load_options: dict | None = None,
                    dtype: str | None = None, config_only: bool = False, max_memory_mb: float | None = None,
-                   steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                   steps: list[dict[str, Any]] | None = None) -> BenchResult:
     """Run bench_model on the model in `folder` in a fresh Python process, so that memory
     high-water marks, allocator caches and thread pools of one measurement cannot leak into another.
     `steps` (recipe steps as dicts) are applied in that process first: a slimmed variant."""
@@ -314,13 +316,13 @@ def bench_isolated(folder: str, spec: BenchSpec, timeout: float | None = None, l
                 err = SlimctlError(res["error"])
                 err.exit_code = res.get("exit_code", 3)
                 raise err
-            return res
+            return BenchResult.model_validate(res)
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"bench worker exited with {proc.returncode}: {tail[0]}")
 
 
-def alternate(first: Callable[[int], dict], second: Callable[[int], dict], repeats: int, say=lambda m: None,
-              names: tuple[str, str] = ("baseline", "slimmed artifact")) -> tuple[list[dict], list[dict]]:
+def alternate(first: Callable[[int], BenchResult], second: Callable[[int], BenchResult], repeats: int, say=lambda m: None,
+              names: tuple[str, str] = ("baseline", "slimmed artifact")) -> tuple[list[BenchResult], list[BenchResult]]:
     """`repeats` rounds of `first` then `second` (each call gets the round's index): the two sides of a
     comparison alternate, so slow drifts of the machine hit both alike. Used by `run` and `bench --recipe`."""
     a, b = [], []
@@ -333,7 +335,7 @@ def alternate(first: Callable[[int], dict], second: Callable[[int], dict], repea
 
 
 def pair_isolated(base_folder: str, slim_folder: str, spec: BenchSpec, repeats: int, say=lambda m: None,
-                  load_options: dict | None = None, base_spec: BenchSpec | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  load_options: dict | None = None, base_spec: BenchSpec | None = None) -> tuple[BenchResult, BenchResult]:
     """Baseline and slimmed artifact in alternating fresh-process rounds; each side's rounds pooled
     (every round's p50 kept for the noise-aware gates). `base_spec`: the baseline's, when it differs."""
     rb, rs = alternate(lambda i: bench_isolated(base_folder, base_spec or spec, load_options=load_options),

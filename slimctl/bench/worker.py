@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
             cap_cuda_memory(max_mb) if spec.device == "cuda" else cap_memory(max_mb)
         res = bench_model(loaded.model, loaded.tokenizer, loaded.kind, spec, loaded.path)
         if dtype:
-            res["dtype"] = DTYPES[dtype]
+            res.dtype = DTYPES[dtype]
     except SlimctlError as e:
         json.dump({"error": str(e), "exit_code": e.exit_code}, open(out, "w"))
         return e.exit_code
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
         json.dump({"error": f"out of memory; try a smaller --batch-size or --seq-len (this point: {point})", "exit_code": 2},
                   open(out, "w"))
         return 2
-    json.dump(res, open(out, "w"))
+    json.dump(res.to_json(), open(out, "w"))
     return 0
 
 

@@ -96,7 +96,7 @@ def warn(msg: str) -> None:
     err.print(f"[yellow]Warning:[/yellow] {msg}", markup=True, highlight=False)
 
 
-def fail_on_gates(rows: list[dict[str, Any]]) -> None:
+def fail_on_gates(rows: list) -> None:
     """Exit 1 (GateFailed) when any gate row failed."""
     from ..errors import GateFailed
     from ..results.gates import failures
@@ -204,9 +204,9 @@ def run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool,
 
     report = pipeline.run(recipe, model, out_dir, overwrite=overwrite, isolate=not inline,
                           ui=UI().pipeline_ui(), recipe_source=source, load_options=load_options)
-    if ci is not None:
-        from ..workflow import ci as ci_mod
+    from ..results.report import as_report
+    from ..workflow import ci as ci_mod
 
-        report = ci_mod.apply(report, ci, out_dir)
-    emit(report, as_json, text.run)
-    fail_on_gates(report["gates"])
+    rep = ci_mod.apply(report, ci, out_dir) if ci is not None else as_report(report)
+    emit(rep, as_json, text.run)
+    fail_on_gates(rep.gates)

@@ -31,8 +31,8 @@ def gate(
     opts = C.ci_options(baseline, preset, min_quality, max_latency_increase, max_memory_increase, max_size_increase, junit, html)
     if baseline is None and opts.any_limit():
         raise UsageError("the limits (--preset, --min-quality, --max-*-increase) compare with --baseline; give one")
-    rows = ci_mod.apply(read(report), opts, None).get("gates", [])
-    C.emit({"report": str(report), "passed": not gates.failures(rows), "gates": rows}, as_json, text.gates)
+    rows = ci_mod.apply(read(report), opts, None).gates
+    C.emit({"report": str(report), "passed": not gates.failures(rows), "gates": rows}, as_json, lambda d: text.gates(d["gates"]))
     C.fail_on_gates(rows)
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 from .evaluation import (
     Track, DEFAULTS, ENCODER_TRAIN_PER_TOPIC, BATCH, FEW_TOKENS, Evaluation,
     settings_for, evaluate, prepare_tasks, perplexity_windows, bos_prefix, window_input,
-    score_windows, fidelity, evaluate_model,
+    score_windows, evaluate_model,
 )
 
 __all__ = ["Track", "DEFAULTS", "ENCODER_TRAIN_PER_TOPIC", "BATCH", "FEW_TOKENS", "Evaluation", "settings_for",
            "evaluate", "prepare_tasks", "perplexity_windows", "bos_prefix", "window_input", "score_windows",
-           "fidelity", "evaluate_model"]
+           "evaluate_model"]
 
 from .._callable import make_callable  # noqa: E402
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..results.report import EvalResult, KernelPlan, ModelEval
 from ..kinds import CAUSAL_LM, ENCODER, SEQ_CLS
 from ..specs import EvalSpec
 from . import data as datasets
@@ -59,18 +60,9 @@ class Evaluation:
                 "reference_metrics": self.reference_metrics, "vs_reference": self.vs_reference, "seconds": round(self.seconds, 3),
                 "warnings": self.warnings, **self.extra}
 
-    @staticmethod
-    def side(ev: dict[str, Any] | None, reference: bool) -> dict[str, Any] | None:
-        """One side of a side-by-side evaluation (its to_dict form) as a report holds it: the reference's
-        own metrics without the agreement and kernel facts, or the evaluated model's with them."""
-        if ev is None:
-            return None
-        out = {k: v for k, v in ev.items() if k not in ("metrics", "reference_metrics")}
-        out["metrics"] = ev.get("reference_metrics" if reference else "metrics")
-        if reference:
-            out.pop("vs_reference", None)
-            out.pop("kernels", None)
-        return out
+    def result(self, kernels: dict[str, Any] | None = None) -> EvalResult:
+        """The typed result, with the kernel plan the evaluated model ran (None: plain torch)."""
+        return EvalResult.model_validate({**self.to_dict(), "kernels": kernels})
 
 
 def settings_for(kind: str, spec: EvalSpec) -> dict[str, Any]:
@@ -353,17 +345,11 @@ def _seq_cls(model, tok, s, data, reference, track) -> Evaluation:
     return ev
 
 
-def fidelity(ev: Evaluation) -> float | None:
-    """The one number the `min_fidelity` gate reads: mean cosine for encoders, else top-1 agreement."""
-    if not ev.vs_reference:
-        return None
-    return ev.vs_reference.get("mean_cosine", ev.vs_reference.get("top1_agreement"))
-
-
 def evaluate_model(model: str, against: str | None = None, spec: EvalSpec | None = None, kernels: str = "auto",
                    seed: int = 0, load_options: dict | None = None, say=lambda m: None, track=None) -> dict[str, Any]:
     """`slimctl eval`: a model's accuracy on spec's data (and lm-eval tasks), with agreement metrics
-    against a baseline model when given. Returns the evaluation with `warnings`."""
+    against a baseline model when given. Returns the evaluation with `warnings` (results.report.ModelEval's
+    JSON form, as the API gives it)."""
     from ..errors import UsageError
     from ..quant.kernels import maybe_accelerate
     from ..models import load
@@ -388,6 +374,7 @@ def evaluate_model(model: str, against: str | None = None, spec: EvalSpec | None
     tok = ref.tokenizer if ref is not None and m.meta.get("format") == "gguf" else m.tokenizer
     ev = evaluate(m.model, tok, m.kind, spec, reference=ref.model if ref else None, seed=seed,
                   taskset=taskset, **({"track": track} if track else {}))
-    if plans[0] and plans[0]["warning"]:
-        ev.warnings.append(plans[0]["warning"])
-    return {"model": model, "against": against, **ev.to_dict(), "kernels": plans[0]}
+    plan = KernelPlan.model_validate(plans[0]) if plans[0] else None
+    if plan and plan.warning:
+        ev.warnings.append(plan.warning)
+    return ModelEval.model_validate({"model": model, "against": against, **ev.to_dict(), "kernels": plan}).to_json()

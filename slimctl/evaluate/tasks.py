@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, UnsupportedError
+from ..results.report import TaskResult
 
 BUILTIN = "bbc_topic"  # also spelt bbc-topic
 BBC_DOCS_PER_TOPIC = 60  # 300 held-out articles, 5 choices each: under a minute per model (smollm2, 2 cores)
@@ -221,7 +222,7 @@ def _scores(model, tokenizer, ts: TaskSet, limit: int | None, batch_size: int) -
             if not isinstance(v, (int, float)) or metric in ("alias", "sample_len"):
                 continue
             metrics[metric] = float(v)
-        out[name] = {"metrics": metrics, "samples": (res.get("n-samples") or {}).get(name, {}).get("effective")}
+        out[name] = (metrics, (res.get("n-samples") or {}).get(name, {}).get("effective"))
     return out
 
 
@@ -232,7 +233,7 @@ def primary(metrics: dict[str, float]) -> str | None:
     return next((k for k in metrics if not k.endswith("_stderr")), None)
 
 
-def run(model, tokenizer, ts: TaskSet, reference=None, limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+def run(model, tokenizer, ts: TaskSet, reference=None, limit: int | None = None, batch_size: int = 8) -> dict[str, TaskResult]:
     """Each task's metrics (with stderr) for `model`, and for `reference` side by side, plus the
     drop of its primary metric in % of the reference."""
     if not hasattr(model, "config") or not hasattr(model, "device"):
@@ -242,18 +243,12 @@ def run(model, tokenizer, ts: TaskSet, reference=None, limit: int | None = None,
     ref = _scores(reference, tokenizer, ts, limit, batch_size) if reference is not None else None
     tasks = {}
     for name in ts.names:
-        t = {"source": ts.sources[name], "samples": mine[name]["samples"], "metrics": mine[name]["metrics"]}
+        metrics, samples = mine[name]
+        t = tasks[name] = TaskResult(source=ts.sources[name], samples=samples, metrics=metrics)
         if ref is not None:
-            t["reference_metrics"] = ref[name]["metrics"]
-            key = primary(t["metrics"])
-            base, cur = t["reference_metrics"].get(key), t["metrics"].get(key)
+            t.reference_metrics = ref[name][0]
+            key = primary(metrics)
+            base, cur = t.reference_metrics.get(key), metrics.get(key)
             if key and base:
-                t["primary"] = key
-                t["drop_pct"] = (base - cur) / abs(base) * 100
-        tasks[name] = t
+                t.primary, t.drop_pct = key, (base - cur) / abs(base) * 100
     return tasks
-
-
-def max_drop_pct(tasks: dict[str, Any] | None) -> float | None:
-    drops = [t["drop_pct"] for t in (tasks or {}).values() if t.get("drop_pct") is not None]
-    return max(drops) if drops else None

@@ -23,6 +23,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def _default(o: Any) -> Any:
+    if hasattr(o, "model_dump"):  # a typed result: its JSON form
+        return o.model_dump(mode="json", by_alias=True, exclude_unset=True)
     if hasattr(o, "item"):
         return o.item()
     return str(o)

@@ -4,46 +4,57 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..results.gates import quality
-from ..results.report import pareto_front
+from ..results.gates import quality_of
+from ..results.report import Report, Side, as_report, pareto_front
 from .markdown import fmt as _n  # one number format for Markdown and HTML
 
 BASE_C, SLIM_C, PASS_C, FAIL_C, NA_C = "#6b7280", "#2563eb", "#15803d", "#b91c1c", "#9ca3af"
+VERDICTS = {True: ("PASSED", PASS_C), False: ("FAILED", FAIL_C), None: ("NO GATES", NA_C)}
 
 
 def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-def label(r: dict[str, Any]) -> str:
-    rec = r.get("recipe") or {}
-    return rec.get("name") or "+".join(s.get("method", "?") for s in rec.get("steps", [])) or "run"
+def label(r: Report) -> str:
+    return r.recipe.get("name") or "+".join(s.get("method", "?") for s in r.recipe.get("steps", [])) or "run"
 
 
-def point(r: dict[str, Any], side: str = "slimmed") -> dict[str, Any]:
+@dataclass
+class Point:
     """The numbers of one side of a report that the plots and tables use."""
-    s = r.get(side) or {}
-    b = s.get("bench") or {}
-    m = (s.get("eval") or {}).get("metrics") or {}
-    q = quality({"slimmed": {"eval": {"metrics": m}}})
-    return {"latency": (b.get("latency_ms") or {}).get("p50"), "size": b.get("size_mb"), "memory": b.get("peak_memory_mb"),
-            "metric": q[0] if q else None, "value": q[1] if q else None, "higher": q[2] if q else True,
-            "samples": ((b.get("phases") or {}).get(b.get("latency_of") or "", {}).get("latency_ms") or {}).get("values") or []}
+    latency: float | None = None
+    size: float | None = None
+    memory: float | None = None
+    metric: str | None = None
+    value: float | None = None
+    higher: bool = True
+    samples: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, side: Side) -> "Point":
+        b = side.bench
+        q = quality_of(side.eval.metrics if side.eval else None)
+        phase = b.phases.get(b.latency_of) if b else None
+        return cls(latency=b.latency_ms.p50 if b else None, size=b.size_mb if b else None,
+                   memory=b.peak_memory_mb if b else None, metric=q[0] if q else None, value=q[1] if q else None,
+                   higher=q[2] if q else True, samples=(phase.latency_ms.values if phase else None) or [])
 
 
-def pareto(points: list[dict[str, Any]]) -> list[bool]:
+def pareto(points: list[Point]) -> list[bool]:
     """True for points no other point beats on both latency (lower) and the metric (better)."""
-    return pareto_front([None if p["latency"] is None or p["value"] is None
-                         else (p["latency"], -p["value"] if p["higher"] else p["value"]) for p in points])
+    return pareto_front([None if p.latency is None or p.value is None
+                         else (p.latency, -p.value if p.higher else p.value) for p in points])
 
 
-def _scatter(pts: list[tuple[str, dict, str]], metric: str, higher: bool, w: int = 560, h: int = 320) -> str:
-    pts = [(n, p, c) for n, p, c in pts if p["latency"] is not None and p["value"] is not None]
+def _scatter(pts: list[tuple[str, Point, str]], metric: str, higher: bool, w: int = 560, h: int = 320) -> str:
+    pts = [(n, p, c) for n, p, c in pts if p.latency is not None and p.value is not None]
     if not pts:
         return "<p>No accuracy and latency to plot.</p>"
-    xs, ys = [p["latency"] for _, p, _ in pts], [p["value"] for _, p, _ in pts]
+    xs, ys = [p.latency for _, p, _ in pts], [p.value for _, p, _ in pts]
     x0, x1 = 0.0, max(xs) * 1.15
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.15 or abs(y1) * 0.05 or 1.0
@@ -62,8 +73,8 @@ def _scatter(pts: list[tuple[str, dict, str]], metric: str, higher: bool, w: int
     out.append(f'<text x="12" y="{(T + h - B) / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 12 {(T + h - B) / 2})">'
                f'{_e(metric)} ({"higher" if higher else "lower"} is better)</text>')
     for name, p, colour in pts:
-        cx, cy = sx(p["latency"]), sy(p["value"])
-        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{colour}"><title>{_e(name)}: {p["value"]:.4g} at {p["latency"]:.4g} ms</title></circle>')
+        cx, cy = sx(p.latency), sy(p.value)
+        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{colour}"><title>{_e(name)}: {p.value:.4g} at {p.latency:.4g} ms</title></circle>')
         out.append(f'<text x="{cx + 9:.1f}" y="{cy - 7:.1f}" font-size="11">{_e(name)}</text>')
     out.append("</svg>")
     return "".join(out)
@@ -113,28 +124,16 @@ def _distribution(series: list[tuple[str, list[float], str]], w: int = 560) -> s
     return "".join(out)
 
 
-def _gates(r: dict[str, Any]) -> str:
-    gates = r.get("gates") or []
-    if not gates:
+def _gates(r: Report) -> str:
+    if not r.gates:
         return "<p>No gates.</p>"
     rows = []
-    for g in gates:
-        res, colour = {True: ("pass", PASS_C), False: ("FAIL", FAIL_C), None: ("n/a", NA_C)}[g["passed"]]
-        rows.append(f'<tr><td>{_e(g["name"])}</td><td class="n">{_n(g.get("threshold"))}</td><td class="n">{_n(g.get("value"))}</td>'
-                    f'<td class="gate" style="background:{colour}">{res}</td><td>{_e(g.get("note") or g.get("meaning") or "")}</td></tr>')
+    for g in r.gates:
+        res, colour = {True: ("pass", PASS_C), False: ("FAIL", FAIL_C), None: ("n/a", NA_C)}[g.passed]
+        rows.append(f'<tr><td>{_e(g.name)}</td><td class="n">{_n(g.threshold)}</td><td class="n">{_n(g.value)}</td>'
+                    f'<td class="gate" style="background:{colour}">{res}</td><td>{_e(g.note or g.meaning or "")}</td></tr>')
     return ("<table><tr><th>gate</th><th>threshold</th><th>value</th><th>result</th><th>meaning</th></tr>"
             + "".join(rows) + "</table>")
-
-
-def _sweep(r: dict[str, Any]) -> str:
-    sweep = ((r.get("slimmed") or {}).get("bench") or {}).get("sweep") or r.get("sweep")
-    if not sweep:
-        return ""
-    rows = "".join(f'<tr><td class="n">{_e(s.get("batch_size"))}</td><td class="n">{_n(s.get("p50_ms"))}</td>'
-                   f'<td class="n">{_n(s.get("p95_ms"))}</td><td class="n">{_n(s.get("samples_per_s"))}</td>'
-                   f'<td class="n">{_n(s.get("peak_memory_mb"))}</td><td>{_e(s.get("status", "ok"))}</td></tr>' for s in sweep)
-    return ("<h2>Batch sweep</h2><table><tr><th>batch</th><th>p50 ms</th><th>p95 ms</th><th>samples/s</th><th>peak MB</th>"
-            f"<th>status</th></tr>{rows}</table>")
 
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#111827}
@@ -145,57 +144,63 @@ td,th{border:1px solid #e5e7eb;padding:4px 8px;text-align:left}td.n{text-align:r
 .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}.pareto{font-weight:700}"""
 
 
-def render(reports: list[dict[str, Any]], title: str | None = None, notes: list[str] | None = None) -> str:
+def render(reports: list[Report | dict[str, Any]], title: str | None = None, notes: list[str] | None = None) -> str:
     """The page for one report (a run) or several (a comparison, Pareto-optimal rows marked)."""
+    reports = [as_report(r) for r in reports]
     first = reports[0]
-    base = point(first, "baseline")
-    slims = [point(r) for r in reports]
+    base = Point.of(first.baseline)
+    slims = [Point.of(r.slimmed) for r in reports]
     names = [label(r) for r in reports]
     if len(set(names)) < len(names):
         names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
-    front = pareto([base] + slims)
-    metric = next((p["metric"] for p in [base] + slims if p["metric"]), "accuracy")
-    higher = next((p["higher"] for p in [base] + slims if p["metric"]), True)
-    model = (first.get("model") or {}).get("source", "?")
-    verdicts = {True: ("PASSED", PASS_C), False: ("FAILED", FAIL_C), None: ("NO GATES", NA_C)}
+    model = first.model.source
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title or f'slimctl · {model}')}</title>"
-             f"<style>{CSS}</style></head><body>"]
-    if len(reports) == 1:
-        v, c = verdicts[first.get("passed")]
-        parts.append(f"<h1>slimctl · {_e(model)} · {_e(names[0])} <span class='verdict' id='verdict' style='background:{c}'>{v}</span></h1>")
-        d = first.get("delta") or {}
-        keys = [k for k in ("speedup", "decode_speedup", "prefill_speedup", "perplexity_ratio", "fidelity", "size_ratio",
-                            "peak_memory_ratio") if d.get(k) is not None]
-        parts.append("<p>" + " · ".join(f"<b>{k}</b> <span class='num' data-key='{k}'>{_n(d[k])}</span>" for k in keys) + "</p>")
-    else:
-        parts.append(f"<h1>slimctl comparison · {_e(model)} · {len(reports)} runs</h1>")
-    for w in ((first.get("warnings") or []) if len(reports) == 1 else []) + list(notes or []):
+             f"<style>{CSS}</style></head><body>", _heading(reports, names)]
+    for w in (first.warnings if len(reports) == 1 else []) + list(notes or []):
         parts.append(f"<div class='warn'>{_e(w)}</div>")
-    # summary table
-    rows = [f"<tr class='{'pareto' if front[0] else ''}'><td>baseline</td><td class='n'>{_n(base['value'])}</td><td class='n'>{_n(base['latency'])}</td>"
-            f"<td class='n'>{_n(base['size'])}</td><td class='n'>{_n(base['memory'])}</td><td>–</td><td>{'yes' if front[0] else ''}</td></tr>"]
-    for i, (r, p, n) in enumerate(zip(reports, slims, names)):
-        v, c = verdicts[r.get("passed")]
-        rows.append(f"<tr class='{'pareto' if front[i + 1] else ''}'><td>{_e(n)}</td><td class='n'>{_n(p['value'])}</td>"
-                    f"<td class='n'>{_n(p['latency'])}</td><td class='n'>{_n(p['size'])}</td><td class='n'>{_n(p['memory'])}</td>"
-                    f"<td class='gate' style='background:{c}'>{v}</td><td>{'yes' if front[i + 1] else ''}</td></tr>")
-    parts.append(f"<h2>Summary</h2><table id='summary'><tr><th>model</th><th>{_e(metric)}</th><th>p50 latency ms</th>"
-                 "<th>size MB</th><th>peak memory MB</th><th>gates</th><th>Pareto-optimal</th></tr>" + "".join(rows) + "</table>")
-    colours = [BASE_C] + [SLIM_C] * len(slims)
-    parts.append("<div class='grid'><div><h2>Accuracy against latency</h2>"
-                 + _scatter([("baseline", base, BASE_C)] + [(n, p, SLIM_C) for n, p in zip(names, slims)], metric, higher)
-                 + "</div><div><h2>Latency distribution (raw samples, p50 marked)</h2>"
-                 + _distribution([("baseline", base["samples"], BASE_C)] + [(n, p["samples"], SLIM_C) for n, p in zip(names, slims)])
-                 + "</div><div><h2>Size on disk</h2>"
-                 + _bars([("baseline", base["size"], BASE_C)] + [(n, p["size"], c) for n, p, c in zip(names, slims, colours[1:])], "MB")
-                 + "</div><div><h2>Peak memory</h2>"
-                 + _bars([("baseline", base["memory"], BASE_C)] + [(n, p["memory"], c) for n, p, c in zip(names, slims, colours[1:])], "MB")
-                 + "</div></div>")
+    parts.append(_summary(reports, base, slims, names))
+    parts.append(_plots(base, slims, names))
     for r, n in zip(reports, names):
-        parts.append(f"<h2>Gates · {_e(n)}</h2>" + _gates(r) + _sweep(r))
-    env = first.get("environment") or {}
-    flat = {**{k: v for k, v in env.items() if not isinstance(v, dict)}, **(env.get("versions") or {})}
+        parts.append(f"<h2>Gates · {_e(n)}</h2>" + _gates(r))
+    env = first.environment
+    flat = {**{k: v for k, v in env.model_dump(exclude_unset=True).items() if not isinstance(v, dict)}, **env.versions}
     parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in flat.items())
                  + "</table></body></html>")
     return "".join(parts)
 
+
+def _heading(reports: list[Report], names: list[str]) -> str:
+    """One run: its verdict and headline deltas; several: a comparison title."""
+    first, model = reports[0], reports[0].model.source
+    if len(reports) > 1:
+        return f"<h1>slimctl comparison · {_e(model)} · {len(reports)} runs</h1>"
+    v, c = VERDICTS[first.passed]
+    keys = [k for k in ("speedup", "decode_speedup", "prefill_speedup", "perplexity_ratio", "fidelity", "size_ratio",
+                        "peak_memory_ratio") if getattr(first.delta, k) is not None]
+    return (f"<h1>slimctl · {_e(model)} · {_e(names[0])} <span class='verdict' id='verdict' style='background:{c}'>{v}</span></h1>"
+            "<p>" + " · ".join(f"<b>{k}</b> <span class='num' data-key='{k}'>{_n(getattr(first.delta, k))}</span>"
+                               for k in keys) + "</p>")
+
+
+def _summary(reports: list[Report], base: Point, slims: list[Point], names: list[str]) -> str:
+    front = pareto([base] + slims)
+    metric = next((p.metric for p in [base] + slims if p.metric), "accuracy")
+    rows = [f"<tr class='{'pareto' if front[0] else ''}'><td>baseline</td><td class='n'>{_n(base.value)}</td><td class='n'>{_n(base.latency)}</td>"
+            f"<td class='n'>{_n(base.size)}</td><td class='n'>{_n(base.memory)}</td><td>–</td><td>{'yes' if front[0] else ''}</td></tr>"]
+    for i, (r, p, n) in enumerate(zip(reports, slims, names)):
+        v, c = VERDICTS[r.passed]
+        rows.append(f"<tr class='{'pareto' if front[i + 1] else ''}'><td>{_e(n)}</td><td class='n'>{_n(p.value)}</td>"
+                    f"<td class='n'>{_n(p.latency)}</td><td class='n'>{_n(p.size)}</td><td class='n'>{_n(p.memory)}</td>"
+                    f"<td class='gate' style='background:{c}'>{v}</td><td>{'yes' if front[i + 1] else ''}</td></tr>")
+    return (f"<h2>Summary</h2><table id='summary'><tr><th>model</th><th>{_e(metric)}</th><th>p50 latency ms</th>"
+            "<th>size MB</th><th>peak memory MB</th><th>gates</th><th>Pareto-optimal</th></tr>" + "".join(rows) + "</table>")
+
+
+def _plots(base: Point, slims: list[Point], names: list[str]) -> str:
+    metric = next((p.metric for p in [base] + slims if p.metric), "accuracy")
+    higher = next((p.higher for p in [base] + slims if p.metric), True)
+    both = lambda read: [("baseline", read(base), BASE_C)] + [(n, read(p), SLIM_C) for n, p in zip(names, slims)]
+    return ("<div class='grid'><div><h2>Accuracy against latency</h2>" + _scatter(both(lambda p: p), metric, higher)
+            + "</div><div><h2>Latency distribution (raw samples, p50 marked)</h2>" + _distribution(both(lambda p: p.samples))
+            + "</div><div><h2>Size on disk</h2>" + _bars(both(lambda p: p.size), "MB")
+            + "</div><div><h2>Peak memory</h2>" + _bars(both(lambda p: p.memory), "MB") + "</div></div>")

@@ -35,11 +35,34 @@ class Stats(_Open):
     mean: Optional[float] = None
     stdev: Optional[float] = None
     count: Optional[int] = None
+    values: Optional[list[float]] = None  # a phase's raw samples (pooling and the HTML distribution read them)
 
 
 class Throughput(_Open):
     samples_per_s: float
     tokens_per_s: Optional[float] = None
+
+
+class KernelPlan(_Open):
+    """How a quantized model's Linears run (quant.kernels): fused kernels by name, layers left on the dequantize path."""
+    device: Optional[str] = None
+    act_dtype: Optional[str] = None
+    fused_layers: int = 0
+    kernels: dict[str, int] = Field(default_factory=dict)
+    dense_copy_mb: Optional[float] = None
+    dequantize_layers: int = 0
+    dequantize: dict[str, str] = Field(default_factory=dict)
+    warning: Optional[str] = None
+
+
+class PhaseResult(_Open):
+    """One measured phase of a bench (request, prefill, decode_step, forward): latency with its raw samples."""
+    latency_ms: Stats
+    peak_memory_mb: Optional[float] = None
+    samples_per_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    items_per_call: Optional[int | float] = None
+    tokens_per_call: Optional[int | float] = None
 
 
 class BenchResult(_Open):
@@ -58,12 +81,27 @@ class BenchResult(_Open):
     decode_tokens_per_s: Optional[float] = None
     prefill_tokens_per_s: Optional[float] = None
     decode_mode: Optional[str] = None
-    modes: Optional[dict[str, dict[str, Any]]] = None
+    modes: Optional[dict[str, BenchResult]] = None  # causal LM: every decode path measured (eager, compiled)
+    compile_seconds: Optional[float] = None  # a compiled decode path: its compile time (in no latency)
     rounds_p50_ms: list[float] = Field(default_factory=list)
-    kernels: Optional[dict[str, Any]] = None
+    rounds_decode_tokens_per_s: Optional[list[float]] = None
+    spread_p50_ms: Optional[list[float]] = None
+    kernels: Optional[KernelPlan] = None
+    onnx_cpu_fallback: Optional[bool] = None
     roofline: Optional[dict[str, Any]] = None
-    phases: dict[str, Any] = Field(default_factory=dict)
+    phases: dict[str, PhaseResult] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    weights_in_memory_mb: Optional[float] = None
+    rss_before_mb: Optional[float] = None
+    decode_tokens: Optional[int] = None
+    semi_structured_layers: Optional[int] = None
+    kv_cache: Optional[str] = None
+    kv_bytes_per_token: Optional[float] = None
+    kv_bytes_measured: Optional[bool] = None
+    kv_cache_mb: Optional[float] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class TaskResult(_Open):
@@ -84,9 +122,25 @@ class EvalResult(_Open):
     metrics: Optional[dict[str, Optional[float]]] = None
     vs_reference: Optional[dict[str, Optional[float]]] = None
     tasks: Optional[dict[str, TaskResult]] = None
-    kernels: Optional[dict[str, Any]] = None
+    kernels: Optional[KernelPlan] = None
     seconds: Optional[float] = None
     warnings: list[str] = Field(default_factory=list)
+
+    def side(self, reference: bool) -> "EvalResult":
+        """One side of a side-by-side evaluation as a report holds it: the reference's own metrics without
+        the agreement and kernel facts, or the evaluated model's with them."""
+        data = self.model_dump(exclude_unset=True, exclude={"reference_metrics"}
+                               | ({"vs_reference", "kernels"} if reference else set()))
+        return EvalResult.model_validate({**data, "metrics": self.reference_metrics if reference else self.metrics})
+
+
+class ModelEval(EvalResult):
+    """`slimctl eval`: one model's evaluation, against a reference model when one was given."""
+    model: str
+    against: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class StageCost(_Open):
@@ -150,6 +204,8 @@ class GateRow(_Open):
     meaning: Optional[str] = None
     note: Optional[str] = None
     reason: Optional[str] = None
+    within_noise: Optional[bool] = None
+    range: Optional[list[float]] = None  # the per-round values a noise-aware verdict read
 
 
 class ArtifactFile(_Open):
@@ -171,12 +227,24 @@ class ModelInfo(_Open):
     kind: str
 
 
+class Environment(_Open):
+    """Where a run ran: package versions, platform, device and seed; threads and CPU once torch is in use."""
+    versions: dict[str, str] = Field(default_factory=dict)
+    platform: Optional[str] = None
+    device: Optional[str] = None
+    seed: Optional[int] = None
+    threads: Optional[int] = None
+    cpu: Optional[str] = None
+    cpus_available: Optional[int] = None
+    gpu: Optional[str] = None
+
+
 class Report(_Open):
     """A run: baseline and slimmed side by side, their delta, the gates, the artifact."""
     schema_: str = Field(SCHEMA, alias="schema", description=f"always {SCHEMA}")
     model: ModelInfo
     recipe: dict[str, Any] = Field(default_factory=dict)
-    environment: dict[str, Any] = Field(default_factory=dict)
+    environment: Environment = Field(default_factory=Environment)
     baseline: Side = Field(default_factory=Side)
     slimmed: Side = Field(default_factory=Side)
     delta: Delta = Field(default_factory=Delta)
@@ -185,13 +253,20 @@ class Report(_Open):
     warnings: list[str] = Field(default_factory=list)
     artifact: Optional[Artifact] = None
     seconds: Optional[float] = None
+    baseline_report: Optional[str] = None  # slimctl ci --baseline / run --baseline: the report gated against
+    memory: Optional[dict[str, Any]] = None  # a streamed run: its peak memory beside the model's size
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form written to report.json."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
-def _first_error(e: ValidationError) -> str:
+def as_report(r: "Report | dict[str, Any]") -> Report:
+    """A report as the typed model (a dict is its JSON form, validated)."""
+    return r if isinstance(r, Report) else Report.model_validate(r)
+
+
+def first_error(e: ValidationError) -> str:
     first = e.errors()[0]
     return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
 
@@ -201,7 +276,7 @@ def schema_problem(data: dict[str, Any]) -> str | None:
     try:
         Report.model_validate(data)
     except ValidationError as e:
-        return _first_error(e)
+        return first_error(e)
     return None
 
 
@@ -212,11 +287,11 @@ def validate(data: Any, where: str = "report") -> Report:
     try:
         return Report.model_validate(data)
     except ValidationError as e:
-        raise DataError(f"{where} is not a valid slimctl report: {_first_error(e)}") from None
+        raise DataError(f"{where} is not a valid slimctl report: {first_error(e)}") from None
 
 
-def read(path: Path) -> dict[str, Any]:
-    """report.json (or the folder holding it), validated; returns its JSON form."""
+def read(path: Path) -> Report:
+    """report.json (or the folder holding it), validated: the typed report."""
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
@@ -226,8 +301,7 @@ def read(path: Path) -> dict[str, Any]:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{p} is not a slimctl report (not JSON)") from None
-    validate(data, str(p))
-    return data
+    return validate(data, str(p))
 
 
 def json_schema() -> dict[str, Any]:

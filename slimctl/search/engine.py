@@ -14,6 +14,7 @@ from . import output, quick, rank, space
 from .cache import Cache, digest, environment, model_hash
 from .runners import Job, LocalRunner
 from .space import Candidate
+from ..results.search import SearchResult
 
 
 BUDGET_SPENT = "the search's time budget was spent before it started"
@@ -164,25 +165,26 @@ class Search:
         progress.finished(c)
 
     def verdict(self, cands: list[Candidate], sens) -> dict[str, Any]:
+        """The ranked rows and the winner; writes OUT/search.json (and the winner's files) and returns its JSON form."""
         o = self.o
         rows = [rank.row(c, self.metric, o.objective, o.max_drop,
                          str(self.out / "candidates" / (c.same_as or c.name) / "report.json")) for c in cands]
         v = rank.verdict(rows, o.objective, o.max_drop)
         if self.unshared:
-            v["warnings"].append(f"{self.out} is not on storage shared with the Ray nodes: the artifacts of "
-                                 f"{', '.join(self.unshared)} stay on the nodes that ran them (same path there)")
-        winner = v["winner"]
-        result = {"model": o.model, "metric": self.metric, "max_drop": o.max_drop, "objective": o.objective,
-                  "lower_is_better": rank.OBJECTIVES[o.objective][1], "candidates": rows, "sensitivity": sens,
-                  "seconds": round(time.perf_counter() - self.t0, 1), "winner": winner["name"] if winner else None, "tied": v["tied"],
-                  "ranked_by": v["ranked_by"], "warnings": v["warnings"], "environment": environment(o.device),
-                  "engine": self.runner.describe()}
+            v.warnings.append(f"{self.out} is not on storage shared with the Ray nodes: the artifacts of "
+                              f"{', '.join(self.unshared)} stay on the nodes that ran them (same path there)")
+        winner = v.winner
+        result = SearchResult(model=o.model, metric=self.metric, max_drop=o.max_drop, objective=o.objective,
+                              lower_is_better=rank.OBJECTIVES[o.objective][1], candidates=rows, sensitivity=sens,
+                              seconds=round(time.perf_counter() - self.t0, 1), winner=winner.name if winner else None,
+                              tied=v.tied, ranked_by=v.ranked_by, warnings=v.warnings, environment=environment(o.device),
+                              engine=self.runner.describe())
         if winner:
-            result["winner_recipe"] = {"version": 1, "name": winner["name"], "steps": winner["steps"]}
+            result.winner_recipe = {"version": 1, "name": winner.name, "steps": winner.steps}
         else:
-            result["closest"] = v["closest"]
+            result.closest = v.closest
         output.write(self.out, result, [c.report for c in cands if c.report], winner)
-        return result
+        return result.to_json()
 
 
 class _Progress:

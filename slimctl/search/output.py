@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..results.search import CandidateRow, SearchResult
+
 
 def copy_winner(out: Path, src: Path) -> None:
     """The winning candidate's model/, report.json and report.md, copied to the top of OUT."""
@@ -20,18 +22,18 @@ def copy_winner(out: Path, src: Path) -> None:
             shutil.copy2(src / part, dst)
 
 
-def write(out: Path, result: dict[str, Any], reports: list[dict[str, Any]], winner: dict[str, Any] | None) -> None:
+def write(out: Path, result: SearchResult, reports: list[dict[str, Any]], winner: CandidateRow | None) -> None:
     import yaml
 
     from ..render import write_text
 
     if winner:
-        copy_winner(out, out / "candidates" / (winner["same_as"] or winner["name"]))
-        write_text(out / "winner.yaml", yaml.safe_dump(result["winner_recipe"], sort_keys=False))
+        copy_winner(out, out / "candidates" / (winner.same_as or winner.name))
+        write_text(out / "winner.yaml", yaml.safe_dump(result.winner_recipe, sort_keys=False))
     if reports:  # every finished candidate in one page, Pareto-optimal ones marked
         from ..render.html import render
 
-        write_text(out / "search.html", render(reports, title=f"slimctl search · {result['model']}", notes=[
-            f"winner: {result['winner'] or 'none within the budget'} (ranked by {result['ranked_by']})", *result["warnings"]]))
-        result["html"] = str(out / "search.html")
-    write_text(out / "search.json", json.dumps(result, indent=2, default=str) + "\n")
+        write_text(out / "search.html", render(reports, title=f"slimctl search · {result.model}", notes=[
+            f"winner: {result.winner or 'none within the budget'} (ranked by {result.ranked_by})", *result.warnings]))
+        result.html = str(out / "search.html")
+    write_text(out / "search.json", json.dumps(result.to_json(), indent=2, default=str) + "\n")

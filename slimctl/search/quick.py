@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from .. import recipe as R
+from ..results.report import Delta
 from .rank import drop
 from .runners import error_text
 
@@ -47,13 +48,12 @@ def apply_quick(model, steps: list[dict[str, Any]], ctx, ignore: list[str] | Non
     return model
 
 
-def _quick_drop(base, slim, quick: R.EvalSpec, metric: str, seed: int) -> tuple[float | None, dict[str, Any]]:
+def _quick_drop(base, slim, quick: R.EvalSpec, metric: str, seed: int) -> tuple[float | None, Delta]:
     from ..evaluate import evaluate
     from ..results.delta import delta
 
-    ev = evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).to_dict()
-    d = delta(ev, None, None)
-    return drop({"delta": d}, metric), d
+    d = delta(evaluate(slim, base.tokenizer, base.kind, quick, reference=base.model, seed=seed).result(), None, None)
+    return drop(d, metric), d
 
 
 def prefilter(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpec, seed: int) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def prefilter(base, steps: list[dict[str, Any]], metric: str, quick: R.EvalSpec,
         slim = apply_quick(slim, steps, ctx)
         d, qd = _quick_drop(base, slim, quick, metric, seed)
         del slim
-        return {"prefilter": {"drop": d, "samples": quick.max_samples, **{k: qd[k] for k in QUICK_KEYS if qd.get(k) is not None}},
+        return {"prefilter": {"drop": d, "samples": quick.max_samples, **{k: getattr(qd, k) for k in QUICK_KEYS if getattr(qd, k, None) is not None}},
                 "error": None}
     except Exception as e:  # noqa: BLE001
         return {"prefilter": {}, "error": error_text(e)}

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..results import gates as gate_mod
 from ..errors import DataError, OutputError
+from ..results.report import Report, as_report
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,15 @@ class CIOptions:
                                             self.max_memory_increase_pct, self.max_size_increase_pct))
 
 
-def comparison(reports: list[dict[str, Any]], sources: list[Path]) -> list[dict[str, Any]]:
+def comparison(reports: list[Report], sources: list[Path]) -> list[dict[str, Any]]:
     """`slimctl compare`: the first report's baseline, then each run's slimmed model, Pareto-optimal ones marked."""
-    from ..render.html import label, pareto, point
+    from ..render.html import Point, label, pareto
 
-    pts = [point(reports[0], "baseline")] + [point(r) for r in reports]
+    pts = [Point.of(reports[0].baseline)] + [Point.of(r.slimmed) for r in reports]
     names = ["baseline"] + [label(r) for r in reports]
-    return [{"name": n, "source": str(src) if src else None, "metric": p["metric"], "value": p["value"],
-             "latency_p50_ms": p["latency"], "size_mb": p["size"], "peak_memory_mb": p["memory"],
-             "passed": (r or {}).get("passed"), "pareto": f}
+    return [{"name": n, "source": str(src) if src else None, "metric": p.metric, "value": p.value,
+             "latency_p50_ms": p.latency, "size_mb": p.size, "peak_memory_mb": p.memory,
+             "passed": r.passed if r else None, "pareto": f}
             for n, p, f, r, src in zip(names, pts, pareto(pts), [None] + reports, [None] + list(sources))]
 
 
@@ -51,39 +52,39 @@ def verify_artifact(out_dir: Path) -> tuple[list[str], int]:
     from ..models import file_digest
     from ..results.report import read
 
-    files = read(out_dir)["artifact"]["files"]
+    files = read(out_dir).artifact.files
     bad = []
     for f in files:
-        p = Path(out_dir) / "model" / f["name"]
+        p = Path(out_dir) / "model" / f.name
         if not p.exists():
-            bad.append(f"{f['name']} missing")
-        elif file_digest(p) != f["sha256"]:
-            bad.append(f"{f['name']} changed")
+            bad.append(f"{f.name} missing")
+        elif file_digest(p) != f.sha256:
+            bad.append(f"{f.name} changed")
     return bad, len(files)
 
 
-def apply(report: dict[str, Any], opts: CIOptions, out_dir: Path | None = None) -> dict[str, Any]:
+def apply(report: Report | dict[str, Any], opts: CIOptions, out_dir: Path | None = None) -> Report:
     """Add baseline gates to `report` (rewriting its files in out_dir), then write JUnit, the step
-    summary and HTML as asked. Returns the report; report["passed"] covers every gate."""
+    summary and HTML as asked. Returns the report; its `passed` covers every gate."""
     from ..render import write_report, write_text
     from ..render.markdown import report as markdown
     from ..results.report import read
 
+    report = as_report(report)
     if opts.baseline is not None:
         if not opts.any_limit():
             raise DataError("--baseline needs at least one limit: --preset, --max-latency-increase, --max-memory-increase, "
                             "--max-size-increase or --min-quality")
-        old = read(opts.baseline)
-        rows = gate_mod.against_baseline(report, old, opts.quality(), opts.max_latency_increase_pct,
+        rows = gate_mod.against_baseline(report, read(opts.baseline), opts.quality(), opts.max_latency_increase_pct,
                                          opts.max_memory_increase_pct, opts.max_size_increase_pct)
-        names = {r["name"] for r in rows}
-        report["gates"] = [g for g in report.get("gates", []) if g["name"] not in names] + rows
-        report["baseline_report"] = str(opts.baseline)
-        report["passed"] = not gate_mod.failures(report["gates"])
+        names = {r.name for r in rows}
+        report.gates = [g for g in report.gates if g.name not in names] + rows
+        report.baseline_report = str(opts.baseline)
+        report.passed = not gate_mod.failures(report.gates)
         if out_dir is not None:
-            write_report(report, out_dir)
+            write_report(report.to_json(), out_dir)
     if opts.junit is not None:
-        write_text(opts.junit, gate_mod.junit(report.get("gates", [])))
+        write_text(opts.junit, gate_mod.junit(report.gates))
     if opts.html is not None:
         from ..render.html import render
 

@@ -80,9 +80,9 @@ def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) 
         art = save_and_verify(base, Slimmed(model, steps, notes), workdir / f"{family}-{method}", recipe, str(base_dir), UI())
     except SlimctlError as e:
         return {"family": family, "method": method, "status": "refused", "message": str(e)}
-    check = art["reload_check"]
+    check = art.reload_check
     return {"family": family, "method": method, "status": "ok", "seconds": round(time.perf_counter() - t0, 2),
-            "layers_changed": steps[0].get("layers_changed"), "loads_with": art["loads_with"],
+            "layers_changed": steps[0].layers_changed, "loads_with": art.loads_with,
             "reload_max_abs_diff": check["max_abs_diff"], "notes": notes,
             **quality(base.model, model, base.tokenizer, base.kind != "encoder")}
 

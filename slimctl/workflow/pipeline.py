@@ -3,6 +3,7 @@ slimmed side by side → bench the pair (alternating fresh processes) → gates 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -12,10 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..results import delta as delta_mod, gates as gate_mod, report as report_mod
+from pydantic import ValidationError
+
+from ..results import delta as delta_mod, gates as gate_mod, report as R
+from ..results.report import EvalResult
 from .._version import __version__
 from ..errors import OutputError
-from ..render import write_report
+from ..render import to_json, write_report
 from ..steps import UI, apply_steps  # noqa: F401  (UI is part of run()'s interface)
 from ..recipe import Recipe
 
@@ -96,7 +100,7 @@ def run(recipe: Recipe, model_spec: str, out: str | Path, overwrite: bool = Fals
 class Slimmed:
     """The slimmed model in memory, what each step did, and the notes the steps left."""
     model: Any
-    steps: list[dict[str, Any]]
+    steps: list[R.StepRecord]
     notes: list[str]
 
 
@@ -135,13 +139,13 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     slim = Slimmed(model, steps, notes)
     artifact = save_and_verify(base, slim, out / ARTIFACT_DIR, recipe, model_spec, ui)
     if recipe.export is not None:
-        artifact["exports"] = [export_file(base, slim, out, recipe, model_spec, ui)]
+        artifact.exports = [export_file(base, slim, out, recipe, model_spec, ui)]
     # Accuracy is measured in the configuration the bench measures: the same kernels and activation dtype.
     from ..quant.kernels import maybe_accelerate
 
     kernels = maybe_accelerate(slim.model, recipe.bench.kernels, kind=base.kind)
     ev = evaluate_pair(base, slim, recipe, kernels, taskset, ui)
-    bb, sb = (None, None) if recipe.bench.skip else bench_pair(base, slim, Path(artifact["path"]), recipe, isolate,
+    bb, sb = (None, None) if recipe.bench.skip else bench_pair(base, slim, Path(artifact.path), recipe, isolate,
                                                                 load_options, ui)
     report = build_report(recipe, model_spec, base, slim, artifact, ev, kernels, bb, sb, recipe_source,
                           round(time.perf_counter() - t_start, 1))
@@ -196,7 +200,7 @@ def run_streamed(recipe: Recipe, model_spec: str, folder: Path, out: Path, ui: U
     return report
 
 
-def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
+def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_spec: str, ui: UI) -> R.Artifact:
     """Save the artifact atomically, then load it back and compare its outputs with the model in memory."""
     from ..formats import for_model
     from ..models import save_artifact
@@ -207,13 +211,13 @@ def save_and_verify(base, slim: Slimmed, art_dir: Path, recipe: Recipe, model_sp
     fmt = for_model(slim.model)
     loads_with = "slimctl (per-layer FFN widths)" if has_layer_sizes(slim.model.config) else fmt.loads_with
     meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind, "format": fmt.name,
-            "recipe": recipe.to_dict(), "steps": [{k: v for k, v in s.items() if k in ("method", "options")} for s in slim.steps],
+            "recipe": recipe.to_dict(), "steps": [s.model_dump(include={"method", "options"}) for s in slim.steps],
             "loads_with": loads_with, "quantized_modules": quantized_modules_meta(slim.model)}
     ui.say(f"saving artifact to {art_dir}")
     files = save_artifact(base, slim.model, art_dir, meta)
     ui.say("reloading the artifact to check it matches the model in memory")
     check = reload_check(slim.model, art_dir, base.tokenizer, base.kind)
-    return {"path": str(art_dir), "loads_with": loads_with, "files": files, "reload_check": check}
+    return R.Artifact(path=str(art_dir), loads_with=loads_with, files=files, reload_check=check)
 
 
 def export_file(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str, ui: UI) -> dict[str, Any]:
@@ -229,7 +233,7 @@ def export_file(base, slim: Slimmed, out: Path, recipe: Recipe, model_spec: str,
     return ex.report_entry(res, file_digest(Path(res.path)))
 
 
-def evaluate_pair(base, slim: Slimmed, recipe: Recipe, kernels: dict | None, taskset, ui: UI) -> dict[str, Any] | None:
+def evaluate_pair(base, slim: Slimmed, recipe: Recipe, kernels: dict | None, taskset, ui: UI) -> EvalResult | None:
     """Baseline and slimmed evaluated side by side in one pass (None when the recipe skips eval)."""
     from ..evaluate import evaluate
 
@@ -237,33 +241,31 @@ def evaluate_pair(base, slim: Slimmed, recipe: Recipe, kernels: dict | None, tas
         return None
     ui.say("evaluating baseline and slimmed side by side" + (f" (slimmed: {kernels['act_dtype']} activations, "
                                                              f"{kernels['fused_layers']} fused layers)" if kernels else ""))
-    ev = evaluate(slim.model, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed,
-                  track=ui.track, taskset=taskset).to_dict()
-    ev["kernels"] = kernels
-    return ev
+    return evaluate(slim.model, base.tokenizer, base.kind, recipe.eval, reference=base.model, seed=recipe.seed,
+                    track=ui.track, taskset=taskset).result(kernels)
 
 
 MEASURE_PEAK_AFTER_S = 30.0  # a step this long pays for measuring the matmul peak (~3 s, cached per machine)
 
 
-def add_peak_shares(steps: list[dict[str, Any]]) -> None:
+def add_peak_shares(steps: list[R.StepRecord]) -> None:
     """Each stage's GFLOP/s as a % of this CPU's measured fp32 matmul peak (bench.roofline's GEMM, cached per
     machine): measured when a step ran long enough to be worth it, else only when already cached."""
-    rows = [r for s in steps for r in s.get("time_breakdown") or () if r.get("gflops_per_s")]
+    rows = [r for s in steps for r in s.time_breakdown or () if r.gflops_per_s]
     if not rows:
         return
     from ..bench.roofline import cached_peaks, peaks
 
-    long = any(s.get("seconds", 0) >= MEASURE_PEAK_AFTER_S for s in steps if s.get("time_breakdown"))
+    long = any((s.seconds or 0) >= MEASURE_PEAK_AFTER_S for s in steps if s.time_breakdown)
     pk = peaks("cpu", "float32") if long else cached_peaks("cpu", "float32")
     if not pk or pk.get("suspect"):
         return
     for r in rows:
-        r["pct_of_matmul_peak"] = round(100 * r["gflops_per_s"] / (pk["matmul_tflops"] * 1e3), 1)
+        r.pct_of_matmul_peak = round(100 * r.gflops_per_s / (pk["matmul_tflops"] * 1e3), 1)
 
 
 def bench_pair(base, slim: Slimmed, art_dir: Path, recipe: Recipe, isolate: bool, load_options: dict,
-               ui: UI) -> tuple[dict[str, Any], dict[str, Any]]:
+               ui: UI) -> tuple[R.BenchResult, R.BenchResult]:
     """Baseline and slimmed artifact benchmarked in alternating fresh-process rounds (inline: in this
     process, for debugging)."""
     from ..bench import bench_model, pair_isolated
@@ -278,25 +280,25 @@ def bench_pair(base, slim: Slimmed, art_dir: Path, recipe: Recipe, isolate: bool
     return bb, bench_model(slim.model, base.tokenizer, base.kind, recipe.bench, str(art_dir), ui.say)
 
 
-def build_report(recipe: Recipe, model_spec: str, base, slim: Slimmed, artifact: dict[str, Any], ev: dict | None,
-                 kernels: dict | None, bb: dict | None, sb: dict | None, recipe_source: str | None,
+def build_report(recipe: Recipe, model_spec: str, base, slim: Slimmed, artifact: R.Artifact, ev: EvalResult | None,
+                 kernels: dict | None, bb: R.BenchResult | None, sb: R.BenchResult | None, recipe_source: str | None,
                  seconds: float) -> dict[str, Any]:
-    """The report of a run, validated against the typed schema (report.Report)."""
-    from ..evaluate import Evaluation
-
+    """The report of a run (its JSON form), built from the typed results and validated (report.Report)."""
+    plan = R.KernelPlan.model_validate(kernels) if kernels else None
     d = delta_mod.delta(ev, bb, sb)
     gate_rows = gate_mod.check(recipe.gates.model_dump(), d)
-    check = artifact["reload_check"]
-    gate_rows.append({"name": "artifact_matches_memory", "threshold": RELOAD_TOLERANCE, "value": check["max_abs_diff"],
-                      "passed": check["max_abs_diff"] <= RELOAD_TOLERANCE, "sense": "max", "meaning": "max |reloaded - in-memory| output"})
-    notes = slim.notes + ((ev or {}).get("warnings") or []) + delta_mod.kernel_warnings(kernels, sb)
-    report = {
-        "schema": report_mod.SCHEMA,
-        "model": {"source": model_spec, "path": base.path, "kind": base.kind},
+    check = artifact.reload_check
+    gate_rows.append(R.GateRow(name="artifact_matches_memory", threshold=RELOAD_TOLERANCE, value=check["max_abs_diff"],
+                               passed=check["max_abs_diff"] <= RELOAD_TOLERANCE, sense="max",
+                               meaning="max |reloaded - in-memory| output"))
+    notes = slim.notes + (ev.warnings if ev else []) + delta_mod.kernel_warnings(plan, sb)
+    parts = {
+        "schema": R.SCHEMA,
+        "model": R.ModelInfo(source=model_spec, path=base.path, kind=base.kind),
         "recipe": {**recipe.to_dict(), "source": recipe_source},
-        "environment": report_mod.environment(recipe.seed, recipe.bench.device),
-        "baseline": {"eval": Evaluation.side(ev, reference=True), "bench": bb},
-        "slimmed": {"eval": Evaluation.side(ev, reference=False), "bench": sb, "steps": slim.steps},
+        "environment": R.environment(recipe.seed, recipe.bench.device),
+        "baseline": R.Side(eval=ev.side(reference=True) if ev else None, bench=bb),
+        "slimmed": R.Side(eval=ev.side(reference=False) if ev else None, bench=sb, steps=slim.steps),
         "delta": d,
         "gates": gate_rows,
         "passed": not gate_mod.failures(gate_rows),
@@ -304,12 +306,15 @@ def build_report(recipe: Recipe, model_spec: str, base, slim: Slimmed, artifact:
         "artifact": artifact,
         "seconds": seconds,
     }
-    problem = report_mod.schema_problem(report)
-    if problem and os.environ.get(STRICT_REPORTS):  # the test suite sets it: there a mismatch fails the test
-        raise RuntimeError(f"the report does not match the {report_mod.SCHEMA} schema: {problem}")
-    if problem:  # a slimctl bug; the run's results are still worth keeping, so say it rather than fail
-        report["warnings"].append(f"this report does not match the {report_mod.SCHEMA} schema ({problem}); please report it")
-    return report
+    try:
+        return R.Report.model_validate(parts).to_json()
+    except ValidationError as e:
+        problem = R.first_error(e)
+    if os.environ.get(STRICT_REPORTS):  # the test suite sets it: there a mismatch fails the test
+        raise RuntimeError(f"the report does not match the {R.SCHEMA} schema: {problem}")
+    # a slimctl bug; the run's results are still worth keeping, so say it rather than fail
+    parts["warnings"].append(f"this report does not match the {R.SCHEMA} schema ({problem}); please report it")
+    return json.loads(to_json(parts))
 
 
 def clean_partial(out: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError, UnsupportedError
+from ..results.report import Artifact, EvalResult, StepRecord
 from ..recipe import Recipe
 from ..steps import UI
 
@@ -67,10 +68,10 @@ def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: st
     check = {"bitwise_equal": bool(torch.equal(a, b)), "max_abs_diff": (a.float() - b.float()).abs().max().item(),
              "dtype": str(b.dtype).replace("torch.", ""), "streamed": True,
              "compared": "logits" if base.kind != "encoder" else "last_hidden_state", "causal": base.kind == CAUSAL_LM}
-    return {"path": str(art_dir), "loads_with": fmt.loads_with, "files": files, "reload_check": check}, art_model
+    return Artifact(path=str(art_dir), loads_with=fmt.loads_with, files=files, reload_check=check), art_model
 
 
-def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list, notes: list[str]) -> dict[str, Any] | None:
+def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list, notes: list[str]) -> EvalResult | None:
     """Baseline (streamed from the source files, its last hidden states cached) and the artifact
     (streamed from its shards), side by side."""
     from ..evaluate.streamed import evaluate_streamed
@@ -87,17 +88,15 @@ def evaluate_streamed_pair(base, art_model, recipe: Recipe, ui: UI, opened: list
     ui.say("evaluating baseline and artifact side by side, streamed")
     ref, ref_st = open_streamed(Path(base.path), base.kind)
     opened.append(ref_st)
-    ev = evaluate_streamed(art_model, ref, Path(base.path), base.tokenizer, base.kind, recipe.eval, seed=recipe.seed,
-                           track=ui.track, say=ui.say).to_dict()
-    ev["kernels"] = None
-    return ev
+    return evaluate_streamed(art_model, ref, Path(base.path), base.tokenizer, base.kind, recipe.eval, seed=recipe.seed,
+                             track=ui.track, say=ui.say).result()
 
 
-def memory_record(st, steps: list[dict], rss, start_mb: float) -> dict[str, Any]:
+def memory_record(st, steps: list[StepRecord], rss, start_mb: float) -> dict[str, Any]:
     """Peak memory of the run beside the model's size: measured, not assumed."""
     n_params = st.params
     blocks = len(st.blocks)
-    step_peak = max((s.get("peak_rss_mb", 0.0) for s in steps), default=0.0)
+    step_peak = max((s.peak_rss_mb or 0.0 for s in steps), default=0.0)
     peak = max(rss.peak_rss_mb, step_peak)
     fp32 = n_params * 4
     return {"streamed": True, "start_rss_mb": round(start_mb, 1), "peak_rss_mb": round(peak, 1),
@@ -105,5 +104,5 @@ def memory_record(st, steps: list[dict], rss, start_mb: float) -> dict[str, Any]
             "model_fp32_mb": round(fp32 / 2**20, 1), "largest_block_mb": round(st.peak_block_bytes / 2**20, 1),
             "largest_unit_mb": round(st.peak_unit_bytes / 2**20, 1),
             "peak_above_start_over_fp32": round((peak - start_mb) * 2**20 / fp32, 4) if fp32 else None,
-            "blocks": blocks, "seconds_per_block": {s["method"]: round(s["seconds"] / max(blocks, 1), 2) for s in steps},
+            "blocks": blocks, "seconds_per_block": {s.method: round(s.seconds / max(blocks, 1), 2) for s in steps},
             "sampled": f"VmRSS/RssAnon every {rss.every * 1000:.0f} ms ({rss.samples} samples) and each step's VmHWM"}
