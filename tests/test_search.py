@@ -169,17 +169,17 @@ def test_candidates_equally_fast_within_the_noise_go_to_the_most_accurate():
     def rows(speed):
         drops = {"bf16": 4.3e-05, "int8-dynamic": 0.00222, "w8a8-smoothquant": 0.00227, "int8-weight-only": 0.00054,
                  "onnx-int8-dynamic": 0.0051, "int4-mixed": 0.0237}
-        return [{"name": n, "drop": d, "objective": 1.0, "vs_original": 1 / speed[n][0], "speedup_range": list(speed[n][1:]),
-                 "meets_budget": d <= 0.01} for n, d in drops.items()]
+        return [CandidateRow(name=n, origin="space", steps=[], status="done", drop=d, objective=1.0, vs_original=1 / speed[n][0],
+                             speedup_range=list(speed[n][1:]), meets_budget=d <= 0.01) for n, d in drops.items()]
 
     local = {"bf16": (1.807, 1.771, 1.869), "int8-dynamic": (1.496, 1.275, 1.998), "w8a8-smoothquant": (1.393, 1.276, 1.681),
              "int8-weight-only": (1.851, 1.512, 2.141), "onnx-int8-dynamic": (1.757, 1.734, 1.953), "int4-mixed": (1.999, 1.852, 2.170)}
     ray = {"bf16": (1.814, 1.679, 1.979), "int8-dynamic": (1.627, 1.379, 2.082), "w8a8-smoothquant": (1.454, 1.335, 1.807),
            "int8-weight-only": (1.715, 1.649, 1.889), "onnx-int8-dynamic": (1.859, 1.831, 1.881), "int4-mixed": (1.778, 1.649, 1.801)}
     a, b = verdict(rows(local), "latency", 0.01), verdict(rows(ray), "latency", 0.01)
-    assert a["winner"]["name"] == b["winner"]["name"] == "bf16"
-    assert "onnx-int8-dynamic" in a["tied"] and "int8-weight-only" in b["tied"] and "w8a8-smoothquant" not in b["tied"]
-    assert any("equally fast within the per-round noise" in w for w in a["warnings"])
+    assert a.winner.name == b.winner.name == "bf16"
+    assert "onnx-int8-dynamic" in a.tied and "int8-weight-only" in b.tied and "w8a8-smoothquant" not in b.tied
+    assert any("equally fast within the per-round noise" in w for w in a.warnings)
     clear = rows(local)  # a clear lead (ranges apart) still wins on speed alone
-    clear[3].update(vs_original=1 / 3.0, speedup_range=[2.9, 3.1])
-    assert verdict(clear, "latency", 0.01)["winner"]["name"] == "int8-weight-only" and verdict(clear, "latency", 0.01)["tied"] == []
+    clear[3].vs_original, clear[3].speedup_range = 1 / 3.0, [2.9, 3.1]
+    assert verdict(clear, "latency", 0.01).winner.name == "int8-weight-only" and verdict(clear, "latency", 0.01).tied == []

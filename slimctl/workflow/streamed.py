@@ -53,7 +53,7 @@ def save_and_check(base, slim, st, art_dir: Path, recipe: Recipe, model_spec: st
 
     fmt = for_model(slim.model)
     meta = {"slimctl_version": __version__, "source_model": model_spec, "kind": base.kind, "format": fmt.name,
-            "recipe": recipe.to_dict(), "steps": [{k: v for k, v in s.items() if k in ("method", "options")} for s in slim.steps],
+            "recipe": recipe.to_dict(), "steps": [s.model_dump(include={"method", "options"}) for s in slim.steps],
             "loads_with": fmt.loads_with, "quantized_modules": quantized_modules_meta(slim.model), "streamed": True}
     ui.say(f"writing the sharded artifact to {art_dir}")
     files = save_artifact(base, slim.model, art_dir, meta, write=lambda m, tmp: save_streamed(st, tmp, track=ui.track))
