@@ -61,3 +61,23 @@ def test_distill_kl_loss_is_zero_for_the_same_logits_and_positive_otherwise():
     assert float(kl_loss(x, x, 1.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(kl_loss(x + torch.randn(2, 5, 11), x, 1.0)) > 0
     assert T.get("distill").kind == "train"
+
+
+def test_the_teachers_own_text_is_seeded_greedy_at_its_head_and_free_of_special_starts(tiny_llama):
+    from slimctl.techniques.distill import GREEDY_HEAD, generated
+
+    m = load(str(tiny_llama))
+    rows = generated(m.model, m.tokenizer, 5, 12, seed=3, device=torch.device("cpu"))
+    assert rows.shape == (5, 12) and torch.equal(rows, generated(m.model, m.tokenizer, 5, 12, 3, torch.device("cpu")))
+    assert not torch.equal(rows, generated(m.model, m.tokenizer, 5, 12, 4, torch.device("cpu")))
+    assert not set(rows[:, 0].tolist()) & set(m.tokenizer.all_special_ids)
+    with torch.no_grad():  # the head is the teacher's top-1 given the prefix, computed here without a cache
+        for t in range(1, GREEDY_HEAD + 1):
+            assert torch.equal(rows[:, t], m.model(input_ids=rows[:, :t]).logits[:, -1].argmax(-1))
+
+
+def test_distillation_on_mixed_text_interleaves_both_and_lowers_kl(tiny_llama):
+    _, stats = _slim(tiny_llama, [PRUNE, {**DISTILL, "source": "mixed", "tokens": 2048}])
+    d = stats[1]
+    assert d.source == "mixed" and d.generate_seconds >= 0 and d.train_tokens_available >= 2048
+    assert d.held_out_kl_after < d.held_out_kl_before

@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..errors import UnsupportedError
-from ..quant.kvcache import cache_arg, per_request
+from ..quant.kvcache import cache_arg, cache_of, per_request
 
 
 def cxx_compiler() -> str | None:
@@ -108,11 +108,6 @@ def cache_bytes(cache) -> int | None:
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (getattr(layer, "keys", None),
                getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
-
-
-def cache_of(out):
-    c = getattr(out, "cache", None)
-    return c if c is not None else getattr(out, "past_key_values", None)
 
 
 def greedy(decoder, ids, mask, n: int) -> list[list[int]]:

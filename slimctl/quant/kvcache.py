@@ -198,6 +198,12 @@ def cache_arg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_of(out):
+    """The cache a forward returned (`cache` or, before the rename, `past_key_values`)."""
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
 def per_request(model, kind: str):
     """A function giving the keyword arguments of one request's (or one eval window's) first forward: a fresh
     quantized cache for a torch model, nothing for fp. A GGUF run by llama.cpp takes the type when its context

@@ -1,8 +1,9 @@
 """Recovery by distillation (Minitron): after pruning, train the smaller model to match the teacher's
 next-token distribution (forward KL on logits at temperature 1) on calibration text or a user file,
-with AdamW, a linear warm-up and cosine decay from `lr` to `min_lr`, under a token budget. The teacher
-is the model before the recipe's steps (or `teacher:`). Deterministic under the recipe's seed; a first
-Ctrl-C ends training early and keeps the weights reached (said in the report), never a half-written model."""
+on text the teacher writes itself (LLM-QAT's data-free generation), or on both, with AdamW, a linear
+warm-up and cosine decay from `lr` to `min_lr`, under a token budget. The teacher is the model before
+the recipe's steps (or `teacher:`). Deterministic under the recipe's seed; a first Ctrl-C ends training
+early and keeps the weights reached (said in the report), never a half-written model."""
 from __future__ import annotations
 
 import math
@@ -27,6 +28,9 @@ class DistillConfig(TechniqueConfig):
     warmup: float = Field(default=0.05, ge=0.0, lt=1.0)  # share of the steps
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     data: Optional[str] = None  # .txt / .jsonl; default: the BBC calibration split (disjoint from eval)
+    # text: `data` (or the calibration split); generated: rows the teacher writes (LLM-QAT: a random first token,
+    # its next GREEDY_HEAD tokens top-1, then sampled), no corpus's domain; mixed: the two interleaved, half each
+    source: Literal["text", "generated", "mixed"] = "text"
     held_out: int = Field(default=8, ge=1, le=10_000)  # sequences never trained on: KL before/after
     teacher: Optional[str] = None  # built-in name, folder or hub id; default: the model before the recipe
     device: Literal["cpu", "cuda"] = "cpu"
@@ -50,6 +54,54 @@ def sequences(tokenizer, data: str | None, seq_len: int, seed: int) -> torch.Ten
     order = list(range(rows))
     random.Random(seed).shuffle(order)
     return seqs[order]
+
+
+GREEDY_HEAD = 4  # LLM-QAT: the first 3-5 generated tokens are the teacher's top-1, the rest sampled
+GENERATE_BATCH = 32
+
+
+def generated(teacher, tokenizer, rows: int, seq_len: int, seed: int, device, track=None) -> torch.Tensor:
+    """`rows` sequences of `seq_len` tokens the teacher writes (LLM-QAT, Liu et al. 2023): each starts from a
+    token drawn uniformly from the vocabulary (special tokens excluded), takes the teacher's top-1 for the
+    next GREEDY_HEAD tokens, then samples from its softmax; one KV cache per batch. Seeded."""
+    from ..quant.kvcache import cache_arg, cache_of
+
+    g, arg = torch.Generator().manual_seed(seed), cache_arg(teacher)  # the cache's keyword in this transformers
+    vocab = min(len(tokenizer), teacher.config.vocab_size)
+    special = torch.tensor(sorted(i for i in tokenizer.all_special_ids if i < vocab), dtype=torch.long)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[special] = False
+    starts = allowed.nonzero().flatten()
+    batches = range(0, rows, GENERATE_BATCH)
+    out = []
+    with torch.inference_mode():
+        for b0 in (track or (lambda it, desc, total: it))(batches, "distill: teacher writes its text", len(batches)):
+            n = min(GENERATE_BATCH, rows - b0)
+            x = starts[torch.randint(len(starts), (n, 1), generator=g)]
+            seq, past = [x], None
+            for t in range(seq_len - 1):
+                o = teacher(input_ids=x.to(device), use_cache=True, **({arg: past} if past is not None else {}))
+                past, logits = cache_of(o), o.logits[:, -1, :vocab].float().cpu()
+                x = logits.argmax(-1, keepdim=True) if t < GREEDY_HEAD else torch.multinomial(logits.softmax(-1), 1, generator=g)
+                seq.append(x)
+            out.append(torch.cat(seq, 1))
+    return torch.cat(out)
+
+
+def training_rows(cfg: DistillConfig, teacher, tokenizer, seed: int, device, track=None) -> torch.Tensor:
+    """The rows to train and hold out on, by `source`: the text, the teacher's own, or both interleaved."""
+    need = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len)) * cfg.batch_size + cfg.held_out
+    if cfg.source == "text":
+        return sequences(tokenizer, cfg.data, cfg.seq_len, seed)
+    gen = generated(teacher, tokenizer, need if cfg.source == "generated" else (need + 1) // 2, cfg.seq_len, seed, device, track)
+    if cfg.source == "generated":
+        return gen
+    text = sequences(tokenizer, cfg.data, cfg.seq_len, seed)[: len(gen)]
+    mixed = torch.empty((len(text) + len(gen), cfg.seq_len), dtype=torch.long)
+    k = min(len(text), len(gen))
+    mixed[0:2 * k:2], mixed[1:2 * k:2] = text[:k], gen[:k]  # alternate: every batch and the held-out rows hold both
+    mixed[2 * k:] = torch.cat([text[k:], gen[k:]])
+    return mixed
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -157,12 +209,14 @@ def apply(model, cfg: DistillConfig, ctx: StepContext) -> dict:
     teacher = _teacher(cfg, ctx)
     device = torch.device(cfg.device)
     torch.manual_seed(ctx.seed)
-    seqs = sequences(ctx.tokenizer, cfg.data, cfg.seq_len, ctx.seed)
-    held = min(cfg.held_out, len(seqs) // 2)
-    train, test = seqs[held:], seqs[:held]
     model.to(device)
     teacher.to(device)
     try:
+        t0 = time.perf_counter()
+        seqs = training_rows(cfg, teacher, ctx.tokenizer, ctx.seed, device, ctx.track)
+        written = round(time.perf_counter() - t0, 1) if cfg.source != "text" else None
+        held = min(cfg.held_out, len(seqs) // 2)
+        train, test = seqs[held:], seqs[:held]
         before = held_out_kl(model, teacher, test, device, cfg.temperature)
         run = _loop(model, teacher, train, cfg, ctx, device)
         after = held_out_kl(model, teacher, test, device, cfg.temperature)
@@ -172,4 +226,5 @@ def apply(model, cfg: DistillConfig, ctx: StepContext) -> dict:
     if run["tokens"] > train.numel():
         ctx.notes.append(f"distill saw its {train.numel()} training tokens {run['tokens'] / train.numel():.1f} times (give more text with data:)")
     return {**run, "held_out_kl_before": round(before, 5), "held_out_kl_after": round(after, 5),
-            "held_out_tokens": test.numel(), "train_tokens_available": train.numel(), "teacher": cfg.teacher or "the model before the recipe"}
+            "held_out_tokens": test.numel(), "train_tokens_available": train.numel(), "source": cfg.source,
+            **({"generate_seconds": written} if written is not None else {}), "teacher": cfg.teacher or "the model before the recipe"}
