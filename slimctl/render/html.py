@@ -158,8 +158,9 @@ def render(reports: list[Report | dict[str, Any]], title: str | None = None, not
              f"<style>{CSS}</style></head><body>", _heading(reports, names)]
     for w in (first.warnings if len(reports) == 1 else []) + list(notes or []):
         parts.append(f"<div class='warn'>{_e(w)}</div>")
-    parts.append(_summary(reports, base, slims, names))
-    parts.append(_plots(base, slims, names))
+    metric, higher = next(((p.metric, p.higher) for p in [base] + slims if p.metric), ("accuracy", True))
+    parts.append(_summary(reports, base, slims, names, metric))
+    parts.append(_plots(base, slims, names, metric, higher))
     for r, n in zip(reports, names):
         parts.append(f"<h2>Gates · {_e(n)}</h2>" + _gates(r))
     env = first.environment
@@ -182,9 +183,8 @@ def _heading(reports: list[Report], names: list[str]) -> str:
                                for k in keys) + "</p>")
 
 
-def _summary(reports: list[Report], base: Point, slims: list[Point], names: list[str]) -> str:
+def _summary(reports: list[Report], base: Point, slims: list[Point], names: list[str], metric: str) -> str:
     front = pareto([base] + slims)
-    metric = next((p.metric for p in [base] + slims if p.metric), "accuracy")
     rows = [f"<tr class='{'pareto' if front[0] else ''}'><td>baseline</td><td class='n'>{_n(base.value)}</td><td class='n'>{_n(base.latency)}</td>"
             f"<td class='n'>{_n(base.size)}</td><td class='n'>{_n(base.memory)}</td><td>–</td><td>{'yes' if front[0] else ''}</td></tr>"]
     for i, (r, p, n) in enumerate(zip(reports, slims, names)):
@@ -196,9 +196,7 @@ def _summary(reports: list[Report], base: Point, slims: list[Point], names: list
             "<th>size MB</th><th>peak memory MB</th><th>gates</th><th>Pareto-optimal</th></tr>" + "".join(rows) + "</table>")
 
 
-def _plots(base: Point, slims: list[Point], names: list[str]) -> str:
-    metric = next((p.metric for p in [base] + slims if p.metric), "accuracy")
-    higher = next((p.higher for p in [base] + slims if p.metric), True)
+def _plots(base: Point, slims: list[Point], names: list[str], metric: str, higher: bool) -> str:
     both = lambda read: [("baseline", read(base), BASE_C)] + [(n, read(p), SLIM_C) for n, p in zip(names, slims)]
     return ("<div class='grid'><div><h2>Accuracy against latency</h2>" + _scatter(both(lambda p: p), metric, higher)
             + "</div><div><h2>Latency distribution (raw samples, p50 marked)</h2>" + _distribution(both(lambda p: p.samples))

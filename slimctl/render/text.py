@@ -26,7 +26,7 @@ def run(report: Report) -> str:
 
 
 def eval_result(data: dict[str, Any] | ModelEval) -> str:
-    r = data if isinstance(data, ModelEval) else ModelEval.model_validate(data)
+    r = ModelEval.model_validate(data)
     n = r.settings.get("tokens_scored")
     lines = [f"{r.model} ({r.kind}) on {r.dataset}" + (f", {n:,} tokens scored" if n else "")]
     lines += [f"  {k}: {v:.6g}" for k, v in (r.metrics or {}).items()]
@@ -145,7 +145,7 @@ def compare(d: dict[str, Any]) -> str:
 
 
 def search(data: dict[str, Any] | SearchResult, out_dir: Path) -> str:
-    r = data if isinstance(data, SearchResult) else SearchResult.model_validate(data)
+    r = SearchResult.model_validate(data)
     lines = [f"search on {r.model}: {r.metric} drop <= {r.max_drop:.2%}, objective {r.objective} "
              f"({'lower' if r.lower_is_better else 'higher'} is better), {r.seconds / 60:.1f} min",
              f"ranked by {r.ranked_by}" + _engine(r.engine),

@@ -25,6 +25,10 @@ _PACKAGES = ("slimctl", "torch", "transformers", "safetensors", "pydantic", "onn
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form, as written (report.json, search.json, --json): the fields that were set."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
 
 class Stats(_Open):
     """A latency distribution in milliseconds."""
@@ -100,9 +104,6 @@ class BenchResult(_Open):
     kv_bytes_measured: Optional[bool] = None
     kv_cache_mb: Optional[float] = None
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True)
-
 
 class TaskResult(_Open):
     """One lm-evaluation-harness task: metrics with stderr, and the drop of its primary metric."""
@@ -138,9 +139,6 @@ class ModelEval(EvalResult):
     """`slimctl eval`: one model's evaluation, against a reference model when one was given."""
     model: str
     against: Optional[str] = None
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class StageCost(_Open):
@@ -256,14 +254,10 @@ class Report(_Open):
     baseline_report: Optional[str] = None  # slimctl ci --baseline / run --baseline: the report gated against
     memory: Optional[dict[str, Any]] = None  # a streamed run: its peak memory beside the model's size
 
-    def to_json(self) -> dict[str, Any]:
-        """The JSON form written to report.json."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
-
 
 def as_report(r: "Report | dict[str, Any]") -> Report:
-    """A report as the typed model (a dict is its JSON form, validated)."""
-    return r if isinstance(r, Report) else Report.model_validate(r)
+    """A report as the typed model (a dict is its JSON form, validated; a Report comes back as it is)."""
+    return Report.model_validate(r)
 
 
 def first_error(e: ValidationError) -> str:

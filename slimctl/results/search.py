@@ -65,6 +65,3 @@ class SearchResult(_Open):
     winner_recipe: Optional[dict[str, Any]] = None
     closest: Optional[Closest] = None
     html: Optional[str] = None
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True)

@@ -91,9 +91,6 @@ class BenchStudy(_Open):
     vs_baseline: Optional[VariantRatios] = None  # a variant's ratios to its model
     environment: Optional[Environment] = None
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True)
-
 
 class PlacementRow(_Open):
     p95_ms: float
@@ -117,9 +114,6 @@ class DeviceStudies(_Open):
     model: str
     by_device: dict[str, BenchStudy]
     placement: Placement
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True)
 
 
 def parse(data: dict[str, Any] | BenchStudy | DeviceStudies) -> BenchStudy | DeviceStudies:

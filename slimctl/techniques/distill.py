@@ -90,7 +90,7 @@ def generated(teacher, tokenizer, rows: int, seq_len: int, seed: int, device, tr
 
 def training_rows(cfg: DistillConfig, teacher, tokenizer, seed: int, device, track=None) -> torch.Tensor:
     """The rows to train and hold out on, by `source`: the text, the teacher's own, or both interleaved."""
-    need = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len)) * cfg.batch_size + cfg.held_out
+    need = planned_steps(cfg) * cfg.batch_size + cfg.held_out
     if cfg.source == "text":
         return sequences(tokenizer, cfg.data, cfg.seq_len, seed)
     gen = generated(teacher, tokenizer, need if cfg.source == "generated" else (need + 1) // 2, cfg.seq_len, seed, device, track)
@@ -102,6 +102,11 @@ def training_rows(cfg: DistillConfig, teacher, tokenizer, seed: int, device, tra
     mixed[0:2 * k:2], mixed[1:2 * k:2] = text[:k], gen[:k]  # alternate: every batch and the held-out rows hold both
     mixed[2 * k:] = torch.cat([text[k:], gen[k:]])
     return mixed
+
+
+def planned_steps(cfg: DistillConfig) -> int:
+    """Optimiser steps the token budget buys (at least one)."""
+    return max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -158,7 +163,7 @@ def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepCont
     """The optimiser loop; returns steps done, tokens, loss curve, stop reason."""
     params = _trainable(model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
+    steps = planned_steps(cfg)
     curve, state = [], {"loss": float("nan"), "tok_s": 0.0}
     t0, stop, done = time.perf_counter(), "budget", 0
     every = max(1, steps // 50)
