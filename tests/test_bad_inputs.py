@@ -229,7 +229,7 @@ CASES = [
     (["quantize", "{good}", "--method", "mixed", "--avg-bits", "4.1", "--group-size", "32", "--out", "{out}", "--skip-bench"],
      "avg_bits 4.1 is below the smallest possible 5.000 bits per weight"),
     # --stream: what cannot stream says so before any work; a streamed broken checkpoint names its tensor
-    (["quantize", "{good}", "--method", "mixed", "--stream", "--out", "{out}", "--skip-bench"], "mixed cannot run streamed"),
+    (["quantize", "{good}", "--method", "int8-dynamic", "--stream", "--out", "{out}", "--skip-bench"], "int8-dynamic cannot run streamed"),
     (["prune", "{good}", "--method", "magnitude", "--sparsity", "0.5", "--scope", "global", "--stream", "--skip-eval",
       "--skip-bench", "--out", "{out}"], "scope: global (one threshold over every layer) needs every weight in memory"),
     (["quantize", "{good}", "--method", "rtn", "--stream", "--stream-auto", "--out", "{out}"], "--stream and --stream-auto are exclusive"),

@@ -20,6 +20,8 @@ OPTIONS = {
     "magnitude": {"sparsity": 0.5},
     "wanda": {"sparsity": 0.5},
     "sparsegpt": {"pattern": "2:4"},
+    "structured": {"ffn": 0.25, "heads": 0.5},
+    "mixed": {"avg_bits": 5.5, "group_size": 32, "sensitivity_samples": 2, "sensitivity_seq_len": 64},
 }
 
 
@@ -179,7 +181,7 @@ def test_gptq_artifact_loads_in_slimctl_and_matches_streamed_forward(sharded_lla
 
 
 def test_stream_refusals(sharded_llama, tmp_path):
-    r = run_cli("quantize", sharded_llama, "--method", "mixed", "--stream", "--out", tmp_path / "a", "--skip-bench")
+    r = run_cli("quantize", sharded_llama, "--method", "int8-dynamic", "--stream", "--out", tmp_path / "a", "--skip-bench")
     assert r.returncode == 2 and r.stderr.strip().startswith("Error:") and "cannot run streamed" in r.stderr
     r = run_cli("prune", sharded_llama, "--method", "magnitude", "--sparsity", "0.5", "--scope", "global", "--stream",
                 "--out", tmp_path / "b", "--skip-bench", "--skip-eval")
@@ -254,3 +256,46 @@ def test_streamed_awq_then_gptq_is_bit_identical(sharded_llama, tmp_path, one_th
     assert sorted(a) == sorted(b)
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     assert st["memory"]["streamed"] and [s["method"] for s in st["slimmed"]["steps"]] == ["awq", "gptq"]
+
+
+def test_streamed_mixed_allocates_as_in_memory_and_refuses_measured_costs(sharded_llama, tmp_path, one_thread):
+    """mixed's Fisher costs come from backward passes one block at a time, streamed or not: the same costs and the
+    same mix of formats; the measured costs (a whole-model forward per Linear) are refused when streamed."""
+    from slimctl.errors import UnsupportedError
+    from slimctl.recipe import from_dict
+    from slimctl.workflow import pipeline
+
+    mem = pipeline.run(_recipe("mixed", False), str(sharded_llama), tmp_path / "mem", isolate=False)
+    st = pipeline.run(_recipe("mixed", True), str(sharded_llama), tmp_path / "stream", isolate=False)
+    a, b = mem["slimmed"]["steps"][0], st["slimmed"]["steps"][0]
+    assert a["sensitivity"] == b["sensitivity"] and a["allocation"] == b["allocation"]
+    assert len(set(a["allocation"].values())) == 2, a["allocation_counts"]  # int4 and int8 both chosen
+    measured = from_dict({"version": 1, "stream": True, "bench": {"skip": True}, "eval": {"skip": True},
+                          "steps": [{"method": "mixed", "sensitivity": "measured", "sensitivity_samples": 1,
+                                     "calib_samples": 2, "calib_seq_len": 32}]}, "test")
+    with pytest.raises(UnsupportedError, match="measured sensitivity"):
+        pipeline.run(measured, str(sharded_llama), tmp_path / "m", isolate=False)
+
+
+def test_streamed_global_structured_pruning_is_bit_identical_and_reloads(sharded_llama, tmp_path, one_thread):
+    """Per-layer FFN widths (allocation global: the loss's Fisher at each block output from backward passes one
+    block at a time, then the refit towards the unpruned model's outputs) give the in-memory artifact bit for
+    bit; the streamed reload check and slimctl's loader read the per-layer shapes."""
+    from slimctl.models import load
+    from slimctl.recipe import from_dict
+    from slimctl.workflow import pipeline
+
+    def recipe(stream: bool):
+        return from_dict({"version": 1, "seed": 0, "stream": stream, "steps": [
+            {"method": "structured", "ffn": 0.4, "allocation": "global", "multiple_of": 8, "calib_samples": 6,
+             "calib_seq_len": 64}], "eval": {"skip": True}, "bench": {"skip": True}}, "test")
+
+    mem = pipeline.run(recipe(False), str(sharded_llama), tmp_path / "mem", isolate=False)
+    st = pipeline.run(recipe(True), str(sharded_llama), tmp_path / "stream", isolate=False)
+    a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "stream" / "model")
+    assert sorted(a) == sorted(b) and not [k for k in a if not torch.equal(a[k], b[k])]
+    widths = st["slimmed"]["steps"][0]["ffn_widths"]
+    assert widths == mem["slimmed"]["steps"][0]["ffn_widths"] and len(set(widths)) > 1, widths
+    assert st["artifact"]["reload_check"]["max_abs_diff"] <= 1e-5 and st["passed"]
+    m = load(str(tmp_path / "stream" / "model")).model
+    assert [layer.mlp.down_proj.in_features for layer in m.model.layers] == widths

@@ -64,10 +64,12 @@ def last_hidden(model: nn.Module, batches: list[dict], track=lambda it, desc, to
 
 
 @contextlib.contextmanager
-def tail(model: nn.Module):
+def tail(model: nn.Module, grad: bool = False):
     """Within it, logits(hidden, as_tuple) runs the modules after the blocks on recorded hidden states
-    (the blocks swapped for _Emit, zero input embeddings so the embedding table is not read); the
-    modules are read from disk for each call (the page cache makes that cheap beside the blocks)."""
+    (the blocks swapped for _Emit, zero input embeddings so the embedding table is not read). A streamed
+    model's modules are read from disk for each call (the page cache makes that cheap beside the blocks),
+    or, with `grad` (gradients flow back to `hidden`), once for the whole context, so that a backward pass
+    after the call still finds them. Works on a model in memory too."""
     from ..stream.skeleton import stream_of
 
     st = stream_of(model)
@@ -81,14 +83,15 @@ def tail(model: nn.Module):
         setattr(parent, attr, nn.ModuleList([_Emit(hidden, as_tuple, original[-1])]))
         try:  # the tail's modules are read for this call only: two models' LM heads are never held together
             embeds = torch.zeros(hidden.shape[0], hidden.shape[1], width, dtype=hidden.dtype)
-            with st.outside_on_demand():
+            with st.outside_on_demand() if st and not grad else contextlib.nullcontext():
                 out = model(inputs_embeds=embeds, use_cache=False)
             return out.logits if hasattr(out, "logits") else out.last_hidden_state  # an encoder: its states
         finally:
             setattr(parent, attr, original)
 
-    with torch.inference_mode():
-        yield logits
+    with torch.enable_grad() if grad else torch.inference_mode():
+        with st.outside_on_demand() if st and grad else contextlib.nullcontext():
+            yield logits
 
 
 def forward_logits(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from ..families.layer_sizes import apply_layer_sizes, has_layer_sizes
 from ..stream.skeleton import Streamer, TensorFiles, skeleton, stored_dtype, to_meta
 
 
@@ -26,6 +27,11 @@ def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -
     transform = _unpacker(qmeta) if qmeta else None
     files = TensorFiles(folder, transform)
     model = skeleton(config, kind, stored_dtype(files))
+    if has_layer_sizes(config):  # per-layer FFN widths (structured pruning, allocation global)
+        import torch
+
+        with torch.device("meta"):
+            apply_layer_sizes(model)
     if qmeta:
         build_from_meta(model, qmeta)
         to_meta(model)

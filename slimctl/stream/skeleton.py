@@ -190,6 +190,12 @@ class Streamer:
 
     # --- load / release ----------------------------------------------------------------------
     def load(self, unit: str) -> nn.Module:
+        """The unit with its tensors read (from the spill folder when a step changed it); never inference
+        tensors, even when loaded inside inference mode (a later step may change the module)."""
+        with torch.inference_mode(False):
+            return self._load(unit)
+
+    def _load(self, unit: str) -> nn.Module:
         mod = self.module(unit)
         if unit in self.loaded:
             return mod
@@ -321,7 +327,13 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_meta(mod: nn.Module) -> None:
     """Parameters and persistent buffers back to the meta device (the memory is freed); buffers the
-    model computes itself (non-persistent) stay."""
+    model computes itself (non-persistent) stay. Never inference tensors, even when released inside
+    inference mode (a later step may change the module)."""
+    with torch.inference_mode(False):
+        _to_meta(mod)
+
+
+def _to_meta(mod: nn.Module) -> None:
     for sub in mod.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None and p.device.type != "meta":

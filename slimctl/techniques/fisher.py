@@ -10,7 +10,6 @@ has the measured cost's units: KL summed over the vocabulary, mean over tokens.
 (`sensitivity: measured`) and scripts/bench_cost.py compares the two on the same layers."""
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch
@@ -24,54 +23,28 @@ def fisher_costs(model, targets: dict[str, nn.Linear], choices: dict[str, dict],
                  batches: list[dict], seed: int, draws: int = 4,
                  track: Callable = lambda it, desc, total: it) -> dict[str, dict[str, float]]:
     """Estimated KL of each quantized choice of each Linear (round to nearest, as the measured costs use),
-    from `draws` labels drawn per token on the calibration texts."""
+    from `draws` labels drawn per token on the calibration texts. The backward passes run one block at a
+    time (blockwise.py), so a streamed model gets the same estimate as the model in memory."""
+    from .blockwise import backward_by_block
     from .calibrate import BATCH_TOKENS, stack
 
     totals = {n: {c: 0.0 for c in choices[n]} for n in targets}
-    tokens = 0
+    tokens = [0]
     gen = torch.Generator().manual_seed(seed)
-    use_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    parts = stack(batches, BATCH_TOKENS)
-    with torch.enable_grad(), _gradients_to_inputs(model), _Hooks(targets, choices, groups, totals):
-        for b in track(parts, "sensitivity (Fisher)", len(parts)):
-            with stages.stage(stages.SENSITIVITY, _forward_flops(model, b)):  # the backward: 2x these
-                logits = model(**b, **use_cache).logits.float()
-                probs = logits.softmax(-1).detach()
-            tokens += logits.shape[0] * logits.shape[1]
-            for k in range(draws):
-                labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
-                grad = -probs.reshape(-1, probs.shape[-1])
-                grad.scatter_add_(1, labels, torch.ones_like(labels, dtype=grad.dtype))  # e_y - p = ∇ log p(y)
-                with stages.stage(stages.SENSITIVITY, 2 * _forward_flops(model, b)):
-                    logits.backward(grad.view_as(logits), retain_graph=k < draws - 1)
-            del logits, probs
-    return {n: {c: (v / (draws * max(tokens, 1)) if choices[n][c].scheme is not None else 0.0) for c, v in cs.items()}
+
+    def seeds(_, logits: torch.Tensor):
+        probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
+        tokens[0] += probs.shape[0]
+        for _ in range(draws):
+            labels = torch.multinomial(probs, 1, generator=gen)
+            grad = -probs
+            grad.scatter_add_(1, labels, torch.ones_like(labels, dtype=grad.dtype))  # e_y - p = ∇ log p(y)
+            yield grad.view_as(logits)
+
+    with _Hooks(targets, choices, groups, totals):
+        backward_by_block(model, stack(batches, BATCH_TOKENS), seeds, stages.SENSITIVITY, track, desc="sensitivity (Fisher)")
+    return {n: {c: (v / (draws * max(tokens[0], 1)) if choices[n][c].scheme is not None else 0.0) for c, v in cs.items()}
             for n, cs in totals.items()}
-
-
-def _forward_flops(model, batch: dict) -> float:
-    return stages.linear_flops(model, int(batch["input_ids"].numel()))
-
-
-class _gradients_to_inputs:
-    """Parameters frozen (no weight gradients are needed) and the embeddings' output made to require a
-    gradient, so a backward pass reaches every Linear's output; restored on exit."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-        emb = self.model.get_input_embeddings()
-        self.hook = emb.register_forward_hook(lambda mod, a, out: out.detach().requires_grad_(True))
-        return self
-
-    def __exit__(self, *exc):
-        self.hook.remove()
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
 
 
 class _Hooks:

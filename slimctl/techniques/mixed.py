@@ -52,6 +52,8 @@ def _choices(cfg: MixedConfig) -> dict[str, Choice]:
 
 def _costs(model, targets, choices, groups, batches, cfg: MixedConfig, ctx: StepContext) -> dict[str, dict[str, float]]:
     """The cost of each choice of each Linear: the Fisher estimate (causal LMs) or the measured KL / error."""
+    from ..stream.skeleton import refuse, stream_of
+
     per = {n: choices for n in targets}
     if cfg.sensitivity == "fisher" and ctx.kind == CAUSAL_LM:
         from .fisher import fisher_costs
@@ -59,12 +61,15 @@ def _costs(model, targets, choices, groups, batches, cfg: MixedConfig, ctx: Step
         return fisher_costs(model, targets, per, groups, batches, ctx.seed, cfg.sensitivity_draws, ctx.track)
     if cfg.sensitivity == "fisher":
         ctx.notes.append("mixed: the Fisher estimate needs next-token probabilities; this model's costs were measured")
+    if stream_of(model):
+        refuse("mixed's measured sensitivity (a forward pass of the whole model per Linear and format; "
+               "sensitivity: fisher streams)")
     return layer_costs(model, targets, per, groups, batches, ctx.kind == CAUSAL_LM, ctx.track)
 
 
 @register("mixed", "quantize", MixedConfig,
           "per-Linear int3/int4/int8 (or float) chosen from measured sensitivity under an avg_bits budget; "
-          "reloads with slimctl", loads_with="slimctl")
+          "reloads with slimctl", loads_with="slimctl", streams=True)
 def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
     targets = dict(select_linears(model, cfg.ignore))
     choices = _choices(cfg)

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from .calibrate import block_stats, collect, run_block, sequential, summary
+from ..results import stages
 from ..stream.blocks import find_blocks, with_hidden
 from .. import families
 from ..errors import UnsupportedError
@@ -127,45 +128,29 @@ def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tup
     return width, min(keep, width)
 
 
-def output_fisher(model, batches: list[dict]) -> list[torch.Tensor]:
+def output_fisher(model, batches: list[dict], track=lambda it, desc, total: it) -> list[torch.Tensor]:
     """Per block: the diagonal empirical Fisher of the next-token loss w.r.t. the block's output (mean g²
     per hidden feature over calibration tokens). An FFN or o_proj adds to that residual stream, so
-    Σ_o F_o ‖ΔW_o X‖² estimates the loss a change of those Linears costs (K-FAC style)."""
+    Σ_o F_o ‖ΔW_o X‖² estimates the loss a change of those Linears costs (K-FAC style). The backward
+    passes run one block at a time (blockwise.py), in memory or streamed alike."""
+    from .blockwise import backward_by_block
+
     _, blocks = find_blocks(model)
-    outs: list = [None] * len(blocks)
     fisher = [torch.zeros(0)] * len(blocks)
 
-    def keep(i):
-        def hook(mod, args, out):
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            h.retain_grad()
-            outs[i] = h
-        return hook
+    def seeds(p: int, logits: torch.Tensor):  # ∂/∂logits of Σ_t CE(logits_t, ids_t+1): softmax − one-hot, 0 at the end
+        ids = batches[p]["input_ids"]
+        grad = logits.detach().softmax(-1)
+        grad[:, -1] = 0
+        grad[:, :-1].scatter_add_(-1, ids[:, 1:, None], torch.full(ids[:, 1:, None].shape, -1.0))
+        yield grad
 
-    def grad_in(mod, args, out):
-        return out.requires_grad_(True)
+    def add(i: int, p: int, g: torch.Tensor) -> None:
+        g = g.detach().float().reshape(-1, g.shape[-1])
+        fisher[i] = fisher[i] + (g * g).sum(0) if fisher[i].numel() else (g * g).sum(0)
 
-    hooks = [b.register_forward_hook(keep(i)) for i, b in enumerate(blocks)]
-    hooks.append(model.get_input_embeddings().register_forward_hook(grad_in))
-    wanted = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in wanted:  # gradients w.r.t. activations only: no weight gradients computed or stored
-        p.requires_grad_(False)
-    tokens = 0
-    try:
-        with torch.enable_grad():
-            for b in batches:
-                ids = b["input_ids"]
-                loss = model(**b, labels=ids, use_cache=False).loss * (ids.numel() - ids.shape[0])  # a sum over tokens
-                loss.backward()
-                for i, h in enumerate(outs):
-                    g = h.grad.detach().float().reshape(-1, h.shape[-1])
-                    fisher[i] = fisher[i] + (g * g).sum(0) if fisher[i].numel() else (g * g).sum(0)
-                tokens += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in wanted:
-            p.requires_grad_(flag)
+    backward_by_block(model, batches, seeds, stages.FORWARD, track, on_output=add, desc="output Fisher")
+    tokens = sum(b["input_ids"].numel() for b in batches)
     return [f / max(tokens, 1) for f in fisher]
 
 
@@ -320,6 +305,19 @@ def _dense_outputs(block: nn.Module, inputs: list, dense: list[torch.Tensor]) ->
         return [run_block(block, *with_hidden(a, k, h)) for (a, k), h in zip(inputs, dense)]
 
 
+def _runs(model, batch: dict) -> None:
+    """One forward pass of the pruned model (a streamed one block at a time)."""
+    from ..stream.skeleton import stream_of
+
+    if stream_of(model):
+        from ..evaluate.streamed import forward_logits
+
+        forward_logits(model, [batch])
+        return
+    with torch.inference_mode():
+        model(**batch)
+
+
 def _record(rec: dict, key: str, err: float | None) -> None:
     if err is not None:
         rec[key] = round(err, 6)
@@ -346,7 +344,8 @@ def _update_config(model, plan: dict) -> dict:
 @register("structured", "prune", StructuredConfig,
           "remove FFN channels and attention heads (GQA-aware), consumers refit by least squares (OBS); uniform reloads with plain transformers, global (per-layer widths) with slimctl",
           proposals=(Proposal("structured-ffn-25", {"ffn": 0.25}, order=70),
-                     Proposal("structured-ffn-25-global", {"ffn": 0.25, "allocation": "global"}, (CAUSAL_LM,), order=80)))
+                     Proposal("structured-ffn-25-global", {"ffn": 0.25, "allocation": "global"}, (CAUSAL_LM,), order=80)),
+          streams=True)
 def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     conf = model.config
     params_before = sum(p.numel() for p in model.parameters())
@@ -361,7 +360,7 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
         widths = [keep] * len(blocks)
         if cfg.allocation == "global" and keep < width:
             ctx.progress("structured: Fisher of the loss w.r.t. each block's output")
-            widths = _global_widths(model, batches, ffns, width, keep, output_fisher(model, batches), cfg, ctx)
+            widths = _global_widths(model, batches, ffns, width, keep, output_fisher(model, batches, ctx.track), cfg, ctx)
             if len(set(widths)) > 1:
                 ctx.notes.append(f"structured: per-layer FFN widths {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): "
                                  "slimctl reloads this artifact; plain from_pretrained refuses its shapes")
@@ -395,8 +394,7 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     sequential(model, batches, on_block, ctx.track)
     before = _update_config(model, plan)
     try:  # an architecture that reads head counts from elsewhere fails here, not in a user's hands
-        with torch.inference_mode():
-            model(**batches[0])
+        _runs(model, batches[0])
     except Exception as e:  # noqa: BLE001
         raise UnsupportedError(f"the structurally pruned model does not run ({type(e).__name__}: {e}); "
                                "this architecture is not supported for structured pruning") from None
