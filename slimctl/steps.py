@@ -22,6 +22,7 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
     from . import techniques
     from .machine import PeakMemory, release_freed_memory, rss_mb
     from .results.stages import collecting
+    from .techniques.precision import calibration_precision
 
     ctx = techniques.StepContext(kind=kind, seed=recipe.seed, progress=ui.say, tokenizer=tokenizer, track=ui.track)
     ctx.teacher = _teacher_copy(model, recipe, ui)
@@ -33,8 +34,11 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
         before = rss_mb()  # the process already holds the baseline (for side-by-side eval) and this model
         t0 = time.perf_counter()
         census = layer_census(model)
-        with PeakMemory("cpu") as mem, collecting() as stages:
+        with PeakMemory("cpu") as mem, collecting() as stages, \
+                calibration_precision(getattr(step.config, "calib_dtype", "float32")) as used:
             stats = tech.apply(model, step.config, ctx)
+        if used != "float32":
+            stats = {**stats, "calibration_precision": used}
         seconds = time.perf_counter() - t0
         changed = None if ctx.replacement is not None else changed_layers(census, model)
         if changed is not None:

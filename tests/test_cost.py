@@ -123,7 +123,7 @@ def test_gptq_two_level_column_loop_gives_the_reference_loop_codes():
     torch.testing.assert_close(got_scale, scale, rtol=1e-5, atol=1e-7)
 
 
-def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_three_step_factor(monkeypatch):
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     import slimctl.techniques.calibrate as C
 
     g = torch.Generator().manual_seed(0)
@@ -131,25 +131,17 @@ def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_th
     h = 2 * x.T @ x / 300
     lam = 0.01 * float(h.diag().mean())
     u = C.upper_inverse_factor(h, lam)
-    monkeypatch.setattr(C, "_trtri", lambda h: None)  # the Cholesky, inverse, Cholesky path (scipy missing)
-    ref = C.upper_inverse_factor(h, lam)
-    assert torch.equal(u, u.triu()) and torch.allclose(u, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     hd = h + lam * torch.eye(96)
-    assert torch.allclose(u.T @ u @ hd, torch.eye(96), atol=1e-3)
+    assert torch.equal(u, u.triu()) and torch.allclose(u.T @ u @ hd, torch.eye(96), atol=1e-3)
 
 
-def test_hessian_by_symmetric_rank_k_updates_equals_the_gemm_sum(monkeypatch):
-    import slimctl.techniques.calibrate as C
-
+def test_hessian_accumulated_over_calls_is_the_mean_of_2_x_xT():
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(40, 3)
     xs = [torch.randn(2, 9, 40, generator=g), torch.randn(1, 5, 40, generator=g) * 3]
-    fast = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
-    monkeypatch.setattr(C, "_syrk", lambda x: None)
-    ref = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
-    assert torch.equal(fast, fast.T) and torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    h = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
     x = torch.cat([x.reshape(-1, 40) for x in xs])
-    assert torch.allclose(ref, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(h, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
 
 
 def test_output_energy_counted_in_the_forward_is_the_trace_form():
@@ -258,3 +250,37 @@ def test_a_calibrated_step_records_where_its_time_went(tiny_llama):
     assert {"calibration forward", "input statistics", "hessian factorisation", "solve", "other"} <= set(rows)
     assert rows["input statistics"].gflop > 0 and rows["solve"].seconds > 0
     assert sum(r.seconds for r in rows.values()) == pytest.approx(steps[0].seconds, rel=0.05, abs=0.01)
+
+
+def test_bfloat16_calibration_forwards_keep_the_hessians_within_two_percent(tiny_llama, monkeypatch):
+    """calib_dtype bfloat16 runs the blocks under bf16 autocast: GPTQ's record says so, every Hessian stays within
+    2 % (Frobenius) of the float32 one (bf16 keeps 8 bits of mantissa), and the layers come out nearly the same; `auto` follows the CPU's flags."""
+    from slimctl.recipe import from_dict
+    from slimctl.steps import UI, apply_steps
+    from slimctl.techniques import calibrate, precision
+
+    m = load(str(tiny_llama))
+    seen: dict[str, list] = {}
+    real = calibrate.InputStats.finish
+
+    def keep(self):
+        out = real(self)
+        seen.setdefault(precision._AUTOCAST.get() or torch.float32, []).append(dict(self.hessian))
+        return out
+
+    monkeypatch.setattr(calibrate.InputStats, "finish", keep)
+    steps = {}
+    for dtype in ("float32", "bfloat16"):
+        recipe = from_dict({"version": 1, "steps": [{"method": "gptq", "group_size": 32, "calib_samples": 4,
+                                                       "calib_seq_len": 32, "calib_dtype": dtype}]}, "test")
+        _, steps[dtype], _ = apply_steps(copy.deepcopy(m.model), m.tokenizer, recipe, m.kind, UI())
+    assert steps["bfloat16"][0].calibration_precision == "bfloat16" and steps["float32"][0].calibration_precision is None
+    for h32, h16 in zip(seen[torch.float32], seen[torch.bfloat16]):
+        for name in h32:
+            assert float((h16[name] - h32[name]).norm() / h32[name].norm()) < 0.02, name
+    e32, e16 = (steps[d][0].relative_output_error for d in ("float32", "bfloat16"))
+    assert all(abs(e16[n] - e32[n]) <= 0.1 * e32[n] + 1e-6 for n in e32)
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    assert precision.resolve("auto") == "float32"
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    assert precision.resolve("auto") == "bfloat16"

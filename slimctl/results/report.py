@@ -162,6 +162,7 @@ class StepRecord(_Open):
     loads_with: Optional[str] = None
     layers_changed: Optional[int] = None  # weight-holding modules the step replaced or changed in place
     time_breakdown: Optional[list[StageCost]] = None  # calibrated steps: seconds and FLOPs per stage
+    calibration_precision: Optional[str] = None  # "bfloat16" when the calibration forwards ran under bf16 autocast
 
 
 class Side(_Open):

@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from ..results import stages
+from . import precision
 from .calibrate import BATCH_TOKENS, block_flops, run_block, sequential, summary, texts
 from ..families import of
 from ..families.folding import BlockFold, block_folds, expand, fold_scale, reduce
@@ -95,7 +96,8 @@ def _loss(block, fold: BlockFold, cap: _Capture, samples: int) -> float:
         for (a, k), ref in zip(calls[:first], cap.outs[fold.inspect][:first]):
             x = a[0] if a else k.get("hidden_states")
             stages.add_flops(stages.SEARCH, block_flops(mod, x) if mod is not block else 0.0)
-            out = mod(*a, **k)
+            with precision.forward():
+                out = mod(*a, **k)
             out = out[0] if isinstance(out, (tuple, list)) else out
             err += float((out.float() - ref.float()).pow(2).sum())
             n += ref.numel()
