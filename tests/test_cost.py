@@ -284,3 +284,19 @@ def test_bfloat16_calibration_forwards_keep_the_hessians_within_two_percent(tiny
     assert precision.resolve("auto") == "float32"
     monkeypatch.setattr(precision, "native_bf16", lambda: True)
     assert precision.resolve("auto") == "bfloat16"
+
+
+def test_fisher_costs_are_the_same_with_the_rounding_errors_kept_between_draws_or_recomputed(tiny_llama, monkeypatch):
+    from slimctl.quant.integer import QScheme
+    from slimctl.techniques import fisher, select_linears
+    from slimctl.techniques.sensitivity import Choice
+
+    m, ctx = _ctx(tiny_llama)
+    targets = dict(select_linears(m.model, []))
+    choices = {"int4-g16": Choice("int4", QScheme(4, 16)), "int8": Choice("int8", QScheme(8, None))}
+    per = {n: choices for n in targets}
+    groups = {n: {"int4-g16": 16, "int8": targets[n].in_features} for n in targets}
+    batches = T.get("mixed").config().model_copy(update={"calib_samples": 2}).batches(ctx)
+    kept = fisher.fisher_costs(m.model, targets, per, groups, batches, seed=0, draws=3)
+    monkeypatch.setattr(fisher._Hooks, "CACHE_BYTES", 0)  # only the latest ΔW kept: recomputed at every draw
+    assert fisher.fisher_costs(m.model, targets, per, groups, batches, seed=0, draws=3) == kept

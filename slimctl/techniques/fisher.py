@@ -49,11 +49,18 @@ def fisher_costs(model, targets: dict[str, nn.Linear], choices: dict[str, dict],
 
 class _Hooks:
     """A forward hook on each Linear hooks its output's gradient, which adds ½ (gᵀ ΔW x)² per token of that
-    call's input x for every choice's ΔW (computed at each backward pass from the float weight: nothing per
-    choice is kept)."""
+    call's input x for every choice's ΔW. ΔW is computed from the float weight when a Linear's gradient first
+    arrives and kept for its next draws (blockwise.py runs a block's draws one after another), the most recent
+    up to CACHE_BYTES."""
+
+    CACHE_BYTES = 256 << 20
 
     def __init__(self, targets, choices, groups, totals):
+        from collections import OrderedDict
+
         self.targets, self.choices, self.groups, self.totals = targets, choices, groups, totals
+        self.deltas: OrderedDict = OrderedDict()  # (layer, choice) -> ΔW, least recently used first
+        self.cached = 0
 
     def __enter__(self):
         self.handles = [lin.register_forward_hook(self._forward(n)) for n, lin in self.targets.items()]
@@ -78,7 +85,20 @@ class _Hooks:
             for cname, ch in self.choices[name].items():
                 if ch.scheme is None:
                     continue
-                grp = self.groups[name][cname]
-                dw = w - dequantize_groups(*rtn(w, ch.scheme, grp), grp)
-                proj = (g * (x @ dw.T)).sum(-1)
+                proj = (g * (x @ self._delta(name, cname, w).T)).sum(-1)
                 self.totals[name][cname] += 0.5 * float(proj.pow(2).sum())
+
+    def _delta(self, name: str, cname: str, w: torch.Tensor) -> torch.Tensor:
+        """W minus its round-to-nearest copy in the choice's format (the same tensor every draw)."""
+        key = (name, cname)
+        if key in self.deltas:
+            self.deltas.move_to_end(key)
+            return self.deltas[key]
+        grp = self.groups[name][cname]
+        dw = w - dequantize_groups(*rtn(w, self.choices[name][cname].scheme, grp), grp)
+        self.deltas[key] = dw
+        self.cached += dw.numel() * dw.element_size()
+        while self.cached > self.CACHE_BYTES and len(self.deltas) > 1:
+            _, old = self.deltas.popitem(last=False)
+            self.cached -= old.numel() * old.element_size()
+        return dw
