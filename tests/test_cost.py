@@ -123,25 +123,42 @@ def test_gptq_two_level_column_loop_gives_the_reference_loop_codes():
     torch.testing.assert_close(got_scale, scale, rtol=1e-5, atol=1e-7)
 
 
-def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_three_step_factor(monkeypatch):
     import slimctl.techniques.calibrate as C
 
+    monkeypatch.setattr(C, "SCIPY_MIN_WIDTH", 0)  # the scipy path (wide Hessians only) on a small one
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 96, generator=g) * torch.linspace(0.1, 3, 96)
     h = 2 * x.T @ x / 300
     lam = 0.01 * float(h.diag().mean())
     u = C.upper_inverse_factor(h, lam)
+    monkeypatch.setattr(C, "_trtri", lambda h: None)  # the Cholesky, inverse, Cholesky path (scipy missing)
+    ref = C.upper_inverse_factor(h, lam)
+    assert torch.equal(u, u.triu()) and torch.allclose(u, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     hd = h + lam * torch.eye(96)
-    assert torch.equal(u, u.triu()) and torch.allclose(u.T @ u @ hd, torch.eye(96), atol=1e-3)
+    assert torch.allclose(u.T @ u @ hd, torch.eye(96), atol=1e-3)
 
 
-def test_hessian_accumulated_over_calls_is_the_mean_of_2_x_xT():
+def test_hessian_by_symmetric_rank_k_updates_equals_the_gemm_sum(monkeypatch):
+    import slimctl.techniques.calibrate as C
+
+    monkeypatch.setattr(C, "SCIPY_MIN_WIDTH", 0)  # the scipy path (wide inputs only) on a small one
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(40, 3)
     xs = [torch.randn(2, 9, 40, generator=g), torch.randn(1, 5, 40, generator=g) * 3]
-    h = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
+    fast = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
+    monkeypatch.setattr(C, "_syrk", lambda x: None)
+    ref = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
+    assert torch.equal(fast, fast.T) and torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
     x = torch.cat([x.reshape(-1, 40) for x in xs])
-    assert torch.allclose(h, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ref, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_scipy_routines_only_for_wide_matrices():
+    """Below SCIPY_MIN_WIDTH torch's own GEMM and Cholesky run (scipy's OpenBLAS threads would contend with torch's)."""
+    import slimctl.techniques.calibrate as C
+
+    assert C._syrk(torch.zeros(8, C.SCIPY_MIN_WIDTH - 1)) is None and C._trtri(torch.eye(64)) is None
 
 
 def test_output_energy_counted_in_the_forward_is_the_trace_form():

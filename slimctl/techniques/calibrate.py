@@ -7,6 +7,7 @@ to the next one. Peak memory stays near one block plus the calibration activatio
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from typing import Any, Callable
 
@@ -189,6 +190,35 @@ def _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
     return results
 
 
+# From this width on, scipy's BLAS/LAPACK routines (half the flops of torch's way) are used. Their OpenBLAS threads
+# keep spinning beside torch's OpenMP threads after each call, which costs tens of milliseconds per call on a
+# 2-core CPU: below this width that costs more than the flops saved (GPTQ on smollm2-135m, widths 576/1536: 2.3x
+# slower with them), above it the n³ work dominates (a 70B layer's 28,672-wide Hessian: minutes).
+SCIPY_MIN_WIDTH = 4096
+
+
+def _syrk(x: torch.Tensor):
+    """BLAS's symmetric rank-k update (scipy) for wide float32 CPU inputs: XᵀX in half a GEMM's flops; or None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] < SCIPY_MIN_WIDTH:
+        return None
+    try:
+        from scipy.linalg.blas import ssyrk
+    except ImportError:
+        return None
+    return ssyrk
+
+
+def _mirror_lower(h: torch.Tensor, block: int = 1024) -> None:
+    """Copy h's lower triangle onto its upper one, in place, a block of rows at a time (no n x n temporary)."""
+    n = h.shape[0]
+    with torch.inference_mode(h.is_inference()):  # made inside the calibration pass's inference mode, or not
+        for i in range(0, n, block):
+            j = min(i + block, n)
+            h[:i, i:j] = h[i:j, :i].T
+            d = h[i:j, i:j]
+            d.copy_(d.tril() + d.tril(-1).T)
+
+
 class InputStats:
     """Forward hooks on Linear layers that accumulate what calibration needs from their inputs:
     the Hessian proxy H = 2/n Σ x xᵀ (GPTQ, SparseGPT), the squared L2 norm per input feature
@@ -211,6 +241,7 @@ class InputStats:
         # tr(W H Wᵀ) = 2/n Σ ‖W x‖² per layer (its own output, bias taken off), for GPTQ's relative output error
         self.out_energy = {k: 0.0 for k in layers} if hessian else {}
         self._out_n = {k: 0 for k in layers}
+        self._half: set[str] = set()  # Hessians accumulated by a symmetric rank-k update: lower triangle only
         self.share, self.broken = share, False
         self.leader: dict[str, str] = {}  # layer -> the layer whose statistics it shares (itself when none)
         self._calls = {k: 0 for k in layers}
@@ -248,24 +279,31 @@ class InputStats:
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             m, d = x.shape
-            with stages.stage(stages.STATISTICS, 2.0 * m * d * d if self._want_hessian else 4.0 * m * d):
+            syrk = _syrk(x) if self._want_hessian else None
+            with stages.stage(stages.STATISTICS, (1.0 if syrk else 2.0) * m * d * d if self._want_hessian else 4.0 * m * d):
                 self.sq_norm[name] += (x * x).sum(0)
                 self.sum[name] += x.sum(0, dtype=torch.float64)
                 self.absmax[name] = torch.maximum(self.absmax[name], x.abs().amax(0))
-                # H ← n/(n+m) H + 2/(n+m) XᵀX by torch's GEMM. scipy's ssyrk does half the flops, but its OpenBLAS
-                # threads then spin beside torch's: on a 2-core AMD EPYC GPTQ ran 2.1x slower with it (smollm2-135m)
                 if self._want_hessian:
                     n = self.n[name]
                     h = self.hessian.setdefault(name, torch.zeros(d, d))
-                    h.mul_(n / (n + m))
-                    xs = x * (2.0 / (n + m)) ** 0.5
-                    h.addmm_(xs.T, xs)
+                    if syrk is not None:  # H ← n/(n+m) H + 2/(n+m) XᵀX, its lower triangle only (finish mirrors it)
+                        syrk(2.0 / (n + m), x.contiguous().numpy().T, beta=n / (n + m), c=h.numpy().T, trans=0,
+                             lower=0, overwrite_c=1)
+                        self._half.add(name)
+                    else:  # torch's GEMM (see SCIPY_MIN_WIDTH)
+                        h.mul_(n / (n + m))
+                        xs = x * (2.0 / (n + m)) ** 0.5
+                        h.addmm_(xs.T, xs)
             self.n[name] += m
         return fn
 
     def finish(self) -> "InputStats":
         """Remove the hooks; each follower gets its leader's statistics (the same tensors)."""
         self.remove()
+        for name in self._half:
+            _mirror_lower(self.hessian[name])
+        self._half = set()
         if self._want_hessian:  # a zero Hessian for a layer no input reached
             for name, width in self._widths.items():
                 if self.leader.get(name, name) == name:
@@ -410,22 +448,58 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float, layer: str = "a la
         raise DataError(f"the calibration inputs of {layer} hold NaN or Inf (its Hessian is not finite): the model "
                         "produces non-finite activations on the calibration text; check the checkpoint")
     damp = dampening
-    with stages.stage(stages.FACTOR, 4.0 * h.shape[0] ** 3 / 3):
+    with stages.stage(stages.FACTOR, (2.0 if _trtri(h) else 4.0) * h.shape[0] ** 3 / 3):
         return _factor(h, damp, layer, used)
 
 
+def _trtri(h: torch.Tensor):
+    """LAPACK's in-place triangular inverse (scipy) for a wide float CPU matrix like h, or None (narrower than
+    SCIPY_MIN_WIDTH, scipy missing, other dtype)."""
+    if h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu" or h.shape[0] < SCIPY_MIN_WIDTH:
+        return None
+    return _lapack_trtri(h.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _lapack_trtri(dtype: torch.dtype):
+    """Looked up once per dtype (inverse_hessian_factor asks twice per layer: for the flop count, then to run it)."""
+    try:
+        from scipy.linalg import get_lapack_funcs
+    except ImportError:
+        return None
+    return get_lapack_funcs(("trtri",), (torch.zeros(1, 1, dtype=dtype).numpy(),))[0]
+
+
 def upper_inverse_factor(h: torch.Tensor, lam: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹, (H + λI)⁻¹ = UᵀU: Cholesky, its inverse, Cholesky again (4n³/3
-    flops, torch's own LAPACK). LAPACK's in-place triangular inverse through scipy does it in half the flops,
-    but scipy's OpenBLAS threads then spin beside torch's on the CPU: measured on a 2-core AMD EPYC, GPTQ's
-    column solve right after ran 2.4x slower (10.0 s vs 4.1 s on smollm2-135m), the factorisation no faster."""
-    hd = h.clone()  # H + λI, one copy of H at a time (no identity matrix beside it)
+    """Upper Cholesky factor U of (H + λI)⁻¹, (H + λI)⁻¹ = UᵀU, from one Cholesky and one triangular inverse.
+
+    With J the reversal of rows and columns, J(H + λI)J = L Lᵀ gives (H + λI)⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so
+    U = J L⁻¹ J (upper): 2n³/3 flops, against 4n³/3 for Cholesky, inverse from it and Cholesky again (the
+    path below SCIPY_MIN_WIDTH, or where scipy's LAPACK is missing or H is not a float CPU tensor); equal within
+    float rounding."""
+    trtri = _trtri(h)
+    if trtri is None:
+        hd = h.clone()  # H + λI, one copy of H at a time (no identity matrix beside it)
+        hd.diagonal().add_(lam)
+        lower = torch.linalg.cholesky(hd)
+        del hd
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        return torch.linalg.cholesky(inverse, upper=True)
+    hd = h.flip(0, 1)  # a copy: J H J, whose diagonal gets the same λ
     hd.diagonal().add_(lam)
     lower = torch.linalg.cholesky(hd)
     del hd
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    return torch.linalg.cholesky(inverse, upper=True)
+    # LAPACK inverts a Fortran-ordered matrix in place (no copy): torch's Cholesky is Fortran-ordered L; were it
+    # C-ordered, its transpose would be Lᵀ in Fortran order, whose inverse is (L⁻¹)ᵀ
+    a = lower.numpy()
+    fortran = a.flags.f_contiguous
+    inv, info = trtri(a if fortran else a.T, lower=1 if fortran else 0, overwrite_c=1)
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"triangular inverse failed (LAPACK info {info})")
+    inv = torch.from_numpy(inv)
+    del lower, a
+    return (inv if fortran else inv.T).flip(0, 1)
 
 
 def _factor(h: torch.Tensor, damp: float, layer: str, used: dict[str, float] | None) -> torch.Tensor:
