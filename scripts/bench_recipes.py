@@ -31,7 +31,7 @@ KEYS = ("speedup", "speedup_range", "speedup_within_noise", "decode_speedup", "p
 OOD_TEXTS = 400  # tweets scored out of domain (eval reads 32 by default)
 STEP_KEYS = ("method", "seconds", "peak_rss_mb", "added_rss_mb", "sparsity", "model_sparsity", "pattern", "params_before",
              "params_after", "params_removed_fraction", "config_after", "blocks_removed", "tokens", "steps", "stopped",
-             "train_seconds", "source", "generate_seconds", "held_out_kl_before", "held_out_kl_after", "loss_curve", "bits_per_weight", "rotation",
+             "train_seconds", "precision", "source", "generate_seconds", "held_out_kl_before", "held_out_kl_after", "loss_curve", "bits_per_weight", "rotation",
              "head_rotation", "tied_head", "max_logprob_change", "allocation_counts")
 
 

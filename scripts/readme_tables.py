@@ -108,7 +108,8 @@ def structured(path: str) -> None:
         pa = next((x["params_after"] for x in reversed(st) if x.get("params_after")), None)
         params = f"−{(1 - pa / pb) * 100:.1f} %" if pa and pb else ("same" if removed is None else f"−{removed * 100:.1f} %")
         dist = next((x for x in st if x.get("method") == "distill"), None)
-        dcell = (f"{dist['tokens']:,} {dist.get('source', 'text')} ({dist['train_seconds'] / 60:.1f} min"
+        bf16 = ", bf16" if dist and dist.get("precision") == "bfloat16" else ""
+        dcell = (f"{dist['tokens']:,} {dist.get('source', 'text')}{bf16} ({dist['train_seconds'] / 60:.1f} min"
                  + (f" + {dist['generate_seconds'] / 60:.1f} min writing" if dist.get("generate_seconds") else "") + ")") if dist else "–"
         print(f"| {r['recipe']} | {params} | {f(dl.get('size_ratio'), 3)}× | ×{f(dl.get('perplexity_ratio'), 3)} | "
               f"×{f(dl.get('ood_perplexity_ratio'), 3)}{'' if r.get('ood_tokens_scored') else '*'} | "

@@ -6,6 +6,7 @@ the recipe's steps (or `teacher:`). Deterministic under the recipe's seed; a fir
 early and keeps the weights reached (said in the report), never a half-written model."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -36,6 +37,10 @@ class DistillConfig(TechniqueConfig):
     device: Literal["cpu", "cuda"] = "cpu"
     train: Literal["blocks", "all"] = "blocks"  # blocks: embeddings, LM head and final norm stay as they are
     max_minutes: Optional[float] = Field(default=None, gt=0.0)  # stop at this wall time (tokens used: reported)
+    # the teacher's and student's forwards and the backward under bfloat16 autocast (weights, gradients and AdamW's
+    # state stay float32: mixed precision as Minitron trains); auto: bfloat16 where the CPU computes it natively
+    # (AVX512-BF16/AMX), float32 elsewhere; on CUDA, bfloat16. The held-out KL is always measured in float32.
+    train_dtype: Literal["float32", "bfloat16", "auto"] = "auto"
 
 
 def sequences(tokenizer, data: str | None, seq_len: int, seed: int) -> torch.Tensor:
@@ -60,7 +65,8 @@ GREEDY_HEAD = 4  # LLM-QAT: the first 3-5 generated tokens are the teacher's top
 GENERATE_BATCH = 32
 
 
-def generated(teacher, tokenizer, rows: int, seq_len: int, seed: int, device, track=None) -> torch.Tensor:
+def generated(teacher, tokenizer, rows: int, seq_len: int, seed: int, device, track=None,
+              autocast=contextlib.nullcontext) -> torch.Tensor:
     """`rows` sequences of `seq_len` tokens the teacher writes (LLM-QAT, Liu et al. 2023): each starts from a
     token drawn uniformly from the vocabulary (special tokens excluded), takes the teacher's top-1 for the
     next GREEDY_HEAD tokens, then samples from its softmax; one KV cache per batch. Seeded."""
@@ -80,7 +86,8 @@ def generated(teacher, tokenizer, rows: int, seq_len: int, seed: int, device, tr
             x = starts[torch.randint(len(starts), (n, 1), generator=g)]
             seq, past = [x], None
             for t in range(seq_len - 1):
-                o = teacher(input_ids=x.to(device), use_cache=True, **({arg: past} if past is not None else {}))
+                with autocast():
+                    o = teacher(input_ids=x.to(device), use_cache=True, **({arg: past} if past is not None else {}))
                 past, logits = cache_of(o), o.logits[:, -1, :vocab].float().cpu()
                 x = logits.argmax(-1, keepdim=True) if t < GREEDY_HEAD else torch.multinomial(logits.softmax(-1), 1, generator=g)
                 seq.append(x)
@@ -93,7 +100,8 @@ def training_rows(cfg: DistillConfig, teacher, tokenizer, seed: int, device, tra
     need = planned_steps(cfg) * cfg.batch_size + cfg.held_out
     if cfg.source == "text":
         return sequences(tokenizer, cfg.data, cfg.seq_len, seed)
-    gen = generated(teacher, tokenizer, need if cfg.source == "generated" else (need + 1) // 2, cfg.seq_len, seed, device, track)
+    gen = generated(teacher, tokenizer, need if cfg.source == "generated" else (need + 1) // 2, cfg.seq_len, seed, device, track,
+                    _autocast(cfg, device))
     if cfg.source == "generated":
         return gen
     text = sequences(tokenizer, cfg.data, cfg.seq_len, seed)[: len(gen)]
@@ -115,6 +123,40 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     s = student_logits.float() / temperature
     p_log = t.log_softmax(-1)
     return (p_log.exp() * (p_log - s.log_softmax(-1))).sum(-1).mean() * temperature ** 2
+
+
+KL_ROWS = 64  # tokens per chunk of the fused loss: a few [rows, vocab] float temporaries at a time
+
+
+class _FusedKL(torch.autograd.Function):
+    """kl_loss and its gradient T·(softmax(s/T) − softmax(t/T)) / tokens in one pass over chunks of tokens: the
+    same values, but autograd keeps one [tokens, vocab] tensor (the gradient) instead of three, and no
+    full-size temporaries are made (on a 49k vocabulary, 0.6 s -> about 0.25 s per step of 1,024 tokens)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, temperature: float):
+        s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        grad = torch.empty(s2.shape, dtype=torch.float32, device=s.device)
+        total = 0.0
+        for r in range(0, s2.shape[0], KL_ROWS):
+            t_r, s_r = t2[r:r + KL_ROWS].float(), s2[r:r + KL_ROWS].float()
+            p_log = (t_r / temperature if temperature != 1 else t_r).log_softmax(-1)
+            q_log = (s_r / temperature if temperature != 1 else s_r).log_softmax(-1)
+            total += float(torch.nn.functional.kl_div(q_log, p_log, reduction="sum", log_target=True))
+            torch.sub(q_log.exp_(), p_log.exp_(), out=grad[r:r + KL_ROWS]).mul_(temperature / s2.shape[0])
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = s.shape, s.dtype
+        return torch.tensor(total / s2.shape[0] * temperature ** 2, dtype=torch.float32, device=s.device)
+
+    @staticmethod
+    def backward(ctx, out_grad):
+        (grad,) = ctx.saved_tensors
+        return (grad * out_grad).reshape(ctx.shape).to(ctx.dtype), None, None
+
+
+def fused_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """kl_loss, computed in chunks with its gradient formed directly (training)."""
+    return _FusedKL.apply(student_logits, teacher_logits.detach(), temperature)
 
 
 def lr_at(step: int, steps: int, cfg: DistillConfig) -> float:
@@ -159,8 +201,26 @@ def _trainable(model, cfg: DistillConfig) -> list[torch.nn.Parameter]:
     return params
 
 
+def train_precision(cfg: DistillConfig, device) -> str:
+    """'float32' or 'bfloat16': what `train_dtype` means on this device."""
+    from .precision import resolve
+
+    if cfg.train_dtype == "auto" and device.type == "cuda":
+        return "bfloat16"
+    return resolve(cfg.train_dtype)
+
+
+def _autocast(cfg: DistillConfig, device):
+    """The context the teacher's and student's forwards run in (bfloat16 autocast or nothing)."""
+    if train_precision(cfg, device) == "bfloat16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepContext, device) -> dict:
     """The optimiser loop; returns steps done, tokens, loss curve, stop reason."""
+    bf16 = train_precision(cfg, device) == "bfloat16"
+    autocast = _autocast(cfg, device)
     params = _trainable(model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps = planned_steps(cfg)
@@ -172,12 +232,14 @@ def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepCont
         for step in ctx.track(range(steps), lambda: f"distill loss {state['loss']:.4f} · {state['tok_s']:.0f} tok/s", steps):
             rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % len(train)
             x = train[rows].to(device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 target = teacher(input_ids=x).logits
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, cfg)
             with torch.enable_grad():
-                loss = kl_loss(model(input_ids=x).logits, target, cfg.temperature)
+                with autocast():
+                    logits = model(input_ids=x).logits
+                loss = fused_kl_loss(logits, target, cfg.temperature)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -196,7 +258,7 @@ def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepCont
     finally:
         for p in model.parameters():
             p.requires_grad_(False)
-    return {"steps": done, "steps_planned": steps, "tokens": done * cfg.batch_size * cfg.seq_len, "stopped": stop,
+    return {"precision": "bfloat16" if bf16 else "float32", "steps": done, "steps_planned": steps, "tokens": done * cfg.batch_size * cfg.seq_len, "stopped": stop,
             "train_seconds": round(time.perf_counter() - t0, 1), "loss_curve": curve}
 
 
