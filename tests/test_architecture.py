@@ -132,7 +132,7 @@ def test_the_calibrated_driver_slims_every_target_once_by_its_leftover_policy(ti
 def test_a_hessian_that_is_not_positive_definite_is_retried_with_more_dampening():
     import torch
 
-    from slimctl.techniques.calibrate import inverse_hessian_factor
+    from slimctl.techniques.hessian import inverse_hessian_factor
 
     h = torch.diag(torch.tensor([1.0, 1.0, -0.05]))  # λ = d·mean(diag) = d·0.65 must exceed 0.05: d = 0.08 after three doublings of 0.01
     used = {}

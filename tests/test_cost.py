@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from slimctl import techniques as T
-from slimctl.techniques.calibrate import InputStats, collect, stack
+from slimctl.techniques.calibrate import stack
+from slimctl.techniques.hessian import InputStats, collect
 from slimctl.models import load
 
 
@@ -95,7 +96,7 @@ def test_gptq_of_layers_sharing_a_hessian_solved_together_equals_each_alone():
 def test_gptq_two_level_column_loop_gives_the_reference_loop_codes():
     """The published loop (one lazy block, every column's error spread over the rest of the block at once)
     written plainly here; slimctl's sub-block version must give the same codes."""
-    from slimctl.techniques.calibrate import hessian_start, inverse_hessian_factor
+    from slimctl.techniques.hessian import hessian_start, inverse_hessian_factor
     from slimctl.quant.integer import QScheme, dequantize_with, group_params, quantize_with
     from slimctl.techniques.gptq import gptq_quantize
 
@@ -124,7 +125,7 @@ def test_gptq_two_level_column_loop_gives_the_reference_loop_codes():
 
 
 def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_three_step_factor(monkeypatch):
-    import slimctl.techniques.calibrate as C
+    import slimctl.techniques.hessian as C
 
     monkeypatch.setattr(C, "SCIPY_MIN_WIDTH", 0)  # the scipy path (wide Hessians only) on a small one
     g = torch.Generator().manual_seed(0)
@@ -140,7 +141,7 @@ def test_inverse_factor_from_one_cholesky_and_a_triangular_inverse_equals_the_th
 
 
 def test_hessian_by_symmetric_rank_k_updates_equals_the_gemm_sum(monkeypatch):
-    import slimctl.techniques.calibrate as C
+    import slimctl.techniques.hessian as C
 
     monkeypatch.setattr(C, "SCIPY_MIN_WIDTH", 0)  # the scipy path (wide inputs only) on a small one
     g = torch.Generator().manual_seed(2)
@@ -154,9 +155,24 @@ def test_hessian_by_symmetric_rank_k_updates_equals_the_gemm_sum(monkeypatch):
     assert torch.allclose(ref, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [40, 200, 576])
+def test_hessian_from_blocks_of_its_lower_triangle_equals_the_full_gemm(width):
+    """XᵀX accumulated by row blocks of its lower triangle (about 9/16 of the flops), mirrored at the end, equals
+    the full product; widths that the blocks divide and do not."""
+    import slimctl.techniques.hessian as C
+
+    g = torch.Generator().manual_seed(width)
+    lin = nn.Linear(width, 3)
+    xs = [torch.randn(2, 9, width, generator=g), torch.randn(1, 5, width, generator=g) * 3]
+    h = collect({"l": lin}, lambda: [lin(x) for x in xs], hessian=True).hessian["l"]
+    x = torch.cat([x.reshape(-1, width) for x in xs])
+    assert torch.equal(h, h.T) and torch.allclose(h, 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)
+    assert (C.lower_flops_share(width) < 0.7) == (width >= 128)
+
+
 def test_scipy_routines_only_for_wide_matrices():
     """Below SCIPY_MIN_WIDTH torch's own GEMM and Cholesky run (scipy's OpenBLAS threads would contend with torch's)."""
-    import slimctl.techniques.calibrate as C
+    import slimctl.techniques.hessian as C
 
     assert C._syrk(torch.zeros(8, C.SCIPY_MIN_WIDTH - 1)) is None and C._trtri(torch.eye(64)) is None
 
@@ -174,7 +190,7 @@ def test_gptq_output_error_from_its_own_loss_equals_the_trace_form(tiny_llama, m
     """The relative output error GPTQ records (its row loss less the dampening's share, over the output energy)
     is ‖(W − Ŵ)X‖² / ‖WX‖² as the trace form with H computes it, layer by layer, with never-seen inputs."""
     import slimctl.techniques.gptq as G
-    from slimctl.techniques.calibrate import relative_output_error
+    from slimctl.techniques.hessian import relative_output_error
 
     m, ctx = _ctx(tiny_llama)
     pairs, real = [], G.output_error
@@ -274,18 +290,18 @@ def test_bfloat16_calibration_forwards_keep_the_hessians_within_two_percent(tiny
     2 % (Frobenius) of the float32 one (bf16 keeps 8 bits of mantissa), and the layers come out nearly the same; `auto` follows the CPU's flags."""
     from slimctl.recipe import from_dict
     from slimctl.steps import UI, apply_steps
-    from slimctl.techniques import calibrate, precision
+    from slimctl.techniques import hessian, precision
 
     m = load(str(tiny_llama))
     seen: dict[str, list] = {}
-    real = calibrate.InputStats.finish
+    real = hessian.InputStats.finish
 
     def keep(self):
         out = real(self)
         seen.setdefault(precision._AUTOCAST.get() or torch.float32, []).append(dict(self.hessian))
         return out
 
-    monkeypatch.setattr(calibrate.InputStats, "finish", keep)
+    monkeypatch.setattr(hessian.InputStats, "finish", keep)
     steps = {}
     for dtype in ("float32", "bfloat16"):
         recipe = from_dict({"version": 1, "steps": [{"method": "gptq", "group_size": 32, "calib_samples": 4,

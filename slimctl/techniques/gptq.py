@@ -7,7 +7,8 @@ from pydantic import Field
 
 from ..results import stages
 
-from .calibrate import (calibrated, hessian_start, inverse_hessian_factor, raised_dampening, relative_output_error, summary)
+from .calibrate import calibrated, raised_dampening, summary
+from .hessian import hessian_start, inverse_hessian_factor, relative_output_error
 from ..kinds import CAUSAL_LM
 from ..quant.layers import WeightOnlyLinear
 from ..stream.skeleton import set_submodule

@@ -7,7 +7,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .calibrate import InputStats, block_stats, sequential
+from .calibrate import block_stats, sequential
+from .hessian import InputStats
 from ..stream.blocks import find_blocks
 from ..families.folding import BlockFold, block_folds, fold_scale, reduce
 from ..stream.skeleton import visit

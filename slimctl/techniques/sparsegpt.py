@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from .calibrate import (InputStats, calibrated, hessian_start, inverse_hessian_factor, raised_dampening, relative_output_error, summary)
+from .calibrate import calibrated, raised_dampening, summary
+from .hessian import InputStats, hessian_start, inverse_hessian_factor, relative_output_error
 from .pruning import PruneOptions, account, check_pattern, prune_unseen
 from .registry import CalibrationOptions, StepContext, register, select_linears
 

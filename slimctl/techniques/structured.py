@@ -13,7 +13,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 from torch import nn
 
-from .calibrate import block_stats, collect, run_block, sequential, summary
+from .calibrate import block_stats, run_block, sequential, summary
+from .hessian import collect
 from ..results import stages
 from ..stream.blocks import find_blocks, with_hidden
 from .. import families

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .calibrate import InputStats, calibrated, summary
+from .calibrate import calibrated, summary
+from .hessian import InputStats
 from ..quant.sparsity import nm_mask, row_mask
 from .pruning import PruneOptions, account, check_pattern, prune_unseen
 from .registry import CalibrationOptions, StepContext, register, select_linears
