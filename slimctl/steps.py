@@ -35,7 +35,8 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
         t0 = time.perf_counter()
         census = layer_census(model)
         with PeakMemory("cpu") as mem, collecting() as stages, \
-                calibration_precision(getattr(step.config, "calib_dtype", "float32")) as used:
+                calibration_precision(getattr(step.config, "calib_dtype", "float32"),
+                                      getattr(step.config, "auto_bf16", True)) as used:
             stats = tech.apply(model, step.config, ctx)
         if used != "float32":
             stats = {**stats, "calibration_precision": used}

@@ -319,6 +319,22 @@ def test_bfloat16_calibration_forwards_keep_the_hessians_within_two_percent(tiny
     assert precision.resolve("auto") == "bfloat16"
 
 
+def test_auto_calibration_precision_keeps_awq_in_float32_and_lets_gptq_run_bfloat16(tiny_llama, monkeypatch):
+    """On a CPU with native bf16, `auto` runs GPTQ's forwards in bf16 but AWQ's in float32 (its α grid compares losses
+    finer than bf16's rounding); each step's record says what ran."""
+    from slimctl.recipe import from_dict
+    from slimctl.steps import UI, apply_steps
+    from slimctl.techniques import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    m = load(str(tiny_llama))
+    cal = {"calib_samples": 2, "calib_seq_len": 32, "calib_dtype": "auto"}
+    recipe = from_dict({"version": 1, "steps": [{"method": "awq", **cal},
+                                                {"method": "gptq", "group_size": 32, **cal}]}, "test")
+    _, steps, _ = apply_steps(m.model, m.tokenizer, recipe, m.kind, UI())
+    assert steps[0].calibration_precision is None and steps[1].calibration_precision == "bfloat16"
+
+
 def test_fisher_costs_are_the_same_with_the_rounding_errors_kept_between_draws_or_recomputed(tiny_llama, monkeypatch):
     from slimctl.quant.integer import QScheme
     from slimctl.techniques import fisher, select_linears

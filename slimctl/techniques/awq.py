@@ -9,7 +9,7 @@ llm-compressor's sequential pipeline does) or on its quantized ones (`propagate:
 weights are left for that step to quantize."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -41,6 +41,9 @@ class AWQConfig(WeightOnlyOptions, CalibrationOptions):
     # what the next block is calibrated on: this block's float outputs (scaled: the same function), or
     # its outputs after clipping and rounding
     propagate: Literal["float", "quantized"] = "float"
+    # calib_dtype auto stays float32: the α grid's losses differ by less than bf16's rounding (int4-awq-gptq-g32 on
+    # smollm2-135m, AMD EPYC: x1.1278 BBC with AWQ in bf16 against x1.1092; docs/results/cost.md)
+    auto_bf16: ClassVar[bool] = False
 
 
 class _Capture:

@@ -26,17 +26,17 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve(setting: str) -> str:
-    """'float32' or 'bfloat16' for a calib_dtype setting ('auto' follows native_bf16)."""
+def resolve(setting: str, auto_bf16: bool = True) -> str:
+    """'float32' or 'bfloat16' for a calib_dtype setting ('auto' follows native_bf16, where the step allows it)."""
     if setting == "auto":
-        return "bfloat16" if native_bf16() else "float32"
+        return "bfloat16" if auto_bf16 and native_bf16() else "float32"
     return setting
 
 
 @contextlib.contextmanager
-def calibration_precision(setting: str):
+def calibration_precision(setting: str, auto_bf16: bool = True):
     """Within it, forward() gives the autocast context of the chosen precision; yields the precision used."""
-    used = resolve(setting)
+    used = resolve(setting, auto_bf16)
     token = _AUTOCAST.set(torch.bfloat16 if used == "bfloat16" else None)
     try:
         yield used

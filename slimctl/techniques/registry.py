@@ -5,7 +5,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,6 +53,9 @@ class CalibrationOptions(TechniqueConfig):
     # precision of the calibration forwards: bfloat16 autocast (matmuls and attention; statistics stay float32)
     # runs about 2x faster on a CPU with native bf16; auto = bfloat16 where the CPU has it (precision.py)
     calib_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    # what `auto` may pick on a CPU with native bf16: a step whose choices compare quantities finer than bf16's
+    # rounding (AWQ's α grid) says float32
+    auto_bf16: ClassVar[bool] = True
 
     def batches(self, ctx: "StepContext"):
         from .calibrate import calibration_batches
