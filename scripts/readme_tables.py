@@ -191,7 +191,10 @@ def cost(path: str) -> None:
               f"×{r['perplexity']['tweets'] / fp['tweets']:.4f} | {same} |")
     print("\n| recipe | code | step | stage | seconds | share | GFLOP | GFLOP/s | % of matmul peak |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
-    for r in d["results"]:
+    latest = {r["recipe"]: i for i, r in enumerate(d["results"])}  # stages: `before` and each recipe's latest run
+    for i, r in enumerate(d["results"]):
+        if r.get("label") != "before" and latest[r["recipe"]] != i:
+            continue
         for s in r.get("steps") or []:
             for st in s.get("time_breakdown") or []:
                 print(f"| {_name(r['recipe'])} | {r['label']} | {s['method']} | {st['stage']} | {st['seconds']:.1f} | "
