@@ -49,17 +49,13 @@ def last_hidden(model: nn.Module, batches: list[dict], track=lambda it, desc, to
             inputs = capture_block_inputs(model, blocks[0], batches)
         as_tuple = False
         for i in track(range(len(blocks)), desc, len(blocks)):
-            unit = f"{prefix}.{i}"
-            was = unit in st.loaded
-            block = st.load(unit)
             nxt = []
-            for a, k in inputs:
-                out = block(*a, **k)
-                as_tuple = isinstance(out, (tuple, list))
-                nxt.append(with_hidden(a, k, out[0] if as_tuple else out))
+            with st.held(f"{prefix}.{i}") as block:
+                for a, k in inputs:
+                    out = block(*a, **k)
+                    as_tuple = isinstance(out, (tuple, list))
+                    nxt.append(with_hidden(a, k, out[0] if as_tuple else out))
             inputs = nxt
-            if not was:
-                st.release(unit, changed=False)
     return [a[0] if a else k["hidden_states"] for a, k in inputs], as_tuple
 
 

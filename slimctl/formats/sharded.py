@@ -42,11 +42,8 @@ def save_streamed(st, folder: Path, shard_bytes: int | None = None, track=lambda
             sizes[-1] = 0
 
     for unit in track(units, "writing shards", len(units)):
-        was_loaded = unit in st.loaded
-        mod = st.load(unit)
-        state = _unit_state(unit, mod, packed)
-        if not was_loaded:
-            st.release(unit, changed=False)
+        with st.held(unit) as mod:
+            state = _unit_state(unit, mod, packed)
         for k, v in state.items():
             if k in drop:
                 continue

@@ -228,6 +228,18 @@ class Streamer:
                 state[key] = self.files.read(src)[src]
         return state
 
+    @contextlib.contextmanager
+    def held(self, unit: str) -> Iterator[nn.Module]:
+        """The unit read for the duration of the context, for reading only: released unchanged after it, unless
+        it was loaded already (a step holds it), in which case it stays."""
+        was = unit in self.loaded
+        mod = self.load(unit)
+        try:
+            yield mod
+        finally:
+            if not was:
+                self.release(unit, changed=False)
+
     def release(self, unit: str, changed: bool = True) -> None:
         """Back to meta; a changed unit is first written to the spill folder."""
         if unit not in self.loaded:

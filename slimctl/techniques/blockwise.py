@@ -52,15 +52,10 @@ def backward_by_block(model: nn.Module, parts: list[dict], seeds: Seeds, stage: 
 @contextlib.contextmanager
 def _held(st, unit: str, block: nn.Module):
     """The block, read for the duration (streamed, unless a step holds it already) and frozen."""
-    was = st is None or unit in st.loaded
-    mod = block if st is None else st.load(unit)
-    for p in mod.parameters():
-        p.requires_grad_(False)
-    try:
+    with st.held(unit) if st is not None else contextlib.nullcontext(block) as mod:
+        for p in mod.parameters():
+            p.requires_grad_(False)
         yield mod
-    finally:
-        if not was:
-            st.release(unit, changed=False)
 
 
 @contextlib.contextmanager
