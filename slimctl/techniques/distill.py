@@ -101,7 +101,7 @@ def training_rows(cfg: DistillConfig, teacher, tokenizer, seed: int, device, tra
     if cfg.source == "text":
         return sequences(tokenizer, cfg.data, cfg.seq_len, seed)
     gen = generated(teacher, tokenizer, need if cfg.source == "generated" else (need + 1) // 2, cfg.seq_len, seed, device, track,
-                    _autocast(cfg, device))
+                    _autocast(train_precision(cfg, device), device))
     if cfg.source == "generated":
         return gen
     text = sequences(tokenizer, cfg.data, cfg.seq_len, seed)[: len(gen)]
@@ -210,17 +210,17 @@ def train_precision(cfg: DistillConfig, device) -> str:
     return resolve(cfg.train_dtype)
 
 
-def _autocast(cfg: DistillConfig, device):
-    """The context the teacher's and student's forwards run in (bfloat16 autocast or nothing)."""
-    if train_precision(cfg, device) == "bfloat16":
+def _autocast(precision: str, device):
+    """The context the teacher's and student's forwards run in at `precision` (bfloat16 autocast or nothing)."""
+    if precision == "bfloat16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
 def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepContext, device) -> dict:
     """The optimiser loop; returns steps done, tokens, loss curve, stop reason."""
-    bf16 = train_precision(cfg, device) == "bfloat16"
-    autocast = _autocast(cfg, device)
+    precision = train_precision(cfg, device)
+    autocast = _autocast(precision, device)
     params = _trainable(model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps = planned_steps(cfg)
@@ -258,7 +258,7 @@ def _loop(model, teacher, train: torch.Tensor, cfg: DistillConfig, ctx: StepCont
     finally:
         for p in model.parameters():
             p.requires_grad_(False)
-    return {"precision": "bfloat16" if bf16 else "float32", "steps": done, "steps_planned": steps, "tokens": done * cfg.batch_size * cfg.seq_len, "stopped": stop,
+    return {"precision": precision, "steps": done, "steps_planned": steps, "tokens": done * cfg.batch_size * cfg.seq_len, "stopped": stop,
             "train_seconds": round(time.perf_counter() - t0, 1), "loss_curve": curve}
 
 

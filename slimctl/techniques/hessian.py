@@ -47,8 +47,9 @@ def add_lower(h: torch.Tensor, x: torch.Tensor) -> None:
     """h += xᵀx on h's lower triangle and diagonal only (a GEMM per block of rows, each up to the diagonal); the
     upper triangle is left stale until `_mirror_lower`. The same sums as the full GEMM up to float rounding."""
     d = x.shape[1]
-    for i in _lower_blocks(d):
-        j = min(i + _lower_blocks(d).step, d)
+    blocks = _lower_blocks(d)
+    for i in blocks:
+        j = min(i + blocks.step, d)
         h[i:j, :j].addmm_(x[:, i:j].T, x[:, :j])
 
 
@@ -85,7 +86,6 @@ class InputStats:
         # tr(W H Wᵀ) = 2/n Σ ‖W x‖² per layer (its own output, bias taken off), for GPTQ's relative output error
         self.out_energy = {k: 0.0 for k in layers} if hessian else {}
         self._out_n = {k: 0 for k in layers}
-        self._half: set[str] = set()  # Hessians accumulated by a symmetric rank-k update: lower triangle only
         self.share, self.broken = share, False
         self.leader: dict[str, str] = {}  # layer -> the layer whose statistics it shares (itself when none)
         self._calls = {k: 0 for k in layers}
@@ -138,16 +138,15 @@ class InputStats:
                     else:  # torch's GEMMs, lower triangle by blocks of rows (see SCIPY_MIN_WIDTH)
                         h.mul_(n / (n + m))
                         add_lower(h, x * (2.0 / (n + m)) ** 0.5)
-                    self._half.add(name)
             self.n[name] += m
         return fn
 
     def finish(self) -> "InputStats":
-        """Remove the hooks; each follower gets its leader's statistics (the same tensors)."""
+        """Remove the hooks; each Hessian, accumulated on its lower triangle, gets its upper one; each follower gets
+        its leader's statistics (the same tensors)."""
         self.remove()
-        for name in self._half:
-            _mirror_lower(self.hessian[name])
-        self._half = set()
+        for h in self.hessian.values():  # leaders' only: followers get theirs below
+            _mirror_lower(h)
         if self._want_hessian:  # a zero Hessian for a layer no input reached
             for name, width in self._widths.items():
                 if self.leader.get(name, name) == name:
