@@ -339,7 +339,7 @@ def test_a_report_that_breaks_its_own_schema_fails_the_run_in_the_test_suite(tin
 # Modules whose string-keyed dicts are not results: a safetensors header, kernel parameters, tokenizer
 # JSON and call kwargs, recipe step dicts, the CLI's option dict. Everything else that reads a result
 # reads the typed models (results/*.py) by attribute.
-NOT_RESULTS = ("stream/skeleton.py", "quant/kernels.py", "formats/", "search/space.py", "search/quick.py", "recipe.py",
+NOT_RESULTS = ("stream/files.py", "quant/kernels.py", "formats/", "search/space.py", "search/quick.py", "recipe.py",
                "cli/slim.py")
 RESULT_MODULES = ("results/report.py", "results/study.py", "results/search.py")  # the models and their (de)serialisation
 LOOKUP = re.compile(r'\["([a-z_0-9]+)"\](?!\s*=[^=])|\.get\("([a-z_0-9]+)"')  # a read, not `x["k"] = v`

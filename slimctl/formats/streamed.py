@@ -9,7 +9,8 @@ from typing import Any
 from torch import nn
 
 from ..families.layer_sizes import apply_layer_sizes, has_layer_sizes
-from ..stream.skeleton import Streamer, TensorFiles, skeleton, stored_dtype, to_meta
+from ..stream.files import TensorFiles, stored_dtype
+from ..stream.skeleton import Streamer, skeleton, to_meta
 
 
 def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -> tuple[nn.Module, Streamer]:
