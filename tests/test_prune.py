@@ -312,7 +312,7 @@ def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(
 
 
 def test_allocate_takes_the_cheapest_channels_in_each_layers_order():
-    from slimctl.techniques.structured import allocate
+    from slimctl.techniques.allocation import allocate
 
     paths = [[(2, 1.0), (4, 10.0)], [(2, 0.2), (4, 0.6), (6, 5.0)]]  # per-channel marginals: 0.5, 4.5 | 0.1, 0.2, 2.2
     assert allocate(paths, 4) == [0, 4]
@@ -430,9 +430,9 @@ def test_global_allocation_then_int4_reloads_bit_for_bit(tiny_llama, tmp_path, f
     """Per-layer widths under quantized layers: the artifact slimctl writes reloads with the same outputs."""
     from slimctl.workflow import pipeline
     from slimctl import recipe as R
-    from slimctl.techniques import structured
+    from slimctl.techniques import allocation
 
-    monkeypatch.setattr(structured, "allocate", lambda paths, budget: [16, 48])  # widths 112 and 80 (multiples of 8)
+    monkeypatch.setattr(allocation, "allocate", lambda paths, budget: [16, 48])  # widths 112 and 80 (multiples of 8)
 
     steps = [{"method": "structured", "ffn": 0.25, "allocation": "global", "multiple_of": 8, **CAL}, {"method": "rtn", "bits": 4, "group_size": 32}]
     rep = pipeline.run(R.load(fast_recipe(steps)), str(tiny_llama), tmp_path / "o", isolate=False)
@@ -442,7 +442,7 @@ def test_global_allocation_then_int4_reloads_bit_for_bit(tiny_llama, tmp_path, f
 
 
 def test_output_fisher_is_the_mean_squared_loss_gradient_at_each_block_output(tiny_llama):
-    from slimctl.techniques.structured import output_fisher
+    from slimctl.techniques.allocation import output_fisher
 
     m = load(str(tiny_llama))
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2023, 2003]])

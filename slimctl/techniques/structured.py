@@ -15,13 +15,13 @@ from torch import nn
 
 from .calibrate import block_stats, run_block, sequential, summary
 from .hessian import collect
-from ..results import stages
 from ..stream.blocks import find_blocks, with_hidden
 from .. import families
 from ..errors import UnsupportedError
 from ..kinds import CAUSAL_LM
 from .registry import CalibrationOptions, Proposal, StepContext, register
 from ..families.layer_sizes import set_layer_sizes
+from .allocation import global_widths, output_fisher
 from .reconstruct import remove_groups
 
 
@@ -129,85 +129,12 @@ def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tup
     return width, min(keep, width)
 
 
-def output_fisher(model, batches: list[dict], track=lambda it, desc, total: it) -> list[torch.Tensor]:
-    """Per block: the diagonal empirical Fisher of the next-token loss w.r.t. the block's output (mean g²
-    per hidden feature over calibration tokens). An FFN or o_proj adds to that residual stream, so
-    Σ_o F_o ‖ΔW_o X‖² estimates the loss a change of those Linears costs (K-FAC style). The backward
-    passes run one block at a time (blockwise.py), in memory or streamed alike."""
-    from .blockwise import backward_by_block
-
-    _, blocks = find_blocks(model)
-    fisher = [torch.zeros(0)] * len(blocks)
-
-    def seeds(p: int, logits: torch.Tensor):  # ∂/∂logits of Σ_t CE(logits_t, ids_t+1): softmax − one-hot, 0 at the end
-        ids = batches[p]["input_ids"]
-        grad = logits.detach().softmax(-1)
-        grad[:, -1] = 0
-        grad[:, :-1].scatter_add_(-1, ids[:, 1:, None], torch.full(ids[:, 1:, None].shape, -1.0))
-        yield grad
-
-    def add(i: int, p: int, g: torch.Tensor) -> None:
-        g = g.detach().float().reshape(-1, g.shape[-1])
-        fisher[i] = fisher[i] + (g * g).sum(0) if fisher[i].numel() else (g * g).sum(0)
-
-    backward_by_block(model, batches, seeds, stages.FORWARD, track, on_output=add, desc="output Fisher")
-    tokens = sum(b["input_ids"].numel() for b in batches)
-    return [f / max(tokens, 1) for f in fisher]
-
-
-def _global_widths(model, batches, ffns: list, width: int, keep: int, fisher: list, cfg: StructuredConfig,
-                   ctx: StepContext) -> list[int]:
-    """Per-layer FFN widths under one budget (as many channels as uniform removal takes): a pass that
-    records each layer's greedy OBS path (reconstruct.remove_groups) with its error weighted by the
-    Fisher of the loss w.r.t. the block output (an estimate of the loss each removal costs), then the
-    cheapest channels model-wide, in each layer's order."""
-    cap = min(width - _multiple(cfg), int(cfg.max_layer_share * width))
-    paths = []
-
-    def on_block(i, name, block, inputs):
-        stats = block_stats(block, inputs, {"ffn": ffns[i][1]}, hessian=True)
-        lin = ffns[i][1]
-        r = remove_groups(lin.weight, stats.hessian["ffn"], torch.arange(width)[:, None], cap, cfg.dampening,
-                          lin.bias, stats.sum["ffn"] / max(stats.n["ffn"], 1), fisher[i])
-        paths.append(r.path)
-
-    ctx.progress("structured: measuring each layer's cost of losing FFN channels")
-    sequential(model, batches, on_block, ctx.track)
-    removed = allocate(paths, (width - keep) * len(ffns))
-    return [_round_width(width - r, width, _multiple(cfg)) for r in removed]
-
-
 def _refit_target(cfg: StructuredConfig) -> str:
     return cfg.refit_target or ("model" if cfg.allocation == "global" else "layer")
 
 
 def _multiple(cfg: StructuredConfig) -> int:
     return cfg.multiple_of or (32 if cfg.allocation == "global" else 1)
-
-
-def allocate(paths: list[list[tuple[int, float]]], budget: int) -> list[int]:
-    """Channels removed per layer: the cheapest marginal costs model-wide (each layer's marginal costs made
-    non-decreasing along its path, so a layer's removals are taken in its own order) until `budget`."""
-    segs = []
-    for layer, path in enumerate(paths):
-        prev_k, prev_e, worst = 0, 0.0, 0.0
-        for k, e in path:
-            worst = max(worst, (e - prev_e) / max(k - prev_k, 1))
-            segs.append((worst, layer, k - prev_k))
-            prev_k, prev_e = k, e
-    out = [0] * len(paths)
-    for _, layer, n in sorted(segs):
-        take = min(n, budget)
-        out[layer] += take
-        budget -= take
-        if budget <= 0:
-            break
-    return out
-
-
-def _round_width(keep: int, width: int, multiple: int) -> int:
-    return min(width, max(multiple, int(round(keep / multiple)) * multiple))
-
 
 
 def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
@@ -361,7 +288,11 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
         widths = [keep] * len(blocks)
         if cfg.allocation == "global" and keep < width:
             ctx.progress("structured: Fisher of the loss w.r.t. each block's output")
-            widths = _global_widths(model, batches, ffns, width, keep, output_fisher(model, batches, ctx.track), cfg, ctx)
+            fisher = output_fisher(model, batches, ctx.track)
+            ctx.progress("structured: measuring each layer's cost of losing FFN channels")
+            cap = min(width - _multiple(cfg), int(cfg.max_layer_share * width))
+            widths = global_widths(model, batches, [f[1] for f in ffns], keep, fisher, cap, cfg.dampening, _multiple(cfg),
+                                   ctx.track)
             if len(set(widths)) > 1:
                 ctx.notes.append(f"structured: per-layer FFN widths {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): "
                                  "slimctl reloads this artifact; plain from_pretrained refuses its shapes")
