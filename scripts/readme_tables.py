@@ -121,14 +121,17 @@ def lowbit(path: str) -> None:
     """Rotation and 3-bit rows: bits per weight as stored, BBC and tweets ratios in torch and in llama.cpp."""
     d = json.load(open(path))
     env = d["environment"]
-    print(f"Measured by `scripts/bench_lowbit.py` (raw: `{path}`) on {env['cpu']}, {env['threads']} threads, "
-          f"torch {env['versions']['torch']}. Ratios against fp32 on the same windows; llama.cpp runs the artifact "
-          "exported exactly to GGUF. Speed: alternating fresh-process rounds against fp32 in the same run.\n")
-    print("| recipe | bits/weight (stored) | ppl ratio BBC | tweets | llama.cpp BBC | llama.cpp tweets | GGUF | decode | step time |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cpus = sorted({r.get("cpu") or env["cpu"] for r in d["results"]})
+    print(f"Measured by `scripts/bench_lowbit.py` (raw: `{path}`) on {' and '.join(cpus)} (each row names its own), "
+          f"{env['threads']} threads, torch {env['versions']['torch']}. Ratios against fp32 on the same windows; llama.cpp "
+          "runs the artifact exported exactly to GGUF. Speed: alternating fresh-process rounds against fp32 in the same "
+          "run, so a row's decode and step time compare only with rows of its own machine.\n")
+    print("| recipe | bits/weight (stored) | ppl ratio BBC | tweets | llama.cpp BBC | llama.cpp tweets | GGUF | decode | step time "
+          "| measured |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in d["results"]:
         if "error" in r:
-            print(f"| {r['recipe']} | refused: {r['error']} ||||||||")
+            print(f"| {r['recipe']} | refused: {r['error']} |||||||||")
             continue
         dl, st, g = r["delta"], r.get("steps") or [r["step"]], r.get("gguf") or {}
         bpw = next((x["bits_per_weight"] for x in reversed(st) if x.get("bits_per_weight")), None)
@@ -137,7 +140,7 @@ def lowbit(path: str) -> None:
         cell = lambda v: f"×{f(v, 3)}" if isinstance(v, (int, float)) else ("–" if v is None else "refused")  # noqa: E731
         print(f"| {r['recipe']} | {f(bpw, 3)} | ×{f(dl.get('perplexity_ratio'), 3)} | ×{f(dl.get('ood_perplexity_ratio'), 3)} | "
               f"{cell(gb)} | {cell(gt)} | {g.get('size_mb', '–')} MB | {f(dl.get('decode_speedup'), 2)}× | "
-              f"{sum(x['seconds'] for x in st):.0f} s |")
+              f"{sum(x['seconds'] for x in st):.0f} s | {r.get('measured', 'earlier')}, {r.get('cpu') or env['cpu']} |")
 
 
 def kvcache(path: str) -> None:

@@ -22,8 +22,10 @@ def _codes(rows, cols, lo, hi, seed=0):
 
 
 def _fp16_scales(rows, groups, seed=1):
+    """fp16 numbers of both signs: `scale_search: signed` gives a negative scale where a group's extreme is > 0."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(rows, groups, generator=g) * 0.05 + 1e-3).half().float().numpy()
+    sign = torch.randint(0, 2, (rows, groups), generator=g) * 2 - 1
+    return (sign * (torch.rand(rows, groups, generator=g) * 0.05 + 1e-3)).half().float().numpy()
 
 
 @pytest.mark.parametrize("group, cols", [(32, 96), (64, 192), (128, 384)])

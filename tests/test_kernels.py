@@ -41,6 +41,7 @@ def _logits(m, ids):
     ({"bits": 4, "group_size": 32, "symmetric": True}, "int4-cpu"),
     ({"bits": 4, "group_size": 64, "symmetric": False}, "int4-cpu"),
     ({"bits": 4, "group_size": 128, "symmetric": True}, "int4-cpu"),
+    ({"bits": 4, "group_size": 32, "symmetric": True, "scale_search": "signed"}, "int4-cpu"),  # negative scales
     ({"bits": 8, "group_size": None, "symmetric": True}, "int8-cpu"),
 ])
 def test_each_cpu_kernel_matches_the_dequantize_reference(base, rtn, kernel):

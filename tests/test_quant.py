@@ -39,6 +39,42 @@ def test_rtn_error_bounded_by_half_a_step(bits, group, sym):
     assert (err <= step / 2 + 1e-6).all()
 
 
+def _row_errors(w, scheme):
+    codes, scale, zero = Q.rtn(w, scheme, scheme.group_size)
+    return ((Q.dequantize_groups(codes, scale, zero, scheme.group_size) - w) ** 2).reshape(-1, scheme.group_size).sum(1)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_signed_scale_puts_each_groups_extreme_on_the_extra_negative_level(bits):
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    sch = Q.QScheme(bits, 32, True, scale_search="signed")
+    codes, scale, _ = Q.rtn(w, sch, 32)
+    wg, cg = w.reshape(-1, 32), codes.reshape(-1, 32)
+    at = wg.abs().argmax(1, keepdim=True)
+    ext = wg.gather(1, at).squeeze(1)
+    assert codes.min() >= sch.qmin and codes.max() <= sch.qmax
+    assert (cg.gather(1, at).squeeze(1) == sch.qmin).all()  # w_ext = qmin * scale exactly
+    assert torch.allclose(scale.flatten().abs(), ext.abs() / 2 ** (bits - 1))
+    assert ((scale.flatten() < 0) == (ext > 0)).all()
+    # one more level and a finer step: less squared error over the matrix than max|w| / (2^(b-1) - 1)
+    assert _row_errors(w, sch).sum() < _row_errors(w, Q.QScheme(bits, 32, True)).sum()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_mse_scale_is_never_worse_than_the_candidates_it_searched(sym, fp16):
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.01, 3, 64)
+    mse = _row_errors(w, Q.QScheme(4, 32, sym, fp16, "mse"))
+    for other in (["absmax", "signed"] if sym else ["absmax"]):
+        ref = _row_errors(w, Q.QScheme(4, 32, sym, fp16, other))
+        assert (mse <= ref * (1 + 1e-6)).all() and mse.sum() < ref.sum()
+
+
+def test_fp16_scales_keep_their_sign_and_never_round_to_zero():
+    got = Q._fp16(torch.tensor([-1e-9, -3.0001, 3.0001, 1e-9, 1e6]))
+    assert got.tolist() == [-(2.0 ** -24), -3.0, 3.0, 2.0 ** -24, 65504.0]
+
+
 def _correlated_inputs(n=512, k=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, 8, generator=g)
@@ -47,12 +83,13 @@ def _correlated_inputs(n=512, k=64, seed=0):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group", [16, 64])
-def test_gptq_beats_rtn_on_output_error(act_order, group):
+@pytest.mark.parametrize("search", ["absmax", "mse"])
+def test_gptq_beats_rtn_on_output_error(act_order, group, search):
     torch.manual_seed(0)
     w = torch.randn(32, 64)
     x = _correlated_inputs()
     h = 2 * x.T @ x / x.shape[0]
-    scheme = Q.QScheme(4, group, True)
+    scheme = Q.QScheme(4, group, True, scale_search=search)
     codes, scale, zero = gptq_quantize(w, h, scheme, group, 0.01, act_order, 128)
     assert codes.min() >= -8 and codes.max() <= 7
     w_gptq = Q.dequantize_groups(codes, scale, zero, group)
@@ -158,7 +195,9 @@ with torch.inference_mode():
 
 
 @pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": None},
-                                  {"bits": 4, "group_size": 32, "fp16_scales": True}], ids=["int4", "int8-channel", "int4-fp16-scales"])
+                                  {"bits": 4, "group_size": 32, "fp16_scales": True},
+                                  {"bits": 4, "group_size": 32, "fp16_scales": True, "scale_search": "signed"}],
+                         ids=["int4", "int8-channel", "int4-fp16-scales", "int4-signed-scales"])
 def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensors(opts, tiny_llama, tmp_path, fast_recipe):
     """The artifact is compressed-tensors pack-quantized: transformers + compressed-tensors load it
     without slimctl and give exactly the logits slimctl's own loader gives."""

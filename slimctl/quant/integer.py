@@ -3,7 +3,11 @@
 Conventions (also those of compressed-tensors' pack-quantized format):
 - a weight W [out, in] is split along `in` into groups of `group_size` columns; each row and group
   has a scale (and, when asymmetric, an integer zero point);
-- symmetric: q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1), w ≈ q * s, s = max|w| / (2^(b-1) - 1);
+- symmetric: q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1), w ≈ q * s, s = max|w| / (2^(b-1) - 1) (`absmax`);
+  `signed` takes llama.cpp Q4_0's rule s = w_ext / -2^(b-1), w_ext the entry of largest magnitude with its
+  sign, so it lands on the grid's extra negative level and the step is 2^(b-1) / (2^(b-1) - 1) finer (the
+  scale is negative when w_ext > 0); `mse` searches shrunk absmax and signed scales for the least squared
+  rounding error of each group (GPTQ's reference quantizer's grid search, llama.cpp's make_qx_quants);
 - asymmetric: q = clamp(round(w / s) + z, 0, 2^b - 1), w ≈ (q - z) * s, s = (max - min) / (2^b - 1);
 - int4 codes are stored two per byte (column 2k in the low nibble, 2k+1 in the high nibble) as the
   unsigned code q + 8 (symmetric) or q (asymmetric).
@@ -23,6 +27,7 @@ class QScheme:
     group_size: int | None = 128  # None: one group per row (per output channel)
     symmetric: bool = True
     fp16_scales: bool = False  # scales rounded to fp16 before the codes are chosen (GGUF stores fp16 scales)
+    scale_search: str = "absmax"  # absmax | signed | mse: how each group's scale is chosen (module docstring)
 
     @property
     def scale_dtype(self) -> torch.dtype:
@@ -54,11 +59,25 @@ def resolve_group(in_features: int, group_size: int | None) -> int:
 def group_params(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) of each row of `w` [rows, cols], taken over all its columns."""
     w = w.float()
+    if scheme.scale_search == "mse":
+        return _mse_params(w, scheme)
     if scheme.symmetric:
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / scheme.qmax
-        return _fp16(scale) if scheme.fp16_scales else scale, None
-    lo = w.amin(dim=1).clamp(max=0)
-    hi = w.amax(dim=1).clamp(min=0)
+        return _symmetric_scale(w, scheme, 1.0, scheme.scale_search == "signed"), None
+    return _asymmetric_params(w, scheme, 1.0)
+
+
+def _symmetric_scale(w: torch.Tensor, scheme: QScheme, shrink: float, signed: bool) -> torch.Tensor:
+    if signed:
+        ext = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        scale = torch.where(ext.abs() < 1e-12, torch.full_like(ext, 1e-12), ext) * (shrink / scheme.qmin)
+    else:
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) * (shrink / scheme.qmax)
+    return _fp16(scale) if scheme.fp16_scales else scale
+
+
+def _asymmetric_params(w: torch.Tensor, scheme: QScheme, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = w.amin(dim=1).clamp(max=0) * shrink
+    hi = w.amax(dim=1).clamp(min=0) * shrink
     scale = ((hi - lo) / scheme.qmax).clamp(min=1e-12)
     if scheme.fp16_scales:
         scale = _fp16(scale)
@@ -66,10 +85,53 @@ def group_params(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.
     return scale, zero
 
 
+MSE_SHRINKS = tuple(1.0 - 0.01 * i for i in range(26))  # 1.00 … 0.75: the clipping levels `mse` tries
+MSE_CHUNK = 1 << 24  # candidate × row × column elements scored at once (64 MB of float32)
+
+
+def _mse_params(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row, the candidate scale (and zero) whose rounding leaves the least squared error: the absmax and
+    signed scales (symmetric) or the min/max range (asymmetric), each shrunk by every MSE_SHRINKS factor. All
+    candidates of a chunk of rows are scored in one pass; ties go to the earlier candidate (absmax, unshrunk)."""
+    kinds = 2 if scheme.symmetric else 1
+    rows_at_once = max(1, MSE_CHUNK // (kinds * len(MSE_SHRINKS) * max(w.shape[1], 1)))
+    parts = [_mse_chunk(w[r:r + rows_at_once], scheme) for r in range(0, w.shape[0], rows_at_once)]
+    scale = torch.cat([p[0] for p in parts])
+    return scale, (None if scheme.symmetric else torch.cat([p[1] for p in parts]))
+
+
+def _mse_chunk(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    shrink = torch.tensor(MSE_SHRINKS)[:, None]  # [S, 1] against [1, rows]
+    if scheme.symmetric:
+        ext = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        ext = torch.where(ext.abs() < 1e-12, torch.full_like(ext, 1e-12), ext)
+        base = torch.stack([ext.abs() / scheme.qmax, ext / scheme.qmin])  # absmax, signed: [2, rows]
+        scale = (base[:, None, :] * shrink[None]).reshape(-1, w.shape[0])  # [2S, rows]
+        scale = _fp16(scale) if scheme.fp16_scales else scale
+        zero = None
+    else:
+        lo = w.amin(dim=1).clamp(max=0) * shrink
+        hi = w.amax(dim=1).clamp(min=0) * shrink
+        scale = ((hi - lo) / scheme.qmax).clamp(min=1e-12)
+        scale = _fp16(scale) if scheme.fp16_scales else scale
+        zero = torch.round(-lo / scale).clamp(0, scheme.qmax)
+    s = scale[..., None]
+    q = torch.round(w[None] / s)
+    if zero is not None:
+        q += zero[..., None]
+    q.clamp_(scheme.qmin, scheme.qmax)
+    if zero is not None:
+        q -= zero[..., None]
+    err = q.mul_(s).sub_(w[None]).pow_(2).sum(-1)  # [candidates, rows]
+    best = err.argmin(dim=0, keepdim=True)
+    return scale.gather(0, best).squeeze(0), (zero.gather(0, best).squeeze(0) if zero is not None else None)
+
+
 def _fp16(scale: torch.Tensor) -> torch.Tensor:
-    """The scale as fp16 stores it (kept in float32): rounded to nearest, never to zero or infinity."""
-    h = scale.clamp(max=65504.0).half().float()
-    return torch.where(h > 0, h, torch.full_like(h, 2.0 ** -24))
+    """The scale as fp16 stores it (kept in float32): rounded to nearest, never to zero or infinity, sign kept."""
+    h = scale.abs().clamp(max=65504.0).half().float()
+    h = torch.where(h > 0, h, torch.full_like(h, 2.0 ** -24))
+    return torch.where(scale < 0, -h, h)
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QScheme) -> torch.Tensor:

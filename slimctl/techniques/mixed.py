@@ -25,6 +25,7 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     allow_float: bool = False  # let a Linear stay in float when that is worth its bits
     symmetric: bool = True
     fp16_scales: bool = False
+    scale_search: Literal["absmax", "signed", "mse"] = "absmax"  # as in rtn/gptq (registry.WeightOnlyOptions)
     strict: bool = False
     quantizer: Literal["gptq", "rtn"] = "gptq"  # how each Linear is quantized once its width is chosen
     dampening: float = Field(default=0.01, gt=0, le=1)  # GPTQ options, as in the gptq step
@@ -40,11 +41,13 @@ class MixedConfig(LayerSelection, CalibrationOptions):
 
 
 def _choices(cfg: MixedConfig) -> dict[str, Choice]:
-    out = {f"int4-g{g}" if g else "int4": Choice("int4", QScheme(4, g, cfg.symmetric, cfg.fp16_scales))
-           for g in dict.fromkeys(cfg.group_sizes or [cfg.group_size])}
+    def scheme(bits: int, group: int | None) -> QScheme:
+        return QScheme(bits, group, cfg.symmetric, cfg.fp16_scales, cfg.scale_search)
+
+    out = {f"int4-g{g}" if g else "int4": Choice("int4", scheme(4, g)) for g in dict.fromkeys(cfg.group_sizes or [cfg.group_size])}
     if cfg.group_size_3:
-        out[f"int3-g{cfg.group_size_3}"] = Choice("int3", QScheme(3, cfg.group_size_3, cfg.symmetric, cfg.fp16_scales))
-    out[f"int8-g{cfg.group_size_8}" if cfg.group_size_8 else "int8"] = Choice("int8", QScheme(8, cfg.group_size_8, cfg.symmetric, cfg.fp16_scales))
+        out[f"int3-g{cfg.group_size_3}"] = Choice("int3", scheme(3, cfg.group_size_3))
+    out[f"int8-g{cfg.group_size_8}" if cfg.group_size_8 else "int8"] = Choice("int8", scheme(8, cfg.group_size_8))
     if cfg.allow_float:
         out["float"] = Choice("float", None)
     return out
@@ -85,7 +88,7 @@ def apply(model, cfg: MixedConfig, ctx: StepContext) -> dict:
                                   cfg.calib_data, ctx.seed)
     costs = _costs(model, targets, choices, groups, batches, cfg, ctx)
     pick = allocate(bits, costs, weights, cfg.avg_bits)
-    schemes = {n: QScheme(choices[c].scheme.bits, groups[n][c], cfg.symmetric, cfg.fp16_scales)
+    schemes = {n: QScheme(choices[c].scheme.bits, groups[n][c], cfg.symmetric, cfg.fp16_scales, cfg.scale_search)
                for n, c in pick.items() if choices[c].scheme is not None}
     quantized = {n: targets[n] for n in schemes}
     if cfg.quantizer == "gptq":

@@ -35,6 +35,9 @@ class WeightOnlyOptions(LayerSelection):
     # round each scale to fp16 before choosing the codes, as GGUF's Q4_0/Q8_0 store them: an artifact
     # made so exports to GGUF bit-exactly (slimctl export --format gguf)
     fp16_scales: bool = False
+    # how each group's scale is chosen: absmax (max|w| / 7 for int4), signed (llama.cpp Q4_0's max / -8: one
+    # more level, a finer step) or mse (the least squared rounding error over shrunk absmax/signed scales)
+    scale_search: Literal["absmax", "signed", "mse"] = "absmax"
 
     @field_validator("group_size")
     @classmethod
@@ -94,7 +97,7 @@ def plan_schemes(model, cfg: WeightOnlyOptions, ctx: "StepContext"):
 
     targets = dict(select_linears(model, cfg.ignore))
     groups = plan_groups(list(targets.items()), cfg, ctx)
-    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales) for n, g in groups.items()}
+    schemes = {n: QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales, cfg.scale_search) for n, g in groups.items()}
     return targets, groups, schemes
 
 

@@ -34,7 +34,8 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     err = {}
     for name, lin in ctx.track(visit(model, layers), "rtn", len(layers)):
         g = groups[name]
-        w, (codes, scale, zero) = round_layer(model, name, lin, QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales))
+        sch = QScheme(cfg.bits, g, cfg.symmetric, cfg.fp16_scales, cfg.scale_search)
+        w, (codes, scale, zero) = round_layer(model, name, lin, sch)
         err[name] = float((dequantize_groups(codes, scale, zero, g) - w).norm() / w.norm().clamp(min=1e-12))
     out = {"layers": list(err), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
            "relative_weight_error": err}
