@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rotation, int3 and mixed 3-bit on smollm2-135m, next to the unrotated int4 recipes; writes
+"""Rotation, the scale search, int3 and mixed 3-bit on smollm2-135m, next to the unrotated int4 recipes; writes
 bench-results/lowbit.json.
 
 Each row is a `slimctl run` of a shipped recipe (fp32 baseline and slimmed model in the same run, speed from
@@ -13,8 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_recipes import REPO, main  # noqa: E402
 
-RECIPES = ["int4-gptq-g32", "rotate-gptq-g32", "int3-gptq-g32", "int3-awq-gptq-g32", "mixed-3.5bit", "int4-awq-gptq-g32",
-           "rotate-awq-gptq-g32"]
+RECIPES = ["int4-gptq-g32", "int4-gptq-g32-mse", "rotate-gptq-g32", "int3-gptq-g32", "int3-awq-gptq-g32", "mixed-3.5bit",
+           "rotate-mixed-3.5bit", "int4-awq-gptq-g32", "rotate-awq-gptq-g32", "rotate-mixed-4.5bit"]
 
 if __name__ == "__main__":
     sys.argv += [] if "--models" in sys.argv else ["--models", "smollm2-135m"]

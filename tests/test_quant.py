@@ -70,6 +70,14 @@ def test_mse_scale_is_never_worse_than_the_candidates_it_searched(sym, fp16):
         assert (mse <= ref * (1 + 1e-6)).all() and mse.sum() < ref.sum()
 
 
+def test_absmax_scales_are_bit_identical_to_the_rule_before_scale_search():
+    """The default keeps artifacts quantized before scale_search existed bit for bit (max|w| divided by qmax)."""
+    w = torch.randn(300, 32, generator=torch.Generator().manual_seed(2)) * 0.037
+    for bits in (3, 4, 8):
+        sch = Q.QScheme(bits, 32, True)
+        assert torch.equal(Q.group_params(w, sch)[0], w.abs().amax(dim=1).clamp(min=1e-12) / sch.qmax)
+
+
 def test_fp16_scales_keep_their_sign_and_never_round_to_zero():
     got = Q._fp16(torch.tensor([-1e-9, -3.0001, 3.0001, 1e-9, 1e6]))
     assert got.tolist() == [-(2.0 ** -24), -3.0, 3.0, 2.0 ** -24, 65504.0]

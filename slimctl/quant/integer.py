@@ -70,8 +70,9 @@ def _symmetric_scale(w: torch.Tensor, scheme: QScheme, shrink: float, signed: bo
     if signed:
         ext = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
         scale = torch.where(ext.abs() < 1e-12, torch.full_like(ext, 1e-12), ext) * (shrink / scheme.qmin)
-    else:
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) * (shrink / scheme.qmax)
+    else:  # divided as before scale_search existed, so absmax artifacts stay bit-identical
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / scheme.qmax
+        scale = scale * shrink if shrink != 1.0 else scale
     return _fp16(scale) if scheme.fp16_scales else scale
 
 
