@@ -57,7 +57,7 @@ def weight_only(model, bits: int, group: int):
 
 
 def fp8(model):
-    from slimctl.quant.layers import Fp8Linear
+    from slimctl.quant.fp8 import Fp8Linear
     from slimctl.stream.skeleton import set_submodule
     from slimctl.techniques import select_linears
 
@@ -137,7 +137,7 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             if name == "fp8":
-                from slimctl.quant.layers import fp8_supported
+                from slimctl.quant.fp8 import fp8_supported
 
                 ok, why = fp8_supported()
                 if not ok and dev == "cuda":

@@ -24,7 +24,7 @@ def _rel(a, b):
 
 
 def test_fp8_runs_scaled_mm_and_matches_its_emulation():
-    from slimctl.quant.layers import Fp8Linear, fp8_supported
+    from slimctl.quant.fp8 import Fp8Linear, fp8_supported
 
     if not fp8_supported()[0]:
         pytest.skip(fp8_supported()[1])

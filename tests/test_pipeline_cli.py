@@ -33,7 +33,7 @@ def test_every_shipped_recipe_runs_on_a_tiny_model(recipe, tiny_llama, tmp_path)
     from slimctl.workflow import pipeline
     from slimctl import recipe as R
     from slimctl.errors import UnsupportedError
-    from slimctl.quant.layers import fp8_supported
+    from slimctl.quant.fp8 import fp8_supported
 
     r = R.load(_fast_copy(recipe, tmp_path))
     if any(s.options().get("embeddings") for s in r.steps):  # int8 embeddings: refused for a table tied to the head

@@ -248,7 +248,7 @@ def test_asymmetric_artifact_keeps_slimctl_layout_and_reloads_bitwise(tiny_llama
 
 def test_fp8_is_refused_without_native_support_and_emulates_on_request(tiny_llama):
     from slimctl.errors import UnsupportedError
-    from slimctl.quant.layers import Fp8Linear, fp8_supported
+    from slimctl.quant.fp8 import Fp8Linear, fp8_supported
 
     if fp8_supported()[0]:
         pytest.skip("this machine has native FP8")
@@ -263,7 +263,7 @@ def test_fp8_is_refused_without_native_support_and_emulates_on_request(tiny_llam
 
 
 def test_fp8_linear_matches_float_within_e4m3_precision():
-    from slimctl.quant.layers import Fp8Linear
+    from slimctl.quant.fp8 import Fp8Linear
 
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 32)

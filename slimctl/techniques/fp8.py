@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedError
-from ..quant.layers import Fp8Linear, fp8_supported
+from ..quant.fp8 import Fp8Linear, fp8_supported
 from ..stream.skeleton import set_submodule
 from .registry import LayerSelection, StepContext, register, select_linears
 
