@@ -106,6 +106,7 @@ def quantize(
 
     Example: [bold]slimctl quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out runs/smol-gptq[/bold]
     Mixed int4/int8 per Linear: [bold]slimctl quantize smollm2-135m --method mixed --avg-bits 4.5 --out runs/smol-mixed[/bold]
+    Each group's scale searched for the least rounding error (default: max|w|/7): [bold]… --method gptq --group-size 32 --set scale_search=mse[/bold]
     A model larger than memory, one block at a time: [bold]slimctl quantize ./big-llama --method gptq --stream --out runs/big-gptq[/bold]
     """
     common = dict(locals())
