@@ -15,10 +15,14 @@ Conventions (also those of compressed-tensors' pack-quantized format):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..errors import UnsupportedError
+
+
+ScaleSearch = Literal["absmax", "signed", "mse"]  # how a group's scale is chosen (module docstring)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class QScheme:
     group_size: int | None = 128  # None: one group per row (per output channel)
     symmetric: bool = True
     fp16_scales: bool = False  # scales rounded to fp16 before the codes are chosen (GGUF stores fp16 scales)
-    scale_search: str = "absmax"  # absmax | signed | mse: how each group's scale is chosen (module docstring)
+    scale_search: ScaleSearch = "absmax"
 
     @property
     def scale_dtype(self) -> torch.dtype:
@@ -62,23 +66,28 @@ def group_params(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.
     if scheme.scale_search == "mse":
         return _mse_params(w, scheme)
     if scheme.symmetric:
-        return _symmetric_scale(w, scheme, 1.0, scheme.scale_search == "signed"), None
-    return _asymmetric_params(w, scheme, 1.0)
+        return _symmetric_scale(w, scheme, scheme.scale_search == "signed"), None
+    return _asymmetric_params(w, scheme)
 
 
-def _symmetric_scale(w: torch.Tensor, scheme: QScheme, shrink: float, signed: bool) -> torch.Tensor:
+def _symmetric_scale(w: torch.Tensor, scheme: QScheme, signed: bool, shrink: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's scale [rows], or [S, rows] for S `shrink` factors [S, 1]: max|w| / qmax (divided, as before
+    scale_search existed, so absmax artifacts stay bit-identical), or the signed extreme / qmin."""
     if signed:
         ext = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-        scale = torch.where(ext.abs() < 1e-12, torch.full_like(ext, 1e-12), ext) * (shrink / scheme.qmin)
-    else:  # divided as before scale_search existed, so absmax artifacts stay bit-identical
+        scale = torch.where(ext.abs() < 1e-12, torch.full_like(ext, 1e-12), ext) / scheme.qmin
+    else:
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / scheme.qmax
-        scale = scale * shrink if shrink != 1.0 else scale
+    scale = scale if shrink is None else scale * shrink
     return _fp16(scale) if scheme.fp16_scales else scale
 
 
-def _asymmetric_params(w: torch.Tensor, scheme: QScheme, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = w.amin(dim=1).clamp(max=0) * shrink
-    hi = w.amax(dim=1).clamp(min=0) * shrink
+def _asymmetric_params(w: torch.Tensor, scheme: QScheme, shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's scale and zero point [rows], or [S, rows] with the range shrunk by S `shrink` factors [S, 1]."""
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    if shrink is not None:
+        lo, hi = lo * shrink, hi * shrink
     scale = ((hi - lo) / scheme.qmax).clamp(min=1e-12)
     if scheme.fp16_scales:
         scale = _fp16(scale)
@@ -103,19 +112,10 @@ def _mse_params(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.T
 
 def _mse_chunk(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     shrink = torch.tensor(MSE_SHRINKS)[:, None]  # [S, 1] against [1, rows]
-    if scheme.symmetric:
-        ext = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-        ext = torch.where(ext.abs() < 1e-12, torch.full_like(ext, 1e-12), ext)
-        base = torch.stack([ext.abs() / scheme.qmax, ext / scheme.qmin])  # absmax, signed: [2, rows]
-        scale = (base[:, None, :] * shrink[None]).reshape(-1, w.shape[0])  # [2S, rows]
-        scale = _fp16(scale) if scheme.fp16_scales else scale
-        zero = None
+    if scheme.symmetric:  # candidates [2S, rows]: absmax shrunk, then signed shrunk
+        scale, zero = torch.cat([_symmetric_scale(w, scheme, signed, shrink) for signed in (False, True)]), None
     else:
-        lo = w.amin(dim=1).clamp(max=0) * shrink
-        hi = w.amax(dim=1).clamp(min=0) * shrink
-        scale = ((hi - lo) / scheme.qmax).clamp(min=1e-12)
-        scale = _fp16(scale) if scheme.fp16_scales else scale
-        zero = torch.round(-lo / scale).clamp(0, scheme.qmax)
+        scale, zero = _asymmetric_params(w, scheme, shrink)
     s = scale[..., None]
     q = torch.round(w[None] / s)
     if zero is not None:

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from .calibrate import calibration_batches
 from ..kinds import CAUSAL_LM
-from ..quant.integer import QScheme, resolve_group
+from ..quant.integer import QScheme, ScaleSearch, resolve_group
 from .sensitivity import Choice, allocate, check_budget, layer_costs
 from .registry import (CalibrationOptions, LayerSelection, StepContext, WeightOnlyOptions, plan_groups, register, select_linears)
 
@@ -25,7 +25,7 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     allow_float: bool = False  # let a Linear stay in float when that is worth its bits
     symmetric: bool = True
     fp16_scales: bool = False
-    scale_search: Literal["absmax", "signed", "mse"] = "absmax"  # as in rtn/gptq (registry.WeightOnlyOptions)
+    scale_search: ScaleSearch = "absmax"  # as in rtn/gptq (registry.WeightOnlyOptions)
     strict: bool = False
     quantizer: Literal["gptq", "rtn"] = "gptq"  # how each Linear is quantized once its width is chosen
     dampening: float = Field(default=0.01, gt=0, le=1)  # GPTQ options, as in the gptq step

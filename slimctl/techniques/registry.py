@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .._discover import import_package_modules
 from ..errors import RecipeError, UnsupportedError
+from ..quant.integer import ScaleSearch
 
 
 class TechniqueConfig(BaseModel):
@@ -37,7 +38,7 @@ class WeightOnlyOptions(LayerSelection):
     fp16_scales: bool = False
     # how each group's scale is chosen: absmax (max|w| / 7 for int4), signed (llama.cpp Q4_0's max / -8: one
     # more level, a finer step) or mse (the least squared rounding error over shrunk absmax/signed scales)
-    scale_search: Literal["absmax", "signed", "mse"] = "absmax"
+    scale_search: ScaleSearch = "absmax"
 
     @field_validator("group_size")
     @classmethod
