@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # GPU_CHECK=speed: only the CUDA tests and scripts/gpu_speed.py (fused kernels, compiled decode; about 6 minutes).
+# GPU_CHECK=calib: GPTQ and AWQ+GPTQ calibrated on the GPU against the CPU (tests and scripts/gpu_calib.py).
 # One prepared GPU check for a machine with no network (the `device` tool's lent H100/H200), within
 # 10 minutes (GPU_BENCH=0: about 7): install carried wheels, run the CUDA tests, benchmark a 1.2 B-parameter random Llama in
 # bf16/fp16, int8/int4 weight-only, FP8 and NF4 with roofline fractions and a batch sweep, 2:4 sparse
@@ -38,6 +39,19 @@ PY
 timeout 170 python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_prune.py tests/test_eval_bench.py tests/test_kernels.py \
   -p no:cacheprovider > "$OUT/cuda-tests.txt" 2>&1; echo "cuda tests rc=$?" >> "$OUT/cuda-tests.txt"
 stamp "cuda tests done"
+if [ "${GPU_CHECK:-all}" = calib ]; then  # calibration on the GPU against the CPU (issue #33; about 8 minutes)
+  # carry .gpu-assets/ (made here by `bash scripts/gpu_assets.sh`): a tokenizer and calibration text
+  export SLIMCTL_TEST_TOKENIZER=$PWD/.gpu-assets/tokenizer
+  timeout 150 python3 -m pytest -q -m cuda tests/test_cuda.py -k calibration_on_the_gpu -p no:cacheprovider \
+    > "$OUT/cuda-calib-tests.txt" 2>&1; echo "cuda calibration tests rc=$?" >> "$OUT/cuda-calib-tests.txt"
+  stamp "cuda calibration tests done"
+  timeout 360 python3 scripts/gpu_calib.py --out "$OUT/gpu-calib.json" --tokenizer .gpu-assets/tokenizer \
+    --data .gpu-assets/calib.jsonl --blocks 4 2>> "$LOG"
+  echo "gpu_calib rc=$?" >> "$LOG"
+  stamp "gpu_calib done"
+  tail -5 "$OUT/cuda-calib-tests.txt"; grep -E "rc=|gpu_check|Error" "$LOG" | tail -30
+  exit 0
+fi
 if [ "${GPU_CHECK:-all}" = speed ]; then  # the fast-path check alone (about 6 minutes): fused int4/int8, FP8, compiled decode
   timeout 330 python3 scripts/gpu_speed.py --out "$OUT/gpu-speed.json" --arch llama-1b 2>> "$LOG"
   echo "gpu_speed rc=$?" >> "$LOG"

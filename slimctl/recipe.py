@@ -53,6 +53,9 @@ class Recipe(Strict):
     # stream the model block by block from its safetensors files (peak memory about one block);
     # "auto": when its weights exceed half of the memory available (see stream.should_stream)
     stream: Union[bool, Literal["auto"]] = False
+    # where the steps' calibration runs (forwards, statistics, solves: techniques/placement.py); `bench.device`
+    # says where the benchmark runs, so a GPU can calibrate a model that is then measured on the CPU
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -106,14 +109,18 @@ class Recipe(Strict):
 
     def with_overrides(self, max_samples: int | None = None, skip_eval: bool = False, skip_bench: bool = False,
                        compile: bool | str | None = None, seed: int | None = None,
-                       stream: bool | str | None = None) -> "Recipe":
-        """This recipe with command-line overrides applied (None / False: keep the recipe's value)."""
+                       stream: bool | str | None = None, device: str | None = None,
+                       bench_device: str | None = None) -> "Recipe":
+        """This recipe with command-line overrides applied (None / False: keep the recipe's value). `device` moves
+        the calibration and, unless `bench_device` says otherwise, the benchmark."""
+        bench = self.bench.model_copy(update={"device": bench_device or device or self.bench.device})
         return self.model_copy(update={
+            "device": device or self.device,
             "stream": self.stream if stream is None else stream,
             "eval": self.eval.model_copy(update={"max_samples": max_samples or self.eval.max_samples,
                                                  "skip": self.eval.skip or skip_eval}),
-            "bench": self.bench.model_copy(update={"skip": self.bench.skip or skip_bench,
-                                                   "compile": self.bench.compile if compile is None else compile}),
+            "bench": bench.model_copy(update={"skip": self.bench.skip or skip_bench,
+                                              "compile": self.bench.compile if compile is None else compile}),
             "seed": self.seed if seed is None else seed})
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,8 +178,8 @@ def load(path: str | Path) -> Recipe:
 
 
 def single_step(method: str, options: dict[str, Any], eval_spec: EvalSpec, bench_spec: BenchSpec,
-                seed: int = 0, stream: bool | str = False) -> Recipe:
-    """The one-step recipe behind `slimctl quantize` and `slimctl prune`."""
+                seed: int = 0, stream: bool | str = False, device: str = "cpu") -> Recipe:
+    """The one-step recipe behind `slimctl quantize` and `slimctl prune` (`device`: where it calibrates)."""
     step = {"method": method, **{k: v for k, v in options.items() if v is not None}}
-    return from_dict({"version": 1, "name": method, "seed": seed, "steps": [step], "stream": stream,
+    return from_dict({"version": 1, "name": method, "seed": seed, "steps": [step], "stream": stream, "device": device,
                       "eval": eval_spec.model_dump(), "bench": bench_spec.model_dump()}, "options")

@@ -107,3 +107,57 @@ def test_bench_cli_places_a_model_on_cpu_or_gpu(tmp_path):
     pl = r["placement"]
     assert pl["choice"] in ("cpu", "cuda") and set(pl["devices"]) == {"cpu", "cuda"}
     assert pl["devices"]["cuda"]["hourly_usd"] == 3.5 and "place it on" in pl["line"]
+
+
+def _calibration_text(path) -> str:
+    """Calibration text that needs no corpus package (a bare GPU machine has none): sentences of plain words."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the market rose as investors weighed the report on growth and prices while the team won its "
+             "match and the film opened to strong reviews in cities across the country").split()
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(80)) for _ in range(24)))
+    return str(path)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("gptq", {"bits": 4, "group_size": 32}),
+    ("awq", {"bits": 4, "group_size": 32, "search_samples": 4}),
+    ("mixed", {"avg_bits": 5.5, "group_size": 32, "sensitivity_samples": 2, "sensitivity_seq_len": 64}),
+    ("structured", {"ffn": 0.25, "allocation": "global", "multiple_of": 8}),
+])
+def test_calibration_on_the_gpu_writes_the_cpu_format(tmp_path, method, options):
+    """`device: cuda`: the blocks calibrate on the GPU, the artifact reloads, and (GPTQ, AWQ) it has the CPU run's
+    tensors (names, shapes, dtypes), its float tensors agree within float tolerance and at least 99 % of its
+    integer codes match; the step records the device and its peak GPU memory. mixed and structured choose between
+    near-equal costs, so there only the run and the reload are compared."""
+    from conftest import _save, _tokenizer, tiny_llama_model
+    from safetensors.torch import load_file
+
+    from slimctl.recipe import from_dict
+    from slimctl.workflow import pipeline
+
+    tok = _tokenizer()
+    model = _save(tiny_llama_model(tok, seed=3, num_hidden_layers=3, tie_word_embeddings=False), tok, tmp_path / "m")
+    data = _calibration_text(tmp_path / "calib.txt")
+    out = {}
+    for dev in ("cpu", "cuda"):
+        r = from_dict({"version": 1, "device": dev, "steps": [{"method": method, "calib_samples": 6, "calib_seq_len": 64,
+                                                                "calib_data": data, **options}],
+                       "eval": {"skip": True}, "bench": {"skip": True}}, "t")
+        rep = pipeline.run(r, str(model), tmp_path / dev, isolate=False)
+        out[dev] = (rep, {k: v for f in (tmp_path / dev / "model").glob("*.safetensors") for k, v in load_file(f).items()})
+    (rc, a), (rg, b) = out["cpu"], out["cuda"]
+    step = rg["slimmed"]["steps"][0]
+    assert step["calibration_device"] == "cuda" and step["peak_gpu_mb"] > 0
+    assert "calibration_device" not in rc["slimmed"]["steps"][0]
+    assert rg["artifact"]["reload_check"]["max_abs_diff"] <= 1e-4
+    if method in ("mixed", "structured"):  # a choice between near-equal costs (a format, a channel) may differ
+        return
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+        if a[k].is_floating_point():
+            assert _rel(b[k], a[k]) < 2e-2, k
+        else:
+            assert (a[k] == b[k]).float().mean() >= 0.99, k

@@ -115,8 +115,8 @@ def test_calibration_activations_on_disk_give_the_same_artifact(sharded_llama, t
     made = []
     real = calibrate.Activations.__init__
 
-    def spy(self, on_disk=False):
-        real(self, on_disk)
+    def spy(self, on_disk=False, device=None):
+        real(self, on_disk, device)
         made.append(self.folder)
 
     monkeypatch.setattr(calibrate, "ACTIVATIONS_SHARE", 0.0)  # any activations are "too large"

@@ -25,7 +25,8 @@ STREAM_OPT = typer.Option(False, "--stream", help="Stream the model block by blo
                           "memory about one block, sharded artifact (rtn, gptq, awq, smoothquant, magnitude, wanda, sparsegpt).")
 STREAM_AUTO_OPT = typer.Option(False, "--stream-auto", help="Stream only when the model's weights exceed half the "
                                "available memory.")
-DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda.")
+DEVICE_OPT = typer.Option("cpu", "--device", help="cpu or cuda: where the calibration (forwards, statistics, solves) and the benchmark run.")
+BENCH_DEVICE_OPT = typer.Option(None, "--bench-device", help="cpu or cuda: benchmark there instead (e.g. calibrate on the GPU, measure on the CPU you serve from).")
 PICKLE_OPT = typer.Option(False, "--allow-pickle", help="Load pickle-only weights (torch.load weights_only=True); refused by default.")
 REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Run custom modelling code a model folder asks for; off by default.")
 NONFINITE_OPT = typer.Option(False, "--allow-non-finite", help="Load weights that hold NaN or Inf (refused by default: a broken checkpoint).")
@@ -194,6 +195,15 @@ def stream_flag(stream: bool, auto: bool) -> bool | str | None:
     if stream and auto:
         raise UsageError("--stream and --stream-auto are exclusive: --stream always streams, --stream-auto when the model is large")
     return True if stream else ("auto" if auto else None)
+
+
+def device_name(value: str | None, flag: str = "--device") -> str | None:
+    """A --device / --bench-device value checked: cpu or cuda (None passes through)."""
+    from ..errors import UsageError
+
+    if value is not None and value not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} takes cpu or cuda; got {value!r}")
+    return value
 
 
 def run_recipe(recipe, model: str, out_dir: Path, overwrite: bool, inline: bool, as_json: bool, source: str | None,

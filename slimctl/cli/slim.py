@@ -22,19 +22,23 @@ def run(
     max_latency_increase: Optional[float] = C.MAX_LAT_OPT, max_memory_increase: Optional[float] = C.MAX_MEM_OPT,
     max_size_increase: Optional[float] = C.MAX_SIZE_OPT, junit: Optional[Path] = C.JUNIT_OPT, html: Optional[Path] = C.HTML_OPT,
     compile_: Optional[str] = C.COMPILE_OPT,
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda: where the calibration and the benchmark run (default: the recipe's device and bench.device)."),
+    bench_device: Optional[str] = C.BENCH_DEVICE_OPT,
 ):
     """Run a recipe: baseline eval+bench, the steps, eval+bench of the result, gates, report, artifact.
 
     Examples:
     [bold]slimctl run recipes/int8-dynamic.yaml --model minilm-l6 --out runs/minilm-int8 --html runs/minilm-int8/report.html[/bold]
     In CI, against last release's report: [bold]slimctl run recipes/int8-dynamic.yaml -m minilm-l6 -o out --baseline release/report.json --preset mlperf-99 --max-latency-increase 10 --junit gates.xml[/bold]
+    Calibrate on a GPU, measure on the CPU: [bold]slimctl run recipes/int4-awq-gptq-g32.yaml -m ./my-llama -o out --device cuda --bench-device cpu[/bold]
     """
     from .. import recipe as recipe_mod
     from ..errors import UsageError
 
     comp = C.compile_flag(compile_)
     r = recipe_mod.load(recipe).with_overrides(max_samples=max_samples, skip_eval=skip_eval, skip_bench=skip_bench,
-                                               compile=comp, seed=seed, stream=C.stream_flag(stream, stream_auto))
+                                               compile=comp, seed=seed, stream=C.stream_flag(stream, stream_auto),
+                                               device=C.device_name(device), bench_device=C.device_name(bench_device, "--bench-device"))
     ci = C.ci_options(baseline, preset, min_quality, max_latency_increase, max_memory_increase, max_size_increase, junit, html)
     if (baseline is None) != (not ci.any_limit()):
         raise UsageError("--baseline and the limits (--preset, --min-quality, --max-*-increase) go together")
@@ -82,8 +86,10 @@ def _one_step(method: str, options: dict, kinds: tuple[str, ...], common: dict) 
     if tech.kind not in kinds:
         raise UsageError(f"'{method}' is not a method of this command; choose one of: {', '.join(_methods_of(kinds))}")
     ev = C.spec("EvalSpec", max_samples=common["max_samples"], skip=common["skip_eval"])
-    be = C.spec("BenchSpec", device=common["device"], skip=common["skip_bench"])
-    r = recipe_mod.single_step(method, options, ev, be, common["seed"], stream=C.stream_flag(common["stream"], common["stream_auto"]) or False)
+    device = C.device_name(common["device"])
+    be = C.spec("BenchSpec", device=C.device_name(common["bench_device"] or device, "--bench-device"), skip=common["skip_bench"])
+    r = recipe_mod.single_step(method, options, ev, be, common["seed"], stream=C.stream_flag(common["stream"], common["stream_auto"]) or False,
+                               device=device)
     C.run_recipe(r, common["model"], common["out_dir"], common["overwrite"], common["inline"], common["as_json"], None,
                  C.load_opts(common["allow_pickle"], common["trust_remote_code"], common["allow_non_finite"]))
 
@@ -98,7 +104,8 @@ def quantize(
     avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="mixed: bits-per-weight budget, scales included (e.g. 4.5)."),
     set_: Optional[List[str]] = C.SET_OPT, ignore: Optional[List[str]] = C.IGNORE_OPT,
     overwrite: bool = C.OVERWRITE_OPT, max_samples: Optional[int] = C.MAX_SAMPLES_OPT, skip_eval: bool = C.SKIP_EVAL_OPT,
-    skip_bench: bool = C.SKIP_BENCH_OPT, device: str = C.DEVICE_OPT, seed: int = C.SEED_OPT, inline: bool = C.INLINE_OPT,
+    skip_bench: bool = C.SKIP_BENCH_OPT, device: str = C.DEVICE_OPT, bench_device: Optional[str] = C.BENCH_DEVICE_OPT,
+    seed: int = C.SEED_OPT, inline: bool = C.INLINE_OPT,
     stream: bool = C.STREAM_OPT, stream_auto: bool = C.STREAM_AUTO_OPT,
     as_json: bool = C.JSON_OPT, allow_pickle: bool = C.PICKLE_OPT, trust_remote_code: bool = C.REMOTE_OPT, allow_non_finite: bool = C.NONFINITE_OPT,
 ):
@@ -108,6 +115,7 @@ def quantize(
     Mixed int4/int8 per Linear: [bold]slimctl quantize smollm2-135m --method mixed --avg-bits 4.5 --out runs/smol-mixed[/bold]
     Each group's scale searched for the least rounding error (default: max|w|/7): [bold]… --method gptq --group-size 32 --set scale_search=mse[/bold]
     A model larger than memory, one block at a time: [bold]slimctl quantize ./big-llama --method gptq --stream --out runs/big-gptq[/bold]
+    GPTQ's calibration on a GPU, the benchmark on this CPU: [bold]slimctl quantize ./my-llama --method gptq --device cuda --bench-device cpu --out runs/gptq[/bold]
     """
     common = dict(locals())
     opts = C.set_options(set_)
@@ -134,7 +142,8 @@ def prune(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other method option as KEY=VALUE (repeatable), e.g. --set ffn=0.25."),
     ignore: Optional[List[str]] = C.IGNORE_OPT,
     overwrite: bool = C.OVERWRITE_OPT, max_samples: Optional[int] = C.MAX_SAMPLES_OPT, skip_eval: bool = C.SKIP_EVAL_OPT,
-    skip_bench: bool = C.SKIP_BENCH_OPT, device: str = C.DEVICE_OPT, seed: int = C.SEED_OPT, inline: bool = C.INLINE_OPT,
+    skip_bench: bool = C.SKIP_BENCH_OPT, device: str = C.DEVICE_OPT, bench_device: Optional[str] = C.BENCH_DEVICE_OPT,
+    seed: int = C.SEED_OPT, inline: bool = C.INLINE_OPT,
     stream: bool = C.STREAM_OPT, stream_auto: bool = C.STREAM_AUTO_OPT,
     as_json: bool = C.JSON_OPT, allow_pickle: bool = C.PICKLE_OPT, trust_remote_code: bool = C.REMOTE_OPT, allow_non_finite: bool = C.NONFINITE_OPT,
 ):

@@ -80,6 +80,16 @@ def collecting() -> Iterator[Stages]:
         _current.reset(token)
 
 
+def _sync() -> None:
+    """Wait for queued GPU work when CUDA is in use (calibration on a GPU, techniques/placement.py), so that a
+    stage's seconds are its kernels' and not their launches'. One flag read when CUDA is not initialised."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def stage(name: str, flops: float = 0.0) -> Iterator[None]:
     """Time the code inside as stage `name` (and count `flops` for it) when a step is being collected."""
@@ -87,10 +97,12 @@ def stage(name: str, flops: float = 0.0) -> Iterator[None]:
     if st is None:
         yield
         return
+    _sync()
     st.enter(name)
     try:
         yield
     finally:
+        _sync()
         st.exit()
         if flops:
             st.add_flops(name, flops)

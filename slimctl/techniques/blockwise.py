@@ -5,7 +5,8 @@ last to the first, runs again with gradients and passes the gradient at its outp
 Tensor hooks on activations inside a block (Fisher's scores on each Linear's output) see the gradients a
 whole-model backward pass would give them. A streamed model holds one block at a time (read, used,
 released unchanged); a model in memory runs the same code, so both give the same numbers bit for bit, and
-autograd never holds more than one block's graph."""
+autograd never holds more than one block's graph. With a calibration device (placement.py) each block runs
+there in its turn; the modules after the blocks (final norm, LM head) stay on the CPU."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from . import placement
 from ..results import stages
 from ..stream.blocks import capture_block_inputs, find_blocks, with_hidden
 
@@ -35,13 +37,13 @@ def backward_by_block(model: nn.Module, parts: list[dict], seeds: Seeds, stage: 
     with _frozen(model):
         try:
             hidden, as_tuple = _forward(model, st, prefix, blocks, parts, saved, stage, track, desc)
-            grads = _head(model, hidden, as_tuple, seeds, stage)
+            grads = placement.to_device(_head(model, hidden, as_tuple, seeds, stage), placement.current())
             del hidden
             for i in track(list(reversed(range(len(blocks)))), f"{desc}: backward", len(blocks)):
                 for p, gs in enumerate(grads) if on_output else ():
                     for g in gs:
                         on_output(i, p, g)
-                with _held(st, f"{prefix}.{i}", blocks[i]) as block:
+                with _held(st, f"{prefix}.{i}", blocks[i]) as block, placement.block_on_device(block):
                     grads = [_through(block, item, g, stage) for item, g in zip(saved[i], grads)]
                 saved.pop().close()  # this block's inputs are no longer needed
         finally:
@@ -76,15 +78,16 @@ def _forward(model, st, prefix, blocks, parts, saved: list, stage, track, desc):
     return tuples."""
     from .calibrate import Activations, block_flops
 
+    dev = placement.current()
     with st.outside_on_demand() if st else contextlib.nullcontext():
-        inputs = capture_block_inputs(model, blocks[0], parts)
+        inputs = placement.to_device(capture_block_inputs(model, blocks[0], parts), dev)
     on_disk = st is not None and _too_large(model, parts, len(blocks))
     as_tuple = False
     for i in track(range(len(blocks)), f"{desc}: forward", len(blocks)):
-        saved.append(Activations(on_disk))
+        saved.append(Activations(on_disk, device=dev))
         for item in inputs:
             saved[-1].append(item)
-        with _held(st, f"{prefix}.{i}", blocks[i]) as block, torch.inference_mode():
+        with _held(st, f"{prefix}.{i}", blocks[i]) as block, placement.block_on_device(block), torch.inference_mode():
             nxt = []
             for a, k in inputs:
                 with stages.stage(stage, block_flops(block, a[0] if a else k.get("hidden_states"))):
@@ -92,7 +95,8 @@ def _forward(model, st, prefix, blocks, parts, saved: list, stage, track, desc):
                 as_tuple = isinstance(out, (tuple, list))
                 nxt.append(with_hidden(a, k, out[0] if as_tuple else out))
             inputs = nxt
-    return [a[0] if a else k["hidden_states"] for a, k in inputs], as_tuple
+    last = [a[0] if a else k["hidden_states"] for a, k in inputs]  # the modules after the blocks run on the CPU
+    return placement.to_device(last, "cpu" if dev is not None else None), as_tuple
 
 
 def _too_large(model, parts: list[dict], blocks: int) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..results import stages
-from . import precision
+from . import placement, precision
 from .hessian import InputStats, collect
 from ..errors import DataError
 from ..stream.blocks import capture_block_inputs, find_blocks, forward_all, with_hidden  # noqa: F401  (techniques import them from here)
@@ -79,7 +79,7 @@ def sequential(model: nn.Module, batches: list[dict], on_block: Callable[[int, s
 
     st = stream_of(model)
     prefix, blocks = find_blocks(model)
-    inputs = Activations(on_disk=st is not None and _too_large(model, batches))
+    inputs = Activations(on_disk=st is not None and _too_large(model, batches), device=placement.current())
     try:
         with st.outside_on_demand() if st else contextlib.nullcontext():
             capture_block_inputs(model, blocks[0], batches, inputs)
@@ -132,19 +132,21 @@ def _too_large(model: nn.Module, batches: list[dict]) -> bool:
 
 class Activations:
     """A block's calibration inputs, (args, kwargs) per batch: a list in memory, or, for a streamed model
-    whose activations would not fit, one file per batch in a temporary folder (read back on use; exact)."""
+    whose activations would not fit, one file per batch in a temporary folder (read back on use; exact).
+    With a calibration `device` (placement.py) they are held there, or read back to it from the files."""
 
-    def __init__(self, on_disk: bool = False):
+    def __init__(self, on_disk: bool = False, device: torch.device | None = None):
         import tempfile
 
         self.items: list = []
+        self.device = device
         self.folder = tempfile.mkdtemp(prefix="slimctl-activations-") if on_disk else None
 
     def _put(self, i: int, value) -> Any:
         if self.folder is None:
-            return value
+            return placement.to_device(value, self.device)
         path = f"{self.folder}/{i}.pt"
-        torch.save(value, path)
+        torch.save(placement.to_device(value, "cpu" if self.device is not None else None), path)
         return path
 
     def append(self, value) -> None:
@@ -157,7 +159,9 @@ class Activations:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         v = self.items[i]
-        return torch.load(v, weights_only=False) if self.folder is not None else v  # our own files, this run
+        if self.folder is None:
+            return v
+        return placement.to_device(torch.load(v, weights_only=False), self.device)  # our own files, this run
 
     def __len__(self) -> int:
         return len(self.items)
@@ -176,15 +180,16 @@ def _each_block(model, prefix, blocks, st, inputs, on_block, track, after_block)
     results = []
     for i in track(range(len(blocks)), "blocks", len(blocks)):
         block = st.load(f"{prefix}.{i}") if st else blocks[i]
-        results.append(on_block(i, f"{prefix}.{i}", block, inputs))
-        from ..quant.layers import dequantized_once
+        with placement.block_on_device(block):  # on the calibration device for its turn (nothing moves on a CPU)
+            results.append(on_block(i, f"{prefix}.{i}", block, inputs))
+            from ..quant.layers import dequantized_once
 
-        last = i + 1 == len(blocks)  # no block reads the last one's outputs
-        with torch.inference_mode(), dequantized_once(block):  # each input replaced by its output in turn
-            for j, (a, k) in enumerate([] if last else inputs):
-                inputs[j] = with_hidden(a, k, run_block(block, a, k))
-        if after_block is not None:
-            after_block(i, f"{prefix}.{i}", block)
+            last = i + 1 == len(blocks)  # no block reads the last one's outputs
+            with torch.inference_mode(), dequantized_once(block):  # each input replaced by its output in turn
+                for j, (a, k) in enumerate([] if last else inputs):
+                    inputs[j] = with_hidden(a, k, run_block(block, a, k))
+            if after_block is not None:
+                after_block(i, f"{prefix}.{i}", block)
         if st:  # a streamed block is written to the spill folder and its memory freed
             st.release(f"{prefix}.{i}")
     return results

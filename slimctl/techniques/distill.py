@@ -34,7 +34,7 @@ class DistillConfig(TechniqueConfig):
     source: Literal["text", "generated", "mixed"] = "text"
     held_out: int = Field(default=8, ge=1, le=10_000)  # sequences never trained on: KL before/after
     teacher: Optional[str] = None  # built-in name, folder or hub id; default: the model before the recipe
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Optional[Literal["cpu", "cuda"]] = None  # default: the recipe's device (where it calibrates)
     train: Literal["blocks", "all"] = "blocks"  # blocks: embeddings, LM head and final norm stay as they are
     max_minutes: Optional[float] = Field(default=None, gt=0.0)  # stop at this wall time (tokens used: reported)
     # the teacher's and student's forwards and the backward under bfloat16 autocast (weights, gradients and AdamW's
@@ -271,10 +271,13 @@ def apply(model, cfg: DistillConfig, ctx: StepContext) -> dict:
         raise UnsupportedError("distill trains causal language models (next-token logits); this model is not one")
     if stream_of(model):
         refuse("distillation (it trains the whole model in memory)")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    from .placement import device_type
+
+    name = cfg.device or device_type()
+    if name == "cuda" and not torch.cuda.is_available():
         raise UnsupportedError("distill device cuda: no CUDA GPU is visible to torch")
     teacher = _teacher(cfg, ctx)
-    device = torch.device(cfg.device)
+    device = torch.device(name)
     torch.manual_seed(ctx.seed)
     model.to(device)
     teacher.to(device)

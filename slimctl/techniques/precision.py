@@ -27,9 +27,13 @@ def native_bf16() -> bool:
 
 
 def resolve(setting: str, auto_bf16: bool = True) -> str:
-    """'float32' or 'bfloat16' for a calib_dtype setting ('auto' follows native_bf16, where the step allows it)."""
+    """'float32' or 'bfloat16' for a calib_dtype setting ('auto' follows native_bf16, or on a calibration GPU
+    torch.cuda.is_bf16_supported, where the step allows it)."""
+    from .placement import device_type
+
     if setting == "auto":
-        return "bfloat16" if auto_bf16 and native_bf16() else "float32"
+        native = torch.cuda.is_bf16_supported() if device_type() == "cuda" else native_bf16()
+        return "bfloat16" if auto_bf16 and native else "float32"
     return setting
 
 
@@ -46,5 +50,7 @@ def calibration_precision(setting: str, auto_bf16: bool = True):
 
 def forward():
     """The context a calibration forward runs in: bfloat16 autocast when chosen, else nothing."""
+    from .placement import device_type
+
     dtype = _AUTOCAST.get()
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device_type(), dtype=dtype) if dtype is not None else contextlib.nullcontext()

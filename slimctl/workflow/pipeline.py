@@ -110,7 +110,11 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
 
     from ..evaluate import prepare_tasks
     from ..models import load
+    from ..techniques.placement import check
 
+    check(recipe.device)  # a missing GPU should fail before minutes of work, not after
+    if not recipe.bench.skip:
+        check(recipe.bench.device, "the benchmark")
     if recipe.eval.data:  # bad data should fail before minutes of work, not after
         from ..evaluate.data import read_file
 
