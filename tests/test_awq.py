@@ -214,3 +214,61 @@ def test_sensitivity_replay_gives_the_costs_of_a_full_forward(tiny_llama):
     skipped, full = _cost(m.model, batches, replay, 1, True), _cost(m.model, batches, replay, 0, True)
     assert full > 0 and skipped == pytest.approx(full, rel=1e-4)
     assert all("forward" not in vars(b) for b in replay.blocks)  # the replay left no patched forward behind
+
+
+@pytest.mark.parametrize("curve, same", [
+    (lambda a: (a - 0.63) ** 2, True),  # one minimum: refine finds the full grid's α
+    (lambda a: abs(a - 0.05), True),  # at the low end of the grid
+    (lambda a: abs(a - 0.95), True),  # at the high end
+    (lambda a: 1.0, True),  # all equal: the earliest point, as a full scan keeps it
+    (lambda a: min((a - 0.2) ** 2 + 1e-3, (a - 0.75) ** 2), False),  # two minima: refine may keep the coarse one's
+])
+def test_awq_refined_grid_scores_fewer_alphas_and_finds_a_single_minimum(curve, same):
+    from slimctl.techniques.awq import AWQConfig, _grid_losses
+
+    for stride in (2, 4):
+        cfg = AWQConfig(grid_search="refine", refine_stride=stride)
+        points = [0.0] + [k / cfg.grid for k in range(cfg.grid)]  # s = 1 first, then the α grid
+        scored = []
+
+        def score(i):
+            scored.append(i)
+            return 5.0 if i == 0 else curve(points[i])
+
+        refined = _grid_losses(score, len(points), 1, cfg)
+        full = _grid_losses(lambda i: 5.0 if i == 0 else curve(points[i]), len(points), 1, cfg.model_copy(update={"grid_search": "full"}))
+        assert len(full) == 21 and len(scored) == len(set(scored)) < 21 and len(refined) == len(scored)
+        pick = [min(d, key=lambda i: (d[i], i)) for d in (refined, full)]
+        if same:
+            assert pick[0] == pick[1], (stride, pick)
+        assert all(refined[i] == full[i] for i in refined)  # the same losses where both scored
+    assert len(scored) <= 13  # stride 4: the coarse 5 points, s = 1 and at most 6 between
+
+
+def test_awq_refined_grid_default_is_full_and_refine_runs(tiny_llama):
+    """The default scores the whole grid (AutoAWQ's search, the figures in the docs); refine runs end to end and
+    scores fewer α's than the full grid on a real block."""
+    from slimctl.techniques import awq
+
+    assert awq.AWQConfig().grid_search == "full"
+    m, ctx = _ctx(tiny_llama)
+    calls = {"n": 0}
+    real = awq._loss
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    counts = {}
+    for mode in ("full", "refine"):
+        calls["n"] = 0
+        model = copy.deepcopy(m.model)
+        cfg = T.get("awq").config(bits=4, group_size=32, calib_samples=4, calib_seq_len=32, grid_search=mode)
+        awq._loss, saved = counting, awq._loss
+        try:
+            stats = T.get("awq").apply(model, cfg, ctx)
+        finally:
+            awq._loss = saved
+        counts[mode] = calls["n"]
+        assert stats["layers"]
+    assert 0 < counts["refine"] < 0.7 * counts["full"], counts
