@@ -349,3 +349,5 @@ def test_fisher_costs_are_the_same_with_the_rounding_errors_kept_between_draws_o
     kept = fisher.fisher_costs(m.model, targets, per, groups, batches, seed=0, draws=3)
     monkeypatch.setattr(fisher._Hooks, "CACHE_BYTES", 0)  # only the latest ΔW kept: recomputed at every draw
     assert fisher.fisher_costs(m.model, targets, per, groups, batches, seed=0, draws=3) == kept
+    monkeypatch.setattr(fisher._Hooks, "PRODUCT_BYTES", 0)  # x ΔWᵀ recomputed at every draw too
+    assert fisher.fisher_costs(m.model, targets, per, groups, batches, seed=0, draws=3) == kept

@@ -70,22 +70,31 @@ class _Hooks:
         for h in self.handles:
             h.remove()
 
+    PRODUCT_BYTES = 64 << 20  # a call's ΔW x products kept for its next draws when they fit in this
+
     def _forward(self, name: str):
         def fn(mod, args, out):
             if out.requires_grad:
                 x = args[0].detach()
-                out.register_hook(lambda g: self._score(name, x, g))
+                products: dict = {}  # choice -> x ΔWᵀ for this call: the same for every draw (only g changes)
+                out.register_hook(lambda g: self._score(name, x, g, products))
         return fn
 
-    def _score(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    def _score(self, name: str, x: torch.Tensor, g: torch.Tensor, products: dict) -> None:
         w = self.targets[name].weight.detach().float()
         g = g.float().reshape(-1, g.shape[-1])
         x = x.float().reshape(-1, x.shape[-1])
-        with stages.stage(stages.SENSITIVITY, 2.0 * x.shape[0] * w.numel() * len(self.choices[name])):
-            for cname, ch in self.choices[name].items():
-                if ch.scheme is None:
-                    continue
-                proj = (g * (x @ self._delta(name, cname, w).T)).sum(-1)
+        live = [c for c, ch in self.choices[name].items() if ch.scheme is not None]
+        keep = 4 * x.shape[0] * w.shape[0] * len(live) <= self.PRODUCT_BYTES
+        todo = [c for c in live if c not in products]
+        with stages.stage(stages.SENSITIVITY, 2.0 * x.shape[0] * w.numel() * len(todo) + 3.0 * g.numel() * len(live)):
+            for cname in live:
+                xd = products.get(cname)
+                if xd is None:
+                    xd = x @ self._delta(name, cname, w).T
+                    if keep:
+                        products[cname] = xd
+                proj = (g * xd).sum(-1)
                 self.totals[name][cname] += 0.5 * float(proj.pow(2).sum())
 
     def _delta(self, name: str, cname: str, w: torch.Tensor) -> torch.Tensor:
