@@ -272,3 +272,26 @@ def test_awq_refined_grid_default_is_full_and_refine_runs(tiny_llama):
         counts[mode] = calls["n"]
         assert stats["layers"]
     assert 0 < counts["refine"] < 0.7 * counts["full"], counts
+
+
+def test_mixed_estimates_its_costs_with_the_sensitivity_rounding_and_quantizes_with_its_own(tiny_llama, monkeypatch):
+    """sensitivity_scale_search: the Fisher pass rounds with it (cheap), the chosen format is then quantized with
+    scale_search; unset, both are scale_search."""
+    from slimctl.quant import integer
+    from slimctl.techniques import mixed
+
+    cfg = T.get("mixed").config(avg_bits=6.0, group_size=32, quantizer="rtn", fp16_scales=True, scale_search="mse",
+                                sensitivity_scale_search="signed", sensitivity_samples=2, sensitivity_seq_len=32)
+    assert {c.scheme.scale_search for c in mixed._choices(cfg).values()} == {"signed"}
+    assert {c.scheme.scale_search for c in mixed._choices(cfg.model_copy(update={"sensitivity_scale_search": None})).values()} == {"mse"}
+    seen = []
+    real = integer.group_params
+
+    def spy(w, scheme, *a, **k):
+        seen.append(scheme.scale_search)
+        return real(w, scheme, *a, **k)
+
+    monkeypatch.setattr(integer, "group_params", spy)
+    m, ctx = _ctx(tiny_llama)
+    stats = T.get("mixed").apply(m.model, cfg, ctx)
+    assert stats["allocation"] and "signed" in seen and "mse" in seen  # costs with signed, the artifact with mse

@@ -38,11 +38,16 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     sensitivity: Literal["fisher", "measured"] = "fisher"
     sensitivity_draws: int = Field(default=4, ge=1, le=64)  # labels drawn per token for the Fisher estimate
     sensitivity_seq_len: int = Field(default=256, ge=8, le=32_768)
+    # the rounding the per-Linear costs are estimated with (None: `scale_search` itself); `signed` skips the mse
+    # search's 52 candidate scales per group for every Linear and format (most of the sensitivity pass's time)
+    sensitivity_scale_search: Optional[ScaleSearch] = None
 
 
 def _choices(cfg: MixedConfig) -> dict[str, Choice]:
+    """The formats each Linear may get, their schemes rounding as the cost estimate does (the chosen format is then
+    quantized with `scale_search`)."""
     def scheme(bits: int, group: int | None) -> QScheme:
-        return QScheme(bits, group, cfg.symmetric, cfg.fp16_scales, cfg.scale_search)
+        return QScheme(bits, group, cfg.symmetric, cfg.fp16_scales, cfg.sensitivity_scale_search or cfg.scale_search)
 
     out = {f"int4-g{g}" if g else "int4": Choice("int4", scheme(4, g)) for g in dict.fromkeys(cfg.group_sizes or [cfg.group_size])}
     if cfg.group_size_3:
