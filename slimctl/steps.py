@@ -2,6 +2,7 @@
 progress through a small UI object; used by the pipeline, the library API and the bench worker."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -22,7 +23,6 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
     from . import techniques
     from .machine import PeakMemory, release_freed_memory, rss_mb
     from .results.stages import collecting
-    from .techniques import placement
     from .techniques.placement import calibration_device
     from .techniques.precision import calibration_precision
 
@@ -36,16 +36,15 @@ def apply_steps(model, tokenizer, recipe: Recipe, kind: str, ui: UI) -> tuple[An
         before = rss_mb()  # the process already holds the baseline (for side-by-side eval) and this model
         t0 = time.perf_counter()
         census = layer_census(model)
-        with calibration_device(recipe.device) as dev, PeakMemory("cpu") as mem, collecting() as stages, \
+        with calibration_device(recipe.device) as dev, PeakMemory("cpu") as mem, \
+                PeakMemory(dev.type) if dev.type != "cpu" else contextlib.nullcontext() as gpu, collecting() as stages, \
                 calibration_precision(getattr(step.config, "calib_dtype", "float32"),
                                       getattr(step.config, "auto_bf16", True)) as used:
-            placement.reset_peak()
             stats = tech.apply(model, step.config, ctx)
-            gpu_mb = placement.peak_mb()
         if used != "float32":
             stats = {**stats, "calibration_precision": used}
-        if dev.type != "cpu":
-            stats = {**stats, "calibration_device": dev.type, "peak_gpu_mb": round(gpu_mb or 0.0, 1)}
+        if gpu is not None:
+            stats = {**stats, "calibration_device": dev.type, "peak_gpu_mb": round(gpu.peak_mb, 1)}
         seconds = time.perf_counter() - t0
         changed = None if ctx.replacement is not None else changed_layers(census, model)
         if changed is not None:

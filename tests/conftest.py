@@ -149,6 +149,16 @@ def tree_digest(path: Path) -> dict:
     return {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def saved_tensors(folder: Path) -> dict:
+    """Every tensor of the safetensors files in `folder` (all shards), by name."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -131,8 +131,7 @@ def test_calibration_on_the_gpu_writes_the_cpu_format(tmp_path, method, options)
     tensors (names, shapes, dtypes), its float tensors agree within float tolerance and at least 99 % of its
     integer codes match; the step records the device and its peak GPU memory. mixed and structured choose between
     near-equal costs, so there only the run and the reload are compared."""
-    from conftest import _save, _tokenizer, tiny_llama_model
-    from safetensors.torch import load_file
+    from conftest import _save, _tokenizer, saved_tensors, tiny_llama_model
 
     from slimctl.recipe import from_dict
     from slimctl.workflow import pipeline
@@ -146,7 +145,7 @@ def test_calibration_on_the_gpu_writes_the_cpu_format(tmp_path, method, options)
                                                                 "calib_data": data, **options}],
                        "eval": {"skip": True}, "bench": {"skip": True}}, "t")
         rep = pipeline.run(r, str(model), tmp_path / dev, isolate=False)
-        out[dev] = (rep, {k: v for f in (tmp_path / dev / "model").glob("*.safetensors") for k, v in load_file(f).items()})
+        out[dev] = (rep, saved_tensors(tmp_path / dev / "model"))
     (rc, a), (rg, b) = out["cpu"], out["cuda"]
     step = rg["slimmed"]["steps"][0]
     assert step["calibration_device"] == "cuda" and step["peak_gpu_mb"] > 0

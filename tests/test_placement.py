@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, saved_tensors as _tensors
 
 OPTIONS = {
     "gptq": {"bits": 4, "group_size": 32},
@@ -29,15 +29,6 @@ def _recipe(method: str, stream: bool = False, device: str = "cpu"):
     return from_dict({"version": 1, "seed": 0, "stream": stream, "device": device,
                       "steps": [{"method": method, "calib_samples": 6, "calib_seq_len": 64, **OPTIONS[method]}],
                       "eval": {"skip": True}, "bench": {"skip": True}}, "test")
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture

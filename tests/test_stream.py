@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, saved_tensors as _tensors
 
 # Every technique registered with streams=True is checked (a new one is picked up from the registry); these are
 # the options that make each quick, beyond the small calibration every calibrated one gets.
@@ -57,15 +57,6 @@ def _recipe(method: str, stream: bool, evaluate: bool = False):
     return from_dict({"version": 1, "seed": 0, "stream": stream, "steps": [{"method": method, **_options(method)}],
                       "eval": {"skip": not evaluate, "max_samples": 4, "seq_len": 64, "max_tokens": 256},
                       "bench": {"skip": True}}, "test")
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture

@@ -61,6 +61,20 @@ def forward_all(model: nn.Module, batches: list[dict]) -> None:
             model(**b, use_cache=False) if use_cache else model(**b)
 
 
+def map_tensors(obj, fn):
+    """obj with fn applied to every tensor inside it (tuples, lists and dicts rebuilt, anything else kept): a block's
+    captured (args, kwargs) copied, moved to a device, …"""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden,) + tuple(args[1:]), kwargs

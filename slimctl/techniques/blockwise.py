@@ -17,7 +17,7 @@ from torch import nn
 
 from . import placement
 from ..results import stages
-from ..stream.blocks import capture_block_inputs, find_blocks, with_hidden
+from ..stream.blocks import capture_block_inputs, find_blocks, map_tensors, with_hidden
 
 Seeds = Callable[[int, torch.Tensor], Iterator[torch.Tensor]]  # (batch index, its float32 logits) -> gradients at them
 OnOutput = Callable[[int, int, torch.Tensor], None]  # (block index, batch index, a gradient at the block's output)
@@ -155,12 +155,4 @@ def _through(block: nn.Module, item: tuple, grads: list[torch.Tensor], stage: st
 def _plain(obj):
     """A copy of obj whose tensors autograd may use (inputs captured in inference mode cannot be saved for
     backward): each tensor cloned, containers rebuilt, anything else kept."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple):
-        return tuple(_plain(v) for v in obj)
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, torch.Tensor.clone)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import DeviceError
+from ..stream.blocks import map_tensors
 
 _DEVICE: ContextVar[torch.device | None] = ContextVar("slimctl_calibration_device", default=None)
 DEVICES = ("cpu", "cuda")
@@ -54,17 +55,7 @@ def device_type() -> str:
 
 def to_device(obj: Any, dev: torch.device | str | None) -> Any:
     """obj with every tensor inside (tuples, lists, dicts) moved to `dev`; anything else kept. None: obj itself."""
-    if dev is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dev)
-    if isinstance(obj, tuple):
-        return tuple(to_device(v, dev) for v in obj)
-    if isinstance(obj, list):
-        return [to_device(v, dev) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, dev) for k, v in obj.items()}
-    return obj
+    return obj if dev is None else map_tensors(obj, lambda t: t.to(dev))
 
 
 @contextlib.contextmanager
@@ -80,26 +71,4 @@ def block_on_device(block: nn.Module):
         with dev:
             yield block
     finally:
-        block.to("cpu")
-        synchronize()
-
-
-def synchronize() -> None:
-    """Wait for the accelerator's queued work (timings of asynchronous GPU work are otherwise the launch's)."""
-    dev = _DEVICE.get()
-    if dev is not None and dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def peak_mb() -> float | None:
-    """Peak GPU memory allocated since the last reset, in MB, when calibrating on CUDA."""
-    dev = _DEVICE.get()
-    if dev is None or dev.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(dev) / 2**20
-
-
-def reset_peak() -> None:
-    dev = _DEVICE.get()
-    if dev is not None and dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+        block.to("cpu")  # a copy to the host: waits for the block's queued GPU work
