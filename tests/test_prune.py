@@ -143,6 +143,8 @@ def _plain_reload(path, kind):
 
 
 @pytest.mark.parametrize("opts,heads,kv,inter", [({"ffn": 0.25}, 4, 2, 96), ({"heads": 0.5}, 2, 1, 128),
+                                                  ({"query_heads": 0.5}, 2, 2, 128),
+                                                  ({"query_heads": 0.5, "reconstruct": False}, 2, 2, 128),
                                                   ({"ffn": 0.5, "heads": 0.5, "multiple_of": 16}, 2, 1, 64)])
 def test_structured_llama_shrinks_and_reloads_in_plain_transformers(llama, tmp_path, opts, heads, kv, inter):
     before = sum(p.numel() for p in llama.model.parameters())
@@ -224,6 +226,39 @@ def test_obs_removal_of_head_groups_removes_whole_groups():
     w[:, 8:16] *= 1e-3  # group 1 is nearly silent
     r = remove_groups(w, _hessian(x), torch.arange(64).view(8, 8), 1, 1e-6)
     assert r.kept.tolist() == [0, 2, 3, 4, 5, 6, 7] and r.weight.shape == (16, 56)
+
+
+def test_obs_removal_with_a_quota_takes_the_same_number_from_every_label():
+    """Query heads of a GQA layer: one from each key/value group, the cheapest within each group, even when
+    the two cheapest of all share a group."""
+    from slimctl.techniques.reconstruct import remove_groups
+
+    x = _correlated_inputs(n=1024, d=64)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    w[:, 0:8] *= 1e-3  # heads 0 and 1 (both in group 0) nearly silent; head 6 less so
+    w[:, 8:16] *= 1e-2
+    w[:, 48:56] *= 0.1
+    labels = torch.arange(8) // 4
+    free = remove_groups(w, _hessian(x), torch.arange(64).view(8, 8), 2, 1e-6)
+    fair = remove_groups(w, _hessian(x), torch.arange(64).view(8, 8), 2, 1e-6, labels=labels, quota=1)
+    assert free.kept.tolist() == [2, 3, 4, 5, 6, 7]
+    assert fair.kept.tolist() == [1, 2, 3, 4, 5, 7] and fair.error > free.error
+
+
+def test_query_heads_need_grouped_query_attention(tiny_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _tokenizer
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    mha = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)).eval()
+    t = T.get("structured")
+    with pytest.raises(UnsupportedError, match="grouped-query attention"):
+        t.apply(mha, t.config(query_heads=0.5, **CAL), T.StepContext(kind="causal-lm", tokenizer=tok))
+    with pytest.raises(Exception, match="not both"):
+        t.config(heads=0.5, query_heads=0.5)
 
 
 def test_structured_reconstruction_brings_the_pruned_model_closer_to_the_original(tiny_llama):
@@ -338,7 +373,7 @@ def test_structured_bert_prunes_ffn_and_keeps_heads_with_a_note(tiny_bert, tmp_p
 
 
 def test_structured_needs_something_to_remove():
-    with pytest.raises(Exception, match="ffn and/or heads"):
+    with pytest.raises(Exception, match="ffn, heads and/or query_heads"):
         T.get("structured").config()
 
 

@@ -51,10 +51,10 @@ def sharded_llama(tmp_path_factory) -> Path:
     return path
 
 
-def _recipe(method: str, stream: bool, evaluate: bool = False):
+def _recipe(method: str, stream: bool, evaluate: bool = False, **options):
     from slimctl.recipe import from_dict
 
-    return from_dict({"version": 1, "seed": 0, "stream": stream, "steps": [{"method": method, **_options(method)}],
+    return from_dict({"version": 1, "seed": 0, "stream": stream, "steps": [{"method": method, **_options(method), **options}],
                       "eval": {"skip": not evaluate, "max_samples": 4, "seq_len": 64, "max_tokens": 256},
                       "bench": {"skip": True}}, "test")
 
@@ -81,6 +81,19 @@ def test_streamed_artifact_is_bit_identical(sharded_llama, tmp_path, method, one
     assert st["artifact"]["reload_check"]["max_abs_diff"] <= 1e-5, st["artifact"]["reload_check"]
     assert st["passed"]
     assert st["slimmed"]["steps"][0]["layers"] == mem["slimmed"]["steps"][0]["layers"]
+
+
+def test_streamed_query_head_pruning_is_bit_identical(sharded_llama, tmp_path, one_thread):
+    """Query heads within each GQA group: the streamed model's attention modules get their new group size."""
+    from slimctl.workflow import pipeline
+
+    opts = {"ffn": 0.25, "heads": 0.0, "query_heads": 0.5}
+    mem = pipeline.run(_recipe("structured", False, **opts), str(sharded_llama), tmp_path / "mem", isolate=False)
+    st = pipeline.run(_recipe("structured", True, **opts), str(sharded_llama), tmp_path / "stream", isolate=False)
+    a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "stream" / "model")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.layers.0.self_attn.q_proj.weight"].shape[0] == a["model.layers.0.self_attn.k_proj.weight"].shape[0]
+    assert st["artifact"]["reload_check"]["max_abs_diff"] <= 1e-5 and st["passed"]
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

@@ -47,7 +47,8 @@ def _group_costs(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor, rows: t
 def remove_groups(w: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, remove: int, dampening: float = 0.01,
                   bias: torch.Tensor | None = None, mean: torch.Tensor | None = None,
                   row_weight: torch.Tensor | None = None, cross: torch.Tensor | None = None,
-                  cross_sum: torch.Tensor | None = None) -> Removal:
+                  cross_sum: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                  quota: int | None = None) -> Removal:
     """Remove `remove` of the column groups (rows of `groups`: the column indices of each group) of
     w (out × in) greedily by least output error, updating the remaining columns after each choice
     (W ← W − W_S [H⁻¹]_SS⁻¹ [H⁻¹]_S:, and H⁻¹ by the same Schur step); the result equals the
@@ -58,7 +59,10 @@ def remove_groups(w: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, remove
     `cross` = 2/n Σ δ xᵀ (out × in) and `cross_sum` = 2/n Σ δ (with a bias) move the refit's target from
     the layer's own output W x to W x + δ, where δ is the drift of the block's output from the unpruned
     model's on the same text: the kept columns then also absorb what upstream pruning changed (the
-    unpruned model's output as the target, as in Kwon et al. 2022's mask tuning; `refit`)."""
+    unpruned model's output as the target, as in Kwon et al. 2022's mask tuning; `refit`).
+
+    `labels` (one per group) with `quota`: at most `quota` groups of any one label are removed, one group per
+    update (e.g. the same number of query heads from every key/value group, which a GQA config needs)."""
     wa, ha = _augmented(w, h, bias, mean)
     n_in = w.shape[1]
     dead = torch.diag(ha) == 0  # never-active inputs: removing them costs nothing
@@ -71,8 +75,9 @@ def remove_groups(w: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, remove
     alive = torch.ones(len(groups), dtype=torch.bool)
     path, total = [], 0.0
     rows = torch.ones(w.shape[0], dtype=torch.float64) if row_weight is None else row_weight.double()
-    for chunk in torch.tensor_split(torch.arange(remove), min(remove, MAX_UPDATES)) if remove else []:
-        live = alive.nonzero()[:, 0]
+    updates = remove if labels is not None else min(remove, MAX_UPDATES)
+    for chunk in torch.tensor_split(torch.arange(remove), updates) if remove else []:
+        live = _candidates(alive, labels, quota)
         cost = _group_costs(wa, hinv, groups[live], rows)
         pick = live[torch.topk(cost, len(chunk), largest=False).indices]
         s = groups[pick].flatten()
@@ -91,6 +96,15 @@ def remove_groups(w: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, remove
     d = wa - w0
     err = float(torch.trace(d @ h0 @ d.T) / torch.trace(w0 @ h0 @ w0.T).clamp(min=1e-30))
     return Removal(kept, wa[:, cols].float(), wa[:, n_in].float() if bias is not None else None, err, path)
+
+
+def _candidates(alive: torch.Tensor, labels: torch.Tensor | None, quota: int | None) -> torch.Tensor:
+    """The groups that may go next: alive, and (with labels) of a label that has not lost its quota yet."""
+    ok = alive.clone()
+    if labels is not None:
+        gone = torch.bincount(labels[~alive], minlength=int(labels.max()) + 1)
+        ok &= gone[labels] < quota
+    return ok.nonzero()[:, 0]
 
 
 def refit(wa: torch.Tensor, ha: torch.Tensor, cols: torch.Tensor, n_in: int, cross: torch.Tensor,

@@ -1,5 +1,5 @@
 """Structured pruning: remove whole FFN channels and attention heads (key/value heads together with
-their query group), slicing the weights and updating the config so plain `from_pretrained` loads the
+their query group, or query heads within every group), slicing the weights and updating the config so plain `from_pretrained` loads the
 smaller model. By default the channels/heads are chosen and the consumer Linear (down_proj, o_proj)
 refit in closed form on calibration inputs (reconstruct.py: OBS over column groups, bias compensation);
 `reconstruct: false` keeps the plain ‖x‖·‖w‖ score and slice; with `refit_target: model` the FFN refit
@@ -28,6 +28,9 @@ from .reconstruct import remove_groups
 class StructuredConfig(CalibrationOptions):
     ffn: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of FFN intermediate channels to remove
     heads: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of key/value heads (with their query heads) to remove
+    # grouped-query attention: fraction of the query heads of every key/value group to remove (the same number
+    # from each group, which heads chosen by OBS on o_proj per layer; keys and values stay); plain transformers reloads it
+    query_heads: float = Field(default=0.0, ge=0.0, lt=1.0)
     # keep the intermediate width a multiple of this; default 1 (uniform) or 32 (global: every layer's width
     # then suits int4 groups of 32 and the fused kernels when a quantization step follows)
     multiple_of: Optional[int] = Field(default=None, ge=1, le=1024)
@@ -49,8 +52,10 @@ class StructuredConfig(CalibrationOptions):
 
     @model_validator(mode="after")
     def _something(self):
-        if self.ffn == 0 and self.heads == 0:
-            raise ValueError("set ffn and/or heads to the fraction to remove, e.g. ffn: 0.25")
+        if self.ffn == 0 and self.heads == 0 and self.query_heads == 0:
+            raise ValueError("set ffn, heads and/or query_heads to the fraction to remove, e.g. ffn: 0.25")
+        if self.heads and self.query_heads:
+            raise ValueError("set heads (whole key/value groups) or query_heads (within each group), not both")
         return self
 
 
@@ -158,6 +163,28 @@ def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> t
     return n_heads, n_kv, head_dim, keep_kv
 
 
+def _query_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
+    """(query heads, key/value heads, head size, query heads kept per key/value group); None when nothing goes."""
+    if not all(atts):
+        raise UnsupportedError(f"query-head pruning needs separate q/k/v/o projections and a config that states "
+                               f"the head size; {_family_name(model)} has not both")
+    n_heads, n_kv, head_dim = families.head_counts(model.config)
+    group = n_heads // n_kv
+    if group < 2:
+        raise UnsupportedError(f"query_heads needs grouped-query attention (several query heads per key/value head); "
+                               f"this model has {n_heads} query and {n_kv} key/value heads: use heads instead")
+    keep = group - int(round(cfg.query_heads * group))
+    if keep < 1:
+        raise UnsupportedError(f"query_heads {cfg.query_heads} would remove all {group} query heads of each key/value group")
+    if keep == group:
+        ctx.notes.append(f"query_heads {cfg.query_heads} of {group} query heads per group rounds to nothing to remove")
+        return None
+    if abs((group - keep) / group - cfg.query_heads) > 1e-9:
+        ctx.notes.append(f"query_heads {cfg.query_heads}: removed {group - keep} of the {group} query heads of every "
+                         f"key/value group ({(group - keep) / group:.0%})")
+    return n_heads, n_kv, head_dim, keep
+
+
 def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: str, cfg: StructuredConfig,
             drift: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, float | None]:
     """The column groups of `consumer` to keep (ascending); with reconstruct the consumer's weight and
@@ -200,6 +227,43 @@ def _prune_heads(block, att: dict[str, str], heads: tuple[int, int, int, int], s
         _set(block, att[part], _keep_rows(block.get_submodule(att[part]), idx))
     _set(block, att["o"], _keep_cols(block.get_submodule(att["o"]), q_idx))
     return sorted(set(range(n_kv)) - set(kv_keep.tolist())), err
+
+
+def _prune_query_heads(block, att: dict[str, str], plan: tuple[int, int, int, int], stats,
+                       cfg: StructuredConfig) -> tuple[list[int], float | None]:
+    """Remove the same number of query heads from every key/value group, those whose o_proj columns matter
+    least (OBS with a per-group quota, o_proj refit); returns the removed query heads."""
+    n_heads, n_kv, hd, keep = plan
+    group = n_heads // n_kv
+    o = block.get_submodule(att["o"])
+    cols = torch.arange(n_heads * hd).view(n_heads, hd)
+    if cfg.reconstruct:
+        n = max(stats.n["heads"], 1)
+        r = remove_groups(o.weight, stats.hessian["heads"], cols, n_kv * (group - keep), cfg.dampening, o.bias,
+                          stats.sum["heads"] / n, labels=torch.arange(n_heads) // group, quota=group - keep)
+        kept, err = r.kept, r.error
+        with torch.no_grad():
+            o.weight[:, cols[kept].flatten()] = r.weight.to(o.weight.dtype)
+            if r.bias is not None:
+                o.bias.copy_(r.bias.to(o.bias.dtype))
+    else:
+        score = _channel_score(o, stats.sq_norm["heads"])[cols].sum(1).view(n_kv, group)
+        kept = (torch.topk(score, keep, dim=1).indices.sort(1).values + torch.arange(n_kv)[:, None] * group).flatten()
+        err = None
+    q_idx = cols[kept].flatten()
+    _set(block, att["q"], _keep_rows(block.get_submodule(att["q"]), q_idx))
+    _set(block, att["o"], _keep_cols(o, q_idx))
+    _set_group_size(block.get_submodule(att["q"].rpartition(".")[0]), keep, n_kv)
+    return sorted(set(range(n_heads)) - set(kept.tolist())), err
+
+
+def _set_group_size(attention: nn.Module, per_group: int, n_kv: int) -> None:
+    """The attention module's own head counts (set from the config when it was built) after query heads went."""
+    if hasattr(attention, "num_key_value_groups"):
+        attention.num_key_value_groups = per_group
+    for attr in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(attention, attr, None), int):
+            setattr(attention, attr, per_group * n_kv)
 
 
 def ffn_stats_and_drift(block: nn.Module, inputs: list, consumer: nn.Linear, target: list[torch.Tensor]):
@@ -260,6 +324,11 @@ def _update_config(model, plan: dict) -> dict:
         setattr(conf, key, max(widths))
         if len(set(widths)) > 1:
             set_layer_sizes(conf, key, widths)
+    if "query_heads" in plan:
+        n_heads, n_kv, hd, keep = plan["query_heads"]
+        before.update(num_attention_heads=n_heads)
+        conf.head_dim = hd
+        conf.num_attention_heads = keep * n_kv
     if "heads" in plan:
         n_heads, n_kv, hd, keep_kv = plan["heads"]
         before.update(num_attention_heads=n_heads, num_key_value_heads=n_kv)
@@ -300,6 +369,9 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     heads = _heads_plan(cfg, model, atts, ctx) if cfg.heads else None
     if heads:
         plan["heads"] = heads
+    query = _query_plan(cfg, model, atts, ctx) if cfg.query_heads else None
+    if query:
+        plan["query_heads"] = query
     removed: dict[str, dict] = {}
     dense: list[torch.Tensor] = []  # refit_target model: the unpruned model's hidden states, per input
 
@@ -313,6 +385,10 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
         if "heads" in plan and plan["heads"][3] < plan["heads"][1]:  # heads first: the FFN then sees their refit output
             stats = block_stats(block, inputs, {"heads": block.get_submodule(atts[i]["o"])}, hessian=cfg.reconstruct)
             rec["kv_heads_removed"], err = _prune_heads(block, atts[i], plan["heads"], stats, cfg)
+            _record(rec, "o_proj_error", err)
+        if "query_heads" in plan:
+            stats = block_stats(block, inputs, {"heads": block.get_submodule(atts[i]["o"])}, hessian=cfg.reconstruct)
+            rec["query_heads_removed"], err = _prune_query_heads(block, atts[i], plan["query_heads"], stats, cfg)
             _record(rec, "o_proj_error", err)
         if pruning_ffn:
             if dense:
