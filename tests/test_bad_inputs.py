@@ -192,7 +192,7 @@ CASES = [
     (["prune", "{good}", "--pattern", "2:4", "--scope", "global", "--out", "{out}"], "scope 'global' applies to unstructured"),
     (["prune", "{good}", "--method", "wanda", "--pattern", "3:48", "--out", "{out}"], "needs input widths divisible by 48"),
     (["prune", "{good}", "--method", "sparsegpt", "--pattern", "3:48", "--out", "{out}"], "block_size 128 must be a multiple of M=48"),
-    (["prune", "{good}", "--method", "structured", "--out", "{out}"], "set ffn and/or heads"),
+    (["prune", "{good}", "--method", "structured", "--out", "{out}"], "set ffn, heads and/or query_heads"),
     (["prune", "{good}", "--method", "structured", "--set", "heads=0.99", "--out", "{out}"], "would remove all 2 key/value heads"),
     (["prune", "{good}", "--method", "structured", "--set", "ffn=1.0", "--out", "{out}"], "ffn: Input should be less than 1"),
     (["prune", "{good}", "--method", "depth", "--set", "blocks=2", "--out", "{out}"], "at most 0 can go"),
