@@ -51,8 +51,7 @@ def _run(recipe: str, model: str, dest: Path, tweets: Path | None) -> dict:
     return row
 
 
-def _speed(result) -> dict:
-    side = result.model_dump(mode="json")
+def _speed(side: dict) -> dict:
     return {"decode_tokens_per_s": side.get("decode_tokens_per_s"), "rounds_decode_tokens_per_s": side.get("rounds_decode_tokens_per_s"),
             "prefill_p50_ms": (side.get("prefill_ms") or {}).get("p50"),
             "latency_p50_ms": side["latency_ms"]["p50"], "rounds_p50_ms": side.get("rounds_p50_ms"),
@@ -89,8 +88,8 @@ def main() -> int:
         print(f"[bench] {args.rounds} alternating rounds: plain int4 vs pruned + int4", file=sys.stderr, flush=True)
         a, b = pair_isolated(str(tmp / "plain" / "model"), str(tmp / "pruned" / "model"), spec, args.rounds,
                              say=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
-    plain["speed"], pruned["speed"] = _speed(a), _speed(b)
     a, b = (x.model_dump(mode="json") for x in (a, b))
+    plain["speed"], pruned["speed"] = _speed(a), _speed(b)
     doc = {"model": args.model, "measured": time.strftime("%Y-%m-%d"), "environment": plain.pop("environment"),
            "plain": plain, "pruned": {k: v for k, v in pruned.items() if k != "environment"},
            "pruned_vs_plain": {

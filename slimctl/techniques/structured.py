@@ -1,6 +1,6 @@
 """Structured pruning: remove whole FFN channels and attention heads (key/value heads together with
-their query group, or query heads within every group), slicing the weights and updating the config so plain `from_pretrained` loads the
-smaller model. By default the channels/heads are chosen and the consumer Linear (down_proj, o_proj)
+their query group, or query heads within every group), slicing the weights and updating the config so
+plain `from_pretrained` loads the smaller model. By default the channels/heads are chosen and the consumer Linear (down_proj, o_proj)
 refit in closed form on calibration inputs (reconstruct.py: OBS over column groups, bias compensation);
 `reconstruct: false` keeps the plain ‖x‖·‖w‖ score and slice; with `refit_target: model` the FFN refit
 reproduces the unpruned model's block outputs. Uniform widths reload in plain transformers; global
@@ -186,16 +186,21 @@ def _query_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> t
 
 
 def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: str, cfg: StructuredConfig,
-            drift: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, float | None]:
+            drift: tuple[torch.Tensor, torch.Tensor] | None = None, sets: int = 1) -> tuple[torch.Tensor, float | None]:
     """The column groups of `consumer` to keep (ascending); with reconstruct the consumer's weight and
-    bias are refit in place on the kept columns first. Returns (kept, relative output error or None)."""
+    bias are refit in place on the kept columns first. `sets` > 1: the groups form that many equal
+    consecutive sets (query heads by key/value group) and each keeps the same number. Returns (kept,
+    relative output error or None)."""
+    per_set = len(groups) // sets
     if not cfg.reconstruct:
-        score = _channel_score(consumer, stats.sq_norm[key])[groups].sum(1)
-        return torch.topk(score, keep).indices.sort().values, None
+        score = _channel_score(consumer, stats.sq_norm[key])[groups].sum(1).view(sets, per_set)
+        top = torch.topk(score, keep // sets, dim=1).indices.sort(1).values
+        return (top + torch.arange(sets)[:, None] * per_set).flatten(), None
     n = max(stats.n[key], 1)
     cross, cross_sum = drift or (None, None)
+    quota = dict(labels=torch.arange(len(groups)) // per_set, quota=per_set - keep // sets) if sets > 1 else {}
     r = remove_groups(consumer.weight, stats.hessian[key], groups, len(groups) - keep, cfg.dampening,
-                      consumer.bias, stats.sum[key] / n, cross=cross, cross_sum=cross_sum)
+                      consumer.bias, stats.sum[key] / n, cross=cross, cross_sum=cross_sum, **quota)
     with torch.no_grad():
         consumer.weight[:, groups[r.kept].flatten()] = r.weight.to(consumer.weight.dtype)
         if r.bias is not None:
@@ -234,22 +239,9 @@ def _prune_query_heads(block, att: dict[str, str], plan: tuple[int, int, int, in
     """Remove the same number of query heads from every key/value group, those whose o_proj columns matter
     least (OBS with a per-group quota, o_proj refit); returns the removed query heads."""
     n_heads, n_kv, hd, keep = plan
-    group = n_heads // n_kv
     o = block.get_submodule(att["o"])
     cols = torch.arange(n_heads * hd).view(n_heads, hd)
-    if cfg.reconstruct:
-        n = max(stats.n["heads"], 1)
-        r = remove_groups(o.weight, stats.hessian["heads"], cols, n_kv * (group - keep), cfg.dampening, o.bias,
-                          stats.sum["heads"] / n, labels=torch.arange(n_heads) // group, quota=group - keep)
-        kept, err = r.kept, r.error
-        with torch.no_grad():
-            o.weight[:, cols[kept].flatten()] = r.weight.to(o.weight.dtype)
-            if r.bias is not None:
-                o.bias.copy_(r.bias.to(o.bias.dtype))
-    else:
-        score = _channel_score(o, stats.sq_norm["heads"])[cols].sum(1).view(n_kv, group)
-        kept = (torch.topk(score, keep, dim=1).indices.sort(1).values + torch.arange(n_kv)[:, None] * group).flatten()
-        err = None
+    kept, err = _choose(o, cols, keep * n_kv, stats, "heads", cfg, sets=n_kv)
     q_idx = cols[kept].flatten()
     _set(block, att["q"], _keep_rows(block.get_submodule(att["q"]), q_idx))
     _set(block, att["o"], _keep_cols(o, q_idx))
@@ -382,13 +374,13 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
             if not dense:
                 dense.extend((a[0] if a else k["hidden_states"]) for a, k in inputs)
             dense[:] = _dense_outputs(block, inputs, dense)
-        if "heads" in plan and plan["heads"][3] < plan["heads"][1]:  # heads first: the FFN then sees their refit output
+        pruning_kv = "heads" in plan and plan["heads"][3] < plan["heads"][1]
+        if pruning_kv or "query_heads" in plan:  # heads first: the FFN then sees their refit output
             stats = block_stats(block, inputs, {"heads": block.get_submodule(atts[i]["o"])}, hessian=cfg.reconstruct)
-            rec["kv_heads_removed"], err = _prune_heads(block, atts[i], plan["heads"], stats, cfg)
-            _record(rec, "o_proj_error", err)
-        if "query_heads" in plan:
-            stats = block_stats(block, inputs, {"heads": block.get_submodule(atts[i]["o"])}, hessian=cfg.reconstruct)
-            rec["query_heads_removed"], err = _prune_query_heads(block, atts[i], plan["query_heads"], stats, cfg)
+            if pruning_kv:
+                rec["kv_heads_removed"], err = _prune_heads(block, atts[i], plan["heads"], stats, cfg)
+            else:
+                rec["query_heads_removed"], err = _prune_query_heads(block, atts[i], plan["query_heads"], stats, cfg)
             _record(rec, "o_proj_error", err)
         if pruning_ffn:
             if dense:
