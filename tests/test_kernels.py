@@ -211,3 +211,11 @@ def test_int8_embedding_matches_its_dequantized_table():
     ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
     assert torch.allclose(q(ids), torch.nn.functional.embedding(ids, q.dequantized(torch.float32)))
     assert (q(ids) - emb(ids)).abs().max() <= emb.weight.abs().max() / 127
+
+
+def test_interleaved_decode_times_every_step_of_both_models(tiny_llama):
+    from slimctl.bench.interleaved import measure
+
+    r = measure((str(tiny_llama), str(tiny_llama)), requests=2, steps=3, seq_len=8, threads=1)
+    assert r["steps_timed"] == [6, 6] and r["decode"] == "eager" and r["kernels"] == [None, None]
+    assert all(t > 0 for t in r["step_ms_p50"]) and r["speedup_b_over_a"] == r["step_ms_p50"][0] / r["step_ms_p50"][1]
