@@ -78,7 +78,10 @@ class Recipe(Strict):
         from . import techniques
 
         kinds = [techniques.get(s.method).kind for s in self.steps]
-        quant = [i for i, k in enumerate(kinds) if k == "quantize"]
+        head = [i for i, s in enumerate(self.steps) if techniques.get(s.method).head_only]
+        if len(head) > 1:
+            raise ValueError(f"at most one {self.steps[head[0]].method} step: the LM head can be quantized once")
+        quant = [i for i, k in enumerate(kinds) if k == "quantize" and i not in head]
         first = techniques.get(self.steps[quant[0]].method) if quant else None
         if len(quant) == 2 and quant[1] == quant[0] + 1 and self.steps[quant[1]].method in first.precedes:
             a, b = self.steps[quant[0]], self.steps[quant[1]]

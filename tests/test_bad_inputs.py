@@ -73,6 +73,7 @@ def world(tiny_llama, tmp_path_factory):
     recipe("bad-data", {**base, "eval": {"data": str(w / "empty.jsonl")}})
     recipe("distill-first", {**base, "steps": [{"method": "distill"}]})
     recipe("distill-after-int4", {**base, "steps": [{"method": "depth", "blocks": 1}, {"method": "rtn"}, {"method": "distill"}]})
+    recipe("two-heads", {**base, "steps": [{"method": "rtn"}, {"method": "lm_head"}, {"method": "lm_head", "bits": 4}]})
     recipe("absurd-batch", {**base, "bench": {"batch_size": 1_000_000}})
     (w / "recipe-dir").mkdir()
 
@@ -158,6 +159,8 @@ CASES = [
     (["run", "{w}/ok.yaml", "--model", "{good}", "--out", "{out}", "--compile", "sometimes"], "--compile takes auto, true or false"),
     (["quantize", "{good}", "--method", "rtn", "--set", "embeddings=true", "--out", "{out}", "--skip-bench"],
      "tied to the LM head"),
+    (["quantize", "{good}", "--method", "lm_head", "--bits", "3", "--out", "{out}", "--skip-bench"], "bits: Input should be 4 or 8"),
+    (["run", "{w}/two-heads.yaml", "--model", "{good}", "--out", "{out}"], "at most one lm_head step"),
     # GGUF export and llama.cpp as a runtime
     (["export", "{w}/good", "--out", "{out}/m.gguf"], "supports BPE tokenizers; this one is WordPiece"),
     (["export", "{good}", "--format", "onnx", "--out", "{out}/m.gguf"], "unknown export format 'onnx'; known: gguf"),

@@ -204,8 +204,9 @@ with torch.inference_mode():
 
 @pytest.mark.parametrize("opts", [{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": None},
                                   {"bits": 4, "group_size": 32, "fp16_scales": True},
-                                  {"bits": 4, "group_size": 32, "fp16_scales": True, "scale_search": "signed"}],
-                         ids=["int4", "int8-channel", "int4-fp16-scales", "int4-signed-scales"])
+                                  {"bits": 4, "group_size": 32, "fp16_scales": True, "scale_search": "signed"},
+                                  {"bits": 4, "group_size": 32, "fp16_scales": True, "lm_head": True}],
+                         ids=["int4", "int8-channel", "int4-fp16-scales", "int4-signed-scales", "int4-int8-head"])
 def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensors(opts, tiny_llama, tmp_path, fast_recipe):
     """The artifact is compressed-tensors pack-quantized: transformers + compressed-tensors load it
     without slimctl and give exactly the logits slimctl's own loader gives."""
@@ -218,10 +219,13 @@ def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensor
     from slimctl import recipe as R
 
     out = tmp_path / "o"
-    rep = pipeline.run(R.load(fast_recipe([{"method": "rtn", **opts}])), str(tiny_llama), out, isolate=False)
+    head = opts.get("lm_head", False)  # the LM head untied and int8 per channel (lm_head step): its own config group
+    steps = [{"method": "rtn", **{k: v for k, v in opts.items() if k != "lm_head"}}] + ([{"method": "lm_head"}] if head else [])
+    rep = pipeline.run(R.load(fast_recipe(steps)), str(tiny_llama), out, isolate=False)
     assert rep["artifact"]["reload_check"]["bitwise_equal"]
     cfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    assert ("lm_head" in cfg["ignore"]) != head
     p = subprocess.run([sys.executable, "-c", _CT_RELOAD, str(out / "model")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     theirs = torch.tensor(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -229,7 +233,7 @@ def test_weight_only_artifact_loads_in_plain_transformers_with_compressed_tensor
     with torch.inference_mode():
         mine = ours(input_ids=torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2000, 3000]])).logits.float().flatten()
     assert torch.allclose(theirs, mine, atol=1e-5), (theirs - mine).abs().max()
-    if opts["bits"] == 4:  # fp16-rounded scales are stored in 16 bits: 4 + 16/32 = 4.5 bits per weight, else 5
+    if opts["bits"] == 4 and not head:  # fp16-rounded scales are stored in 16 bits: 4 + 16/32 = 4.5 bits per weight, else 5
         names = [n for n, m in ours.named_modules() if isinstance(m, WeightOnlyLinear)]
         assert bits_per_weight(ours, names) == pytest.approx(4 + (16 if opts.get("fp16_scales") else 32) / 32)
 

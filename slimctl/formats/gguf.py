@@ -169,7 +169,7 @@ def _each_tensor(model, config, opts: GGUFOptions, res: ExportResult):
     import torch
 
     from .. import families
-    from ..quant.layers import WeightOnlyLinear
+    from ..quant.layers import Int8Embedding, WeightOnlyLinear
 
     arch = check_architecture(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hparam(config, "num_hidden_layers", "n_layer"))
@@ -183,6 +183,10 @@ def _each_tensor(model, config, opts: GGUFOptions, res: ExportResult):
             continue  # llama.cpp uses token_embd for a tied head
         mod_name, _, leaf = key.rpartition(".")
         mod = modules.get(mod_name)
+        if isinstance(mod, Int8Embedding):  # int8 rows with a float32 scale each: written as a float table is
+            if leaf != "qweight":
+                continue
+            key, leaf, value = f"{mod_name}.weight", "weight", mod.dequantized(torch.float32)
         if isinstance(mod, WeightOnlyLinear) and leaf not in ("qweight", "bias"):
             continue  # weight_scale / zero points: written with the codes
         if isinstance(mod, WeightOnlyLinear) and leaf == "bias" and permuted:

@@ -272,17 +272,22 @@ class Int8Embedding(QuantizedLayer):
     FORMAT, STORED, CACHES = "int8-embedding", ("qweight", "weight_scale"), ("dense",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, multiplier: float = 1.0):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.multiplier = multiplier  # what a scaled lookup multiplies each row by (Gemma: √hidden); the table is stored unscaled
         self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(num_embeddings, 1, dtype=torch.float32, device=device))
         self.out_dtype = dtype  # what the rest of the model computes in (kernels.accelerate may set bf16)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
+        mult = row_multiplier(emb)
+        if mult is None:
+            raise ValueError(f"{type(emb).__name__} is not a plain or scaled lookup table")
         q, scale = quantize_rows_int8(emb.weight)
-        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype)
+        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype,
+                multiplier=mult)
         return m._filled(emb, q, scale[:, None])
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -295,20 +300,33 @@ class Int8Embedding(QuantizedLayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
-            return F.embedding(ids, self.dense, self.padding_idx)
+            rows = F.embedding(ids, self.dense, self.padding_idx)
+            return rows * self.multiplier if self.multiplier != 1.0 else rows
         rows = F.embedding(ids, self.qweight).float() * F.embedding(ids, self.weight_scale)
-        return rows.to(self.out_dtype)
+        return (rows * self.multiplier if self.multiplier != 1.0 else rows).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows with a scale per row"
 
     def meta(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "padding_idx": self.padding_idx}
+                "padding_idx": self.padding_idx, **({"multiplier": self.multiplier} if self.multiplier != 1.0 else {})}
 
     @classmethod
     def from_meta(cls, spec: dict[str, Any], dtype) -> "Int8Embedding":
-        return cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"), dtype=dtype)
+        return cls(spec["num_embeddings"], spec["embedding_dim"], spec.get("padding_idx"), dtype=dtype,
+                   multiplier=spec.get("multiplier", 1.0))
+
+
+def row_multiplier(emb: nn.Module) -> float | None:
+    """1.0 for a plain nn.Embedding; the scalar a scaled lookup multiplies its rows by (transformers' Gemma 3
+    `…ScaledWordEmbedding`: rows × embed_scale); None for any other subclass, whose forward slimctl cannot know."""
+    if type(emb) is nn.Embedding:
+        return 1.0
+    scale = getattr(emb, "embed_scale", None)
+    if isinstance(emb, nn.Embedding) and type(emb).__name__.endswith("ScaledWordEmbedding") and scale is not None:
+        return float(scale)
+    return None
 
 
 QUANTIZED_TYPES = (QuantizedLayer,)  # isinstance checks: any quantized layer

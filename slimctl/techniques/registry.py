@@ -141,6 +141,7 @@ class Technique:
     precedes: tuple[str, ...] = ()  # quantize methods this quantize step may come directly before (the recipe's
     pair: Pairing | None = None     # one exception to "a layer is quantized once"), and how it adapts to them
     proposals: tuple[Proposal, ...] = ()  # what `slimctl search` proposes with it
+    head_only: bool = False  # quantizes only the LM head, which every other step leaves alone: it may join one
 
 
 REGISTRY: dict[str, Technique] = {}
@@ -149,7 +150,7 @@ _loaded = False
 
 def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, loads_with: str = "transformers",
              streams: bool = False, precedes: tuple[str, ...] = (), pair: Pairing | None = None,
-             proposals: tuple[Proposal, ...] = ()):
+             proposals: tuple[Proposal, ...] = (), head_only: bool = False):
     """The one registration of a technique: its options (config), what reloads its artifact, whether it streams,
     which steps it composes with, and what search proposes with it. Recipes, `slimctl methods`, the CLI's help
     and search read it from here."""
@@ -159,7 +160,7 @@ def register(name: str, kind: str, config: type[TechniqueConfig], summary: str, 
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"technique {name} registered twice")
-        REGISTRY[name] = Technique(name, kind, config, fn, summary, loads_with, streams, precedes, pair, proposals)
+        REGISTRY[name] = Technique(name, kind, config, fn, summary, loads_with, streams, precedes, pair, proposals, head_only)
         return fn
     return deco
 

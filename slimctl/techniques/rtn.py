@@ -42,7 +42,7 @@ def apply(model, cfg: RTNConfig, ctx: StepContext) -> dict:
     if cfg.embeddings:
         if stream_of(model):
             refuse("embeddings: true")
-        out["embeddings"] = _embeddings(model, ctx)
+        out["embeddings"] = embeddings_int8(model)
     return out
 
 
@@ -64,17 +64,19 @@ def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
             round_layer(model, name, lin, schemes[name])
 
 
-def _embeddings(model, ctx: StepContext) -> dict:
+def embeddings_int8(model) -> dict:
+    """The input word-embedding table stored as int8 rows (Int8Embedding); refused while tied to the LM head."""
     from ..errors import UnsupportedError
-    from ..quant.layers import Int8Embedding
+    from ..quant.layers import Int8Embedding, row_multiplier
 
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is emb.weight:
-        raise UnsupportedError("embeddings: true would quantize a word-embedding table tied to the LM head; "
-                               "leave it false for this model")
-    if not isinstance(emb, torch.nn.Embedding):
-        raise UnsupportedError(f"embeddings: true needs an nn.Embedding input table, this model has {type(emb).__name__}")
+        raise UnsupportedError("embeddings: true would quantize a word-embedding table tied to the LM head; leave it "
+                               "false, or untie and quantize both with an lm_head step (embeddings: true)")
+    if row_multiplier(emb) is None:  # a subclass may do anything to its rows; Gemma's scaled lookup is known
+        raise UnsupportedError(f"embeddings: true needs an nn.Embedding input table (plain or scaled), this model has "
+                               f"{type(emb).__name__}")
     name = next(n for n, m in model.named_modules() if m is emb)
     q = Int8Embedding.from_embedding(emb)
     w = emb.weight.detach().float()
