@@ -208,25 +208,31 @@ def block_stats(block: nn.Module, inputs: list, layers: dict[str, nn.Linear], he
 def calibrated(model: nn.Module, targets: dict[str, nn.Linear], batches: list[dict],
                slim_layers: Callable[[dict[str, nn.Linear], InputStats], None], hessian: bool = False,
                track=lambda it, desc, total: it, leftover: str = "full-pass",
-               unseen: Callable[[dict[str, nn.Linear]], None] | None = None) -> list[str]:
+               unseen: Callable[[dict[str, nn.Linear]], None] | None = None, float_stream=None) -> list[str]:
     """The calibrated driver of Wanda, SparseGPT and GPTQ: block by block, `slim_layers(layers, stats)`
     on the targets inside the block, from their input statistics; the block's outputs (after slimming)
     feed the next block. Targets outside the repeated blocks (an LM head, a pooler) follow `leftover`:
     "full-pass" gathers their statistics in one pass of the whole slimmed model and slims them too;
     "return" leaves them to the caller. Layers that saw no calibration token (an expert the router never
-    chose) go to `unseen`, the caller's data-free fallback, when given. Returns the targets left over."""
+    chose) go to `unseen`, the caller's data-free fallback, when given. With a `float_stream` (gptaq.FloatStream)
+    the float model's inputs travel beside the slimmed model's, and `stats.cross` holds GPTAQ's cross terms.
+    Returns the targets left over."""
     done: set[str] = set()
 
     def on_block(i, prefix, block, inputs):
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         if mine:
             stats = block_stats(block, inputs, mine, hessian=hessian)
+            if float_stream is not None:
+                stats.cross = float_stream.cross(block, inputs, mine)
             blind = {n: m for n, m in mine.items() if stats.n[n] == 0} if unseen else {}
             if blind:
                 unseen(blind)
             if len(blind) < len(mine):
                 slim_layers({n: m for n, m in mine.items() if n not in blind}, stats)
             done.update(mine)
+        elif float_stream is not None:
+            float_stream.advance(block)
 
     sequential(model, batches, on_block, track, batch_tokens=BATCH_TOKENS)
     rest = {n: m for n, m in targets.items() if n not in done}

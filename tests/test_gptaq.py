@@ -1,0 +1,61 @@
+"""GPTAQ (gptq with `gptaq: true`): the asymmetric target solves its normal equations, block 0 (whose inputs are the
+same on both streams) is quantized exactly as plain GPTQ does, later blocks are not, and streaming refuses it."""
+import copy
+
+import torch
+
+from conftest import _tokenizer, tiny_llama_model
+from slimctl import techniques
+from slimctl.quant.layers import WeightOnlyLinear
+from slimctl.techniques.gptq import GPTQConfig
+
+
+def test_the_correction_brings_the_rounded_layer_closer_to_the_float_output():
+    """On a layer whose float inputs differ systematically from the quantized model's, GPTAQ's codes give a lower
+    ‖Ŵ X̃ − W X‖ than GPTQ's; with no difference (C = 0) they are GPTQ's codes exactly."""
+    from slimctl.quant.integer import QScheme, dequantize_groups
+    from slimctl.techniques.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randn(2048, 64, generator=g)
+    xf = xq @ (torch.eye(64) + 0.05 * torch.randn(64, 64, generator=g))  # earlier blocks' rounding, as a drift
+    w = torch.randn(32, 64, generator=g)
+    h, c = 2 / 2048 * xq.T @ xq, 2 / 2048 * (xf - xq).T @ xq
+    sch = QScheme(4, 32, True)
+
+    def err(cross, alpha=0.25):
+        q, s, z = gptq_quantize(w.clone(), h, sch, 32, 0.01, True, 128, cross=cross, alpha=alpha)
+        return float((dequantize_groups(q, s, z, 32) @ xq.T - w @ xf.T).norm()), q
+
+    plain, q0 = err(None)
+    same, q1 = err(torch.zeros_like(c))
+    assert torch.equal(q0, q1) and same == plain
+    assert err(c)[0] < 0.95 * plain and err(c, alpha=1.0)[0] < err(c)[0]
+
+
+def _gptq(model, tok, **opts):
+    ctx = techniques.StepContext(kind="causal-lm", seed=0, tokenizer=tok)
+    cfg = GPTQConfig(bits=4, group_size=32, calib_samples=4, calib_seq_len=32, **opts)
+    return techniques.get("gptq").apply(model, cfg, ctx)
+
+
+def test_block_0_matches_plain_gptq_and_later_blocks_correct_for_earlier_rounding():
+    tok = _tokenizer()
+    base = tiny_llama_model(tok, seed=0)
+    plain, asym = copy.deepcopy(base), copy.deepcopy(base)
+    _gptq(plain, tok)
+    out = _gptq(asym, tok, gptaq=True)
+    q = {n: m for n, m in asym.named_modules() if isinstance(m, WeightOnlyLinear)}
+    p = dict(plain.named_modules())
+    assert len(q) == 14 and all(0 <= e < 1 for e in out["relative_output_error"].values())
+    same = {n for n, m in q.items() if torch.equal(m.qweight, p[n].qweight) and torch.equal(m.weight_scale, p[n].weight_scale)}
+    assert {n for n in q if n.startswith("model.layers.0.")} <= same
+    assert any(n.startswith("model.layers.1.") and n not in same for n in q)
+
+
+def test_gptaq_is_refused_when_streaming(tiny_llama, tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("quantize", tiny_llama, "--method", "gptq", "--set", "gptaq=true", "--stream", "--out", tmp_path / "o",
+                "--skip-bench")
+    assert p.returncode == 2 and "gptaq: true" in p.stderr.strip().splitlines()[-1] and not (tmp_path / "o").exists()
