@@ -1,5 +1,5 @@
-"""GPTAQ's asymmetric calibration (Li et al. 2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric
-Calibration"): GPTQ fits each layer's output on the quantized model's own inputs X̃ to the same layer's output in
+"""GPTAQ's asymmetric calibration (Li et al., ICML 2025, "GPTQv2: Efficient Finetuning-Free Quantization with
+Asymmetric Calibration", since renamed GPTAQ): GPTQ fits each layer's output on the quantized model's own inputs X̃ to the same layer's output in
 that model, W X̃; GPTAQ fits it to the float model's output on the float model's inputs, min ‖Ŵ X̃ − W X‖², so the
 rounding of earlier blocks is corrected too. The solution is GPTQ's column loop with one more term per column
 (`correction`), from the cross term C = (2/n) ΔXᵀ X̃ (ΔX = X − X̃) beside GPTQ's H = (2/n) X̃ᵀ X̃. This module carries
