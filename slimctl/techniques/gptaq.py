@@ -1,11 +1,12 @@
 """GPTAQ's asymmetric calibration (Li et al., ICML 2025, "GPTQv2: Efficient Finetuning-Free Quantization with
-Asymmetric Calibration", since renamed GPTAQ): GPTQ fits each layer's output on the quantized model's own inputs X̃ to the same layer's output in
-that model, W X̃; GPTAQ fits it to the float model's output on the float model's inputs, min ‖Ŵ X̃ − W X‖², so the
-rounding of earlier blocks is corrected too. The solution is GPTQ's column loop with one more term per column
-(`correction`), from the cross term C = (2/n) ΔXᵀ X̃ (ΔX = X − X̃) beside GPTQ's H = (2/n) X̃ᵀ X̃. This module carries
-the float model's block inputs beside the quantized ones and gathers C per layer. (The closed form W + W C H⁻¹,
-the unconstrained least-squares fit, was tried first: it fits the calibration text's noise, ‖ΔW‖/‖W‖ reached 1.6
-in late blocks of smollm2-135m and BBC perplexity x16.7; the published update is strictly sequential and damped.)"""
+Asymmetric Calibration", since renamed GPTAQ): GPTQ fits each layer's output on the quantized model's own inputs X̃
+to the same layer's output in that model, W X̃; GPTAQ fits it to the float model's output on the float model's
+inputs, min ‖Ŵ X̃ − W X‖², so the rounding of earlier blocks is corrected too. The solution is GPTQ's column loop
+with one more term per column (`correction`), from the cross term C = (2/n) ΔXᵀ X̃ (ΔX = X − X̃) beside GPTQ's H =
+(2/n) X̃ᵀ X̃. This module carries the float model's block inputs beside the quantized ones and gathers C per layer.
+(The closed form W + W C H⁻¹, the unconstrained least-squares fit, was tried first: it fits the calibration text's
+noise, ‖ΔW‖/‖W‖ reached 1.6 in late blocks of smollm2-135m and BBC perplexity x16.7; the published update is
+strictly sequential and damped.)"""
 from __future__ import annotations
 
 import torch
