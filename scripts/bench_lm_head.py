@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def _cli(*args: str) -> dict:
@@ -54,15 +55,9 @@ def _head_row(int4: Path, dest: Path, embeddings: bool) -> dict:
 
 
 def _interleaved(a: Path, b: Path, n: int) -> dict:
-    ups = []
-    for i in range(n):
-        x, y = (a, b) if i % 2 == 0 else (b, a)
-        print(f"[bench] interleaved decode, process {i + 1}/{n}", file=sys.stderr, flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            subprocess.run([sys.executable, "-m", "slimctl.bench.interleaved", str(x), str(y), f.name], check=True)
-            r = json.loads(Path(f.name).read_text())
-        ups.append(r["speedup_b_over_a"] if x == a else 1 / r["speedup_b_over_a"])
-    ups.sort()
+    from slimctl.bench.interleaved import in_processes
+
+    ups = sorted(r["b_speedup"] for r in in_processes(a, b, n, say=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)))
     return {"head8_decode_speedup_per_process": ups, "head8_decode_speedup_median": statistics.median(ups),
             "processes_head8_faster": sum(u > 1 for u in ups)}
 

@@ -74,17 +74,12 @@ def _paired(plain: list | None, pruned: list | None) -> dict:
 def _interleaved(plain: Path, pruned: Path, rounds: int, compile: bool, spec) -> dict:
     """`rounds` fresh processes, each decoding both artifacts step for step (slimctl.bench.interleaved), the
     load order swapped every round: the pruned side's speedup per round and their median."""
-    res = []
-    for i in range(rounds):
-        a, b = (plain, pruned) if i % 2 == 0 else (pruned, plain)
-        print(f"[bench] interleaved decode, process {i + 1}/{rounds}", file=sys.stderr, flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            opts = {"compile": compile, "seq_len": spec.seq_len or 128, "steps": spec.decode_tokens, "threads": spec.threads}
-            subprocess.run([sys.executable, "-m", "slimctl.bench.interleaved", str(a), str(b), f.name, json.dumps(opts)],
-                           check=True)
-            r = json.loads(Path(f.name).read_text())
-        r["pruned_speedup"] = r["speedup_b_over_a"] if a == plain else 1 / r["speedup_b_over_a"]
-        res.append(r)
+    from slimctl.bench.interleaved import in_processes
+
+    opts = {"compile": compile, "seq_len": spec.seq_len or 128, "steps": spec.decode_tokens, "threads": spec.threads}
+    res = in_processes(plain, pruned, rounds, opts, say=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    for r in res:
+        r["pruned_speedup"] = r.pop("b_speedup")
     ups = sorted(r["pruned_speedup"] for r in res)
     return {"decode": "compiled" if compile else "eager", "per_process": res, "pruned_speedup_per_process": ups,
             "pruned_speedup_median": statistics.median(ups), "processes_pruned_faster": sum(u > 1 for u in ups)}

@@ -219,3 +219,14 @@ def test_interleaved_decode_times_every_step_of_both_models(tiny_llama):
     r = measure((str(tiny_llama), str(tiny_llama)), requests=2, steps=3, seq_len=8, threads=1)
     assert r["steps_timed"] == [6, 6] and r["decode"] == "eager" and r["kernels"] == [None, None]
     assert all(t > 0 for t in r["step_ms_p50"]) and r["speedup_b_over_a"] == r["step_ms_p50"][0] / r["step_ms_p50"][1]
+
+
+def test_interleaved_processes_swap_the_load_order_and_undo_it_in_the_ratio(tiny_llama, tmp_path):
+    import shutil
+
+    from slimctl.bench.interleaved import in_processes
+
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
+    res = in_processes(str(tiny_llama), str(other), 2, {"requests": 1, "steps": 2, "seq_len": 8, "threads": 1})
+    assert [r["folders"] for r in res] == [[str(tiny_llama), str(other)], [str(other), str(tiny_llama)]]
+    assert res[0]["b_speedup"] == res[0]["speedup_b_over_a"] and res[1]["b_speedup"] == 1 / res[1]["speedup_b_over_a"]

@@ -62,6 +62,26 @@ def measure(folders: tuple[str, str], requests: int = 8, steps: int = 32, seq_le
             "kernels": [p and {k: p[k] for k in ("act_dtype", "kernels", "dequantize_layers")} for p in plans]}
 
 
+def in_processes(a: str, b: str, n: int, opts: dict | None = None, say=lambda m: None) -> list[dict]:
+    """`measure` in n fresh processes, the load order swapped every time: each process's result with `b_speedup`,
+    b's decode speedup over a whichever loaded first."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    res = []
+    for i in range(n):
+        x, y = (a, b) if i % 2 == 0 else (b, a)
+        say(f"interleaved decode, process {i + 1}/{n}")
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, "-m", "slimctl.bench.interleaved", str(x), str(y), f.name,
+                            json.dumps(opts or {})], check=True)
+            r = json.loads(Path(f.name).read_text())
+        r["b_speedup"] = r["speedup_b_over_a"] if x == a else 1 / r["speedup_b_over_a"]
+        res.append(r)
+    return res
+
+
 def main(argv: list[str]) -> int:
     a, b, out = argv[:3]
     opts = json.loads(argv[3]) if len(argv) > 3 else {}

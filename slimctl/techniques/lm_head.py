@@ -21,7 +21,7 @@ from ..errors import UnsupportedError
 from ..quant.integer import QScheme, ScaleSearch, dequantize_groups, rtn
 from ..quant.layers import WeightOnlyLinear
 from ..stream.skeleton import refuse, set_submodule, stream_of
-from .registry import StepContext, TechniqueConfig, register
+from .registry import StepContext, TechniqueConfig, power_of_two_group, register
 
 
 class LMHeadConfig(TechniqueConfig):
@@ -36,9 +36,7 @@ class LMHeadConfig(TechniqueConfig):
     @field_validator("group_size")
     @classmethod
     def _power_of_two(cls, v):
-        if v is not None and v & (v - 1):
-            raise ValueError(f"group_size must be a power of two (32, 64, 128…), not {v}")
-        return v
+        return power_of_two_group(v)
 
 
 @register("lm_head", "quantize", LMHeadConfig,

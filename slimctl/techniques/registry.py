@@ -26,6 +26,13 @@ class LayerSelection(TechniqueConfig):
     ignore: list[str] = []  # fnmatch patterns of module names, added to the default protections
 
 
+def power_of_two_group(v: int | None) -> int | None:
+    """A weight-only config's `group_size` check: None (per channel) or a power of two."""
+    if v is not None and v & (v - 1):
+        raise ValueError(f"group_size must be a power of two (32, 64, 128…), not {v}")
+    return v
+
+
 class WeightOnlyOptions(LayerSelection):
     """Integer weight-only quantization options shared by RTN and GPTQ."""
 
@@ -43,9 +50,7 @@ class WeightOnlyOptions(LayerSelection):
     @field_validator("group_size")
     @classmethod
     def _power_of_two(cls, v):
-        if v is not None and v & (v - 1):
-            raise ValueError(f"group_size must be a power of two (32, 64, 128…), not {v}")
-        return v
+        return power_of_two_group(v)
 
 
 class CalibrationOptions(TechniqueConfig):
