@@ -200,6 +200,8 @@ CASES = [
     (["prune", "{good}", "--method", "structured", "--set", "ffn=1.0", "--out", "{out}"], "ffn: Input should be less than 1"),
     (["prune", "{good}", "--method", "depth", "--set", "blocks=2", "--out", "{out}"], "at most 0 can go"),
     (["prune", "{good}", "--method", "depth", "--out", "{out}"], "set exactly one of blocks"),
+    (["prune", "{good}", "--method", "slice", "--set", "fraction=1.0", "--out", "{out}"], "fraction: Input should be less than 1"),
+    (["prune", "{good}", "--method", "slice", "--set", "fraction=0.01", "--out", "{out}"], "or a smaller multiple_of"),
     (["run", "{w}/distill-first.yaml", "--model", "{good}", "--out", "{out}"], "needs a teacher"),
     (["run", "{w}/distill-after-int4.yaml", "--model", "{good}", "--out", "{out}"], "comes after quantization"),
     (Q + ["--bits", "5"], "bits: Input should be 3, 4 or 8"),

@@ -146,12 +146,13 @@ def _logprobs(model, batch) -> torch.Tensor:
         return model(**batch, use_cache=False).logits.float().log_softmax(-1)
 
 
-def _rotate_residual(model, prefix: str, resolved: list, q: torch.Tensor, ctx: StepContext) -> bool:
+def _rotate_residual(model, prefix: str, resolved: list, q: torch.Tensor, ctx: StepContext, untie: bool = True) -> bool:
     """R1: norms fused into their readers, readers' columns x Q, writers' rows x Qᵀ, embedding and head.
-    Returns whether the head is still tied to the embedding."""
+    Returns whether the head is still tied to the embedding. With untie=False a tied head stays tied and the
+    final norm keeps its scale in the old basis: the caller sets it (slice.py fits one)."""
     offset = require(model, "rotate").norm_offset
     final, emb, head = _final_norm(model, prefix), model.get_input_embeddings(), model.get_output_embeddings()
-    if head.weight is emb.weight and not torch.all(_norm_scale(final, offset) == 1):
+    if untie and head.weight is emb.weight and not torch.all(_norm_scale(final, offset) == 1):
         _untie(model, head, ctx)
     for reading, writers, _ in resolved:
         for norm, off, readers in reading:
