@@ -59,3 +59,26 @@ def test_gptaq_is_refused_when_streaming(tiny_llama, tmp_path):
     p = run_cli("quantize", tiny_llama, "--method", "gptq", "--set", "gptaq=true", "--stream", "--out", tmp_path / "o",
                 "--skip-bench")
     assert p.returncode == 2 and "gptaq: true" in p.stderr.strip().splitlines()[-1] and not (tmp_path / "o").exists()
+
+
+def test_mixed_passes_gptaq_to_its_gptq_quantizer():
+    """mixed with gptaq: the same per-Linear widths, block 0 as without it, later blocks corrected."""
+    import pytest
+
+    from slimctl.techniques.mixed import MixedConfig
+
+    tok = _tokenizer()
+    base = tiny_llama_model(tok, seed=0)
+    plain, asym = copy.deepcopy(base), copy.deepcopy(base)
+    opts = dict(avg_bits=6.0, group_size=32, calib_samples=4, calib_seq_len=32, sensitivity_samples=1, sensitivity_seq_len=32)
+    ctx = lambda: techniques.StepContext(kind="causal-lm", tokenizer=tok)  # noqa: E731
+    techniques.get("mixed").apply(plain, MixedConfig(**opts), ctx())
+    techniques.get("mixed").apply(asym, MixedConfig(**opts, gptaq=True), ctx())
+    q = {n: m for n, m in asym.named_modules() if isinstance(m, WeightOnlyLinear)}
+    p = dict(plain.named_modules())
+    assert q and all(p[n].bits == m.bits for n, m in q.items())
+    same = {n for n, m in q.items() if torch.equal(m.qweight, p[n].qweight)}
+    assert {n for n in q if n.startswith("model.layers.0.")} <= same
+    assert any(n.startswith("model.layers.1.") and n not in same for n in q)
+    with pytest.raises(ValueError, match="needs quantizer: gptq"):
+        MixedConfig(**opts, gptaq=True, quantizer="rtn")

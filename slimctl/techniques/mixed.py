@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .calibrate import calibration_batches
 from ..kinds import CAUSAL_LM
@@ -31,6 +31,8 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     dampening: float = Field(default=0.01, gt=0, le=1)  # GPTQ options, as in the gptq step
     act_order: bool = False
     block_size: int = Field(default=128, ge=8, le=4096)
+    gptaq: bool = False  # GPTAQ's asymmetric calibration in the GPTQ quantizer (as in the gptq step; gptaq.py)
+    gptaq_alpha: float = Field(default=0.25, gt=0, le=1)
     sensitivity_samples: int = Field(default=2, ge=1, le=1024)  # calibration texts for the per-Linear costs
     # how the per-Linear costs are found: "fisher" estimates every Linear's KL from one forward and
     # `sensitivity_draws` backward passes (slimctl/techniques/fisher.py; causal LMs); "measured" quantizes each Linear
@@ -41,6 +43,12 @@ class MixedConfig(LayerSelection, CalibrationOptions):
     # the rounding the per-Linear costs are estimated with (None: `scale_search` itself); `signed` skips the mse
     # search's 52 candidate scales per group for every Linear and format (most of the sensitivity pass's time)
     sensitivity_scale_search: Optional[ScaleSearch] = None
+
+    @model_validator(mode="after")
+    def _gptaq_needs_gptq(self):
+        if self.gptaq and self.quantizer != "gptq":
+            raise ValueError("gptaq: true corrects GPTQ's rounding; it needs quantizer: gptq")
+        return self
 
 
 def _choices(cfg: MixedConfig) -> dict[str, Choice]:
