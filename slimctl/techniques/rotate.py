@@ -45,13 +45,13 @@ def _is_rms(norm: nn.Module) -> bool:
     return "rms" in type(norm).__name__.lower() and getattr(norm, "bias", None) is None
 
 
-def _norm_scale(norm: nn.Module, offset: float) -> torch.Tensor:
+def norm_scale(norm: nn.Module, offset: float) -> torch.Tensor:
     return offset + norm.weight.detach().double()
 
 
 def _fuse_norm(norm: nn.Module, offset: float, readers: list[nn.Linear]) -> None:
     """Readers' input columns × (offset + w); the norm then computes x̂ · 1."""
-    scale = _norm_scale(norm, offset)
+    scale = norm_scale(norm, offset)
     with torch.no_grad():
         for lin in readers:
             lin.weight.copy_((lin.weight.double() * scale[None, :]).to(lin.weight.dtype))
@@ -87,7 +87,7 @@ def _rotate_heads(block: nn.Module, fold: BlockFold, h: torch.Tensor) -> None:
         o.weight.copy_((wo.view(wo.shape[0], -1, d) @ h).reshape(wo.shape).to(o.weight.dtype))
 
 
-def _roles(block: nn.Module, folds: list[BlockFold], hidden: int, where: str):
+def residual_roles(block: nn.Module, folds: list[BlockFold], hidden: int, where: str):
     """(norm -> readers, writers, head folds) of one block, or an error naming what does not fit."""
     reading, writers, heads = [], [], []
     for f in folds:
@@ -116,7 +116,7 @@ def _roles(block: nn.Module, folds: list[BlockFold], hidden: int, where: str):
     return reading, [block.get_submodule(n) for n in dict.fromkeys(writers)], heads
 
 
-def _final_norm(model, prefix: str) -> nn.Module:
+def final_norm(model, prefix: str) -> nn.Module:
     parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
     norm = getattr(parent, "norm", None)
     if norm is None or not _is_rms(norm):
@@ -132,7 +132,7 @@ def _untie(model, head: nn.Linear, ctx: StepContext) -> None:
                      f"the artifact stores {head.weight.numel() / 1e6:.1f} M more parameters")
 
 
-def _check_batch(model, ctx: StepContext) -> dict:
+def check_batch(model, ctx: StepContext) -> dict:
     from .calibrate import calibration_batches
 
     if ctx.tokenizer is not None:
@@ -141,18 +141,18 @@ def _check_batch(model, ctx: StepContext) -> dict:
     return {"input_ids": torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(ctx.seed))}
 
 
-def _logprobs(model, batch) -> torch.Tensor:
+def logprobs(model, batch) -> torch.Tensor:
     with torch.inference_mode():
         return model(**batch, use_cache=False).logits.float().log_softmax(-1)
 
 
-def _rotate_residual(model, prefix: str, resolved: list, q: torch.Tensor, ctx: StepContext, untie: bool = True) -> bool:
+def rotate_residual(model, prefix: str, resolved: list, q: torch.Tensor, ctx: StepContext, untie: bool = True) -> bool:
     """R1: norms fused into their readers, readers' columns x Q, writers' rows x Qᵀ, embedding and head.
     Returns whether the head is still tied to the embedding. With untie=False a tied head stays tied and the
     final norm keeps its scale in the old basis: the caller sets it (slice.py fits one)."""
     offset = require(model, "rotate").norm_offset
-    final, emb, head = _final_norm(model, prefix), model.get_input_embeddings(), model.get_output_embeddings()
-    if untie and head.weight is emb.weight and not torch.all(_norm_scale(final, offset) == 1):
+    final, emb, head = final_norm(model, prefix), model.get_input_embeddings(), model.get_output_embeddings()
+    if untie and head.weight is emb.weight and not torch.all(norm_scale(final, offset) == 1):
         _untie(model, head, ctx)
     for reading, writers, _ in resolved:
         for norm, off, readers in reading:
@@ -174,11 +174,11 @@ def _rotate_residual(model, prefix: str, resolved: list, q: torch.Tensor, ctx: S
 def _apply_rotation(model, cfg: RotateConfig, seed: int, ctx: StepContext) -> dict:
     hidden = text_config(model.config).hidden_size
     prefix, blocks = find_blocks(model)
-    resolved = [_roles(block, block_folds(model, block)[0], hidden, f"{prefix}.{i}") for i, block in enumerate(blocks)]
+    resolved = [residual_roles(block, block_folds(model, block)[0], hidden, f"{prefix}.{i}") for i, block in enumerate(blocks)]
     out = {"rotation": None, "blocks": len(blocks)}
     if cfg.residual:
         q, out["rotation"] = rotation(hidden, cfg.rotation, seed)
-        out["tied_head"] = _rotate_residual(model, prefix, resolved, q, ctx)
+        out["tied_head"] = rotate_residual(model, prefix, resolved, q, ctx)
     per_head: dict[int, torch.Tensor] = {}
     for (_, _, heads), block in zip(resolved, blocks):
         for f in heads if cfg.heads else ():
@@ -197,8 +197,8 @@ def rotate(model, cfg: RotateConfig, ctx: StepContext) -> dict:
     require(model, "rotate")
     if getattr(text_config(model.config), "hidden_size", None) is None:
         raise UnsupportedError(f"model type '{model_type(model)}' has no hidden_size in its config")
-    batch = _check_batch(model, ctx)
-    before = _logprobs(model, batch)
+    batch = check_batch(model, ctx)
+    before = logprobs(model, batch)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tie_before = getattr(text_config(model.config), "tie_word_embeddings", None)
     try:
@@ -206,7 +206,7 @@ def rotate(model, cfg: RotateConfig, ctx: StepContext) -> dict:
     except BaseException:  # a refusal found midway, or Ctrl-C: the model goes back as it was
         _restore(model, saved, tie_before)
         raise
-    err = float((_logprobs(model, batch) - before).abs().max())
+    err = float((logprobs(model, batch) - before).abs().max())
     tol = cfg.tolerance if next(model.parameters()).dtype == torch.float32 else max(cfg.tolerance, 0.1)
     if not err <= tol:
         _restore(model, saved, tie_before)

@@ -27,7 +27,7 @@ from ..kinds import CAUSAL_LM
 from ..stream.blocks import find_blocks, forward_all
 from .calibrate import summary
 from .registry import CalibrationOptions, StepContext, register
-from .rotate import _final_norm, _logprobs, _norm_scale, _roles, _rotate_residual
+from .rotate import check_batch, final_norm, logprobs, norm_scale, residual_roles, rotate_residual
 
 
 class SliceConfig(CalibrationOptions):
@@ -189,19 +189,19 @@ def _sliced(model, cfg: SliceConfig, ctx: StepContext) -> dict:
     c = text_config(model.config)
     d, k = c.hidden_size, kept_width(c, cfg)
     prefix, blocks = find_blocks(model)
-    resolved = [_roles(b, block_folds(model, b)[0], d, f"{prefix}.{i}") for i, b in enumerate(blocks)]
-    final = _final_norm(model, prefix)
+    resolved = [residual_roles(b, block_folds(model, b)[0], d, f"{prefix}.{i}") for i, b in enumerate(blocks)]
+    final = final_norm(model, prefix)
     norms = [n for reading, _, _ in resolved for n, _, _ in reading]
     batches = cfg.batches(ctx)
     ctx.progress(f"slice: principal axes of the residual stream at {len(norms) + 1} norms")
     sites, last = _collect(model, norms, final, batches)
     offset = require(model, "slice").norm_offset
-    scale = _norm_scale(final, offset)
+    scale = norm_scale(final, offset)
     if cfg.basis == "pca":
         q, vals = principal_axes(sites + [last])
     else:
-        q, vals = channel_order(sites + [last], [_norm_scale(n, offset) for n in norms] + [scale])
-    tied = _rotate_residual(model, prefix, resolved, q, ctx, untie=cfg.basis == "pca")
+        q, vals = channel_order(sites + [last], [norm_scale(n, offset) for n in norms] + [scale])
+    tied = rotate_residual(model, prefix, resolved, q, ctx, untie=cfg.basis == "pca")
     # a head still tied reads the final norm unfused: its scale moves with its channel (a permutation) or is uniform
     kept_scale = (q.T @ scale if cfg.basis == "channels" else scale)[:k] if tied else torch.ones(k, dtype=torch.float64)
     final_weight = kept_scale * _norm_gain(last, q, k)
@@ -218,16 +218,15 @@ def _sliced(model, cfg: SliceConfig, ctx: StepContext) -> dict:
           "plain transformers reloads it")
 def apply(model, cfg: SliceConfig, ctx: StepContext) -> dict:
     """Refusals come before any weight changes; the model on disk is never touched."""
-    from .rotate import _check_batch
 
     _refuse_unsupported(model, ctx)
-    batch = _check_batch(model, ctx)
-    before = _logprobs(model, batch)
+    batch = check_batch(model, ctx)
+    before = logprobs(model, batch)
     params_before = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         stats = _sliced(model, cfg, ctx)
     _check_layout(model, ctx.kind)
-    after = _logprobs(model, batch)
+    after = logprobs(model, batch)
     params_after = sum(p.numel() for p in model.parameters())
     return {**stats, "check_kl": round(float((before.exp() * (before - after)).sum(-1).mean()), 5),
             "params_before": params_before, "params_after": params_after,
