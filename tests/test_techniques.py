@@ -25,7 +25,7 @@ def _ids(n=2, l=12):
 
 def test_registry_is_explicit_and_complete():
     assert set(T.load_all()) == {"bf16", "fp16", "int8-dynamic", "rtn", "gptq", "awq", "mixed", "smoothquant", "magnitude", "wanda",
-                                 "sparsegpt", "structured", "depth", "distill", "rotate", "onnx", "fp8", "bnb", "lm_head", "slice"}
+                                 "sparsegpt", "structured", "depth", "distill", "rotate", "onnx", "fp8", "bnb", "lm_head", "slice", "autoround"}
 
 
 def test_protected_modules_cover_lm_head_and_tied_embedding(llama):
