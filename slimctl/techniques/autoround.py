@@ -29,7 +29,8 @@ class AutoRoundConfig(WeightOnlyOptions, CalibrationOptions):
     # each block trained on the quantized blocks' outputs before it (auto-round's enable_quanted_input), its target
     # the float model's output; false: both on the float model's inputs
     quantized_inputs: bool = True
-    train_dtype: Literal["float32", "bfloat16", "auto"] = "float32"  # the block's forward/backward (bfloat16 autocast)
+    # the block's forward and backward: bfloat16 autocast (auto-round's amp, its default) where the CPU has it natively
+    train_dtype: Literal["float32", "bfloat16", "auto"] = "auto"
 
 
 class _Rounding(nn.Module):
@@ -186,13 +187,14 @@ def autoround_layers(model, targets: dict, schemes: dict[str, QScheme], groups: 
     """AutoRound on the `targets` inside the repeated blocks, block by block; returns the per-block record."""
     from ..stream.skeleton import refuse, stream_of
     from .distill import _autocast
+    from . import placement
     from .precision import resolve
 
     if stream_of(model):
         refuse("autoround (the float model's block inputs travel beside the quantized ones)")
     batches = cfg.batches(ctx)
     twin, record = _FloatTwin(), {}
-    autocast = _autocast(resolve(cfg.train_dtype), torch.device("cpu"))
+    autocast = _autocast(resolve(cfg.train_dtype), torch.device(placement.device_type()))
 
     def on_block(i, prefix, block, inputs):
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
