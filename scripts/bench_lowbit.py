@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_recipes import REPO, main  # noqa: E402
 
 RECIPES = ["int4-gptq-g32", "int4-gptq-g32-mse", "rotate-gptq-g32", "int3-gptq-g32", "int3-awq-gptq-g32", "mixed-3.5bit",
-           "rotate-mixed-3.5bit", "int4-awq-gptq-g32", "rotate-awq-gptq-g32", "rotate-mixed-4.5bit"]
+           "rotate-mixed-3.5bit", "int4-awq-gptq-g32", "rotate-awq-gptq-g32", "rotate-mixed-4.5bit",
+           "rotate-autoround-g32"]
 
 if __name__ == "__main__":
     sys.argv += [] if "--models" in sys.argv else ["--models", "smollm2-135m"]

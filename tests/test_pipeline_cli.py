@@ -23,6 +23,8 @@ def _fast_copy(path: Path, tmp: Path) -> Path:
     for st in doc["steps"]:  # a distillation budget for a tiny model
         if st["method"] == "distill":
             st.update(tokens=512, seq_len=32, held_out=2)
+        if st["method"] == "autoround":  # a few signed-gradient steps per block
+            st.update(iters=10)
     p = tmp / path.name
     p.write_text(yaml.safe_dump(doc))
     return p
