@@ -79,7 +79,7 @@ def test_absmax_scales_are_bit_identical_to_the_rule_before_scale_search():
 
 
 def test_fp16_scales_keep_their_sign_and_never_round_to_zero():
-    got = Q._fp16(torch.tensor([-1e-9, -3.0001, 3.0001, 1e-9, 1e6]))
+    got = Q.fp16_rounded(torch.tensor([-1e-9, -3.0001, 3.0001, 1e-9, 1e6]))
     assert got.tolist() == [-(2.0 ** -24), -3.0, 3.0, 2.0 ** -24, 65504.0]
 
 

@@ -79,7 +79,7 @@ def _symmetric_scale(w: torch.Tensor, scheme: QScheme, signed: bool, shrink: tor
     else:
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / scheme.qmax
     scale = scale if shrink is None else scale * shrink
-    return _fp16(scale) if scheme.fp16_scales else scale
+    return fp16_rounded(scale) if scheme.fp16_scales else scale
 
 
 def _asymmetric_params(w: torch.Tensor, scheme: QScheme, shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +90,7 @@ def _asymmetric_params(w: torch.Tensor, scheme: QScheme, shrink: torch.Tensor | 
         lo, hi = lo * shrink, hi * shrink
     scale = ((hi - lo) / scheme.qmax).clamp(min=1e-12)
     if scheme.fp16_scales:
-        scale = _fp16(scale)
+        scale = fp16_rounded(scale)
     zero = torch.round(-lo / scale).clamp(0, scheme.qmax)
     return scale, zero
 
@@ -128,7 +128,7 @@ def _mse_chunk(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Te
     return scale.gather(0, best).squeeze(0), (zero.gather(0, best).squeeze(0) if zero is not None else None)
 
 
-def _fp16(scale: torch.Tensor) -> torch.Tensor:
+def fp16_rounded(scale: torch.Tensor) -> torch.Tensor:
     """The scale as fp16 stores it (kept in float32): rounded to nearest, never to zero or infinity, sign kept."""
     h = scale.abs().clamp(max=65504.0).half().float()
     h = torch.where(h > 0, h, torch.full_like(h, 2.0 ** -24))

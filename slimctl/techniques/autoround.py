@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..quant.integer import QScheme, _fp16
+from ..quant.integer import QScheme, fp16_rounded
 from ..stream.blocks import map_tensors, with_hidden
 from .calibrate import run_block, sequential, summary
 from .registry import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
@@ -58,7 +58,7 @@ class _Rounding(nn.Module):
         else:
             scale = ((hi - lo) / s.qmax).clamp(min=1e-9)
         if s.fp16_scales:
-            scale = scale + (_fp16(scale.detach()) - scale).detach()  # fp16 in the forward, straight through
+            scale = scale + (fp16_rounded(scale.detach()) - scale).detach()  # fp16 in the forward, straight through
         if not s.symmetric:
             zero = torch.round(-lo / scale).clamp(0, s.qmax).detach()
         return scale, zero
