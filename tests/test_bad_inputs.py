@@ -46,6 +46,14 @@ def world(tiny_llama, tmp_path_factory):
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     model("nan-weights", poison)
 
+    def added_token(d):  # the tokenizer gained an EOS the embedding has no row for (no resize_token_embeddings)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(d)
+        tok.add_special_tokens({"eos_token": "[EOS]"})
+        tok.save_pretrained(d)
+    model("added-token", added_token)
+
     def recipe(name, doc):
         p = w / f"{name}.yaml"
         p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
@@ -213,6 +221,7 @@ CASES = [
     (["verify", "{w}/empty"], "report.json does not exist"),
     (["verify", "{w}/garbage-report"], "is not a slimctl report"),
     (["eval", "{good}", "--no-such-flag"], "No such option"),
+    (["eval", "{w}/added-token"], "but the model's embedding has 30522 rows"),
     # search: budget and candidate options are checked before any model work
     (["search", "{good}", "--max-drop", "lots", "--out", "{out}"], "--max-drop takes a fraction"),
     (["search", "{good}", "--max-drop", "1%", "--space", "bogus", "--out", "{out}"], "--space takes default or none"),

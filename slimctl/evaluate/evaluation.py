@@ -182,9 +182,22 @@ def window_input(ids: torch.Tensor, begin: int, end: int, prefix: list[int]) -> 
     return torch.cat([torch.tensor(prefix, dtype=torch.long), ids[begin:end]]).unsqueeze(0)
 
 
+def check_vocabulary(models: list, ids: torch.Tensor, prefix: list[int]) -> None:
+    """A token id the model's embedding has no row for (a tokenizer that gained a token without
+    resize_token_embeddings) is the input's fault: one clear error instead of an IndexError mid-eval."""
+    top = max([int(ids.max())] + list(prefix)) if ids.numel() else -1
+    for m in models:
+        get = getattr(m, "get_input_embeddings", None)
+        rows = getattr(get() if callable(get) else None, "num_embeddings", None)
+        if isinstance(rows, int) and top >= rows:
+            raise DataError(f"the tokenizer gives token id {top}, but the model's embedding has {rows} rows: the tokenizer "
+                            "and the model do not match (a token added to the tokenizer without resizing the embeddings?)")
+
+
 def _causal_lm(model, tok, s, data, reference, track) -> Evaluation:
     texts, ids, held, wins = perplexity_windows(tok, s, data)
     dev, pre = _device(model), bos_prefix(tok)
+    check_vocabulary([m for m in (model, reference) if m is not None], ids, pre)
     if pre:
         s = {**s, "bos_each_window": True}
 
