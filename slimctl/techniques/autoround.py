@@ -16,8 +16,9 @@ from pydantic import Field
 from torch import nn
 
 from ..quant.integer import QScheme, fp16_rounded
-from ..stream.blocks import map_tensors, with_hidden
+from ..stream.blocks import map_tensors
 from .calibrate import run_block, sequential, summary
+from .gptaq import FloatStream
 from .registry import CalibrationOptions, StepContext, WeightOnlyOptions, plan_schemes, register
 
 
@@ -156,25 +157,6 @@ def _store(wraps: dict[str, _Rounding], model) -> None:
             zero.reshape(rows, -1) if zero is not None else None, s.bits, r.group, s.scale_dtype))
 
 
-class _FloatTwin:
-    """The float model's block inputs beside the quantized ones (auto-round's fp stream). Block 0 reads the same
-    embeddings on both sides, so it starts as a copy of the quantized stream's first inputs."""
-
-    def __init__(self):
-        self.inputs: list | None = None
-
-    def step(self, block: nn.Module, inputs: list) -> tuple[list, list[torch.Tensor]]:
-        """(the float inputs of this block, its float outputs on them: the targets); the stream moves on."""
-        if self.inputs is None:
-            self.inputs = list(inputs)
-        before = self.inputs
-        with torch.inference_mode():
-            outs = [run_block(block, a, k) for a, k in before]
-        self.inputs = [with_hidden(a, k, o) for (a, k), o in zip(before, outs)]
-        with torch.inference_mode(False):
-            return before, [o.float().clone() for o in outs]
-
-
 def _frozen(block: nn.Module) -> dict:
     flags = {id(p): p.requires_grad for p in block.parameters()}
     for p in block.parameters():
@@ -193,15 +175,17 @@ def autoround_layers(model, targets: dict, schemes: dict[str, QScheme], groups: 
     if stream_of(model):
         refuse("autoround (the float model's block inputs travel beside the quantized ones)")
     batches = cfg.batches(ctx)
-    twin, record = _FloatTwin(), {}
+    twin, record = FloatStream(), {}
     autocast = _autocast(resolve(cfg.train_dtype), torch.device(placement.device_type()))
 
     def on_block(i, prefix, block, inputs):
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-        float_inputs, want = twin.step(block, inputs)
+        float_inputs, outs = twin.step(block, inputs)
         if not mine:
             return
         t0 = time.perf_counter()
+        with torch.inference_mode(False):  # the targets as tensors autograd may use
+            want = [o.float().clone() for o in outs]
         flags = _frozen(block)
         wraps = {n: _Rounding(m, schemes[n], groups[n], cfg.minmax) for n, m in mine.items()}
         for n, r in wraps.items():
@@ -228,11 +212,8 @@ def apply(model, cfg: AutoRoundConfig, ctx: StepContext) -> dict:
 
     targets, groups, schemes = plan_schemes(model, cfg, ctx)
     out = autoround_layers(model, targets, schemes, groups, cfg, ctx)
-    if out["left"]:  # layers outside the repeated blocks get round-to-nearest
-        from .rtn import round_layers
+    from .rtn import round_outside_blocks
 
-        round_layers(model, {n: targets[n] for n in out["left"]}, schemes)
-        ctx.notes.append(f"{len(out['left'])} layers outside the repeated blocks were quantized with RTN: "
-                         f"{', '.join(out['left'][:3])}")
+    round_outside_blocks(model, out["left"], targets, schemes, ctx)
     return {"layers": list(targets), "bits": cfg.bits, "groups": groups, "symmetric": cfg.symmetric,
             "iters": cfg.iters, "bits_per_weight": bits_per_weight(model, list(targets)), **out}

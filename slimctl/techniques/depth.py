@@ -119,14 +119,10 @@ def remove_blocks(model, drop: list[int]) -> None:
 def _check_layout(model, kind: str) -> None:
     """The smaller config must build the same layers (families that derive a layer's kind from its index,
     e.g. every second layer an MoE, would reload a different model)."""
-    from ..kinds import auto_class
+    from ..kinds import reload_mismatch
 
-    with torch.device("meta"):
-        fresh = auto_class(kind).from_config(model.config)
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if want != have:
-        odd = sorted(set(want.items()) ^ set(have.items()))[:2]
+    odd = reload_mismatch(model, kind)
+    if odd:
         raise UnsupportedError(f"after removing blocks, model type '{model_type(model)}' would reload with a different "
                                f"layout ({odd}): its config derives layers from their index; depth pruning refused")
 

@@ -66,12 +66,21 @@ class FloatStream:
                 h.remove()
         return {k: v for k, v in acc.items() if k not in bad and n[k]}
 
+    def step(self, block: nn.Module, inputs) -> tuple[list, list[torch.Tensor]]:
+        """(this block's inputs in the float model, its outputs on them), the stream moved on through the block,
+        which must still be float (AutoRound's targets)."""
+        if self.inputs is None:
+            self.inputs = list(inputs)
+        before = self.inputs
+        with torch.inference_mode():
+            outs = [run_block(block, a, k) for a, k in before]
+        self.inputs = [with_hidden(a, k, o) for (a, k), o in zip(before, outs)]
+        return before, outs
+
     def advance(self, block: nn.Module) -> None:
         """The float stream through a block with no layer to calibrate."""
-        if self.inputs is None:
-            return
-        with torch.inference_mode():
-            self.inputs = [with_hidden(a, k, run_block(block, a, k)) for a, k in self.inputs]
+        if self.inputs is not None:
+            self.step(block, self.inputs)
 
 
 def correction(cross: torch.Tensor, hinv: torch.Tensor, alpha: float) -> torch.Tensor:

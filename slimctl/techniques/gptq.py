@@ -206,10 +206,8 @@ def gptq_layers(model, targets: dict, schemes: dict[str, QScheme], cfg: GPTQConf
         stream = FloatStream()
     missed = calibrated(model, targets, batches, quantize, hessian=True, track=ctx.track, leftover="return",
                         unseen=blind, float_stream=stream)
-    if missed:  # layers outside the repeated blocks get round-to-nearest
-        from .rtn import round_layers
+    from .rtn import round_outside_blocks
 
-        round_layers(model, {n: targets[n] for n in missed}, schemes)
-        ctx.notes.append(f"{len(missed)} layers outside the repeated blocks were quantized with RTN: {', '.join(missed[:3])}")
+    round_outside_blocks(model, missed, targets, schemes, ctx)
     return {"calibration": summary(batches), "relative_output_error": errors,
             "bits_per_weight": bits_per_weight(model, list(targets)), **raised_dampening(damping, cfg.dampening, ctx)}

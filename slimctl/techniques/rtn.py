@@ -55,6 +55,14 @@ def round_layer(model, name: str, lin, sch: QScheme) -> tuple[torch.Tensor, tupl
     return w, q
 
 
+def round_outside_blocks(model, names: list[str], targets: dict, schemes: dict[str, QScheme], ctx) -> None:
+    """Layers a block-wise calibrated step (GPTQ, AutoRound) did not reach, outside the repeated blocks: rounded to
+    nearest, and a note says which."""
+    if names:
+        round_layers(model, {n: targets[n] for n in names}, schemes)
+        ctx.notes.append(f"{len(names)} layers outside the repeated blocks were quantized with RTN: {', '.join(names[:3])}")
+
+
 def round_layers(model, layers: dict, schemes: dict[str, QScheme]) -> None:
     """Replace each Linear by its round-to-nearest WeightOnlyLinear (scheme.group_size: the group used)."""
     from ..results import stages

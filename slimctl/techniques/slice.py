@@ -157,14 +157,10 @@ def _update_config(model, norms: list[nn.Module], k: int) -> dict:
 
 
 def _check_layout(model, kind: str) -> None:
-    from ..kinds import auto_class
+    from ..kinds import reload_mismatch
 
-    with torch.device("meta"):
-        fresh = auto_class(kind).from_config(model.config)
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if want != have:
-        odd = sorted(set(want.items()) ^ set(have.items()))[:2]
+    odd = reload_mismatch(model, kind)
+    if odd:
         raise UnsupportedError(f"model type '{model_type(model)}' would reload with other shapes after slicing ({odd}): "
                                "its config does not describe a narrower residual stream")
 
@@ -218,7 +214,6 @@ def _sliced(model, cfg: SliceConfig, ctx: StepContext) -> dict:
           "plain transformers reloads it")
 def apply(model, cfg: SliceConfig, ctx: StepContext) -> dict:
     """Refusals come before any weight changes; the model on disk is never touched."""
-
     _refuse_unsupported(model, ctx)
     batch = check_batch(model, ctx)
     before = logprobs(model, batch)
