@@ -82,3 +82,56 @@ def test_mixed_passes_gptaq_to_its_gptq_quantizer():
     assert any(n.startswith("model.layers.1.") and n not in same for n in q)
     with pytest.raises(ValueError, match="needs quantizer: gptq"):
         MixedConfig(**opts, gptaq=True, quantizer="rtn")
+
+
+def test_the_cross_term_is_the_formula_and_layers_reading_one_input_share_it():
+    """FloatStream.cross gives (2/n) Σ (x − x̃)ᵀ x̃ for each layer of a block (x: its input in the float model, x̃: in
+    a model whose first block drifted); layers that read the same input (q/k/v, gate/up) get the same term, which the
+    stream computes once for them."""
+    from slimctl.techniques.gptaq import FloatStream
+
+    tok = _tokenizer()
+    float_model = tiny_llama_model(tok, seed=0)
+    drifted = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for p in drifted.model.layers[0].parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
+
+    def block_inputs(model):
+        got = []
+        h = model.model.layers[1].register_forward_pre_hook(lambda m, a, k: got.append((a, k)), with_kwargs=True)
+        with torch.inference_mode():
+            model(input_ids=ids)
+        h.remove()
+        return got
+
+    block = float_model.model.layers[1]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    layers = {n: block.get_submodule(n) for n in names}
+    fl, qu = block_inputs(float_model), block_inputs(drifted)
+
+    def layer_inputs(inputs):
+        seen = {}
+        hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+                 for n, m in layers.items()]
+        with torch.inference_mode():
+            for a, k in inputs:
+                block(*a, **k)
+        for h in hooks:
+            h.remove()
+        return {n: torch.cat(v) for n, v in seen.items()}
+
+    xf, xq = layer_inputs(fl), layer_inputs(qu)
+    stream = FloatStream()
+    stream.inputs = list(fl)
+    cross = stream.cross(block, qu, layers)
+    assert set(cross) == set(names)
+    for n in names:
+        want = 2 / xq[n].shape[0] * (xf[n] - xq[n]).T @ xq[n]
+        assert torch.allclose(cross[n], want, rtol=1e-4, atol=1e-6), n
+        assert want.abs().max() > 0
+    assert torch.equal(cross["self_attn.q_proj"], cross["self_attn.v_proj"])
+    assert torch.equal(cross["mlp.gate_proj"], cross["mlp.up_proj"])
+    assert not torch.equal(cross["mlp.gate_proj"], cross["mlp.down_proj"])

@@ -34,19 +34,25 @@ class FloatStream:
         seen: dict[str, list[torch.Tensor]] = {}
         mode = ["float"]
 
+        shared: dict = {}  # layers reading the same input on both sides (q/k/v, gate/up) share one product
+
         def hook(name):
             def fn(mod, args, out):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                raw = args[0].detach()
                 if mode[0] == "float":
-                    seen.setdefault(name, []).append(x)
+                    seen.setdefault(name, []).append(raw)
                     return
                 mine = seen.get(name) or []
                 xf = mine.pop(0) if mine else None
-                if xf is None or xf.shape != x.shape:
+                if xf is None or xf.shape != raw.shape:
                     bad.add(name)
                     return
-                m = x.shape[0]
-                acc[name].mul_(n[name] / (n[name] + m)).add_((xf - x).T @ x, alpha=2.0 / (n[name] + m))
+                key = (xf.data_ptr(), raw.data_ptr(), raw.shape)
+                if key not in shared:  # the tensors are kept with it, so neither address is reused meanwhile
+                    x = raw.reshape(-1, raw.shape[-1]).float()
+                    shared[key] = (xf, raw, (xf.reshape(x.shape).float() - x).T @ x)
+                prod, m = shared[key][2], raw.numel() // raw.shape[-1]
+                acc[name].mul_(n[name] / (n[name] + m)).add_(prod, alpha=2.0 / (n[name] + m))
                 n[name] += m
             return fn
 
@@ -56,6 +62,7 @@ class FloatStream:
                 for j, (a, k) in enumerate(inputs):
                     fa, fk = self.inputs[j]
                     mode[0], seen = "float", {}  # the hooks read `seen` from this scope: a fresh record per batch
+                    shared.clear()
                     out = run_block(block, fa, fk)
                     mode[0] = "quantized"
                     run_block(block, a, k)

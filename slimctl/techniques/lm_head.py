@@ -22,6 +22,7 @@ from ..quant.integer import QScheme, ScaleSearch, dequantize_groups, rtn
 from ..quant.layers import WeightOnlyLinear
 from ..stream.skeleton import refuse, set_submodule, stream_of
 from .registry import StepContext, TechniqueConfig, power_of_two_group, register
+from .tying import shares_embedding, untie
 
 
 class LMHeadConfig(TechniqueConfig):
@@ -49,7 +50,7 @@ def apply(model, cfg: LMHeadConfig, ctx: StepContext) -> dict:
     group = cfg.group_size or head.in_features
     if head.in_features % group:
         raise UnsupportedError(f"lm_head: group_size {group} does not divide the head's input width {head.in_features}")
-    tied = _tied(model, head)
+    tied = shares_embedding(model, head)
     w = head.weight.detach().float()
     sch = QScheme(cfg.bits, group, True, cfg.fp16_scales, cfg.scale_search)
     codes, scale, zero = rtn(w, sch, group)
@@ -57,7 +58,7 @@ def apply(model, cfg: LMHeadConfig, ctx: StepContext) -> dict:
     set_submodule(model, name, layer)
     added = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.weight_scale))
     if tied:
-        _untie(model, name)
+        untie(model, name)
         ctx.notes.append(f"the head ({name}) was tied to the input embedding; untied: the lookup keeps its table "
                          f"and the head is stored as int{cfg.bits} (+{added / 2**20:.1f} MB on disk, "
                          "tie_word_embeddings: false in the config)")
@@ -80,24 +81,3 @@ def _head(model) -> tuple[str, torch.nn.Linear]:
         what = "no output embedding" if head is None else f"a {type(head).__name__} output embedding"
         raise UnsupportedError(f"lm_head: this model has {what}; the step quantizes a Linear LM head")
     return next(n for n, m in model.named_modules() if m is head), head
-
-
-def _tied(model, head) -> bool:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    w = getattr(emb, "weight", None)
-    return w is not None and (head.weight is w or head.weight.data_ptr() == w.data_ptr())
-
-
-def _untie(model, name: str) -> None:
-    """Every config of the model (a multimodal model's text config too) stops tying, and transformers' record of
-    tied keys forgets the head, so neither a reload nor a later tie_weights() shares the table again."""
-    configs = [model.config]
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    if text is not None and text is not model.config:
-        configs.append(text)
-    for c in configs:
-        if getattr(c, "tie_word_embeddings", False):
-            c.tie_word_embeddings = False
-    keys = getattr(model, "all_tied_weights_keys", None)
-    if isinstance(keys, dict):
-        model.all_tied_weights_keys = {k: v for k, v in keys.items() if not k.startswith(name + ".")}

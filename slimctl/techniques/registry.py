@@ -198,16 +198,12 @@ def protected_modules(model) -> set[str]:
     any layer whose weight is shared with the input embedding (tied weights)."""
     from torch import nn
 
+    from .tying import shares_embedding
+
     names: set[str] = set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    inp_w = inp.weight if inp is not None and hasattr(inp, "weight") else None
-    # a meta tensor (streamed skeleton) has no storage to compare: tied there means the same Parameter
-    inp_ptr = inp_w.data_ptr() if inp_w is not None and inp_w.device.type != "meta" else None
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        if mod is out or mod.weight is inp_w or (inp_ptr is not None and mod.weight.data_ptr() == inp_ptr):
+        if isinstance(mod, nn.Linear) and (mod is out or shares_embedding(model, mod)):
             names.add(name)
     return names
 

@@ -23,6 +23,7 @@ from ..families.folding import BlockFold, block_folds
 from ..quant.hadamard import rotation
 from ..kinds import CAUSAL_LM
 from .registry import StepContext, TechniqueConfig, register
+from .tying import module_name, shares_embedding, untie
 
 
 class RotateConfig(TechniqueConfig):
@@ -125,9 +126,7 @@ def final_norm(model, prefix: str) -> nn.Module:
 
 
 def _untie(model, head: nn.Linear, ctx: StepContext) -> None:
-    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    for c in {id(model.config): model.config, id(text_config(model.config)): text_config(model.config)}.values():
-        c.tie_word_embeddings = False
+    untie(model, module_name(model, head))
     ctx.notes.append(f"rotate untied the LM head from the embedding (the final norm's scale moves into the head): "
                      f"the artifact stores {head.weight.numel() / 1e6:.1f} M more parameters")
 
@@ -152,7 +151,7 @@ def rotate_residual(model, prefix: str, resolved: list, q: torch.Tensor, ctx: St
     final norm keeps its scale in the old basis: the caller sets it (slice.py fits one)."""
     offset = require(model, "rotate").norm_offset
     final, emb, head = final_norm(model, prefix), model.get_input_embeddings(), model.get_output_embeddings()
-    if untie and head.weight is emb.weight and not torch.all(norm_scale(final, offset) == 1):
+    if untie and shares_embedding(model, head) and not torch.all(norm_scale(final, offset) == 1):
         _untie(model, head, ctx)
     for reading, writers, _ in resolved:
         for norm, off, readers in reading:
@@ -161,7 +160,7 @@ def rotate_residual(model, prefix: str, resolved: list, q: torch.Tensor, ctx: St
                 _read(lin, q)
         for lin in writers:
             _write(lin, q)
-    tied = head.weight is emb.weight
+    tied = shares_embedding(model, head)
     if not tied:
         _fuse_norm(final, offset, [head])
     with torch.no_grad():
@@ -200,7 +199,8 @@ def rotate(model, cfg: RotateConfig, ctx: StepContext) -> dict:
     batch = check_batch(model, ctx)
     before = logprobs(model, batch)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tie_before = getattr(text_config(model.config), "tie_word_embeddings", None)
+    tie_before = (getattr(text_config(model.config), "tie_word_embeddings", None),
+                  getattr(model, "all_tied_weights_keys", None))
     try:
         stats = _apply_rotation(model, cfg, ctx.seed if cfg.seed is None else cfg.seed, ctx)
     except BaseException:  # a refusal found midway, or Ctrl-C: the model goes back as it was
@@ -216,10 +216,13 @@ def rotate(model, cfg: RotateConfig, ctx: StepContext) -> dict:
     return {**stats, "max_logprob_change": float(f"{err:.3g}")}
 
 
-def _restore(model, saved: dict, tie_before) -> None:
+def _restore(model, saved: dict, tie_before: tuple) -> None:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if tie_before and head.weight is not emb.weight:
+    tied, keys = tie_before
+    if tied and head.weight is not emb.weight:
         head.weight = emb.weight
         for c in (model.config, text_config(model.config)):
             c.tie_word_embeddings = True
+        if isinstance(keys, dict):
+            model.all_tied_weights_keys = keys
     model.load_state_dict(saved, strict=False)

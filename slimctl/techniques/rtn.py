@@ -76,10 +76,11 @@ def embeddings_int8(model) -> dict:
     """The input word-embedding table stored as int8 rows (Int8Embedding); refused while tied to the LM head."""
     from ..errors import UnsupportedError
     from ..quant.layers import Int8Embedding, row_multiplier
+    from .tying import shares_embedding
 
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is emb.weight:
+    if head is not None and shares_embedding(model, head):
         raise UnsupportedError("embeddings: true would quantize a word-embedding table tied to the LM head; leave it "
                                "false, or untie and quantize both with an lm_head step (embeddings: true)")
     if row_multiplier(emb) is None:  # a subclass may do anything to its rows; Gemma's scaled lookup is known

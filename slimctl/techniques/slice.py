@@ -27,6 +27,7 @@ from ..kinds import CAUSAL_LM
 from ..stream.blocks import find_blocks, forward_all
 from .calibrate import summary
 from .registry import CalibrationOptions, StepContext, register
+from .tying import shares_embedding
 from .rotate import check_batch, final_norm, logprobs, norm_scale, residual_roles, rotate_residual
 
 
@@ -126,7 +127,7 @@ def _slice(model, resolved: list, gains: list[float], final: nn.Module, final_we
         for lin in writers:
             _shrink_linear(lin, rows=k)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head.weight is emb.weight
+    tied = shares_embedding(model, head)
     with torch.no_grad():
         emb.weight = nn.Parameter(emb.weight[:, :k].clone(), requires_grad=emb.weight.requires_grad)
     emb.embedding_dim = k

@@ -20,9 +20,8 @@ from .. import families
 from ..errors import UnsupportedError
 from ..kinds import CAUSAL_LM
 from .registry import CalibrationOptions, Proposal, StepContext, register
-from ..families.layer_sizes import set_layer_sizes
-from .allocation import global_widths, output_fisher
 from .reconstruct import remove_groups
+from .structured_plan import make_plan, refit_target, update_config
 
 
 class StructuredConfig(CalibrationOptions):
@@ -85,11 +84,6 @@ def _linear_at(block: nn.Module, path: str) -> bool:
         return False
 
 
-def _family_name(model) -> str:
-    fam = families.of(model)
-    return f"family '{fam.name}'" if fam else f"model type '{families.model_type(model)}' (no family file)"
-
-
 def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
     new = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
     with torch.no_grad():
@@ -116,73 +110,6 @@ def _set(block: nn.Module, path: str, mod: nn.Module) -> None:
 def _channel_score(consumer: nn.Linear, sq_norm: torch.Tensor) -> torch.Tensor:
     """Expected size of each input channel's contribution: ‖X_j‖₂ · ‖W[:, j]‖₂ (Wanda, per column)."""
     return sq_norm.sqrt() * consumer.weight.detach().float().norm(dim=0)
-
-
-def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tuple[int, int]:
-    """(FFN width, channels kept), rounded to cfg.multiple_of."""
-    if not all(ffns):
-        fam = families.of(model)
-        what = ("its FFN is made of experts (per-expert widths are not pruned yet)" if fam and fam.experts
-                else "its family file declares no FFN producer/consumer Linears")
-        raise UnsupportedError(f"FFN pruning is not available for {_family_name(model)}: {what}")
-    width = ffns[0][1].in_features
-    keep = width - int(round(cfg.ffn * width))
-    mult = _multiple(cfg)
-    keep = max(mult, keep - keep % mult)
-    if keep >= width:
-        ctx.notes.append(f"ffn {cfg.ffn} of {width} channels rounds to nothing to remove")
-    return width, min(keep, width)
-
-
-def _refit_target(cfg: StructuredConfig) -> str:
-    return cfg.refit_target or ("model" if cfg.allocation == "global" else "layer")
-
-
-def _multiple(cfg: StructuredConfig) -> int:
-    return cfg.multiple_of or (32 if cfg.allocation == "global" else 1)
-
-
-def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
-    """(query heads, key/value heads, head size, key/value heads kept); None when heads stay (noted)."""
-    why = (f"head pruning needs separate q/k/v/o projections and a config that states the head size; "
-           f"{_family_name(model)} has not both")
-    if not all(atts):
-        if not cfg.ffn:
-            raise UnsupportedError(why + "; prune ffn instead")
-        ctx.notes.append(why + ": heads left as they are, FFN channels pruned")
-        return None
-    n_heads, n_kv, head_dim = families.head_counts(model.config)
-    keep_kv = n_kv - int(round(cfg.heads * n_kv))
-    if keep_kv < 1:
-        raise UnsupportedError(f"heads {cfg.heads} would remove all {n_kv} key/value heads")
-    if keep_kv == n_kv:
-        ctx.notes.append(f"heads {cfg.heads} of {n_kv} key/value heads rounds to nothing to remove")
-    elif abs((n_kv - keep_kv) / n_kv - cfg.heads) > 1e-9:
-        ctx.notes.append(f"heads {cfg.heads}: removed {n_kv - keep_kv} of {n_kv} key/value heads per layer "
-                         f"({(n_kv - keep_kv) / n_kv:.0%}) with their query heads; heads go in whole groups")
-    return n_heads, n_kv, head_dim, keep_kv
-
-
-def _query_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
-    """(query heads, key/value heads, head size, query heads kept per key/value group); None when nothing goes."""
-    if not all(atts):
-        raise UnsupportedError(f"query-head pruning needs separate q/k/v/o projections and a config that states "
-                               f"the head size; {_family_name(model)} has not both")
-    n_heads, n_kv, head_dim = families.head_counts(model.config)
-    group = n_heads // n_kv
-    if group < 2:
-        raise UnsupportedError(f"query_heads needs grouped-query attention (several query heads per key/value head); "
-                               f"this model has {n_heads} query and {n_kv} key/value heads: use heads instead")
-    keep = group - int(round(cfg.query_heads * group))
-    if keep < 1:
-        raise UnsupportedError(f"query_heads {cfg.query_heads} would remove all {group} query heads of each key/value group")
-    if keep == group:
-        ctx.notes.append(f"query_heads {cfg.query_heads} of {group} query heads per group rounds to nothing to remove")
-        return None
-    if abs((group - keep) / group - cfg.query_heads) > 1e-9:
-        ctx.notes.append(f"query_heads {cfg.query_heads}: removed {group - keep} of the {group} query heads of every "
-                         f"key/value group ({(group - keep) / group:.0%})")
-    return n_heads, n_kv, head_dim, keep
 
 
 def _choose(consumer: nn.Linear, groups: torch.Tensor, keep: int, stats, key: str, cfg: StructuredConfig,
@@ -307,29 +234,6 @@ def _record(rec: dict, key: str, err: float | None) -> None:
         rec[key] = round(err, 6)
 
 
-def _update_config(model, plan: dict) -> dict:
-    """The config's new sizes; returns the old ones."""
-    conf, before = model.config, {}
-    if "ffn" in plan:
-        key, widths = families.of(model).ffn.size_key, plan["ffn"][1]
-        before[key] = getattr(conf, key, None)
-        setattr(conf, key, max(widths))
-        if len(set(widths)) > 1:
-            set_layer_sizes(conf, key, widths)
-    if "query_heads" in plan:
-        n_heads, n_kv, hd, keep = plan["query_heads"]
-        before.update(num_attention_heads=n_heads)
-        conf.head_dim = hd
-        conf.num_attention_heads = keep * n_kv
-    if "heads" in plan:
-        n_heads, n_kv, hd, keep_kv = plan["heads"]
-        before.update(num_attention_heads=n_heads, num_key_value_heads=n_kv)
-        conf.head_dim = hd  # explicit now: hidden_size / heads no longer gives it
-        conf.num_attention_heads = keep_kv * (n_heads // n_kv)
-        conf.num_key_value_heads = keep_kv
-    return before
-
-
 @register("structured", "prune", StructuredConfig,
           "remove FFN channels and attention heads (GQA-aware), consumers refit by least squares (OBS); uniform reloads with plain transformers, global (per-layer widths) with slimctl",
           proposals=(Proposal("structured-ffn-25", {"ffn": 0.25}, order=70),
@@ -340,37 +244,17 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     params_before = sum(p.numel() for p in model.parameters())
     prefix, blocks = find_blocks(model)
     ffns, atts = [_ffn(model, b) for b in blocks], [_attn(model, b) for b in blocks]
-    plan: dict = {}
     if cfg.allocation == "global" and (ctx.kind != CAUSAL_LM or not cfg.reconstruct):
         raise UnsupportedError("allocation global weighs errors by the next-token loss: causal language models, with reconstruct on")
     batches = cfg.batches(ctx)
-    if cfg.ffn:
-        width, keep = _ffn_plan(cfg, model, ffns, ctx)
-        widths = [keep] * len(blocks)
-        if cfg.allocation == "global" and keep < width:
-            ctx.progress("structured: Fisher of the loss w.r.t. each block's output")
-            fisher = output_fisher(model, batches, ctx.track)
-            ctx.progress("structured: measuring each layer's cost of losing FFN channels")
-            cap = min(width - _multiple(cfg), int(cfg.max_layer_share * width))
-            widths = global_widths(model, batches, [f[1] for f in ffns], keep, fisher, cap, cfg.dampening, _multiple(cfg),
-                                   ctx.track)
-            if len(set(widths)) > 1:
-                ctx.notes.append(f"structured: per-layer FFN widths {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): "
-                                 "slimctl reloads this artifact; plain from_pretrained refuses its shapes")
-        plan["ffn"] = (width, widths)
-    heads = _heads_plan(cfg, model, atts, ctx) if cfg.heads else None
-    if heads:
-        plan["heads"] = heads
-    query = _query_plan(cfg, model, atts, ctx) if cfg.query_heads else None
-    if query:
-        plan["query_heads"] = query
+    plan = make_plan(cfg, model, ffns, atts, batches, ctx)
     removed: dict[str, dict] = {}
     dense: list[torch.Tensor] = []  # refit_target model: the unpruned model's hidden states, per input
 
     def on_block(i, name, block, inputs):
         rec = {}
         pruning_ffn = "ffn" in plan and plan["ffn"][1][i] < plan["ffn"][0]
-        if _refit_target(cfg) == "model" and cfg.reconstruct and "ffn" in plan:
+        if refit_target(cfg) == "model" and cfg.reconstruct and "ffn" in plan:
             if not dense:
                 dense.extend((a[0] if a else k["hidden_states"]) for a, k in inputs)
             dense[:] = _dense_outputs(block, inputs, dense)
@@ -392,7 +276,7 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
         removed[name] = rec
 
     sequential(model, batches, on_block, ctx.track)
-    before = _update_config(model, plan)
+    before = update_config(model, plan)
     try:  # an architecture that reads head counts from elsewhere fails here, not in a user's hands
         _runs(model, batches[0])
     except Exception as e:  # noqa: BLE001
@@ -403,5 +287,5 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     return {"layers": removed, "config_before": before, "config_after": after, "params_before": params_before,
             **({"ffn_widths": plan["ffn"][1]} if "ffn" in plan else {}),
             "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
-            **({"refit_target": _refit_target(cfg)} if cfg.reconstruct and "ffn" in plan else {}),
+            **({"refit_target": refit_target(cfg)} if cfg.reconstruct and "ffn" in plan else {}),
             "calibration": summary(batches)}

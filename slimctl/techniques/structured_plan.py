@@ -1,0 +1,143 @@
+"""What structured pruning removes, decided before any weight changes: the FFN width per layer (uniform, or
+global by measured cost), the key/value or query heads kept, the refit target; and, after the blocks are cut, the
+config's new sizes. structured.py carries the plan out block by block."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import families
+from ..errors import UnsupportedError
+from ..families.layer_sizes import set_layer_sizes
+from .allocation import global_widths, output_fisher
+from .registry import StepContext
+
+if TYPE_CHECKING:
+    from .structured import StructuredConfig
+
+
+def family_name(model) -> str:
+    fam = families.of(model)
+    return f"family '{fam.name}'" if fam else f"model type '{families.model_type(model)}' (no family file)"
+
+
+def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tuple[int, int]:
+    """(FFN width, channels kept), rounded to cfg.multiple_of."""
+    if not all(ffns):
+        fam = families.of(model)
+        what = ("its FFN is made of experts (per-expert widths are not pruned yet)" if fam and fam.experts
+                else "its family file declares no FFN producer/consumer Linears")
+        raise UnsupportedError(f"FFN pruning is not available for {family_name(model)}: {what}")
+    width = ffns[0][1].in_features
+    keep = width - int(round(cfg.ffn * width))
+    mult = multiple(cfg)
+    keep = max(mult, keep - keep % mult)
+    if keep >= width:
+        ctx.notes.append(f"ffn {cfg.ffn} of {width} channels rounds to nothing to remove")
+    return width, min(keep, width)
+
+
+def refit_target(cfg: StructuredConfig) -> str:
+    return cfg.refit_target or ("model" if cfg.allocation == "global" else "layer")
+
+
+def multiple(cfg: StructuredConfig) -> int:
+    return cfg.multiple_of or (32 if cfg.allocation == "global" else 1)
+
+
+def _heads_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
+    """(query heads, key/value heads, head size, key/value heads kept); None when heads stay (noted)."""
+    why = (f"head pruning needs separate q/k/v/o projections and a config that states the head size; "
+           f"{family_name(model)} has not both")
+    if not all(atts):
+        if not cfg.ffn:
+            raise UnsupportedError(why + "; prune ffn instead")
+        ctx.notes.append(why + ": heads left as they are, FFN channels pruned")
+        return None
+    n_heads, n_kv, head_dim = families.head_counts(model.config)
+    keep_kv = n_kv - int(round(cfg.heads * n_kv))
+    if keep_kv < 1:
+        raise UnsupportedError(f"heads {cfg.heads} would remove all {n_kv} key/value heads")
+    if keep_kv == n_kv:
+        ctx.notes.append(f"heads {cfg.heads} of {n_kv} key/value heads rounds to nothing to remove")
+    elif abs((n_kv - keep_kv) / n_kv - cfg.heads) > 1e-9:
+        ctx.notes.append(f"heads {cfg.heads}: removed {n_kv - keep_kv} of {n_kv} key/value heads per layer "
+                         f"({(n_kv - keep_kv) / n_kv:.0%}) with their query heads; heads go in whole groups")
+    return n_heads, n_kv, head_dim, keep_kv
+
+
+def _query_plan(cfg: StructuredConfig, model, atts: list, ctx: StepContext) -> tuple[int, int, int, int] | None:
+    """(query heads, key/value heads, head size, query heads kept per key/value group); None when nothing goes."""
+    if not all(atts):
+        raise UnsupportedError(f"query-head pruning needs separate q/k/v/o projections and a config that states "
+                               f"the head size; {family_name(model)} has not both")
+    n_heads, n_kv, head_dim = families.head_counts(model.config)
+    group = n_heads // n_kv
+    if group < 2:
+        raise UnsupportedError(f"query_heads needs grouped-query attention (several query heads per key/value head); "
+                               f"this model has {n_heads} query and {n_kv} key/value heads: use heads instead")
+    keep = group - int(round(cfg.query_heads * group))
+    if keep < 1:
+        raise UnsupportedError(f"query_heads {cfg.query_heads} would remove all {group} query heads of each key/value group")
+    if keep == group:
+        ctx.notes.append(f"query_heads {cfg.query_heads} of {group} query heads per group rounds to nothing to remove")
+        return None
+    if abs((group - keep) / group - cfg.query_heads) > 1e-9:
+        ctx.notes.append(f"query_heads {cfg.query_heads}: removed {group - keep} of the {group} query heads of every "
+                         f"key/value group ({(group - keep) / group:.0%})")
+    return n_heads, n_kv, head_dim, keep
+
+
+def update_config(model, plan: dict) -> dict:
+    """The config's new sizes; returns the old ones."""
+    conf, before = model.config, {}
+    if "ffn" in plan:
+        key, widths = families.of(model).ffn.size_key, plan["ffn"][1]
+        before[key] = getattr(conf, key, None)
+        setattr(conf, key, max(widths))
+        if len(set(widths)) > 1:
+            set_layer_sizes(conf, key, widths)
+    if "query_heads" in plan:
+        n_heads, n_kv, hd, keep = plan["query_heads"]
+        before.update(num_attention_heads=n_heads)
+        conf.head_dim = hd
+        conf.num_attention_heads = keep * n_kv
+    if "heads" in plan:
+        n_heads, n_kv, hd, keep_kv = plan["heads"]
+        before.update(num_attention_heads=n_heads, num_key_value_heads=n_kv)
+        conf.head_dim = hd  # explicit now: hidden_size / heads no longer gives it
+        conf.num_attention_heads = keep_kv * (n_heads // n_kv)
+        conf.num_key_value_heads = keep_kv
+    return before
+
+
+def make_plan(cfg: StructuredConfig, model, ffns: list, atts: list, batches: list, ctx: StepContext) -> dict:
+    """{"ffn": (width, per-layer widths kept), "heads": ..., "query_heads": ...}: what each block loses."""
+    plan: dict = {}
+    if cfg.ffn:
+        width, keep = _ffn_plan(cfg, model, ffns, ctx)
+        widths = [keep] * len(ffns)
+        if cfg.allocation == "global" and keep < width:
+            widths = _global_widths(cfg, model, ffns, batches, width, keep, ctx)
+        plan["ffn"] = (width, widths)
+    heads = _heads_plan(cfg, model, atts, ctx) if cfg.heads else None
+    if heads:
+        plan["heads"] = heads
+    query = _query_plan(cfg, model, atts, ctx) if cfg.query_heads else None
+    if query:
+        plan["query_heads"] = query
+    return plan
+
+
+def _global_widths(cfg: StructuredConfig, model, ffns: list, batches: list, width: int, keep: int,
+                   ctx: StepContext) -> list[int]:
+    """One FFN budget (keep x layers) spent where the Fisher-weighted OBS cost of losing channels is least."""
+    ctx.progress("structured: Fisher of the loss w.r.t. each block's output")
+    fisher = output_fisher(model, batches, ctx.track)
+    ctx.progress("structured: measuring each layer's cost of losing FFN channels")
+    cap = min(width - multiple(cfg), int(cfg.max_layer_share * width))
+    widths = global_widths(model, batches, [f[1] for f in ffns], keep, fisher, cap, cfg.dampening, multiple(cfg),
+                           ctx.track)
+    if len(set(widths)) > 1:
+        ctx.notes.append(f"structured: per-layer FFN widths {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): "
+                         "slimctl reloads this artifact; plain from_pretrained refuses its shapes")
+    return widths
