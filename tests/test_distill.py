@@ -98,7 +98,8 @@ def test_the_teachers_own_text_is_seeded_greedy_at_its_head_and_free_of_special_
 
 
 def test_distillation_on_mixed_text_interleaves_both_and_lowers_kl(tiny_llama):
-    _, stats = _slim(tiny_llama, [PRUNE, {**DISTILL, "source": "mixed", "tokens": 2048}])
+    # 32 steps: at 16 (2,048 tokens) the held-out KL on a tiny random model's own text moved either way with the seed
+    _, stats = _slim(tiny_llama, [PRUNE, {**DISTILL, "source": "mixed"}])
     d = stats[1]
-    assert d.source == "mixed" and d.generate_seconds >= 0 and d.train_tokens_available >= 2048
-    assert d.held_out_kl_after < d.held_out_kl_before
+    assert d.source == "mixed" and d.generate_seconds >= 0 and d.train_tokens_available >= 4096
+    assert d.held_out_kl_after < 0.9 * d.held_out_kl_before
