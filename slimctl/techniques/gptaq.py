@@ -33,7 +33,6 @@ class FloatStream:
         n, bad = dict.fromkeys(layers, 0), set()
         seen: dict[str, list[torch.Tensor]] = {}
         mode = ["float"]
-
         shared: dict = {}  # layers reading the same input on both sides (q/k/v, gate/up) share one product
 
         def hook(name):

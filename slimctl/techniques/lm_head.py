@@ -22,7 +22,7 @@ from ..quant.integer import QScheme, ScaleSearch, dequantize_groups, rtn
 from ..quant.layers import WeightOnlyLinear
 from ..stream.skeleton import refuse, set_submodule, stream_of
 from .registry import StepContext, TechniqueConfig, power_of_two_group, register
-from .tying import shares_embedding, untie
+from .tying import module_name, shares_embedding, untie
 
 
 class LMHeadConfig(TechniqueConfig):
@@ -80,4 +80,4 @@ def _head(model) -> tuple[str, torch.nn.Linear]:
     if type(head) is not torch.nn.Linear:
         what = "no output embedding" if head is None else f"a {type(head).__name__} output embedding"
         raise UnsupportedError(f"lm_head: this model has {what}; the step quantizes a Linear LM head")
-    return next(n for n, m in model.named_modules() if m is head), head
+    return module_name(model, head), head

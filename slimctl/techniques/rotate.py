@@ -219,7 +219,7 @@ def rotate(model, cfg: RotateConfig, ctx: StepContext) -> dict:
 def _restore(model, saved: dict, tie_before: tuple) -> None:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied, keys = tie_before
-    if tied and head.weight is not emb.weight:
+    if tied and not shares_embedding(model, head):
         head.weight = emb.weight
         for c in (model.config, text_config(model.config)):
             c.tie_word_embeddings = True

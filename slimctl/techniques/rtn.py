@@ -76,7 +76,7 @@ def embeddings_int8(model) -> dict:
     """The input word-embedding table stored as int8 rows (Int8Embedding); refused while tied to the LM head."""
     from ..errors import UnsupportedError
     from ..quant.layers import Int8Embedding, row_multiplier
-    from .tying import shares_embedding
+    from .tying import module_name, shares_embedding
 
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -86,7 +86,7 @@ def embeddings_int8(model) -> dict:
     if row_multiplier(emb) is None:  # a subclass may do anything to its rows; Gemma's scaled lookup is known
         raise UnsupportedError(f"embeddings: true needs an nn.Embedding input table (plain or scaled), this model has "
                                f"{type(emb).__name__}")
-    name = next(n for n, m in model.named_modules() if m is emb)
+    name = module_name(model, emb)
     q = Int8Embedding.from_embedding(emb)
     w = emb.weight.detach().float()
     set_submodule(model, name, q)

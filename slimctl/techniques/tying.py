@@ -38,4 +38,5 @@ def untie(model, name: str) -> None:
 
 
 def module_name(model, module) -> str:
+    """The dotted name under which `model` holds `module` (the head or embedding to untie or replace)."""
     return next(n for n, m in model.named_modules() if m is module)
