@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_recipes import REPO, main  # noqa: E402
 
-RECIPES = ["prune-ffn-25", "prune-ffn-25-global", "int4-gptq-g32", "prune-15-global-gptq-g32", "prune-20-global-distill"]
+RECIPES = ["prune-ffn-25", "prune-ffn-25-global", "prune-20-global-4shot", "int4-gptq-g32", "prune-15-global-gptq-g32",
+           "prune-20-global-distill"]
 
 if __name__ == "__main__":
     sys.argv += [] if "--models" in sys.argv else ["--models", "smollm2-135m"]

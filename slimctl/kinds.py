@@ -53,13 +53,16 @@ def detect_kind(config: dict[str, Any]) -> TaskKind:
     raise ModelLoadError(f"architecture {arch} is not supported (causal LM, encoder, or sequence classifier)")
 
 
-def reload_mismatch(model, kind: str) -> list:
-    """What a model of this kind built from `model.config` (on the meta device) would hold with other shapes than
-    `model` does: the first two differing (name, shape) pairs, empty when plain from_pretrained reloads it as is."""
+def reload_mismatch(model, kind: str, prepare=None) -> list:
+    """What a model of this kind built from `model.config` (on the meta device; then `prepare(fresh)`, e.g. slimctl's
+    per-layer widths) would hold with other shapes than `model` does: the first two differing (name, shape) pairs,
+    empty when it reloads as is."""
     import torch
 
     with torch.device("meta"):
         fresh = auto_class(kind).from_config(model.config)
+        if prepare is not None:
+            prepare(fresh)
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return sorted(set(want.items()) ^ set(have.items()))[:2]

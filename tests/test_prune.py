@@ -346,6 +346,64 @@ def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(
         AutoModelForCausalLM.from_pretrained(tmp_path / "g")
 
 
+@pytest.mark.parametrize("then", [{"method": "structured", "ffn": 0.25, "allocation": "global", "multiple_of": 1},
+                                  {"method": "structured", "ffn": 0.25},
+                                  {"method": "depth", "blocks": 1}], ids=["global", "uniform", "depth"])
+def test_pruning_steps_chain_after_global_widths_and_the_result_reloads(tmp_path, then):
+    """A second structured step (global or uniform) or depth pruning on a model whose layers already differ in
+    width: each layer's own width is the start, the config's per-layer list follows, and slimctl reloads it."""
+    from conftest import _save, _tokenizer, tiny_llama_model
+    from slimctl.formats.transformers import Transformers
+
+    tok = _tokenizer()
+    m = load(str(_save(tiny_llama_model(tok, seed=1, num_hidden_layers=4), tok, tmp_path / "src")))
+    with torch.no_grad():
+        m.model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    _apply(m, "structured", ffn=0.25, allocation="global", multiple_of=1, **CAL)
+    first = [layer.mlp.down_proj.in_features for layer in m.model.model.layers]
+    assert len(set(first)) > 1 and sum(first) == 4 * 96
+    stats = _apply(m, then.pop("method"), **then, **CAL)
+    widths = [layer.mlp.down_proj.in_features for layer in m.model.model.layers]
+    if "ffn" in then:
+        assert all(w <= f for w, f in zip(widths, first))
+        assert sum(first) - sum(widths) == sum(round(0.25 * f) for f in first)  # a quarter of each, or that many in all
+    else:
+        assert widths == [w for i, w in enumerate(first) if i not in stats["blocks_removed"]]
+    assert m.model.config.slimctl_layer_sizes == {"intermediate_size": widths}
+    Transformers().save(m.model, tmp_path / "out")
+    m.tokenizer.save_pretrained(tmp_path / "out")
+    back = load(str(tmp_path / "out")).model
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.inference_mode():
+        assert torch.equal(back(input_ids=ids).logits, m.model(input_ids=ids).logits)
+
+
+def test_structured_rounds_spend_the_same_budget_in_shots(tmp_path):
+    """rounds: the global FFN budget in several shots, each planned on the model pruned so far; the same total as
+    one shot; uniform allocation or heads with rounds are refused."""
+    from conftest import _save, _tokenizer, tiny_llama_model
+
+    tok = _tokenizer()
+    src = _save(tiny_llama_model(tok, seed=2, num_hidden_layers=4), tok, tmp_path / "src")
+    widths = {}
+    for rounds in (1, 3):
+        m = load(str(src))
+        stats = _apply(m, "structured", ffn=0.3, allocation="global", multiple_of=1, rounds=rounds, **CAL)
+        widths[rounds] = [layer.mlp.down_proj.in_features for layer in m.model.model.layers]
+        assert stats["ffn_widths"] == widths[rounds] and stats.get("rounds", 1) == rounds
+        assert sum(r["ffn_channels_removed"] for r in stats["layers"].values() if r) == 4 * 128 - sum(widths[rounds])
+        assert stats["config_before"] == {"intermediate_size": 128}
+    assert sum(widths[1]) == sum(widths[3]) == 4 * 128 - round(0.3 * 128) * 4
+    m = load(str(src))
+    with torch.no_grad():  # layer 1 is nearly free: every round would take from it, max_layer_share counts from the start
+        m.model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    _apply(m, "structured", ffn=0.3, allocation="global", multiple_of=1, rounds=3, max_layer_share=0.5, **CAL)
+    assert m.model.model.layers[1].mlp.down_proj.in_features == 64
+    for bad in ({"allocation": "uniform"}, {"allocation": "global", "query_heads": 0.5}):
+        with pytest.raises(Exception, match="rounds splits a global FFN budget"):
+            T.get("structured").config(ffn=0.3, rounds=2, **bad)
+
+
 def test_allocate_takes_the_cheapest_channels_in_each_layers_order():
     from slimctl.techniques.allocation import allocate
 

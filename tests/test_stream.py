@@ -281,18 +281,19 @@ def test_streamed_mixed_allocates_as_in_memory_and_refuses_measured_costs(sharde
         pipeline.run(measured, str(sharded_llama), tmp_path / "m", isolate=False)
 
 
-def test_streamed_global_structured_pruning_is_bit_identical_and_reloads(sharded_llama, tmp_path, one_thread):
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_streamed_global_structured_pruning_is_bit_identical_and_reloads(sharded_llama, tmp_path, one_thread, rounds):
     """Per-layer FFN widths (allocation global: the loss's Fisher at each block output from backward passes one
-    block at a time, then the refit towards the unpruned model's outputs) give the in-memory artifact bit for
-    bit; the streamed reload check and slimctl's loader read the per-layer shapes."""
+    block at a time, then the refit towards the unpruned model's outputs; in one or two rounds) give the
+    in-memory artifact bit for bit; the streamed reload check and slimctl's loader read the per-layer shapes."""
     from slimctl.models import load
     from slimctl.recipe import from_dict
     from slimctl.workflow import pipeline
 
     def recipe(stream: bool):
         return from_dict({"version": 1, "seed": 0, "stream": stream, "steps": [
-            {"method": "structured", "ffn": 0.4, "allocation": "global", "multiple_of": 8, "calib_samples": 6,
-             "calib_seq_len": 64}], "eval": {"skip": True}, "bench": {"skip": True}}, "test")
+            {"method": "structured", "ffn": 0.4, "allocation": "global", "multiple_of": 8, "rounds": rounds,
+             "calib_samples": 6, "calib_seq_len": 64}], "eval": {"skip": True}, "bench": {"skip": True}}, "test")
 
     mem = pipeline.run(recipe(False), str(sharded_llama), tmp_path / "mem", isolate=False)
     st = pipeline.run(recipe(True), str(sharded_llama), tmp_path / "stream", isolate=False)

@@ -9,8 +9,19 @@ from typing import Any
 KEY = "slimctl_layer_sizes"
 
 
-def set_layer_sizes(config, size_key: str, widths: list[int]) -> None:
-    setattr(config, KEY, {size_key: list(widths)})
+def set_layer_sizes(config, size_key: str, widths: list[int] | None) -> None:
+    """List every layer's width under `size_key`; None: the widths are uniform again (the key goes)."""
+    if widths is not None:
+        setattr(config, KEY, {size_key: list(widths)})
+    elif hasattr(config, KEY):
+        delattr(config, KEY)
+
+
+def drop_layers(config, drop: list[int]) -> None:
+    """The per-layer widths of the layers that stay, after depth pruning removed `drop`."""
+    sizes = getattr(config, KEY, None)
+    if sizes:
+        setattr(config, KEY, {k: [w for j, w in enumerate(v) if j not in drop] for k, v in sizes.items()})
 
 
 def has_layer_sizes(config: Any) -> bool:

@@ -38,25 +38,25 @@ def output_fisher(model, batches: list[dict], track=lambda it, desc, total: it) 
     return [f / max(tokens, 1) for f in fisher]
 
 
-def global_widths(model, batches, consumers: list[nn.Linear], keep: int, fisher: list, cap: int, dampening: float,
-                  multiple: int, track=lambda it, desc, total: it) -> list[int]:
-    """Per-layer FFN widths under one budget (as many channels as keeping `keep` in every layer removes): a pass
-    that records each layer's greedy OBS path (reconstruct.remove_groups, at most `cap` channels) with its error
-    weighted by the Fisher of the loss w.r.t. the block output (an estimate of the loss each removal costs), then
-    the cheapest channels model-wide, in each layer's order; widths rounded to `multiple`."""
-    width = consumers[0].in_features
+def global_widths(model, batches, consumers: list[nn.Linear], budget: int, fisher: list, caps: list[int],
+                  dampening: float, multiple: int, track=lambda it, desc, total: it) -> list[int]:
+    """Per-layer FFN widths under one budget (`budget` channels removed in all): a pass that records each layer's
+    greedy OBS path (reconstruct.remove_groups, at most `caps[i]` channels) with its error weighted by the Fisher of
+    the loss w.r.t. the block output (an estimate of the loss each removal costs), then the cheapest channels
+    model-wide, in each layer's order; widths rounded to `multiple`. Layers may start at different widths."""
+    widths = [c.in_features for c in consumers]
     paths = []
 
     def on_block(i, name, block, inputs):
         lin = consumers[i]
         stats = block_stats(block, inputs, {"ffn": lin}, hessian=True)
-        r = remove_groups(lin.weight, stats.hessian["ffn"], torch.arange(width)[:, None], cap, dampening,
+        r = remove_groups(lin.weight, stats.hessian["ffn"], torch.arange(widths[i])[:, None], caps[i], dampening,
                           lin.bias, stats.sum["ffn"] / max(stats.n["ffn"], 1), fisher[i])
         paths.append(r.path)
 
     sequential(model, batches, on_block, track)
-    removed = allocate(paths, (width - keep) * len(consumers))
-    return [round_width(width - r, width, multiple) for r in removed]
+    removed = allocate(paths, budget)
+    return [round_width(w - r, w, multiple) for w, r in zip(widths, removed)]
 
 
 def allocate(paths: list[list[tuple[int, float]]], budget: int) -> list[int]:

@@ -13,6 +13,7 @@ from ..stream.blocks import find_blocks, forward_all
 from .calibrate import sequential, summary
 from ..errors import UnsupportedError
 from ..families import model_type
+from ..families.layer_sizes import apply_layer_sizes, drop_layers
 from ..kinds import CAUSAL_LM
 from .registry import CalibrationOptions, Proposal, StepContext, register
 
@@ -114,6 +115,7 @@ def remove_blocks(model, drop: list[int]) -> None:
         if isinstance(value, list) and len(value) == n and key != "architectures":
             setattr(conf, key, [v for j, v in enumerate(value) if j not in drop])
     conf.num_hidden_layers = len(blocks)
+    drop_layers(conf, drop)  # per-layer FFN widths (an earlier structured step with allocation global)
 
 
 def _check_layout(model, kind: str) -> None:
@@ -121,7 +123,7 @@ def _check_layout(model, kind: str) -> None:
     e.g. every second layer an MoE, would reload a different model)."""
     from ..kinds import reload_mismatch
 
-    odd = reload_mismatch(model, kind)
+    odd = reload_mismatch(model, kind, apply_layer_sizes)
     if odd:
         raise UnsupportedError(f"after removing blocks, model type '{model_type(model)}' would reload with a different "
                                f"layout ({odd}): its config derives layers from their index; depth pruning refused")

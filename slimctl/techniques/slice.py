@@ -158,9 +158,10 @@ def _update_config(model, norms: list[nn.Module], k: int) -> dict:
 
 
 def _check_layout(model, kind: str) -> None:
+    from ..families.layer_sizes import apply_layer_sizes
     from ..kinds import reload_mismatch
 
-    odd = reload_mismatch(model, kind)
+    odd = reload_mismatch(model, kind, apply_layer_sizes)
     if odd:
         raise UnsupportedError(f"model type '{model_type(model)}' would reload with other shapes after slicing ({odd}): "
                                "its config does not describe a narrower residual stream")

@@ -18,7 +18,7 @@ from ..errors import UnsupportedError
 from ..kinds import CAUSAL_LM
 from .registry import Proposal, StepContext, register
 from .reconstruct import remove_groups
-from .structured_plan import StructuredConfig, make_plan, refit_target, update_config
+from .structured_plan import StructuredConfig, make_plan, refit_target, round_marks, update_config
 
 
 def _ffn(model, block: nn.Module) -> tuple[list[nn.Linear], nn.Linear, list[str], str, int] | None:
@@ -205,41 +205,25 @@ def _record(rec: dict, key: str, err: float | None) -> None:
 def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     conf = model.config
     params_before = sum(p.numel() for p in model.parameters())
-    prefix, blocks = find_blocks(model)
-    ffns, atts = [_ffn(model, b) for b in blocks], [_attn(model, b) for b in blocks]
     if cfg.allocation == "global" and (ctx.kind != CAUSAL_LM or not cfg.reconstruct):
         raise UnsupportedError("allocation global weighs errors by the next-token loss: causal language models, with reconstruct on")
     batches = cfg.batches(ctx)
-    plan = make_plan(cfg, model, ffns, atts, batches, ctx)
     removed: dict[str, dict] = {}
-    dense: list[torch.Tensor] = []  # refit_target model: the unpruned model's hidden states, per input
-
-    def on_block(i, name, block, inputs):
-        rec = {}
-        pruning_ffn = "ffn" in plan and plan["ffn"][1][i] < plan["ffn"][0]
-        if refit_target(cfg) == "model" and cfg.reconstruct and "ffn" in plan:
-            if not dense:
-                dense.extend((a[0] if a else k["hidden_states"]) for a, k in inputs)
-            dense[:] = _dense_outputs(block, inputs, dense)
-        pruning_kv = "heads" in plan and plan["heads"][3] < plan["heads"][1]
-        if pruning_kv or "query_heads" in plan:  # heads first: the FFN then sees their refit output
-            stats = block_stats(block, inputs, {"heads": block.get_submodule(atts[i]["o"])}, hessian=cfg.reconstruct)
-            if pruning_kv:
-                rec["kv_heads_removed"], err = _prune_heads(block, atts[i], plan["heads"], stats, cfg)
-            else:
-                rec["query_heads_removed"], err = _prune_query_heads(block, atts[i], plan["query_heads"], stats, cfg)
-            _record(rec, "o_proj_error", err)
-        if pruning_ffn:
-            if dense:
-                stats, drift = ffn_stats_and_drift(block, inputs, ffns[i][1], dense)
-            else:
-                stats, drift = block_stats(block, inputs, {"ffn": ffns[i][1]}, hessian=cfg.reconstruct), None
-            _record(rec, "ffn_error", _prune_ffn(block, ffns[i], plan["ffn"][1][i], stats, cfg, drift))
-            rec["ffn_channels_removed"] = plan["ffn"][0] - plan["ffn"][1][i]
-        removed[name] = rec
-
-    sequential(model, batches, on_block, ctx.track)
-    before = update_config(model, plan)
+    before: dict | None = None
+    plan: dict = {}
+    ffns = [_ffn(model, b) for b in find_blocks(model)[1]]
+    origin = [f[1].in_features if f else 0 for f in ffns]
+    start, marks = round_marks(cfg, model, ffns, ctx)
+    for r, mark in enumerate(marks):
+        budget = None if mark is None else mark - (start - _ffn_total(model))
+        if budget is not None and budget <= 0:
+            continue
+        if len(marks) > 1:
+            ctx.progress(f"structured: round {r + 1} of {len(marks)} ({budget} FFN channels)")
+        plan = _prune_round(model, cfg, ctx, batches, budget, removed, origin)
+        got = update_config(model, plan)
+        before = before if before is not None else got
+    before = before or {}
     try:  # an architecture that reads head counts from elsewhere fails here, not in a user's hands
         _runs(model, batches[0])
     except Exception as e:  # noqa: BLE001
@@ -249,6 +233,58 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     after = {k: getattr(conf, k) for k in before}
     return {"layers": removed, "config_before": before, "config_after": after, "params_before": params_before,
             **({"ffn_widths": plan["ffn"][1]} if "ffn" in plan else {}),
+            **({"rounds": len(marks)} if len(marks) > 1 else {}),
             "params_after": params_after, "params_removed_fraction": 1 - params_after / params_before,
             **({"refit_target": refit_target(cfg)} if cfg.reconstruct and "ffn" in plan else {}),
             "calibration": summary(batches)}
+
+
+def _ffn_total(model) -> int:
+    ffns = [_ffn(model, b) for b in find_blocks(model)[1]]
+    return sum(f[1].in_features for f in ffns if f)
+
+
+def _prune_round(model, cfg: StructuredConfig, ctx: StepContext, batches: list, budget: int | None,
+                 removed: dict[str, dict], origin: list[int]) -> dict:
+    """Plan (global: re-measured on the model as it is now) and prune every block once; returns the plan."""
+    blocks = find_blocks(model)[1]
+    ffns, atts = [_ffn(model, b) for b in blocks], [_attn(model, b) for b in blocks]
+    plan = make_plan(cfg, model, ffns, atts, batches, ctx, budget, origin)
+    sequential(model, batches, _BlockPruner(cfg, plan, ffns, atts, removed), ctx.track)
+    return plan
+
+
+class _BlockPruner:
+    """The per-block driver `sequential` calls: heads first (the FFN then sees their refit output), then the FFN,
+    refit to the layer's own output or (refit_target model) to the block's output before this round pruned it."""
+
+    def __init__(self, cfg: StructuredConfig, plan: dict, ffns: list, atts: list, removed: dict[str, dict]):
+        self.cfg, self.plan, self.ffns, self.atts, self.removed = cfg, plan, ffns, atts, removed
+        self.dense: list[torch.Tensor] = []  # refit_target model: the unpruned model's hidden states, per input
+
+    def __call__(self, i: int, name: str, block: nn.Module, inputs: list) -> None:
+        cfg, plan = self.cfg, self.plan
+        rec = self.removed.setdefault(name, {})
+        if refit_target(cfg) == "model" and cfg.reconstruct and "ffn" in plan:
+            if not self.dense:
+                self.dense.extend((a[0] if a else k["hidden_states"]) for a, k in inputs)
+            self.dense[:] = _dense_outputs(block, inputs, self.dense)
+        pruning_kv = "heads" in plan and plan["heads"][3] < plan["heads"][1]
+        if pruning_kv or "query_heads" in plan:
+            stats = block_stats(block, inputs, {"heads": block.get_submodule(self.atts[i]["o"])}, hessian=cfg.reconstruct)
+            if pruning_kv:
+                rec["kv_heads_removed"], err = _prune_heads(block, self.atts[i], plan["heads"], stats, cfg)
+            else:
+                rec["query_heads_removed"], err = _prune_query_heads(block, self.atts[i], plan["query_heads"], stats, cfg)
+            _record(rec, "o_proj_error", err)
+        if "ffn" in plan and plan["ffn"][1][i] < plan["ffn"][0][i]:
+            self._ffn(i, block, inputs, rec)
+
+    def _ffn(self, i: int, block: nn.Module, inputs: list, rec: dict) -> None:
+        consumer, (now, keep) = self.ffns[i][1], self.plan["ffn"]
+        if self.dense:
+            stats, drift = ffn_stats_and_drift(block, inputs, consumer, self.dense)
+        else:
+            stats, drift = block_stats(block, inputs, {"ffn": consumer}, hessian=self.cfg.reconstruct), None
+        _record(rec, "ffn_error", _prune_ffn(block, self.ffns[i], keep[i], stats, self.cfg, drift))
+        rec["ffn_channels_removed"] = rec.get("ffn_channels_removed", 0) + now[i] - keep[i]

@@ -38,6 +38,10 @@ class StructuredConfig(CalibrationOptions):
     # Default: model with global allocation, layer with uniform (measured on smollm2-135m, 25 % of FFN:
     # global x1.280 -> x1.234 BBC with model; uniform x1.331 with layer, x1.442 with model at dampening 0.1)
     refit_target: Optional[Literal["layer", "model"]] = None
+    # global: reach the FFN budget in this many shots, each re-measuring the Fisher and the OBS costs on the model
+    # pruned so far (and, with refit_target model, refitting to the model as that round found it): gradual
+    # pruning, as ZipLM's and LLM-Surgeon's multi-shot schedules. Costs one global pass per round
+    rounds: int = Field(default=1, ge=1, le=16)
 
     @model_validator(mode="after")
     def _something(self):
@@ -45,6 +49,9 @@ class StructuredConfig(CalibrationOptions):
             raise ValueError("set ffn, heads and/or query_heads to the fraction to remove, e.g. ffn: 0.25")
         if self.heads and self.query_heads:
             raise ValueError("set heads (whole key/value groups) or query_heads (within each group), not both")
+        if self.rounds > 1 and (self.allocation != "global" or self.heads or self.query_heads or not self.ffn):
+            raise ValueError("rounds splits a global FFN budget: set allocation: global and ffn, and prune heads "
+                             "in a step of their own")
         return self
 
 
@@ -53,20 +60,20 @@ def family_name(model) -> str:
     return f"family '{fam.name}'" if fam else f"model type '{families.model_type(model)}' (no family file)"
 
 
-def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tuple[int, int]:
-    """(FFN width, channels kept), rounded to cfg.multiple_of."""
+def _ffn_plan(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tuple[list[int], list[int]]:
+    """(each layer's FFN width now, the channels each keeps when every layer loses cfg.ffn of its own), rounded to
+    cfg.multiple_of. The widths may already differ (a model pruned before with allocation global)."""
     if not all(ffns):
         fam = families.of(model)
         what = ("its FFN is made of experts (per-expert widths are not pruned yet)" if fam and fam.experts
                 else "its family file declares no FFN producer/consumer Linears")
         raise UnsupportedError(f"FFN pruning is not available for {family_name(model)}: {what}")
-    width = ffns[0][1].in_features
-    keep = width - int(round(cfg.ffn * width))
+    widths = [f[1].in_features for f in ffns]
     mult = multiple(cfg)
-    keep = max(mult, keep - keep % mult)
-    if keep >= width:
-        ctx.notes.append(f"ffn {cfg.ffn} of {width} channels rounds to nothing to remove")
-    return width, min(keep, width)
+    keep = [min(w, max(mult, k - k % mult)) for w, k in ((w, w - int(round(cfg.ffn * w))) for w in widths)]
+    if keep == widths:
+        ctx.notes.append(f"ffn {cfg.ffn} of {max(widths)} channels rounds to nothing to remove")
+    return widths, keep
 
 
 def refit_target(cfg: StructuredConfig) -> str:
@@ -127,8 +134,7 @@ def update_config(model, plan: dict) -> dict:
         key, widths = families.of(model).ffn.size_key, plan["ffn"][1]
         before[key] = getattr(conf, key, None)
         setattr(conf, key, max(widths))
-        if len(set(widths)) > 1:
-            set_layer_sizes(conf, key, widths)
+        set_layer_sizes(conf, key, widths if len(set(widths)) > 1 else None)
     if "query_heads" in plan:
         n_heads, n_kv, hd, keep = plan["query_heads"]
         before.update(num_attention_heads=n_heads)
@@ -143,15 +149,28 @@ def update_config(model, plan: dict) -> dict:
     return before
 
 
-def make_plan(cfg: StructuredConfig, model, ffns: list, atts: list, batches: list, ctx: StepContext) -> dict:
-    """{"ffn": (width, per-layer widths kept), "heads": ..., "query_heads": ...}: what each block loses."""
+def round_marks(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tuple[int, list[int | None]]:
+    """(FFN channels now, the channels removed in all by the end of each round); (0, [None]) for one round. Each
+    round removes what its mark asks beyond what earlier rounds took (their widths are rounded to multiple_of)."""
+    if cfg.rounds == 1:
+        return 0, [None]
+    widths, keep = _ffn_plan(cfg, model, ffns, ctx)
+    total = sum(widths) - sum(keep)
+    return sum(widths), [round(total * (r + 1) / cfg.rounds) for r in range(cfg.rounds)]
+
+
+def make_plan(cfg: StructuredConfig, model, ffns: list, atts: list, batches: list, ctx: StepContext,
+              budget: int | None = None, origin: list[int] | None = None) -> dict:
+    """{"ffn": (per-layer widths now, per-layer widths kept), "heads": ..., "query_heads": ...}: what each block
+    loses; `budget`: this many FFN channels in all (a round of a global allocation), not cfg.ffn of them;
+    `origin`: the widths when the step began (max_layer_share counts from them across rounds)."""
     plan: dict = {}
     if cfg.ffn:
-        width, keep = _ffn_plan(cfg, model, ffns, ctx)
-        widths = [keep] * len(ffns)
-        if cfg.allocation == "global" and keep < width:
-            widths = _global_widths(cfg, model, ffns, batches, width, keep, ctx)
-        plan["ffn"] = (width, widths)
+        widths, keep = _ffn_plan(cfg, model, ffns, ctx)
+        if cfg.allocation == "global" and (keep != widths or budget):
+            keep = _global_widths(cfg, model, ffns, batches, widths, budget or sum(widths) - sum(keep), ctx,
+                                  origin or widths)
+        plan["ffn"] = (widths, keep)
     heads = _heads_plan(cfg, model, atts, ctx) if cfg.heads else None
     if heads:
         plan["heads"] = heads
@@ -161,14 +180,14 @@ def make_plan(cfg: StructuredConfig, model, ffns: list, atts: list, batches: lis
     return plan
 
 
-def _global_widths(cfg: StructuredConfig, model, ffns: list, batches: list, width: int, keep: int,
-                   ctx: StepContext) -> list[int]:
-    """One FFN budget (keep x layers) spent where the Fisher-weighted OBS cost of losing channels is least."""
+def _global_widths(cfg: StructuredConfig, model, ffns: list, batches: list, widths: list[int], budget: int,
+                   ctx: StepContext, origin: list[int]) -> list[int]:
+    """One FFN budget (`budget` channels in all) spent where the Fisher-weighted OBS cost of losing channels is least."""
     ctx.progress("structured: Fisher of the loss w.r.t. each block's output")
     fisher = output_fisher(model, batches, ctx.track)
     ctx.progress("structured: measuring each layer's cost of losing FFN channels")
-    cap = min(width - multiple(cfg), int(cfg.max_layer_share * width))
-    widths = global_widths(model, batches, [f[1] for f in ffns], keep, fisher, cap, cfg.dampening, multiple(cfg),
+    caps = [max(0, min(w - multiple(cfg), int(cfg.max_layer_share * o) - (o - w))) for w, o in zip(widths, origin)]
+    widths = global_widths(model, batches, [f[1] for f in ffns], budget, fisher, caps, cfg.dampening, multiple(cfg),
                            ctx.track)
     if len(set(widths)) > 1:
         ctx.notes.append(f"structured: per-layer FFN widths {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): "
