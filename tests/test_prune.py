@@ -324,9 +324,19 @@ def test_structured_model_target_brings_the_last_block_closer_to_the_unpruned_mo
     assert err["model"] < 0.97 * err["layer"], err  # least squares on the same inputs: lower up to damping
 
 
-def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(tiny_llama, tmp_path):
+def _reloads_the_same(m, folder) -> None:
+    """Save the pruned model as slimctl does, reload it with slimctl's loader: the same logits, bit for bit."""
     from slimctl.formats.transformers import Transformers
 
+    Transformers().save(m.model, folder)
+    m.tokenizer.save_pretrained(folder)
+    back = load(str(folder)).model
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.inference_mode():
+        assert torch.equal(back(input_ids=ids).logits, m.model(input_ids=ids).logits)
+
+
+def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(tiny_llama, tmp_path):
     m = load(str(tiny_llama))
     with torch.no_grad():  # layer 1's FFN hardly reaches the residual stream: global allocation takes from it
         m.model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
@@ -334,12 +344,7 @@ def test_structured_global_allocation_keeps_the_budget_and_reloads_with_slimctl(
     widths = [layer.mlp.down_proj.in_features for layer in m.model.model.layers]
     assert sum(widths) == 2 * 96 and widths[1] < widths[0]
     assert m.model.config.slimctl_layer_sizes == {"intermediate_size": widths} and stats["config_after"] == {"intermediate_size": max(widths)}
-    Transformers().save(m.model, tmp_path / "g")
-    m.tokenizer.save_pretrained(tmp_path / "g")
-    back = load(str(tmp_path / "g")).model
-    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
-    with torch.inference_mode():
-        assert torch.equal(back(input_ids=ids).logits, m.model(input_ids=ids).logits)
+    _reloads_the_same(m, tmp_path / "g")
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(Exception):  # plain transformers refuses the shapes instead of loading them wrongly
@@ -353,7 +358,6 @@ def test_pruning_steps_chain_after_global_widths_and_the_result_reloads(tmp_path
     """A second structured step (global or uniform) or depth pruning on a model whose layers already differ in
     width: each layer's own width is the start, the config's per-layer list follows, and slimctl reloads it."""
     from conftest import _save, _tokenizer, tiny_llama_model
-    from slimctl.formats.transformers import Transformers
 
     tok = _tokenizer()
     m = load(str(_save(tiny_llama_model(tok, seed=1, num_hidden_layers=4), tok, tmp_path / "src")))
@@ -370,12 +374,7 @@ def test_pruning_steps_chain_after_global_widths_and_the_result_reloads(tmp_path
     else:
         assert widths == [w for i, w in enumerate(first) if i not in stats["blocks_removed"]]
     assert m.model.config.slimctl_layer_sizes == {"intermediate_size": widths}
-    Transformers().save(m.model, tmp_path / "out")
-    m.tokenizer.save_pretrained(tmp_path / "out")
-    back = load(str(tmp_path / "out")).model
-    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
-    with torch.inference_mode():
-        assert torch.equal(back(input_ids=ids).logits, m.model(input_ids=ids).logits)
+    _reloads_the_same(m, tmp_path / "out")
 
 
 def test_structured_rounds_spend_the_same_budget_in_shots(tmp_path):

@@ -211,11 +211,10 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
     removed: dict[str, dict] = {}
     before: dict | None = None
     plan: dict = {}
-    ffns = [_ffn(model, b) for b in find_blocks(model)[1]]
-    origin = [f[1].in_features if f else 0 for f in ffns]
-    start, marks = round_marks(cfg, model, ffns, ctx)
+    origin = _ffn_widths(model)
+    marks = round_marks(cfg, model, [_ffn(model, b) for b in find_blocks(model)[1]], ctx)
     for r, mark in enumerate(marks):
-        budget = None if mark is None else mark - (start - _ffn_total(model))
+        budget = None if mark is None else mark - (sum(origin) - sum(_ffn_widths(model)))
         if budget is not None and budget <= 0:
             continue
         if len(marks) > 1:
@@ -239,9 +238,10 @@ def apply(model, cfg: StructuredConfig, ctx: StepContext) -> dict:
             "calibration": summary(batches)}
 
 
-def _ffn_total(model) -> int:
+def _ffn_widths(model) -> list[int]:
+    """Each block's FFN width now (0 where its family declares no FFN)."""
     ffns = [_ffn(model, b) for b in find_blocks(model)[1]]
-    return sum(f[1].in_features for f in ffns if f)
+    return [f[1].in_features if f else 0 for f in ffns]
 
 
 def _prune_round(model, cfg: StructuredConfig, ctx: StepContext, batches: list, budget: int | None,

@@ -149,14 +149,14 @@ def update_config(model, plan: dict) -> dict:
     return before
 
 
-def round_marks(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> tuple[int, list[int | None]]:
-    """(FFN channels now, the channels removed in all by the end of each round); (0, [None]) for one round. Each
-    round removes what its mark asks beyond what earlier rounds took (their widths are rounded to multiple_of)."""
+def round_marks(cfg: StructuredConfig, model, ffns: list, ctx: StepContext) -> list[int | None]:
+    """The FFN channels removed in all by the end of each round; [None] for one round. Each round removes what its
+    mark asks beyond what earlier rounds took (their widths are rounded to multiple_of)."""
     if cfg.rounds == 1:
-        return 0, [None]
+        return [None]
     widths, keep = _ffn_plan(cfg, model, ffns, ctx)
     total = sum(widths) - sum(keep)
-    return sum(widths), [round(total * (r + 1) / cfg.rounds) for r in range(cfg.rounds)]
+    return [round(total * (r + 1) / cfg.rounds) for r in range(cfg.rounds)]
 
 
 def make_plan(cfg: StructuredConfig, model, ffns: list, atts: list, batches: list, ctx: StepContext,
