@@ -186,6 +186,23 @@ def _gguf_families() -> list[str]:
     return sorted(f.name for f in families.load_all().values() if f.gguf_arch)
 
 
+def _gptq_g32_artifact(src, out):
+    """What `slimctl quantize SRC --method gptq --bits 4 --group-size 32 --set fp16_scales=true --set calib_samples=4
+    --set calib_seq_len=64 --out OUT --skip-eval --skip-bench` writes, run in this process (the CLI's own path is
+    the `exported` fixture's; a subprocess per family cost ~6 s of imports each); the artifact, loaded."""
+    from slimctl import recipe as R
+    from slimctl.models import load
+    from slimctl.steps import UI, apply_steps
+    from slimctl.workflow.pipeline import Slimmed, save_and_verify
+
+    base = load(str(src))
+    step = dict(method="gptq", bits=4, group_size=32, fp16_scales=True, calib_samples=4, calib_seq_len=64)
+    recipe = R.from_dict({"version": 1, "name": "gguf-family", "steps": [step]}, "test")
+    model, steps, notes = apply_steps(base.model, base.tokenizer, recipe, base.kind, UI())
+    save_and_verify(base, Slimmed(model, steps, notes), out, recipe, str(src), UI())
+    return load(str(out))
+
+
 @NEEDS_LLAMA_CPP
 @pytest.mark.parametrize("family", _gguf_families())
 def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp_path):
@@ -199,17 +216,15 @@ def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp
 
     from slimctl import families
     from slimctl.families import tiny
-    from slimctl.models import load, resolve
+    from slimctl.formats.gguf import export as write_gguf
+    from slimctl.models import resolve
 
     tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
     src = tmp_path / "src"
     tiny.build(family, tok).save_pretrained(src)
     tok.save_pretrained(src)
-    p = run_cli("quantize", src, "--method", "gptq", "--bits", "4", "--group-size", "32", "--set", "fp16_scales=true",
-                "--set", "calib_samples=4", "--set", "calib_seq_len=64", "--out", tmp_path / "q", "--skip-eval", "--skip-bench")
-    assert p.returncode == 0, p.stderr[-1500:]
-    p = run_cli("export", tmp_path / "q/model", "--format", "gguf", "--out", tmp_path / "m.gguf")
-    assert p.returncode == 0, p.stderr[-1500:]
+    m = _gptq_g32_artifact(src, tmp_path / "q" / "model")
+    write_gguf(m, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert reader.fields["general.architecture"].contents() == families.REGISTRY[family].gguf_arch
     names = {t.name for t in reader.tensors}
@@ -218,7 +233,6 @@ def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp
     if families.REGISTRY[family].experts:  # one Linear per expert in slimctl, stacked [experts, rows, cols] here
         t = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight")
         assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0 and int(t.shape[-1]) == 4
-    m = load(str(tmp_path / "q/model"))
     ids = m.tokenizer("The BBC reported that markets rose on Monday, 3 percent in 2024.", add_special_tokens=False)["input_ids"][:12]
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
