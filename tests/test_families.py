@@ -108,6 +108,56 @@ def test_matrix_cell_mixed(family, tok, tmp_path_factory):
     _check_cell(matrix.run_cell(family, "mixed", tok, tmp_path_factory.mktemp(family)), family, "mixed")
 
 
+def _slim(family, tok, tmp_path, steps, **overrides):
+    """A 4-block tiny `family` model through `steps` and slimctl's save + reload check; (artifact, the model in memory)."""
+    from slimctl import recipe as R
+    from slimctl.models import load
+    from slimctl.steps import UI, apply_steps
+    from slimctl.workflow.pipeline import Slimmed, save_and_verify
+
+    src = tmp_path / "src"
+    tiny.build(family, tok, num_hidden_layers=4, **overrides).save_pretrained(src)
+    tok.save_pretrained(src)
+    base = load(str(src))
+    recipe = R.from_dict({"version": 1, "name": "chain", "steps": steps}, "test")
+    model, done, notes = apply_steps(copy.deepcopy(base.model), base.tokenizer, recipe, base.kind, UI())
+    return save_and_verify(base, Slimmed(model, done, notes), tmp_path / "model", recipe, str(src), UI()), model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral", "qwen2_moe"])
+def test_depth_on_converted_layouts_saves_and_reloads_in_plain_transformers(family, tok, tmp_path):
+    """GPT-2's Conv1D and fused experts are converted on load; removing blocks must not be refused for that (the
+    layout check builds the config's model as slimctl lays it out) and the layers of the blocks after the removed
+    ones must save back under their new index (they were looked up by the old one: the save failed)."""
+    from transformers import AutoModelForCausalLM
+
+    art, model = _slim(family, tok, tmp_path, [dict(method="depth", blocks=1, calib_samples=4, calib_seq_len=32)])
+    assert art.reload_check["max_abs_diff"] == 0 and model.config.num_hidden_layers == 3
+    enc = tok(["Blocks went; the rest must load as they are."], return_tensors="pt")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    assert torch.allclose(_out(again, enc), _out(model, enc), atol=1e-5)
+
+
+def test_global_widths_then_depth_on_gpt2_reloads(tok, tmp_path):
+    """Per-layer FFN widths on Conv1D layers, then depth: the layout check applies the widths to the converted model
+    (it raised AttributeError on Conv1D's missing in_features)."""
+    steps = [dict(method="structured", ffn=0.3, allocation="global", multiple_of=8, calib_samples=4, calib_seq_len=32),
+             dict(method="depth", blocks=1, calib_samples=4, calib_seq_len=32)]
+    art, model = _slim("gpt2", tok, tmp_path, steps)
+    assert art.reload_check["max_abs_diff"] == 0 and art.loads_with.startswith("slimctl")
+    assert len(model.config.slimctl_layer_sizes["n_inner"]) == 3
+
+
+def test_depth_is_refused_where_the_config_places_layers_by_index(tok, tmp_path):
+    """Qwen2-MoE's mlp_only_layers names dense layers by index: after any block goes, the config would build a
+    different model, so depth refuses rather than write an artifact that reloads wrong."""
+    from slimctl.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="would reload with a different layout"):
+        _slim("qwen2_moe", tok, tmp_path, [dict(method="depth", blocks=1, calib_samples=4, calib_seq_len=32)],
+              mlp_only_layers=[1, 2])
+
+
 def _sparse_moe(tok):
     """A Mixtral with 32 experts and top-1 routing: 8 calibration tokens reach at most 8 experts a layer."""
     import transformers

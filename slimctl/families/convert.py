@@ -75,24 +75,43 @@ def _conv1d_type():
     return Conv1D
 
 
-def prepare(model: nn.Module) -> dict[str, str]:
-    """Convert the model's Conv1D layers and fused experts in place (once); returns {module name: kind}."""
+def prepare(model: nn.Module, meta: bool = False) -> dict[str, str]:
+    """Convert the model's Conv1D layers and fused experts in place (once); returns {module name: kind}. Layers on the
+    meta device are left for later (a streamed skeleton converts a block when its weights arrive) unless `meta`: then
+    they are converted too, for a model built only to compare shapes."""
     fam = of(model)
     if fam is None or getattr(model, PREPARED, None) is not None:
         return getattr(model, PREPARED, None) or {}
     done: dict[str, str] = {}
     conv = _conv1d_type()
     for name, mod in list(model.named_modules()):
-        if fam.conv1d and conv is not None and isinstance(mod, conv) and mod.weight.device.type != "meta":
+        if fam.conv1d and conv is not None and isinstance(mod, conv) and (meta or mod.weight.device.type != "meta"):
             set_submodule(model, name, _linear(mod.weight.detach().T, mod.bias.detach() if mod.bias is not None else None))
             done[name] = "conv1d"
         elif fam.experts and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and mod.gate_up_proj.dim() == 3:
-            if mod.gate_up_proj.device.type == "meta":
+            if mod.gate_up_proj.device.type == "meta" and not meta:
                 continue
             set_submodule(model, name, LinearExperts(mod))
             done[name] = "experts"
     setattr(model, PREPARED, done)
     return done
+
+
+def drop_blocks(model: nn.Module, prefix: str, drop: list[int]) -> None:
+    """prepare()'s record of converted layers after the blocks `drop` of the layer list at `prefix` were deleted (depth
+    pruning): their layers leave it and later blocks' layers take their new index, so saving finds every one."""
+    done = getattr(model, PREPARED, None)
+    if not done:
+        return
+    head, kept = prefix + ".", {}
+    for name, kind in done.items():
+        if name.startswith(head):
+            index, _, rest = name[len(head):].partition(".")
+            if int(index) in drop:
+                continue
+            name = f"{head}{int(index) - sum(d < int(index) for d in drop)}.{rest}"
+        kept[name] = kind
+    setattr(model, PREPARED, kept)
 
 
 def _conv_back(lin: nn.Linear) -> nn.Module:

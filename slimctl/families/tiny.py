@@ -20,8 +20,9 @@ def configs() -> dict[str, tuple[str, dict[str, Any], str]]:
     return {name: fam.tiny for name, fam in load_all().items() if fam.tiny is not None}
 
 
-def build(family: str, tokenizer, seed: int = 0):
-    """A tiny model of `family` with random weights (seeded) on `tokenizer`'s vocabulary, in eval mode."""
+def build(family: str, tokenizer, seed: int = 0, **overrides):
+    """A tiny model of `family` with random weights (seeded) on `tokenizer`'s vocabulary, in eval mode; `overrides`
+    change its config (e.g. num_hidden_layers=4)."""
     import torch
     import transformers
 
@@ -30,7 +31,7 @@ def build(family: str, tokenizer, seed: int = 0):
                                  ("eos_token_id", tokenizer.sep_token_id)) if v is not None}
     if family == "modernbert":
         special.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
-    config = getattr(transformers, cls_name)(vocab_size=len(tokenizer), **kwargs, **special)
+    config = getattr(transformers, cls_name)(vocab_size=len(tokenizer), **{**kwargs, **special, **overrides})
     torch.manual_seed(seed)
     auto = transformers.AutoModelForCausalLM if head == "causal-lm" else transformers.AutoModel
     model = auto.from_config(config, dtype=torch.float32)

@@ -13,7 +13,8 @@ from ..stream.blocks import find_blocks, forward_all
 from .calibrate import sequential, summary
 from ..errors import UnsupportedError
 from ..families import model_type
-from ..families.layer_sizes import apply_layer_sizes, drop_layers
+from ..families import convert
+from ..families.layer_sizes import as_slimctl_loads, drop_layers
 from ..kinds import CAUSAL_LM
 from .registry import CalibrationOptions, Proposal, StepContext, register
 
@@ -106,6 +107,7 @@ def remove_blocks(model, drop: list[int]) -> None:
     n = len(blocks)
     for i in sorted(drop, reverse=True):
         del blocks[i]
+    convert.drop_blocks(model, prefix, drop)  # GPT-2's Conv1D, fused experts: saved back under their new names
     for new, block in enumerate(blocks):
         for mod in block.modules():
             if isinstance(getattr(mod, "layer_idx", None), int):
@@ -123,7 +125,7 @@ def _check_layout(model, kind: str) -> None:
     e.g. every second layer an MoE, would reload a different model)."""
     from ..kinds import reload_mismatch
 
-    odd = reload_mismatch(model, kind, apply_layer_sizes)
+    odd = reload_mismatch(model, kind, as_slimctl_loads)
     if odd:
         raise UnsupportedError(f"after removing blocks, model type '{model_type(model)}' would reload with a different "
                                f"layout ({odd}): its config derives layers from their index; depth pruning refused")

@@ -158,10 +158,10 @@ def _update_config(model, norms: list[nn.Module], k: int) -> dict:
 
 
 def _check_layout(model, kind: str) -> None:
-    from ..families.layer_sizes import apply_layer_sizes
+    from ..families.layer_sizes import as_slimctl_loads
     from ..kinds import reload_mismatch
 
-    odd = reload_mismatch(model, kind, apply_layer_sizes)
+    odd = reload_mismatch(model, kind, as_slimctl_loads)
     if odd:
         raise UnsupportedError(f"model type '{model_type(model)}' would reload with other shapes after slicing ({odd}): "
                                "its config does not describe a narrower residual stream")
