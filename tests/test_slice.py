@@ -107,7 +107,8 @@ def test_principal_axes_lose_less_than_the_same_cut_along_random_axes(monkeypatc
 
 
 @pytest.mark.parametrize("family,words", [("gemma", "embedding by √hidden_size"), ("phi", "LayerNorm"),
-                                          ("gpt2", "derives the head size")])
+                                          ("gpt2", "derives the head size"), ("mixtral", "mixture-of-experts"),
+                                          ("qwen2_moe", "mixture-of-experts")])
 def test_families_slice_cannot_handle_are_refused_before_any_change(family, words):
     from slimctl.families import convert, tiny
     from slimctl.techniques import get

@@ -175,6 +175,9 @@ def _refuse_unsupported(model, ctx: StepContext) -> None:
     if stream_of(model):
         refuse("slice (one rotation is computed from every block's activations)")
     fam = require(model, "slice")
+    if fam.experts:
+        raise UnsupportedError(f"slice does not handle mixture-of-experts blocks yet (family '{fam.name}': its router and "
+                               "experts read and write the residual stream); slice refused")
     if fam.norm_offset:
         raise UnsupportedError(f"model type '{model_type(model)}' scales its embedding by √hidden_size (Gemma): a narrower "
                                "hidden size would change that factor; slice refused")
