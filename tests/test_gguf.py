@@ -306,3 +306,28 @@ def test_a_sentencepiece_style_tokenizer_tokenizes_in_llama_cpp_as_in_hf(gemma_t
         "Hello  world!\n\n  tabs\there   ünïcödé 日本語 🤖 1234567 x=y+z; <b>html</b>", " leading space", "don't", "a\n\n\nb"]
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text[:60]
+
+
+def test_per_layer_ffn_widths_are_refused_before_any_file_or_run(smol_tiny, tmp_path):
+    """llama.cpp builds every layer of an architecture with one FFN width (tested: it refuses such a file with
+    'wrong shape'), so a model with slimctl_layer_sizes, and a recipe whose structured step would make one, are
+    refused with one Error: line before anything is written or run."""
+    import yaml
+
+    from slimctl.errors import UnsupportedError
+    from slimctl.formats.gguf import check_architecture
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2)
+    config.slimctl_layer_sizes = {"intermediate_size": [96, 64]}
+    with pytest.raises(UnsupportedError, match="per-layer FFN widths .* one FFN width"):
+        check_architecture(config)
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"version": 1, "name": "g", "export": {"format": "gguf"},
+                                 "steps": [{"method": "structured", "ffn": 0.25, "allocation": "global", "multiple_of": 8,
+                                            "calib_samples": 2, "calib_seq_len": 16}], "bench": {"skip": True}}))
+    p = run_cli("run", r, "--model", smol_tiny, "--out", tmp_path / "o")
+    errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "allocation global" in errors[0], p.stderr[-1500:]
+    assert not (tmp_path / "o" / "model.gguf").exists() and not (tmp_path / "o" / "report.json").exists()

@@ -41,6 +41,7 @@ def export(
         raise OutputError(f"--out {out} exists; pass --overwrite to replace it")
     ui = C.UI()
     loaded = load(model, progress=ui.say, **C.load_opts(allow_pickle, trust_remote_code, allow_non_finite))
+    ex.check(loaded.model.config)
     ui.say(f"writing {out}")
     res = ex.write(loaded, out, spec)
     for n in res.notes:

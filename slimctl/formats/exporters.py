@@ -15,8 +15,9 @@ class Exporter(Protocol):
     file: str  # the name a run writes into --out
     runtime: str  # what runs the file, as the run's progress says
 
-    def check(self, config) -> None:
-        """Refuse an architecture the format cannot hold (before a run does any work)."""
+    def check(self, config, steps=()) -> None:
+        """Refuse an architecture the format cannot hold, or a recipe's `steps` that would make one (before a run
+        does any work)."""
 
     def write(self, loaded, dest: Path, spec) -> Any:
         """Write `loaded` (a LoadedModel or the slimmed model in memory) to `dest` atomically; a result with

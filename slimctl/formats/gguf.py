@@ -257,12 +257,17 @@ def check_architecture(config) -> str:
     """The llama.cpp architecture of a transformers config (its family file's gguf_arch), or an
     UnsupportedError naming the family and the families that export."""
     from .. import families
+    from ..families.layer_sizes import has_layer_sizes
 
     fam = families.of(config)
     if fam is None or not fam.gguf_arch:
         ok = sorted(f.name for f in families.load_all().values() if f.gguf_arch)
         what = f"family '{fam.name}'" if fam else f"model type '{families.model_type(config)}'"
         raise UnsupportedError(f"GGUF export is not available for {what} yet; it supports the families {', '.join(ok)}")
+    if has_layer_sizes(config):
+        raise UnsupportedError(f"this model has per-layer FFN widths (structured pruning with allocation global: "
+                               f"slimctl_layer_sizes in config.json), and llama.cpp's '{fam.gguf_arch}' architecture builds "
+                               "every layer with one FFN width; prune with allocation uniform for a GGUF export")
     return fam.gguf_arch
 
 
@@ -328,8 +333,14 @@ class GGUF:
 
     format, file, runtime = "gguf", "model.gguf", "llama.cpp"
 
-    def check(self, config) -> None:
+    def check(self, config, steps=()) -> None:
         check_architecture(config)
+        for step in steps:  # per-layer widths come from a step: refused before the run, not after it
+            opts = step.options()
+            if step.method == "structured" and opts.get("allocation") == "global" and opts.get("ffn"):
+                raise UnsupportedError("export gguf after structured pruning with allocation global: its per-layer FFN "
+                                       "widths do not fit llama.cpp, which builds every layer with one FFN width; use "
+                                       "allocation uniform in a recipe that exports GGUF")
 
     def write(self, loaded, dest: Path, spec) -> ExportResult:
         return export(loaded, dest, GGUFOptions(embeddings=spec.embeddings, float_type=spec.float_type,

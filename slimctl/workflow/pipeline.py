@@ -133,7 +133,7 @@ def _run(recipe: Recipe, model_spec: str, out: Path, isolate: bool, ui: UI, reci
     if recipe.export is not None:  # an architecture the export refuses fails now, not after the steps
         from ..formats.exporters import exporter
 
-        exporter(recipe.export.format).check(base.model.config)
+        exporter(recipe.export.format).check(base.model.config, recipe.steps)
     taskset = None
     if recipe.eval.tasks and not recipe.eval.skip:
         ui.say(f"loading lm-eval tasks {', '.join(recipe.eval.tasks)}")
