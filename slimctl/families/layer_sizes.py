@@ -57,7 +57,6 @@ def apply_layer_sizes(model) -> None:
         set_submodule(block, fam.ffn.consumer, nn.Linear(w, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype))
 
 
-
 def as_slimctl_loads(model) -> None:
     """A model freshly built from its config (the meta device will do), laid out as slimctl's loader lays out the
     artifact: Conv1D as Linear and one Linear per expert (families/convert.py), then the per-layer FFN widths.

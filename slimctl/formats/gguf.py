@@ -255,7 +255,8 @@ def _float(name: str, data: np.ndarray, opts: GGUFOptions):
 
 def check_architecture(config) -> str:
     """The llama.cpp architecture of a transformers config (its family file's gguf_arch), or an
-    UnsupportedError naming the family and the families that export."""
+    UnsupportedError naming the family and the families that export, or the per-layer FFN widths llama.cpp cannot
+    build."""
     from .. import families
     from ..families.layer_sizes import has_layer_sizes
 
