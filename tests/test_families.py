@@ -112,16 +112,13 @@ def _slim(family, tok, tmp_path, steps, **overrides):
     """A 4-block tiny `family` model through `steps` and slimctl's save + reload check; (artifact, the model in memory)."""
     from slimctl import recipe as R
     from slimctl.models import load
-    from slimctl.steps import UI, apply_steps
-    from slimctl.workflow.pipeline import Slimmed, save_and_verify
 
     src = tmp_path / "src"
     tiny.build(family, tok, num_hidden_layers=4, **overrides).save_pretrained(src)
     tok.save_pretrained(src)
-    base = load(str(src))
     recipe = R.from_dict({"version": 1, "name": "chain", "steps": steps}, "test")
-    model, done, notes = apply_steps(copy.deepcopy(base.model), base.tokenizer, recipe, base.kind, UI())
-    return save_and_verify(base, Slimmed(model, done, notes), tmp_path / "model", recipe, str(src), UI()), model
+    slim, art = matrix.slim_and_save(load(str(src)), recipe, tmp_path / "model", str(src))
+    return art, slim.model
 
 
 @pytest.mark.parametrize("family", ["gpt2", "mixtral", "qwen2_moe"])

@@ -192,14 +192,11 @@ def _gptq_g32_artifact(src, out):
     the `exported` fixture's; a subprocess per family cost ~6 s of imports each); the artifact, loaded."""
     from slimctl import recipe as R
     from slimctl.models import load
-    from slimctl.steps import UI, apply_steps
-    from slimctl.workflow.pipeline import Slimmed, save_and_verify
+    from slimctl.workflow.family_matrix import slim_and_save
 
-    base = load(str(src))
     step = dict(method="gptq", bits=4, group_size=32, fp16_scales=True, calib_samples=4, calib_seq_len=64)
     recipe = R.from_dict({"version": 1, "name": "gguf-family", "steps": [step]}, "test")
-    model, steps, notes = apply_steps(base.model, base.tokenizer, recipe, base.kind, UI())
-    save_and_verify(base, Slimmed(model, steps, notes), out, recipe, str(src), UI())
+    slim_and_save(load(str(src)), recipe, out, str(src))
     return load(str(out))
 
 

@@ -107,9 +107,10 @@ def drop_blocks(model: nn.Module, prefix: str, drop: list[int]) -> None:
     for name, kind in done.items():
         if name.startswith(head):
             index, _, rest = name[len(head):].partition(".")
-            if int(index) in drop:
+            i = int(index)
+            if i in drop:
                 continue
-            name = f"{head}{int(index) - sum(d < int(index) for d in drop)}.{rest}"
+            name = f"{head}{i - sum(d < i for d in drop)}.{rest}"
         kept[name] = kind
     setattr(model, PREPARED, kept)
 

@@ -57,14 +57,22 @@ def quality(base, slim, tokenizer, causal: bool) -> dict[str, float]:
     return {"kl": round(kl, 6), "top1": round(top1, 4), **rel}
 
 
+def slim_and_save(base, recipe, out: Path, source: str):
+    """`base` (a LoadedModel, left as it is) through `recipe`'s steps, then saved to `out` with slimctl's reload
+    check, as a user's run takes them; (the Slimmed model in memory, the Artifact)."""
+    from .pipeline import Slimmed, save_and_verify
+    from ..steps import UI, apply_steps
+
+    slim = Slimmed(*apply_steps(copy.deepcopy(base.model), base.tokenizer, recipe, base.kind, UI()))
+    return slim, save_and_verify(base, slim, out, recipe, source, UI())
+
+
 def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) -> dict[str, Any]:
     """Slim a tiny `family` model with `method`; the cell's result: "ok" with quality, layers changed and
     the reload check, or "refused" with the one-line message a user would see."""
     from .. import recipe as R
     from ..errors import SlimctlError
     from ..models import load
-    from .pipeline import Slimmed, save_and_verify
-    from ..steps import UI, apply_steps
     from ..families import tiny
 
     base_dir = workdir / f"{family}-base"
@@ -76,15 +84,14 @@ def run_cell(family: str, method: str, tokenizer, workdir: Path, seed: int = 0) 
     recipe = R.from_dict({"version": 1, "name": f"{family}-{method}", "steps": [{**METHODS, **EXTRA}[method]]}, "matrix")
     t0 = time.perf_counter()
     try:
-        model, steps, notes = apply_steps(copy.deepcopy(base.model), base.tokenizer, recipe, base.kind, UI())
-        art = save_and_verify(base, Slimmed(model, steps, notes), workdir / f"{family}-{method}", recipe, str(base_dir), UI())
+        slim, art = slim_and_save(base, recipe, workdir / f"{family}-{method}", str(base_dir))
     except SlimctlError as e:
         return {"family": family, "method": method, "status": "refused", "message": str(e)}
     check = art.reload_check
     return {"family": family, "method": method, "status": "ok", "seconds": round(time.perf_counter() - t0, 2),
-            "layers_changed": steps[0].layers_changed, "loads_with": art.loads_with,
-            "reload_max_abs_diff": check["max_abs_diff"], "notes": notes,
-            **quality(base.model, model, base.tokenizer, base.kind != "encoder")}
+            "layers_changed": slim.steps[0].layers_changed, "loads_with": art.loads_with,
+            "reload_max_abs_diff": check["max_abs_diff"], "notes": slim.notes,
+            **quality(base.model, slim.model, base.tokenizer, base.kind != "encoder")}
 
 
 def kernel_cell(family: str, tokenizer, workdir: Path, seed: int = 0) -> dict[str, Any]:
