@@ -305,26 +305,84 @@ def test_a_sentencepiece_style_tokenizer_tokenizes_in_llama_cpp_as_in_hf(gemma_t
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text[:60]
 
 
-def test_per_layer_ffn_widths_are_refused_before_any_file_or_run(smol_tiny, tmp_path):
-    """llama.cpp builds every layer of an architecture with one FFN width (tested: it refuses such a file with
-    'wrong shape'), so a model with slimctl_layer_sizes, and a recipe whose structured step would make one, are
-    refused with one Error: line before anything is written or run."""
+def _tiny_src(family, path, **overrides):
+    """`family`'s tiny random model on SmolLM2's tokenizer, saved to `path` with it."""
+    import transformers
+
+    from slimctl.families import tiny
+    from slimctl.models import resolve
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
+    tiny.build(family, tok, **overrides).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _write_recipe(path, steps):
     import yaml
 
+    path.write_text(yaml.safe_dump({"version": 1, "name": "g", "export": {"format": "gguf"}, "steps": steps,
+                                    "eval": {"max_samples": 2, "seq_len": 32, "max_tokens": 64}, "bench": {"skip": True}}))
+    return path
+
+
+GLOBAL_FFN = {"method": "structured", "ffn": 0.35, "allocation": "global", "multiple_of": 32, "calib_samples": 4, "calib_seq_len": 32}
+
+
+def test_per_layer_ffn_widths_outside_the_llama_layout_are_refused_before_any_file_or_run(tmp_path):
+    """llama.cpp's architectures other than 'deci' build every layer with one FFN width (tested: a Qwen-style file with
+    per-layer widths fails its shape check), so a non-Llama model with slimctl_layer_sizes, and a recipe whose
+    structured step would make one, are refused with one Error: line before anything is written or run."""
     from slimctl.errors import UnsupportedError
     from slimctl.formats.gguf import check_architecture
 
-    from transformers import LlamaConfig
+    from transformers import Qwen2Config
 
-    config = LlamaConfig(num_hidden_layers=2)
+    config = Qwen2Config(num_hidden_layers=2)
     config.slimctl_layer_sizes = {"intermediate_size": [96, 64]}
-    with pytest.raises(UnsupportedError, match="per-layer FFN widths .* one FFN width"):
+    with pytest.raises(UnsupportedError, match="per-layer FFN widths .*'qwen2' architecture builds every layer with one"):
         check_architecture(config)
-    r = tmp_path / "r.yaml"
-    r.write_text(yaml.safe_dump({"version": 1, "name": "g", "export": {"format": "gguf"},
-                                 "steps": [{"method": "structured", "ffn": 0.25, "allocation": "global", "multiple_of": 8,
-                                            "calib_samples": 2, "calib_seq_len": 16}], "bench": {"skip": True}}))
-    p = run_cli("run", r, "--model", smol_tiny, "--out", tmp_path / "o")
+    src = _tiny_src("qwen2", tmp_path / "src")
+    p = run_cli("run", _write_recipe(tmp_path / "r.yaml", [GLOBAL_FFN]), "--model", src, "--out", tmp_path / "o")
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
     assert p.returncode == 2 and len(errors) == 1 and "allocation global" in errors[0], p.stderr[-1500:]
     assert not (tmp_path / "o" / "model.gguf").exists() and not (tmp_path / "o" / "report.json").exists()
+
+
+@NEEDS_LLAMA_CPP
+def test_per_layer_ffn_widths_of_a_llama_export_as_deci_and_run_in_llama_cpp(tmp_path):
+    """A Llama pruned with one model-wide budget (per-layer FFN widths) then GPTQ g32, through `slimctl run` with
+    `export: gguf`: written as llama.cpp's 'deci' architecture with an n_ff array equal to the artifact's widths;
+    llama.cpp's next-token logits give torch's argmax within 5 % of the largest logit; slimctl reads the file back
+    (a LlamaConfig with the widths, the same tokens)."""
+    import json
+
+    import llama_cpp
+
+    from slimctl.formats.llamacpp import load_gguf
+    from slimctl.models import load
+
+    src = _tiny_src("llama", tmp_path / "src", num_hidden_layers=4)
+    gptq = {"method": "gptq", "bits": 4, "group_size": 32, "calib_samples": 4, "calib_seq_len": 32}
+    out = tmp_path / "o"
+    p = run_cli("run", _write_recipe(tmp_path / "r.yaml", [GLOBAL_FFN, gptq]), "--model", src, "--out", out, "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    (exp,) = json.loads((out / "report.json").read_text())["artifact"]["exports"]
+    m = load(str(out / "model"))
+    widths = m.model.config.slimctl_layer_sizes["intermediate_size"]
+    assert len(set(widths)) > 1 and exp["exact_layers"] == 28 and not exp["requantized_layers"]
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.feed_forward_length"].contents() == widths
+    ids = m.tokenizer("The BBC reported that markets rose on Monday, 3 percent in 2024.", add_special_tokens=False)["input_ids"][:12]
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[len(ids) - 1]))
+    with torch.inference_mode():
+        ref = m.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    assert int(got.argmax()) == int(ref.argmax())
+    assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item()), (got - ref).abs().max()
+    back, tok = load_gguf(out / "model.gguf")
+    assert back.config.slimctl_layer_sizes == {"intermediate_size": widths} and back.config.num_hidden_layers == 4
+    text = "Markets rose 3 percent on Monday."
+    assert tok(text, add_special_tokens=False)["input_ids"] == m.tokenizer(text, add_special_tokens=False)["input_ids"]

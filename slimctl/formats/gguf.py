@@ -23,7 +23,10 @@ import numpy as np
 
 from ..errors import OutputError, UnsupportedError
 
-ROPE_PERMUTED = ("llama", "granite")  # archs whose RoPE pairs rows (i, i + d/2) llama.cpp-style: q/k rows permuted per head
+ROPE_PERMUTED = ("llama", "granite", "deci")  # archs whose RoPE pairs rows (i, i + d/2) llama.cpp-style: q/k rows permuted per head
+# llama.cpp's architecture that builds each layer with its own FFN width (an n_ff array), for a family's usual one: 'deci'
+# (DeciLM / Nemotron-NAS) is Llama's layer with per-layer sizes, so per-layer FFN widths of a Llama-layout model fit it
+PER_LAYER_FFN = {"llama": "deci"}
 BLOCK = 32  # Q4_0 and Q8_0 block size
 
 
@@ -118,7 +121,8 @@ def _config_metadata(writer, config, n_vocab: int, fam) -> None:
     writer.add_context_length(hparam(config, "max_position_embeddings", "n_positions"))
     writer.add_embedding_length(n_embd)
     writer.add_block_count(hparam(config, "num_hidden_layers", "n_layer"))
-    writer.add_feed_forward_length(hparam(config, "intermediate_size", "n_inner", default=4 * n_embd))
+    widths = per_layer_widths(config, fam)
+    writer.add_feed_forward_length(widths or hparam(config, "intermediate_size", "n_inner", default=4 * n_embd))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     if getattr(config, "rms_norm_eps", None) is not None:
@@ -253,10 +257,23 @@ def _float(name: str, data: np.ndarray, opts: GGUFOptions):
     return (data.astype(np.float16), None) if kind in ("f16", "q8_0") else (data.astype(np.float32), None)
 
 
+def per_layer_widths(config, fam) -> list[int] | None:
+    """Each layer's FFN width when the model has per-layer widths (structured pruning, allocation global), else None."""
+    from ..families.layer_sizes import KEY
+
+    sizes = getattr(config, KEY, None)
+    return list(sizes[fam.ffn.size_key]) if sizes and fam.ffn and fam.ffn.size_key in sizes else None
+
+
+def _per_layer_arch(fam) -> str | None:
+    """The llama.cpp architecture that holds this family's model with per-layer FFN widths, if one does."""
+    return None if fam.experts else PER_LAYER_FFN.get(fam.gguf_arch)
+
+
 def check_architecture(config) -> str:
-    """The llama.cpp architecture of a transformers config (its family file's gguf_arch), or an
-    UnsupportedError naming the family and the families that export, or the per-layer FFN widths llama.cpp cannot
-    build."""
+    """The llama.cpp architecture of a transformers config (its family file's gguf_arch; 'deci' for a Llama-layout
+    model with per-layer FFN widths), or an UnsupportedError naming the family and the families that export, or the
+    per-layer FFN widths no llama.cpp architecture of the family builds."""
     from .. import families
     from ..families.layer_sizes import has_layer_sizes
 
@@ -266,10 +283,18 @@ def check_architecture(config) -> str:
         what = f"family '{fam.name}'" if fam else f"model type '{families.model_type(config)}'"
         raise UnsupportedError(f"GGUF export is not available for {what} yet; it supports the families {', '.join(ok)}")
     if has_layer_sizes(config):
-        raise UnsupportedError(f"this model has per-layer FFN widths (structured pruning with allocation global: "
-                               f"slimctl_layer_sizes in config.json), and llama.cpp's '{fam.gguf_arch}' architecture builds "
-                               "every layer with one FFN width; prune with allocation uniform for a GGUF export")
+        arch = _per_layer_arch(fam)
+        if arch is None or per_layer_widths(config, fam) is None:
+            raise UnsupportedError(_PER_LAYER_REFUSAL.format(arch=fam.gguf_arch))
+        if min(per_layer_widths(config, fam)) <= 0:
+            raise UnsupportedError("a layer has FFN width 0, which llama.cpp's 'deci' architecture does not run correctly")
+        return arch
     return fam.gguf_arch
+
+
+_PER_LAYER_REFUSAL = ("this model has per-layer FFN widths (structured pruning with allocation global: slimctl_layer_sizes "
+                      "in config.json), and llama.cpp's '{arch}' architecture builds every layer with one FFN width (only "
+                      "Llama-layout models export them, as llama.cpp's 'deci'); prune with allocation uniform for a GGUF export")
 
 
 def export(loaded, path: str | Path, opts: GGUFOptions | None = None) -> ExportResult:
@@ -335,12 +360,17 @@ class GGUF:
     format, file, runtime = "gguf", "model.gguf", "llama.cpp"
 
     def check(self, config, steps=()) -> None:
+        from .. import families
+
         check_architecture(config)
+        fam = families.of(config)
         for step in steps:  # per-layer widths come from a step: refused before the run, not after it
             opts = step.options()
-            if step.method == "structured" and opts.get("allocation") == "global" and opts.get("ffn"):
-                raise UnsupportedError("export gguf after structured pruning with allocation global: its per-layer FFN "
-                                       "widths do not fit llama.cpp, which builds every layer with one FFN width; use "
+            if (step.method == "structured" and opts.get("allocation") == "global" and opts.get("ffn")
+                    and _per_layer_arch(fam) is None):
+                raise UnsupportedError(f"export gguf after structured pruning with allocation global: its per-layer FFN "
+                                       f"widths do not fit llama.cpp's '{fam.gguf_arch}' architecture, which builds every "
+                                       "layer with one FFN width (Llama-layout models export them as 'deci'); use "
                                        "allocation uniform in a recipe that exports GGUF")
 
     def write(self, loaded, dest: Path, spec) -> ExportResult:

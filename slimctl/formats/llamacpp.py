@@ -108,12 +108,14 @@ class LlamaCppModel(nn.Module):
 
 def load_gguf(path: Path, n_ctx: int = 2048) -> tuple[LlamaCppModel, Any]:
     """The model (run by llama.cpp) and a transformers tokenizer read from the GGUF's own vocabulary."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
     llama_cpp()  # a clear error before anything else when llama-cpp-python is missing
     try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        deci = _deci_config(path)
+        config = deci or AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        # AutoTokenizer looks the config's model type up again, which 'deci' is not; the fast tokenizer reads the vocabulary
+        tok = (PreTrainedTokenizerFast if deci else AutoTokenizer).from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # noqa: BLE001  transformers' GGUF reader raises many types for a bad file
         raise ModelLoadError(f"could not read {path} as GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if tok.pad_token is None:
@@ -121,6 +123,25 @@ def load_gguf(path: Path, n_ctx: int = 2048) -> tuple[LlamaCppModel, Any]:
     model = LlamaCppModel(path, config, n_ctx=min(n_ctx, getattr(config, "max_position_embeddings", n_ctx) or n_ctx))
     model.llm()
     return model.eval(), tok
+
+
+def _deci_config(path: Path):
+    """A LlamaConfig for a GGUF of llama.cpp's 'deci' architecture (how slimctl exports a Llama-layout model with
+    per-layer FFN widths), which transformers reads but has no config class for; None for any other architecture."""
+    from transformers import LlamaConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("general.architecture")
+    if field is None or field.contents() != "deci":
+        return None
+    cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    widths = cfg.get("intermediate_size")
+    cfg["model_type"] = "llama"
+    if isinstance(widths, list):
+        cfg.update(intermediate_size=max(widths), slimctl_layer_sizes={"intermediate_size": widths})
+    return LlamaConfig(**cfg)
 
 
 class LlamaCpp:
