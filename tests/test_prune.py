@@ -387,8 +387,12 @@ def test_structured_rounds_spend_the_same_budget_in_shots(tmp_path):
     widths = {}
     for rounds in (1, 3):
         m = load(str(src))
-        stats = _apply(m, "structured", ffn=0.3, allocation="global", multiple_of=1, rounds=rounds, **CAL)
+        t = T.get("structured")
+        ctx = T.StepContext(kind=m.kind, tokenizer=m.tokenizer)
+        stats = t.apply(m.model, t.config(ffn=0.3, allocation="global", multiple_of=1, rounds=rounds, **CAL), ctx)
         widths[rounds] = [layer.mlp.down_proj.in_features for layer in m.model.model.layers]
+        notes = [n for n in ctx.notes if n.startswith("structured: per-layer FFN widths")]
+        assert len(notes) == 1 and f"widths {min(widths[rounds])}-{max(widths[rounds])} (" in notes[0], notes  # one, the last
         assert stats["ffn_widths"] == widths[rounds] and stats.get("rounds", 1) == rounds
         assert sum(r["ffn_channels_removed"] for r in stats["layers"].values() if r) == 4 * 128 - sum(widths[rounds])
         assert stats["config_before"] == {"intermediate_size": 128}

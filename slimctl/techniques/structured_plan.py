@@ -189,7 +189,11 @@ def _global_widths(cfg: StructuredConfig, model, ffns: list, batches: list, widt
     caps = [max(0, min(w - multiple(cfg), int(cfg.max_layer_share * o) - (o - w))) for w, o in zip(widths, origin)]
     widths = global_widths(model, batches, [f[1] for f in ffns], budget, fisher, caps, cfg.dampening, multiple(cfg),
                            ctx.track)
-    if len(set(widths)) > 1:
-        ctx.notes.append(f"structured: per-layer FFN widths {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): "
-                         "slimctl reloads this artifact; plain from_pretrained refuses its shapes")
+    if len(set(widths)) > 1:  # one note for the widths the model ends with, not one per round (rounds: 16 gave 16)
+        ctx.notes[:] = [n for n in ctx.notes if not n.startswith(_WIDTHS_NOTE)] + [
+            f"{_WIDTHS_NOTE} {min(widths)}-{max(widths)} (config.json slimctl_layer_sizes): slimctl reloads this artifact "
+            "and GGUF export writes a Llama-layout one as llama.cpp's deci; plain from_pretrained refuses its shapes"]
     return widths
+
+
+_WIDTHS_NOTE = "structured: per-layer FFN widths"
