@@ -67,11 +67,19 @@ def requantized_share(artifact: Path) -> float:
     return changed / total
 
 
-def main() -> None:
+def options(rounds: int, prefix: str) -> tuple[argparse.Namespace, Path]:
+    """--keep and --rounds parsed, and the folder to work in (--keep, or a new temporary one)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--keep", type=Path, help="keep the artifacts and GGUF files here")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds)
     a = ap.parse_args()
+    work = a.keep or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return a, work
+
+
+def main() -> None:
+    a, work = options(2, "slimctl-gguf-")
     import torch
 
     from slimctl.bench import bench_isolated
@@ -80,8 +88,6 @@ def main() -> None:
     from slimctl.models import load, resolve
     from slimctl.specs import BenchSpec
 
-    work = a.keep or Path(tempfile.mkdtemp(prefix="slimctl-gguf-"))
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows: dict[str, dict] = {}
     # 1. the files: llama.cpp's own Q4_0 from an f32 export; slimctl's int4 exported from its codes
