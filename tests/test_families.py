@@ -129,7 +129,8 @@ def test_depth_on_converted_layouts_saves_and_reloads_in_plain_transformers(fami
     from transformers import AutoModelForCausalLM
 
     art, model = _slim(family, tok, tmp_path, [dict(method="depth", blocks=1, calib_samples=4, calib_seq_len=32)])
-    assert art.reload_check["max_abs_diff"] == 0 and model.config.num_hidden_layers == 3
+    # 0 on the Intel Xeon; 1.8e-7 for qwen2_moe on the AMD EPYC (the experts' sums in another order), so a tolerance
+    assert art.reload_check["max_abs_diff"] <= 1e-5 and model.config.num_hidden_layers == 3
     enc = tok(["Blocks went; the rest must load as they are."], return_tensors="pt")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
     assert torch.allclose(_out(again, enc), _out(model, enc), atol=1e-5)
