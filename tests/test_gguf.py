@@ -200,6 +200,34 @@ def _gptq_g32_artifact(src, out):
     return load(str(out))
 
 
+def _tiny_src(family, path, **overrides):
+    """`family`'s tiny random model on SmolLM2's tokenizer, saved to `path` with it."""
+    import transformers
+
+    from slimctl.families import tiny
+    from slimctl.models import resolve
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
+    tiny.build(family, tok, **overrides).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _assert_llama_cpp_gives_torchs_logits(path, m):
+    """llama.cpp's next-token logits of the GGUF at `path` after 12 tokens of BBC-style text: torch's argmax (`m`, the
+    artifact it was written from), within 5 % of the largest logit (the Llama export's tolerance)."""
+    import llama_cpp
+
+    ids = m.tokenizer("The BBC reported that markets rose on Monday, 3 percent in 2024.", add_special_tokens=False)["input_ids"][:12]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[len(ids) - 1]))
+    with torch.inference_mode():
+        ref = m.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    assert int(got.argmax()) == int(ref.argmax())
+    assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item()), (got - ref).abs().max()
+
+
 @NEEDS_LLAMA_CPP
 @pytest.mark.parametrize("family", _gguf_families())
 def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp_path):
@@ -208,19 +236,10 @@ def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp
     (the Llama export's tolerance). Covers RoPE row order (llama/granite permuted, NEOX not), biases (Qwen2,
     Phi-2, GPT-2), Gemma's 1 + w norms, fused qkv/gate_up (Phi-3), Conv1D turned Linear (GPT-2), experts stacked
     per layer (Mixtral as llama, Qwen2-MoE with its shared expert, Qwen3-MoE)."""
-    import llama_cpp
-    import transformers
-
     from slimctl import families
-    from slimctl.families import tiny
     from slimctl.formats.gguf import export as write_gguf
-    from slimctl.models import resolve
 
-    tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
-    src = tmp_path / "src"
-    tiny.build(family, tok).save_pretrained(src)
-    tok.save_pretrained(src)
-    m = _gptq_g32_artifact(src, tmp_path / "q" / "model")
+    m = _gptq_g32_artifact(_tiny_src(family, tmp_path / "src"), tmp_path / "q" / "model")
     write_gguf(m, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert reader.fields["general.architecture"].contents() == families.REGISTRY[family].gguf_arch
@@ -230,14 +249,7 @@ def test_every_exporting_family_runs_in_llama_cpp_with_torchs_logits(family, tmp
     if families.REGISTRY[family].experts:  # one Linear per expert in slimctl, stacked [experts, rows, cols] here
         t = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight")
         assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0 and int(t.shape[-1]) == 4
-    ids = m.tokenizer("The BBC reported that markets rose on Monday, 3 percent in 2024.", add_special_tokens=False)["input_ids"][:12]
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
-    llm.eval(ids)
-    got = torch.from_numpy(np.array(llm.scores[len(ids) - 1]))
-    with torch.inference_mode():
-        ref = m.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-    assert int(got.argmax()) == int(ref.argmax())
-    assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item()), (got - ref).abs().max()
+    _assert_llama_cpp_gives_torchs_logits(tmp_path / "m.gguf", m)
 
 
 def test_gguf_refuses_families_it_does_not_export_by_name():
@@ -305,19 +317,6 @@ def test_a_sentencepiece_style_tokenizer_tokenizes_in_llama_cpp_as_in_hf(gemma_t
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text[:60]
 
 
-def _tiny_src(family, path, **overrides):
-    """`family`'s tiny random model on SmolLM2's tokenizer, saved to `path` with it."""
-    import transformers
-
-    from slimctl.families import tiny
-    from slimctl.models import resolve
-
-    tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
-    tiny.build(family, tok, **overrides).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _write_recipe(path, steps):
     import yaml
 
@@ -357,8 +356,6 @@ def test_per_layer_ffn_widths_of_a_llama_export_as_deci_and_run_in_llama_cpp(tmp
     (a LlamaConfig with the widths, the same tokens)."""
     import json
 
-    import llama_cpp
-
     from slimctl.formats.llamacpp import load_gguf
     from slimctl.models import load
 
@@ -374,14 +371,7 @@ def test_per_layer_ffn_widths_of_a_llama_export_as_deci_and_run_in_llama_cpp(tmp
     reader = gguf.GGUFReader(out / "model.gguf")
     assert reader.fields["general.architecture"].contents() == "deci"
     assert reader.fields["deci.feed_forward_length"].contents() == widths
-    ids = m.tokenizer("The BBC reported that markets rose on Monday, 3 percent in 2024.", add_special_tokens=False)["input_ids"][:12]
-    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
-    llm.eval(ids)
-    got = torch.from_numpy(np.array(llm.scores[len(ids) - 1]))
-    with torch.inference_mode():
-        ref = m.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-    assert int(got.argmax()) == int(ref.argmax())
-    assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item()), (got - ref).abs().max()
+    _assert_llama_cpp_gives_torchs_logits(out / "model.gguf", m)
     back, tok = load_gguf(out / "model.gguf")
     assert back.config.slimctl_layer_sizes == {"intermediate_size": widths} and back.config.num_hidden_layers == 4
     text = "Markets rose 3 percent on Monday."

@@ -283,10 +283,10 @@ def check_architecture(config) -> str:
         what = f"family '{fam.name}'" if fam else f"model type '{families.model_type(config)}'"
         raise UnsupportedError(f"GGUF export is not available for {what} yet; it supports the families {', '.join(ok)}")
     if has_layer_sizes(config):
-        arch = _per_layer_arch(fam)
-        if arch is None or per_layer_widths(config, fam) is None:
+        arch, widths = _per_layer_arch(fam), per_layer_widths(config, fam)
+        if arch is None or widths is None:
             raise UnsupportedError(_PER_LAYER_REFUSAL.format(arch=fam.gguf_arch))
-        if min(per_layer_widths(config, fam)) <= 0:
+        if min(widths) <= 0:
             raise UnsupportedError("a layer has FFN width 0, which llama.cpp's 'deci' architecture does not run correctly")
         return arch
     return fam.gguf_arch
