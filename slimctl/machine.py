@@ -2,6 +2,7 @@
 process holds (RSS now, its peak over a block of work). Used by bench, steps, kernels and reports."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -129,6 +130,20 @@ def rss_mb() -> float:
 
 def env_threads() -> int:
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to `n` (None: left as they are) for the block, and given back after it: a
+    thread count left behind changes every later matmul's summation order in the same process."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def cpu_name() -> str:

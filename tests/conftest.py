@@ -38,6 +38,20 @@ def _save(model, tok, path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_given_back():
+    """A test (or the library under it) that leaves torch's thread count changed fails here, not in a later test
+    whose bitwise comparison with a fresh process it would break."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"torch's threads were left at {after} (were {before})")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")

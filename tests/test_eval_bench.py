@@ -178,6 +178,16 @@ def test_bench_encoder(tiny_bert):
     assert r.latency_of == "forward" and r.throughput.tokens_per_s == pytest.approx(r.throughput.samples_per_s * 32)
 
 
+def test_bench_threads_apply_to_the_run_and_are_given_back(tiny_bert):
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    m = load(str(tiny_bert))
+    r = bench_model(m.model, m.tokenizer, m.kind, BenchSpec(batch_size=2, seq_len=8, threads=want, **FAST), m.path)
+    assert r.threads == want and torch.get_num_threads() == before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_bench_cuda_without_gpu_is_a_device_error(tiny_bert):
     from slimctl.errors import DeviceError

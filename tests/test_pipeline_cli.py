@@ -76,6 +76,7 @@ def test_every_shipped_recipe_runs_on_a_tiny_model(recipe, tiny_llama, tmp_path)
 _RELOAD = """
 import sys, torch, json
 from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[2]))  # the test's threads: another count sums each matmul in another order
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
 with torch.inference_mode():
@@ -93,7 +94,7 @@ def test_artifact_loads_in_plain_transformers_with_the_same_logits(steps, tiny_l
 
     out = tmp_path / "out"
     pipeline.run(R.load(fast_recipe(steps)), str(tiny_llama), out, isolate=False)
-    fresh = subprocess.run([sys.executable, "-c", _RELOAD, str(out / "model")], capture_output=True, text=True, check=True)
+    fresh = subprocess.run([sys.executable, "-c", _RELOAD, str(out / "model"), str(torch.get_num_threads())], capture_output=True, text=True, check=True)
     theirs = torch.tensor(json.loads(fresh.stdout))
     ours = load(str(out / "model"))  # the same in-memory model slimctl evaluated passed the reload check
     with torch.inference_mode():

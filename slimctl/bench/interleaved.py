@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from ..machine import torch_threads
+
 
 def _prepare(folder: str, compile: bool, max_len: int):
     from ..models import load
@@ -43,9 +45,13 @@ def _request(decs: list, ids, mask, steps: int, flip: bool, times: list[list[flo
 def measure(folders: tuple[str, str], requests: int = 8, steps: int = 32, seq_len: int = 128,
             compile: bool = False, threads: int | None = None, seed: int = 0) -> dict:
     """Median decode-step time of each model over `requests` prompts of `seq_len` random tokens, `steps` greedy
-    tokens each, steps interleaved; one warm-up request first (it also compiles)."""
-    if threads:
-        torch.set_num_threads(threads)
+    tokens each, steps interleaved; one warm-up request first (it also compiles). Runs on `threads` threads,
+    given back afterwards."""
+    with torch_threads(threads):
+        return _measure(folders, requests, steps, seq_len, compile, seed)
+
+
+def _measure(folders: tuple[str, str], requests: int, steps: int, seq_len: int, compile: bool, seed: int) -> dict:
     decs, plans = zip(*(_prepare(f, compile, seq_len + steps + 2) for f in folders))
     vocab = min(d.model.config.vocab_size for d in decs)
     gen = torch.Generator().manual_seed(seed)

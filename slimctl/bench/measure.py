@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from ..machine import (  # noqa: F401  (measurement's interface)
-    PeakMemory, cpu_flags, cpu_name, env_threads, physical_cpus, release_freed_memory, rss_mb)
+    PeakMemory, cpu_flags, cpu_name, env_threads, physical_cpus, release_freed_memory, rss_mb, torch_threads)
 
 
 @dataclass

@@ -18,7 +18,8 @@ from ..models import state_bytes
 from ..kinds import CAUSAL_LM
 from ..results.report import BenchResult, PhaseResult
 from ..specs import BenchSpec
-from .measure import Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until
+from .measure import (Latency, PeakMemory, Phase, Timer, env_threads, release_freed_memory, rss_mb, run_until,
+                      torch_threads)
 
 DEFAULTS = {CAUSAL_LM: {"batch_size": 1, "seq_len": 128}, "other": {"batch_size": 8, "seq_len": 128}}
 FALLBACK_TEXT = ("Slimming a model is only worth it when the numbers say so: accuracy, latency, memory "
@@ -55,9 +56,13 @@ def _inputs(tokenizer, batch: int, seq_len: int, max_positions: int | None, voca
 
 
 def bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None = None, progress=None) -> BenchResult:
+    """Latency, throughput and memory of one loaded model, on `spec.threads` threads (given back afterwards)."""
+    with torch_threads(spec.threads):
+        return _bench_model(model, tokenizer, kind, spec, path, progress)
+
+
+def _bench_model(model, tokenizer, kind: str, spec: BenchSpec, path: str | None, progress) -> BenchResult:
     s = settings_for(kind, spec)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
     device = spec.device
     if device == "cuda":
         if not torch.cuda.is_available():
