@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError, OutputError
+from .heap import freeze_heap_once
 from .kinds import CAUSAL_LM, detect_kind, read_config
 
 ARTIFACT_META = "slimctl.json"
@@ -265,6 +266,7 @@ def load(spec: str, progress=None, trust_remote_code: bool = False, allow_pickle
     safe = True if fmt.name == "onnx" else _check_weights(folder, allow_pickle, progress)
     tok = _load_tokenizer(folder, trust_remote_code)
     _quiet_transformers()
+    freeze_heap_once()  # the imports are done, no model is in memory yet
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

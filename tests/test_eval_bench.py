@@ -231,3 +231,32 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_it(tiny_llama):
             n += end - first
     assert ev.settings["tokens_scored"] == n
     assert ev.metrics["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
+
+
+_HEAP = """
+import gc, sys
+from slimctl.heap import own_heap
+from slimctl.models import load
+load(sys.argv[1])
+print(gc.get_freeze_count())  # a library caller's process: nothing frozen
+own_heap()
+m = load(sys.argv[1])
+frozen = gc.get_freeze_count()
+del m
+load(sys.argv[1])
+print(frozen, gc.get_freeze_count())
+"""
+
+
+def test_a_process_slimctl_owns_freezes_its_heap_once_before_its_first_model(tiny_llama):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _HEAP, str(tiny_llama)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.split("\n")
+    assert lines[0] == "0"
+    frozen, later = map(int, lines[1].split())
+    # torch's and transformers' objects, frozen once: the second load adds none (a few frozen ones were freed by
+    # reference counting, which freezing leaves alone)
+    assert frozen > 100_000 and later <= frozen

@@ -65,6 +65,9 @@ def apply_data_free(model, kind: str, steps: list[dict]):
 
 
 def main(argv: list[str]) -> int:
+    from ..heap import own_heap
+
+    own_heap()  # a process of slimctl's own: its heap is frozen before the model loads
     folder, spec_json, out = argv[:3]
     options = json.loads(argv[3]) if len(argv) > 3 else {}
     dtype, config_only, max_mb = options.pop("dtype", None), options.pop("config_only", False), options.pop("max_memory_mb", None)

@@ -15,6 +15,7 @@ import typer
 
 from .._version import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, SlimctlError
+from ..heap import own_heap
 from . import ci, export, info, measure, search, slim
 from ._common import err, out
 
@@ -65,6 +66,7 @@ def main() -> None:
     """Entry point: renders every error as one `Error:` line and the documented exit code."""
     import signal
 
+    own_heap()  # this process is slimctl's: its heap may be frozen before the first model (heap.py)
     click_usage, click_abort = _click_exceptions()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, fail the write (EFBIG) instead of dying

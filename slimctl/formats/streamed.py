@@ -20,7 +20,10 @@ def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -
 
     from ..quant.layers import build_from_meta
 
+    from ..heap import freeze_heap_once
+
     _large_allocations_unmapped()
+    freeze_heap_once()  # the imports are done, no block is in memory yet
     config = AutoConfig.from_pretrained(folder)
     qmeta = (meta or {}).get("quantized_modules") or {}
     if hasattr(config, "quantization_config") and qmeta:
