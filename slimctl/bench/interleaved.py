@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..heap import own_heap
 from ..machine import torch_threads
 
 
@@ -89,8 +90,6 @@ def in_processes(a: str, b: str, n: int, opts: dict | None = None, say=lambda m:
 
 
 def main(argv: list[str]) -> int:
-    from ..heap import own_heap
-
     own_heap()  # a process of slimctl's own: its heap is frozen before the model loads
     a, b, out = argv[:3]
     opts = json.loads(argv[3]) if len(argv) > 3 else {}

@@ -11,6 +11,8 @@ import json
 import sys
 import warnings
 
+from ..heap import own_heap
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -65,8 +67,6 @@ def apply_data_free(model, kind: str, steps: list[dict]):
 
 
 def main(argv: list[str]) -> int:
-    from ..heap import own_heap
-
     own_heap()  # a process of slimctl's own: its heap is frozen before the model loads
     folder, spec_json, out = argv[:3]
     options = json.loads(argv[3]) if len(argv) > 3 else {}

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..families.layer_sizes import apply_layer_sizes, has_layer_sizes
+from ..heap import freeze_heap_once
 from ..stream.files import TensorFiles, stored_dtype
 from ..stream.skeleton import Streamer, skeleton, to_meta
 
@@ -19,8 +20,6 @@ def open_streamed(folder: Path, kind: str, meta: dict[str, Any] | None = None) -
     from transformers import AutoConfig
 
     from ..quant.layers import build_from_meta
-
-    from ..heap import freeze_heap_once
 
     _large_allocations_unmapped()
     freeze_heap_once()  # the imports are done, no block is in memory yet
