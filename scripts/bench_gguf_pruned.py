@@ -34,10 +34,8 @@ def make(work: Path, recipe: str, keep: bool) -> tuple[Path, float | None]:
     return dest, round(time.time() - t, 1)
 
 
-def params(gguf_path: Path) -> int:
-    import gguf
-
-    return int(sum(int(t.n_elements) for t in gguf.GGUFReader(gguf_path).tensors))
+def params(reader) -> int:
+    return int(sum(int(t.n_elements) for t in reader.tensors))
 
 
 def main() -> None:
@@ -57,9 +55,9 @@ def main() -> None:
         if "refused" in row:
             raise SystemExit(f"{name}: export refused: {row['refused']}")
         g = dest / "model.gguf"
-        files[name] = g
-        rows[name] = {"recipe": recipe, "step_seconds": step_s, **row, "params": params(g),
-                      "architecture": gguf.GGUFReader(g).fields["general.architecture"].contents(),
+        files[name], reader = g, gguf.GGUFReader(g)
+        rows[name] = {"recipe": recipe, "step_seconds": step_s, **row, "params": params(reader),
+                      "architecture": reader.fields["general.architecture"].contents(),
                       "tensor_types": tensor_types(g)}
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     spec = BenchSpec(batch_size=1, seq_len=128, decode_tokens=32, min_iters=5, min_seconds=3, repeats=1)

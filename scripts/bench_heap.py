@@ -54,8 +54,9 @@ def main() -> None:
             times: dict[str, list[float]] = {"frozen": [], "not frozen": []}
             for r in range(a.rounds):  # alternate which goes first
                 for freeze in ((True, False) if r % 2 == 0 else (False, True)):
-                    times["frozen" if freeze else "not frozen"].append(round(timed(args, freeze), 1))
-                    print(name, "frozen" if freeze else "not frozen", times["frozen" if freeze else "not frozen"][-1], flush=True)
+                    key = "frozen" if freeze else "not frozen"
+                    times[key].append(round(timed(args, freeze), 1))
+                    print(name, key, times[key][-1], flush=True)
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append({"command": name, "seconds": times, "median_s": med,
                          "saved_share": round(1 - med["frozen"] / med["not frozen"], 3)})

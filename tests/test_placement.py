@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli, saved_tensors as _tensors
+from slimctl.machine import torch_threads
 
 OPTIONS = {
     "gptq": {"bits": 4, "group_size": 32},
@@ -54,10 +55,8 @@ def cpu_as_device(monkeypatch):
 
     monkeypatch.setattr(placement, "calibration_device", forced)
     monkeypatch.setattr(placement, "block_on_device", counting)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield moved
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield moved
 
 
 @pytest.fixture(scope="module")

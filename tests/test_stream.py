@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli, saved_tensors as _tensors
+from slimctl.machine import torch_threads
 
 # Every technique registered with streams=True is checked (a new one is picked up from the registry); these are
 # the options that make each quick, beyond the small calibration every calibrated one gets.
@@ -61,10 +62,8 @@ def _recipe(method: str, stream: bool, evaluate: bool = False, **options):
 
 @pytest.fixture
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("method", _streaming())
